@@ -1,0 +1,430 @@
+//! Signed request envelopes and the replay cache, independent of any transport.
+//!
+//! Every call carries the caller's [`Credential`], a random nonce, a timestamp and an ed25519
+//! signature over `method ‖ nonce ‖ timestamp ‖ blake2b-256(message)`. A server checks, in this
+//! order, and stops at the first failure:
+//!
+//! 1. the signature (by the credential's signing key) — [`AuthError::BadSignature`];
+//! 2. the timestamp inside the window — [`AuthError::StaleTimestamp`];
+//! 3. the nonce not seen inside the window — [`AuthError::Replay`];
+//! 4. the identity mined to the pool's difficulty, or a valid unexpired delegation.
+//!
+//! Policy (allow/deny, rate limits, quotas) is the server's business and comes after.
+//!
+//! The replay cache only has to remember nonces for as long as their timestamps are inside the
+//! window, because anything older is refused as stale. That bounds it by (request rate × 2 ×
+//! window); it also has a hard cap so a flood cannot grow it without limit, and above the cap it
+//! refuses new requests ([`AuthError::ReplayCacheFull`]) rather than forget nonces that a
+//! replay could then reuse.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signature, Signer, SigningKey};
+
+use crate::identity::{Credential, NodeId, blake2b256, pow_difficulty};
+
+const ENVELOPE_DOMAIN: &[u8] = b"shardfarm-request-v1";
+
+/// Why a request was refused. Each reason has its own variant so servers can map them to
+/// precise statuses and clients can say what to do.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// A required part of the envelope is absent or malformed.
+    #[error("malformed request envelope: {0}")]
+    Malformed(String),
+    /// The signature does not verify with the credential's key.
+    #[error("request signature does not verify for the presented key")]
+    BadSignature,
+    /// The timestamp is outside the accepted window.
+    #[error(
+        "request timestamp is {skew_ms} ms away from this server's clock, outside the \
+         {window_ms} ms window: check the clocks (NTP) of both machines"
+    )]
+    StaleTimestamp {
+        /// Distance between request time and server time.
+        skew_ms: u64,
+        /// The configured window.
+        window_ms: u64,
+    },
+    /// The nonce was already used within the window.
+    #[error("request nonce was already used (replayed request)")]
+    Replay,
+    /// Too many requests are in the replay window to remember another.
+    #[error("replay cache is full ({0} nonces in the window); retry later")]
+    ReplayCacheFull(usize),
+    /// The identity has not done enough proof of work.
+    #[error("identity is mined to {have} bits but this pool requires {need}: mine a new identity")]
+    InsufficientDifficulty {
+        /// Difficulty proven.
+        have: u32,
+        /// Difficulty required.
+        need: u8,
+    },
+    /// The delegation certificate's signature is wrong.
+    #[error("delegation certificate is not signed by its issuer")]
+    DelegationSignature,
+    /// The delegation certificate has expired.
+    #[error(
+        "delegation certificate expired at {expired} (now {now}): ask the issuer for a new one"
+    )]
+    DelegationExpired {
+        /// Expiry (unix seconds).
+        expired: u64,
+        /// Server time (unix seconds).
+        now: u64,
+    },
+}
+
+impl AuthError {
+    /// A short, bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            AuthError::Malformed(_) => "malformed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::StaleTimestamp { .. } => "stale_timestamp",
+            AuthError::Replay => "replay",
+            AuthError::ReplayCacheFull(_) => "replay_cache_full",
+            AuthError::InsufficientDifficulty { .. } => "insufficient_difficulty",
+            AuthError::DelegationSignature => "delegation_signature",
+            AuthError::DelegationExpired { .. } => "delegation_expired",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What the caller signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The full method name, e.g. `/shardfarm.v1.Agent/PutShard`.
+    pub method: String,
+    /// 16 random bytes, never reused.
+    pub nonce: [u8; 16],
+    /// Milliseconds since the Unix epoch at the caller.
+    pub timestamp_ms: u64,
+    /// `blake2b-256` of the encoded request message.
+    pub body_hash: [u8; 32],
+}
+
+impl Envelope {
+    /// A fresh envelope for `method` over `body` (the encoded message), timestamped now.
+    pub fn new(method: &str, body: &[u8]) -> Self {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).expect("the operating system's random generator failed");
+        Envelope {
+            method: method.to_string(),
+            nonce,
+            timestamp_ms: now_ms(),
+            body_hash: blake2b256(&[body]),
+        }
+    }
+
+    /// The bytes the signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(ENVELOPE_DOMAIN.len() + self.method.len() + 64);
+        b.extend_from_slice(ENVELOPE_DOMAIN);
+        b.extend_from_slice(&(self.method.len() as u32).to_le_bytes());
+        b.extend_from_slice(self.method.as_bytes());
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.timestamp_ms.to_le_bytes());
+        b.extend_from_slice(&self.body_hash);
+        b
+    }
+
+    /// Signs the envelope with `key`, which must be the credential's signing key.
+    pub fn sign(self, credential: Credential, key: &SigningKey) -> SignedRequest {
+        let signature = key.sign(&self.signed_bytes());
+        SignedRequest { credential, envelope: self, signature }
+    }
+}
+
+/// An envelope with its credential and signature, as it travels.
+#[derive(Clone, Debug)]
+pub struct SignedRequest {
+    /// Who is asking.
+    pub credential: Credential,
+    /// What they sign.
+    pub envelope: Envelope,
+    /// Signature by `credential.signing_key()` over `envelope.signed_bytes()`.
+    pub signature: Signature,
+}
+
+/// Who a verified request came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's credential.
+    pub credential: Credential,
+    /// `blake2b-256` of its signing key.
+    pub id: NodeId,
+    /// Its owner root (itself, or its delegation issuer).
+    pub root: NodeId,
+}
+
+/// Verifies signed requests for one server: difficulty, clock window and replay cache.
+pub struct Verifier {
+    min_difficulty: u8,
+    window: Duration,
+    replay: ReplayCache,
+}
+
+impl Verifier {
+    /// A verifier for a pool that requires `min_difficulty` bits and accepts timestamps within
+    /// `window` of the server's clock, remembering at most `max_nonces` nonces.
+    pub fn new(min_difficulty: u8, window: Duration, max_nonces: usize) -> Self {
+        Verifier { min_difficulty, window, replay: ReplayCache::new(window, max_nonces) }
+    }
+
+    /// The pool's minimum identity difficulty.
+    pub fn min_difficulty(&self) -> u8 {
+        self.min_difficulty
+    }
+
+    /// Checks `req` for `method` and a message whose encoding is `body`, at server time
+    /// `now_ms`. See the module documentation for the order of checks.
+    pub fn verify(
+        &self,
+        req: &SignedRequest,
+        method: &str,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Caller, AuthError> {
+        let env = &req.envelope;
+        if env.method != method {
+            return Err(AuthError::Malformed(format!(
+                "envelope is for method {} but the call is {method}",
+                env.method
+            )));
+        }
+        if env.body_hash != blake2b256(&[body]) {
+            return Err(AuthError::BadSignature);
+        }
+        req.credential
+            .signing_key()
+            .verify_strict(&env.signed_bytes(), &req.signature)
+            .map_err(|_| AuthError::BadSignature)?;
+        let window_ms = self.window.as_millis() as u64;
+        let skew_ms = env.timestamp_ms.abs_diff(now_ms);
+        if skew_ms > window_ms {
+            return Err(AuthError::StaleTimestamp { skew_ms, window_ms });
+        }
+        let id = req.credential.id();
+        self.replay.check_and_insert(id, env.nonce, env.timestamp_ms, now_ms)?;
+        match &req.credential {
+            Credential::Mined { key, nonce } => {
+                let have = pow_difficulty(key, *nonce);
+                if have < u32::from(self.min_difficulty) {
+                    return Err(AuthError::InsufficientDifficulty {
+                        have,
+                        need: self.min_difficulty,
+                    });
+                }
+            }
+            Credential::Delegated(d) => d.verify(self.min_difficulty, now_ms / 1000)?,
+        }
+        Ok(Caller { root: req.credential.root(), credential: req.credential.clone(), id })
+    }
+}
+
+/// Remembers `(caller, nonce)` pairs for as long as their timestamps are inside the window.
+pub struct ReplayCache {
+    window_ms: u64,
+    max: usize,
+    inner: Mutex<ReplayInner>,
+}
+
+#[derive(Default)]
+struct ReplayInner {
+    seen: HashSet<([u8; 32], [u8; 16])>,
+    // (expiry in server ms, key) in insertion order. Expiries are not strictly monotonic
+    // (timestamps vary within the window), so pruning stops at the first live entry; an entry
+    // may thus live up to one window longer than needed, which only costs memory.
+    order: VecDeque<(u64, ([u8; 32], [u8; 16]))>,
+}
+
+impl ReplayCache {
+    /// A cache for `window` that holds at most `max` nonces.
+    pub fn new(window: Duration, max: usize) -> Self {
+        ReplayCache {
+            window_ms: window.as_millis() as u64,
+            max,
+            inner: Mutex::new(ReplayInner::default()),
+        }
+    }
+
+    /// Number of nonces remembered.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().seen.len()
+    }
+
+    /// True when no nonce is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records the nonce, or fails if it was seen or the cache is full.
+    pub fn check_and_insert(
+        &self,
+        caller: NodeId,
+        nonce: [u8; 16],
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), AuthError> {
+        let mut inner = self.inner.lock().unwrap();
+        while let Some((expiry, key)) = inner.order.front().copied() {
+            if expiry > now_ms {
+                break;
+            }
+            inner.order.pop_front();
+            inner.seen.remove(&key);
+        }
+        let key = (caller.0, nonce);
+        if inner.seen.contains(&key) {
+            return Err(AuthError::Replay);
+        }
+        if inner.seen.len() >= self.max {
+            return Err(AuthError::ReplayCacheFull(self.max));
+        }
+        inner.seen.insert(key);
+        // A nonce must be remembered until its timestamp leaves the window.
+        inner.order.push_back((timestamp_ms.max(now_ms) + self.window_ms, key));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Delegation, Identity, random_signing_key};
+
+    const METHOD: &str = "/shardfarm.v1.Agent/Info";
+    const WINDOW: Duration = Duration::from_secs(300);
+
+    fn mined(d: u8) -> Identity {
+        Identity::generate(d, 1, &|_| {}).unwrap().0
+    }
+
+    fn signed(id: &Identity, body: &[u8]) -> SignedRequest {
+        Envelope::new(METHOD, body).sign(id.credential(), id.signing_key())
+    }
+
+    #[test]
+    fn valid_request_is_accepted_once() {
+        let id = mined(8);
+        let v = Verifier::new(8, WINDOW, 1000);
+        let req = signed(&id, b"hello");
+        let caller = v.verify(&req, METHOD, b"hello", now_ms()).unwrap();
+        assert_eq!(caller.id, id.id());
+        assert_eq!(v.verify(&req, METHOD, b"hello", now_ms()), Err(AuthError::Replay));
+    }
+
+    #[test]
+    fn signature_by_another_key_is_rejected() {
+        let id = mined(8);
+        let other = random_signing_key();
+        let req = Envelope::new(METHOD, b"x").sign(id.credential(), &other);
+        let v = Verifier::new(8, WINDOW, 1000);
+        assert_eq!(v.verify(&req, METHOD, b"x", now_ms()), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn tampered_body_is_rejected() {
+        let id = mined(8);
+        let v = Verifier::new(8, WINDOW, 1000);
+        let req = signed(&id, b"put 1");
+        assert_eq!(v.verify(&req, METHOD, b"put 2", now_ms()), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn wrong_method_is_rejected() {
+        let id = mined(8);
+        let v = Verifier::new(8, WINDOW, 1000);
+        let req = signed(&id, b"");
+        let err = v.verify(&req, "/shardfarm.v1.Agent/DeleteShard", b"", now_ms()).unwrap_err();
+        assert!(matches!(err, AuthError::Malformed(_)));
+    }
+
+    #[test]
+    fn stale_and_future_timestamps_are_rejected() {
+        let id = mined(8);
+        let v = Verifier::new(8, WINDOW, 1000);
+        let mut env = Envelope::new(METHOD, b"");
+        env.timestamp_ms -= 301_000;
+        let req = env.sign(id.credential(), id.signing_key());
+        let err = v.verify(&req, METHOD, b"", now_ms()).unwrap_err();
+        assert!(matches!(err, AuthError::StaleTimestamp { window_ms: 300_000, .. }), "{err}");
+        assert!(err.to_string().contains("NTP"));
+        let mut env = Envelope::new(METHOD, b"");
+        env.timestamp_ms += 400_000;
+        let req = env.sign(id.credential(), id.signing_key());
+        assert!(matches!(
+            v.verify(&req, METHOD, b"", now_ms()),
+            Err(AuthError::StaleTimestamp { .. })
+        ));
+    }
+
+    #[test]
+    fn identity_below_difficulty_is_rejected() {
+        // Find a key whose nonce 0 proves fewer than 20 bits (almost every key).
+        let id = Identity::from_parts(random_signing_key(), 0);
+        assert!(id.difficulty() < 20);
+        let v = Verifier::new(20, WINDOW, 1000);
+        let err = v.verify(&signed(&id, b""), METHOD, b"", now_ms()).unwrap_err();
+        assert!(matches!(err, AuthError::InsufficientDifficulty { need: 20, .. }));
+    }
+
+    #[test]
+    fn delegation_accepted_then_expired_or_forged_rejected() {
+        let issuer = mined(8);
+        let client = random_signing_key();
+        let now = now_ms();
+        let v = Verifier::new(8, WINDOW, 1000);
+
+        let d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 + 60);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let caller = v.verify(&req, METHOD, b"", now).unwrap();
+        assert_eq!(caller.root, issuer.id());
+
+        let d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 - 1);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        assert!(matches!(
+            v.verify(&req, METHOD, b"", now),
+            Err(AuthError::DelegationExpired { .. })
+        ));
+
+        let mut d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 + 60);
+        d.expires += 3600; // extend it without the issuer's consent
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        assert_eq!(v.verify(&req, METHOD, b"", now), Err(AuthError::DelegationSignature));
+
+        let unmined = Identity::from_parts(random_signing_key(), 0);
+        let d = Delegation::issue(&unmined, client.verifying_key(), now / 1000 + 60);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let strict = Verifier::new(20, WINDOW, 1000);
+        assert!(matches!(
+            strict.verify(&req, METHOD, b"", now),
+            Err(AuthError::InsufficientDifficulty { .. })
+        ));
+    }
+
+    #[test]
+    fn replay_cache_forgets_after_window_and_is_bounded() {
+        let cache = ReplayCache::new(Duration::from_millis(100), 2);
+        let who = NodeId([1; 32]);
+        cache.check_and_insert(who, [1; 16], 1000, 1000).unwrap();
+        assert_eq!(cache.check_and_insert(who, [1; 16], 1000, 1050), Err(AuthError::Replay));
+        cache.check_and_insert(who, [2; 16], 1000, 1050).unwrap();
+        assert_eq!(
+            cache.check_and_insert(who, [3; 16], 1000, 1060),
+            Err(AuthError::ReplayCacheFull(2))
+        );
+        // After the window both expire; the old nonce is then refused as stale by the
+        // verifier, so the cache may forget it.
+        cache.check_and_insert(who, [3; 16], 1200, 1200).unwrap();
+        assert_eq!(cache.len(), 1);
+    }
+}

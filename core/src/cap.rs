@@ -1,0 +1,158 @@
+//! Read capabilities: `sf1:` followed by lowercase base32 (RFC 4648, no padding) of
+//!
+//! | size | field |
+//! |---|---|
+//! | 1 | capability version (1) |
+//! | 1 | pool name length L (1–64) |
+//! | L | pool name (UTF-8) |
+//! | 32 | object id |
+//! | 32 | object key |
+//! | 32 | uploader public key (the key every segment header must be signed by) |
+//! | 4 | first 4 bytes of blake2b-256 of everything before: catches typos and truncation |
+//!
+//! Whoever holds the capability can read the object; nobody else can, the nodes included.
+
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::BASE32_NOPAD;
+
+use crate::identity::blake2b256;
+use crate::{Error, Result};
+
+const PREFIX: &str = "sf1:";
+const VERSION: u8 = 1;
+/// Longest pool name a capability carries.
+pub const MAX_POOL_NAME: usize = 64;
+
+/// What a reader needs: where (pool), what (object id), how to decrypt (key) and whose
+/// signature to expect (uploader).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReadCap {
+    /// Pool name.
+    pub pool: String,
+    /// Object id.
+    pub object_id: [u8; 32],
+    /// Object key.
+    pub key: [u8; 32],
+    /// Uploader's public key.
+    pub uploader: [u8; 32],
+}
+
+impl fmt::Debug for ReadCap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        write!(f, "ReadCap(pool {}, object {})", self.pool, hex::encode(&self.object_id[..8]))
+    }
+}
+
+impl ReadCap {
+    /// Checks the pool name.
+    pub fn validate_pool(pool: &str) -> Result<()> {
+        if pool.is_empty() || pool.len() > MAX_POOL_NAME {
+            return Err(Error::Cap(format!(
+                "pool name must be 1 to {MAX_POOL_NAME} bytes, got {}",
+                pool.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `sf1:` string.
+    pub fn encode(&self) -> String {
+        let mut b = vec![VERSION, self.pool.len() as u8];
+        b.extend_from_slice(self.pool.as_bytes());
+        b.extend_from_slice(&self.object_id);
+        b.extend_from_slice(&self.key);
+        b.extend_from_slice(&self.uploader);
+        let sum = blake2b256(&[&b]);
+        b.extend_from_slice(&sum[..4]);
+        format!("{PREFIX}{}", BASE32_NOPAD.encode(&b).to_ascii_lowercase())
+    }
+}
+
+impl fmt::Display for ReadCap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+impl FromStr for ReadCap {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let body = s.strip_prefix(PREFIX).ok_or_else(|| {
+            if s.starts_with("sf") && s.contains(':') {
+                Error::Cap(format!(
+                    "capability version `{}` is not supported by this build (it reads sf1:)",
+                    s.split(':').next().unwrap_or("")
+                ))
+            } else {
+                Error::Cap("a read capability starts with `sf1:`".into())
+            }
+        })?;
+        let b = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes()).map_err(|e| {
+            Error::Cap(format!("not valid base32 at position {}: damaged or truncated", e.position))
+        })?;
+        if b.len() < 2 + 96 + 4 + 1 {
+            return Err(Error::Cap(format!("{} bytes is too short: truncated", b.len())));
+        }
+        let (payload, sum) = b.split_at(b.len() - 4);
+        if blake2b256(&[payload])[..4] != *sum {
+            return Err(Error::Cap("checksum mismatch: the capability is damaged".into()));
+        }
+        if payload[0] != VERSION {
+            return Err(Error::Cap(format!("capability version {} is not supported", payload[0])));
+        }
+        let l = usize::from(payload[1]);
+        if l == 0 || l > MAX_POOL_NAME || payload.len() != 2 + l + 96 {
+            return Err(Error::Cap("inconsistent pool name length".into()));
+        }
+        let pool = std::str::from_utf8(&payload[2..2 + l])
+            .map_err(|_| Error::Cap("pool name is not UTF-8".into()))?
+            .to_string();
+        let rest = &payload[2 + l..];
+        Ok(ReadCap {
+            pool,
+            object_id: rest[0..32].try_into().unwrap(),
+            key: rest[32..64].try_into().unwrap(),
+            uploader: rest[64..96].try_into().unwrap(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap() -> ReadCap {
+        ReadCap { pool: "local".into(), object_id: [1; 32], key: [2; 32], uploader: [3; 32] }
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = cap().encode();
+        assert!(s.starts_with("sf1:"));
+        assert_eq!(s.parse::<ReadCap>().unwrap(), cap());
+        assert_eq!(s.to_uppercase().replacen("SF1:", "sf1:", 1).parse::<ReadCap>().unwrap(), cap());
+    }
+
+    #[test]
+    fn truncated_garbled_and_wrong_version_are_rejected_clearly() {
+        let s = cap().encode();
+        let err = s[..s.len() - 8].parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("damaged") || err.contains("truncated"), "{err}");
+        let mut g = s.clone().into_bytes();
+        let i = g.len() / 2;
+        g[i] = if g[i] == b'a' { b'b' } else { b'a' };
+        let err = String::from_utf8(g).unwrap().parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        let err = s.replacen("sf1:", "sf2:", 1).parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("sf2"), "{err}");
+        let err = "hello".parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("sf1:"), "{err}");
+        let err = "sf1:!!!!".parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("base32"), "{err}");
+    }
+}
