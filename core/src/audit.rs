@@ -112,7 +112,7 @@ mod tests {
             Err(AuditFailure::BadProof(_))
         ));
         // Answering with another shard of the same segment fails too.
-        let other = answer(&seg.shards[0].to_vec(), nonce, 4);
+        let other = answer(seg.shards[0], nonce, 4);
         assert!(verify_answer(&header, 1, nonce, 4, &other).is_err());
     }
 }

@@ -237,13 +237,16 @@ pub struct ReplayCache {
     inner: Mutex<ReplayInner>,
 }
 
+/// (caller id, nonce).
+type NonceKey = ([u8; 32], [u8; 16]);
+
 #[derive(Default)]
 struct ReplayInner {
-    seen: HashSet<([u8; 32], [u8; 16])>,
+    seen: HashSet<NonceKey>,
     // (expiry in server ms, key) in insertion order. Expiries are not strictly monotonic
     // (timestamps vary within the window), so pruning stops at the first live entry; an entry
     // may thus live up to one window longer than needed, which only costs memory.
-    order: VecDeque<(u64, ([u8; 32], [u8; 16]))>,
+    order: VecDeque<(u64, NonceKey)>,
 }
 
 impl ReplayCache {
@@ -385,12 +388,12 @@ mod tests {
         let v = Verifier::new(8, WINDOW, 1000);
 
         let d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 + 60);
-        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(Box::new(d)), &client);
         let caller = v.verify(&req, METHOD, b"", now).unwrap();
         assert_eq!(caller.root, issuer.id());
 
         let d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 - 1);
-        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(Box::new(d)), &client);
         assert!(matches!(
             v.verify(&req, METHOD, b"", now),
             Err(AuthError::DelegationExpired { .. })
@@ -398,12 +401,12 @@ mod tests {
 
         let mut d = Delegation::issue(&issuer, client.verifying_key(), now / 1000 + 60);
         d.expires += 3600; // extend it without the issuer's consent
-        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(Box::new(d)), &client);
         assert_eq!(v.verify(&req, METHOD, b"", now), Err(AuthError::DelegationSignature));
 
         let unmined = Identity::from_parts(random_signing_key(), 0);
         let d = Delegation::issue(&unmined, client.verifying_key(), now / 1000 + 60);
-        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(d), &client);
+        let req = Envelope::new(METHOD, b"").sign(Credential::Delegated(Box::new(d)), &client);
         let strict = Verifier::new(20, WINDOW, 1000);
         assert!(matches!(
             strict.verify(&req, METHOD, b"", now),

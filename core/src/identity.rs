@@ -174,7 +174,7 @@ pub fn mine(
                     let all = total.fetch_add(local, Ordering::Relaxed) + local;
                     local = 0;
                     rounds += 1;
-                    if t == 0 && rounds % 64 == 0 {
+                    if t == 0 && rounds.is_multiple_of(64) {
                         progress(all);
                     }
                 }
@@ -441,7 +441,7 @@ pub enum Credential {
         nonce: u64,
     },
     /// A delegated key.
-    Delegated(Delegation),
+    Delegated(Box<Delegation>),
 }
 
 impl Credential {
@@ -490,7 +490,7 @@ impl Credential {
                 key: parse_key(&b[1..33])?,
                 nonce: u64::from_le_bytes(b[33..41].try_into().unwrap()),
             }),
-            Some(2) => Ok(Credential::Delegated(Delegation::from_bytes(&b[1..])?)),
+            Some(2) => Ok(Credential::Delegated(Box::new(Delegation::from_bytes(&b[1..])?))),
             _ => Err(Error::Malformed(format!("credential of {} bytes is not valid", b.len()))),
         }
     }
@@ -549,7 +549,7 @@ mod tests {
         let (issuer, _) = Identity::generate(6, 1, &noop).unwrap();
         let client = random_signing_key();
         let d = Delegation::issue(&issuer, client.verifying_key(), 1_000);
-        let c = Credential::Delegated(d.clone());
+        let c = Credential::Delegated(Box::new(d.clone()));
         assert_eq!(Credential::from_bytes(&c.to_bytes()).unwrap(), c);
         assert_eq!(c.root(), issuer.id());
         assert_eq!(c.id(), NodeId::of(&client.verifying_key()));

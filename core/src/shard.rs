@@ -323,6 +323,69 @@ pub fn merkle_levels(data: &[u8]) -> Vec<Vec<[u8; 32]>> {
     levels
 }
 
+/// Builds a Merkle root from bytes that arrive in pieces (an upload stream), with one leaf of
+/// buffering state: the same root as [`merkle_root`] over the concatenation.
+pub struct MerkleBuilder {
+    leaf: blake3::Hasher,
+    fill: usize,
+    leaves: Vec<[u8; 32]>,
+    len: u64,
+}
+
+impl Default for MerkleBuilder {
+    fn default() -> Self {
+        MerkleBuilder {
+            leaf: blake3::Hasher::new_keyed(&LEAF_KEY),
+            fill: 0,
+            leaves: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl MerkleBuilder {
+    /// Adds the next bytes.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        while !data.is_empty() {
+            let take = (LEAF_SIZE - self.fill).min(data.len());
+            self.leaf.update(&data[..take]);
+            self.fill += take;
+            data = &data[take..];
+            if self.fill == LEAF_SIZE {
+                self.leaves.push(*self.leaf.finalize().as_bytes());
+                self.leaf = blake3::Hasher::new_keyed(&LEAF_KEY);
+                self.fill = 0;
+            }
+        }
+    }
+
+    /// Bytes seen so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no byte was added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The root over everything added.
+    pub fn finalize(mut self) -> [u8; 32] {
+        if self.fill > 0 || self.leaves.is_empty() {
+            self.leaves.push(*self.leaf.finalize().as_bytes());
+        }
+        let mut level = self.leaves;
+        while level.len() > 1 {
+            level = level
+                .chunks(2)
+                .map(|p| if p.len() == 2 { node_hash(&p[0], &p[1]) } else { p[0] })
+                .collect();
+        }
+        level[0]
+    }
+}
+
 /// The Merkle root of `data`.
 pub fn merkle_root(data: &[u8]) -> [u8; 32] {
     merkle_levels(data).pop().unwrap()[0]
@@ -424,6 +487,20 @@ mod tests {
         b[4] = 9;
         let err = SegmentHeader::decode(&b).unwrap_err().to_string();
         assert!(err.contains("format version 9"), "{err}");
+    }
+
+    #[test]
+    fn streaming_builder_matches_merkle_root() {
+        for len in [0, 1, LEAF_SIZE - 1, LEAF_SIZE, 3 * LEAF_SIZE + 7] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            for piece in [1000, LEAF_SIZE, 3 * LEAF_SIZE] {
+                let mut b = MerkleBuilder::default();
+                for c in data.chunks(piece) {
+                    b.update(c);
+                }
+                assert_eq!(b.finalize(), merkle_root(&data), "len {len} piece {piece}");
+            }
+        }
     }
 
     #[test]

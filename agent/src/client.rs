@@ -1,0 +1,226 @@
+//! A signing client for the agent protocol, used by the CLI, the coordinator, peers and tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use shardfarm_core::identity::{Credential, Delegation, Identity};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::grpc::proto::agent_client::AgentClient as Raw;
+use crate::grpc::{methods, proto, sign_into};
+use crate::store::ShardId;
+
+/// Bytes per PutShard chunk (the protocol allows 1–4 MiB).
+pub const PUT_CHUNK: usize = 1 << 20;
+/// Default message size limit on both sides.
+pub const MAX_MESSAGE: usize = 8 << 20;
+
+/// Who signs requests: a credential and the key that matches it.
+#[derive(Clone)]
+pub struct Signer {
+    credential: Credential,
+    key: SigningKey,
+}
+
+impl Signer {
+    /// Signs as a mined identity.
+    pub fn identity(id: &Identity) -> Self {
+        Signer { credential: id.credential(), key: id.signing_key().clone() }
+    }
+
+    /// Signs with a delegated key.
+    pub fn delegated(cert: Delegation, key: SigningKey) -> Self {
+        Signer { credential: Credential::Delegated(Box::new(cert)), key }
+    }
+
+    /// A signer with any credential/key pair (tests use mismatched ones on purpose).
+    pub fn raw(credential: Credential, key: SigningKey) -> Self {
+        Signer { credential, key }
+    }
+
+    /// The signing key.
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// Wraps `msg` in a request signed for `method`.
+    pub fn request<M: Message>(&self, method: &str, msg: M) -> Request<M> {
+        let mut md = tonic::metadata::MetadataMap::new();
+        sign_into(&mut md, method, &msg, &self.credential, &self.key);
+        let mut r = Request::new(msg);
+        *r.metadata_mut() = md;
+        r
+    }
+}
+
+/// A connection to one agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    raw: Raw<Channel>,
+    signer: Arc<Signer>,
+}
+
+/// What a shard read returns: the signed header and the bytes.
+#[derive(Debug)]
+pub struct FetchedShard {
+    /// Encoded segment header.
+    pub header: Vec<u8>,
+    /// The bytes asked for.
+    pub data: Vec<u8>,
+}
+
+impl AgentClient {
+    /// Connects to `addr` (`host:port`), signing with `signer`.
+    pub async fn connect(addr: &str, signer: Arc<Signer>) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            // Larger HTTP/2 windows: 1-4 MiB chunks otherwise stall on flow control.
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20)
+            .connect()
+            .await?;
+        Ok(Self::with_channel(channel, signer))
+    }
+
+    /// A client over an existing channel.
+    pub fn with_channel(channel: Channel, signer: Arc<Signer>) -> Self {
+        let raw = Raw::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        AgentClient { raw, signer }
+    }
+
+    /// The signer.
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// Uploads slot `shard_index` of a segment: the header, then the bytes in chunks.
+    pub async fn put_shard(
+        &mut self,
+        header: &[u8],
+        shard_index: u32,
+        data: Bytes,
+    ) -> Result<proto::PutShardResponse, Status> {
+        use proto::put_shard_request::Part;
+        let first = proto::PutShardRequest {
+            part: Some(Part::Header(proto::PutShardHeader {
+                segment_header: Bytes::copy_from_slice(header),
+                shard_index,
+            })),
+        };
+        // Sign the opening message; the payload is bound by the signed header's Merkle root.
+        let mut md = tonic::metadata::MetadataMap::new();
+        sign_into(&mut md, methods::PUT, &first, &self.signer.credential, &self.signer.key);
+        let chunks = (0..data.len().div_ceil(PUT_CHUNK)).map(move |i| proto::PutShardRequest {
+            part: Some(Part::Chunk(
+                data.slice(i * PUT_CHUNK..((i + 1) * PUT_CHUNK).min(data.len())),
+            )),
+        });
+        let stream = tokio_stream::iter(std::iter::once(first).chain(chunks));
+        let mut req = Request::new(stream);
+        *req.metadata_mut() = md;
+        Ok(self.raw.put_shard(req).await?.into_inner())
+    }
+
+    /// Reads a shard (`length` 0 = to the end).
+    pub async fn get_shard(
+        &mut self,
+        id: ShardId,
+        offset: u64,
+        length: u64,
+    ) -> Result<FetchedShard, Status> {
+        use proto::get_shard_response::Part;
+        let req = proto::GetShardRequest { key: Some(id.into()), offset, length };
+        let mut stream =
+            self.raw.get_shard(self.signer.request(methods::GET, req)).await?.into_inner();
+        let mut out = FetchedShard { header: Vec::new(), data: Vec::new() };
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(Part::SegmentHeader(h)) => out.header = h.to_vec(),
+                Some(Part::Chunk(c)) => out.data.extend_from_slice(&c),
+                None => {}
+            }
+        }
+        if out.header.is_empty() {
+            return Err(Status::internal("agent sent no segment header"));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a shard (must be signed by its uploader).
+    pub async fn delete_shard(&mut self, id: ShardId) -> Result<bool, Status> {
+        let req = proto::DeleteShardRequest { key: Some(id.into()) };
+        Ok(self
+            .raw
+            .delete_shard(self.signer.request(methods::DELETE, req))
+            .await?
+            .into_inner()
+            .existed)
+    }
+
+    /// Lists one page of a partition.
+    pub async fn list_shards(
+        &mut self,
+        partition: u32,
+        start_after: Option<ShardId>,
+        limit: u32,
+    ) -> Result<Vec<proto::ShardEntry>, Status> {
+        let req =
+            proto::ListShardsRequest { partition, start_after: start_after.map(Into::into), limit };
+        let mut s =
+            self.raw.list_shards(self.signer.request(methods::LIST, req)).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = s.next().await {
+            out.push(e?);
+        }
+        Ok(out)
+    }
+
+    /// Audits a shard.
+    pub async fn audit(
+        &mut self,
+        id: ShardId,
+        nonce: &[u8],
+        leaves: u32,
+    ) -> Result<proto::AuditResponse, Status> {
+        let req = proto::AuditRequest {
+            key: Some(id.into()),
+            nonce: Bytes::copy_from_slice(nonce),
+            leaves,
+        };
+        Ok(self.raw.audit(self.signer.request(methods::AUDIT, req)).await?.into_inner())
+    }
+
+    /// The agent's identity and state.
+    pub async fn info(&mut self) -> Result<proto::InfoResponse, Status> {
+        Ok(self
+            .raw
+            .info(self.signer.request(methods::INFO, proto::InfoRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    /// Asks for a capacity proof.
+    pub async fn prove_capacity(
+        &mut self,
+        challenge: &[u8],
+        difficulty: u32,
+    ) -> Result<Vec<u8>, Status> {
+        let req =
+            proto::CapacityChallenge { challenge: Bytes::copy_from_slice(challenge), difficulty };
+        Ok(self
+            .raw
+            .prove_capacity(self.signer.request(methods::PROVE, req))
+            .await?
+            .into_inner()
+            .report
+            .to_vec())
+    }
+}

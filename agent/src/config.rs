@@ -1,0 +1,302 @@
+//! Agent configuration: flags, `SHARDFARM_*` environment variables and a TOML file, in that
+//! order of precedence, then built-in defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Every option of the agent. Each may come from a flag, its environment variable, or the
+/// same key (with underscores) in the `--config` TOML file.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentArgs {
+    /// TOML file with any of these options (keys with underscores, e.g. `data_dir = "/srv"`).
+    #[arg(long, env = "SHARDFARM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Directory for the identity, the RocksDB index and the shard files. [default: ./agent-data]
+    #[arg(long, env = "SHARDFARM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// gRPC listen address; port 0 picks a free port (written to DATA_DIR/endpoints.json).
+    /// [default: 127.0.0.1:7400]
+    #[arg(long, env = "SHARDFARM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// HTTP address for /metrics, /healthz and /readyz. [default: 127.0.0.1:7401]
+    #[arg(long, env = "SHARDFARM_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// Capacity offered to the pool, e.g. `500GiB`, `2TB`, `1048576`. [default: 10GiB]
+    #[arg(long, env = "SHARDFARM_CAPACITY")]
+    pub capacity: Option<String>,
+
+    /// Proof-of-work bits to mine this node's identity to on first start. [default: 24]
+    #[arg(long, env = "SHARDFARM_IDENTITY_DIFFICULTY")]
+    pub identity_difficulty: Option<u8>,
+
+    /// Minimum proof-of-work bits the pool requires of callers. [default: 24]
+    #[arg(long, env = "SHARDFARM_POOL_DIFFICULTY")]
+    pub pool_difficulty: Option<u8>,
+
+    /// Number of placement partitions in the pool. [default: 256]
+    #[arg(long, env = "SHARDFARM_PARTITIONS")]
+    pub partitions: Option<u32>,
+
+    /// Failure-domain zone label of this node. [default: none]
+    #[arg(long, env = "SHARDFARM_ZONE")]
+    pub zone: Option<String>,
+
+    /// Extra labels, `key=value`, repeatable (e.g. `--label rack=r12`).
+    #[arg(long = "label", env = "SHARDFARM_LABELS", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+
+    /// Accepted clock skew of request timestamps, in seconds. [default: 300]
+    #[arg(long, env = "SHARDFARM_TIMESTAMP_WINDOW")]
+    pub timestamp_window: Option<u64>,
+
+    /// Requests per second allowed per caller identity; 0 = unlimited. [default: 0]
+    #[arg(long, env = "SHARDFARM_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+
+    /// Bytes an owner root may store on this node, e.g. `100GiB`; 0 = unlimited. [default: 0]
+    #[arg(long, env = "SHARDFARM_QUOTA")]
+    pub quota: Option<String>,
+
+    /// Only these caller ids (hex) may call; repeatable. Empty = anyone mined enough.
+    #[arg(long = "allow", env = "SHARDFARM_ALLOW", value_delimiter = ',')]
+    pub allow: Option<Vec<String>>,
+
+    /// These caller or owner-root ids (hex) are refused; repeatable.
+    #[arg(long = "deny", env = "SHARDFARM_DENY", value_delimiter = ',')]
+    pub deny: Option<Vec<String>>,
+
+    /// Seconds between the starts of two scrub passes. [default: 86400]
+    #[arg(long, env = "SHARDFARM_SCRUB_INTERVAL")]
+    pub scrub_interval: Option<u64>,
+
+    /// Scrub read rate, bytes per second (e.g. `50MiB`). [default: 50MiB]
+    #[arg(long, env = "SHARDFARM_SCRUB_RATE")]
+    pub scrub_rate: Option<String>,
+
+    /// Largest gRPC message accepted or sent, e.g. `8MiB`. [default: 8MiB]
+    #[arg(long, env = "SHARDFARM_MAX_MESSAGE")]
+    pub max_message: Option<String>,
+
+    /// Overhead factor `o` reported in capacity proofs. [default: 1.0]
+    #[arg(long, env = "SHARDFARM_OVERHEAD")]
+    pub overhead: Option<f64>,
+
+    /// Log format: `text` or `json`. [default: text]
+    #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Identity difficulty to mine.
+    pub identity_difficulty: u8,
+    /// Pool's minimum difficulty.
+    pub pool_difficulty: u8,
+    /// Partitions.
+    pub partitions: u32,
+    /// Labels, including `zone`.
+    pub labels: BTreeMap<String, String>,
+    /// Timestamp window.
+    pub timestamp_window: Duration,
+    /// Requests per second per caller, 0 = off.
+    pub rate_limit: u32,
+    /// Bytes per owner root, 0 = off.
+    pub quota: u64,
+    /// Allow list (empty = all).
+    pub allow: Vec<[u8; 32]>,
+    /// Deny list.
+    pub deny: Vec<[u8; 32]>,
+    /// Scrub interval.
+    pub scrub_interval: Duration,
+    /// Scrub rate, bytes/s.
+    pub scrub_rate: u64,
+    /// Max gRPC message size.
+    pub max_message: usize,
+    /// Capacity-proof overhead factor.
+    pub overhead: f64,
+    /// JSON logs.
+    pub json_logs: bool,
+}
+
+/// Parses `10GiB`, `500MB`, `4096`, `1.5TiB`.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| anyhow::anyhow!("`{s}` is not a size like 10GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        u => anyhow::bail!("unknown size unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB…)"),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+fn parse_ids(list: &[String], what: &str) -> anyhow::Result<Vec<[u8; 32]>> {
+    list.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            shardfarm_core::identity::NodeId::from_hex(s.trim())
+                .map(|id| id.0)
+                .map_err(|e| anyhow::anyhow!("--{what} {s}: {e}"))
+        })
+        .collect()
+}
+
+macro_rules! merge {
+    ($cli:expr, $file:expr, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
+}
+
+impl AgentArgs {
+    /// Fills options not given by flag or environment from the `--config` file.
+    pub fn with_file(mut self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+        let mut file: AgentArgs = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        merge!(
+            self,
+            file,
+            data_dir,
+            listen,
+            http_listen,
+            capacity,
+            identity_difficulty,
+            pool_difficulty,
+            partitions,
+            zone,
+            labels,
+            timestamp_window,
+            rate_limit,
+            quota,
+            allow,
+            deny,
+            scrub_interval,
+            scrub_rate,
+            max_message,
+            overhead,
+            log_format
+        );
+        Ok(self)
+    }
+
+    /// Applies defaults and checks every value.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let a = self.with_file()?;
+        let mut labels = BTreeMap::new();
+        for l in a.labels.unwrap_or_default() {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--label `{l}` must look like key=value"))?;
+            labels.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        if let Some(z) = a.zone {
+            labels.insert("zone".into(), z);
+        }
+        let identity_difficulty = a.identity_difficulty.unwrap_or(24);
+        let pool_difficulty = a.pool_difficulty.unwrap_or(24);
+        for (name, d) in
+            [("identity-difficulty", identity_difficulty), ("pool-difficulty", pool_difficulty)]
+        {
+            anyhow::ensure!(d <= 40, "--{name} {d} is above 40 bits (days of mining per node)");
+        }
+        let partitions = a.partitions.unwrap_or(256);
+        anyhow::ensure!((1..=1 << 20).contains(&partitions), "--partitions must be 1..=1048576");
+        let json_logs = match a.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            f => anyhow::bail!("--log-format `{f}`: use text or json"),
+        };
+        let max_message = parse_size(a.max_message.as_deref().unwrap_or("8MiB"))? as usize;
+        anyhow::ensure!(
+            (1 << 20..=64 << 20).contains(&max_message),
+            "--max-message must be between 1MiB and 64MiB"
+        );
+        Ok(Config {
+            data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from("agent-data")),
+            listen: a.listen.unwrap_or_else(|| "127.0.0.1:7400".parse().unwrap()),
+            http_listen: a.http_listen.unwrap_or_else(|| "127.0.0.1:7401".parse().unwrap()),
+            capacity: parse_size(a.capacity.as_deref().unwrap_or("10GiB"))?,
+            identity_difficulty,
+            pool_difficulty,
+            partitions,
+            labels,
+            timestamp_window: Duration::from_secs(a.timestamp_window.unwrap_or(300)),
+            rate_limit: a.rate_limit.unwrap_or(0),
+            quota: parse_size(a.quota.as_deref().unwrap_or("0"))?,
+            allow: parse_ids(&a.allow.unwrap_or_default(), "allow")?,
+            deny: parse_ids(&a.deny.unwrap_or_default(), "deny")?,
+            scrub_interval: Duration::from_secs(a.scrub_interval.unwrap_or(86_400).max(1)),
+            scrub_rate: parse_size(a.scrub_rate.as_deref().unwrap_or("50MiB"))?.max(1),
+            max_message,
+            overhead: a.overhead.unwrap_or(1.0),
+            json_logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5XB").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "capacity = \"1GiB\"\nzone = \"z1\"\nrate_limit = 5\n").unwrap();
+        let args =
+            AgentArgs { config: Some(file), capacity: Some("2GiB".into()), ..Default::default() };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.capacity, 2 << 30);
+        assert_eq!(c.labels["zone"], "z1");
+        assert_eq!(c.rate_limit, 5);
+        assert_eq!(c.partitions, 256);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "capacityy = 1\n").unwrap();
+        let err = AgentArgs { config: Some(file), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("capacityy"), "{err}");
+    }
+}

@@ -1,0 +1,393 @@
+//! The gRPC adapter: the only code that sees proto types or maps errors to `Status`.
+//!
+//! Each method authenticates (signed envelope over its opening message), converts the proto
+//! message into domain types, calls the domain and converts the answer back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::Stream;
+use prost::Message;
+use shardfarm_core::auth::{AuthError, Caller, Envelope, SignedRequest, Verifier, now_ms};
+use shardfarm_core::identity::Credential;
+use tokio_stream::StreamExt;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::shard::{Error, Node, Policy};
+use crate::store::ShardId;
+
+/// Generated protocol types.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("shardfarm.v1");
+}
+
+use proto::agent_server::Agent;
+
+/// Metadata keys of the signed envelope.
+pub mod keys {
+    /// Caller credential (binary).
+    pub const CREDENTIAL: &str = "x-sf-credential-bin";
+    /// Request nonce (binary, 16 bytes).
+    pub const NONCE: &str = "x-sf-nonce-bin";
+    /// Timestamp, ms since the epoch (decimal).
+    pub const TIMESTAMP: &str = "x-sf-timestamp";
+    /// Signature (binary, 64 bytes).
+    pub const SIGNATURE: &str = "x-sf-signature-bin";
+}
+
+/// Full method names, as signed.
+pub mod methods {
+    /// PutShard.
+    pub const PUT: &str = "/shardfarm.v1.Agent/PutShard";
+    /// GetShard.
+    pub const GET: &str = "/shardfarm.v1.Agent/GetShard";
+    /// DeleteShard.
+    pub const DELETE: &str = "/shardfarm.v1.Agent/DeleteShard";
+    /// ListShards.
+    pub const LIST: &str = "/shardfarm.v1.Agent/ListShards";
+    /// Audit.
+    pub const AUDIT: &str = "/shardfarm.v1.Agent/Audit";
+    /// Info.
+    pub const INFO: &str = "/shardfarm.v1.Agent/Info";
+    /// ProveCapacity.
+    pub const PROVE: &str = "/shardfarm.v1.Agent/ProveCapacity";
+}
+
+/// Bytes per GetShard chunk.
+const CHUNK: usize = 1 << 20;
+
+// ---- Errors ----
+
+/// The one place where errors become statuses.
+pub fn to_status(e: &Error) -> Status {
+    match e {
+        Error::InvalidArgument(m) => Status::invalid_argument(m),
+        Error::PermissionDenied(m) => Status::permission_denied(m),
+        Error::Unauthenticated(a) => auth_status(a),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::AlreadyExists(m) => Status::already_exists(m),
+        Error::DataLoss(m) => Status::data_loss(m),
+        Error::Store(s) if s.is_disk_full() => {
+            Status::resource_exhausted(format!("node's disk is full: {s}; store it elsewhere"))
+        }
+        Error::Store(_) | Error::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn auth_status(a: &AuthError) -> Status {
+    let msg = a.to_string();
+    match a {
+        AuthError::Malformed(_) => Status::invalid_argument(msg),
+        AuthError::BadSignature | AuthError::DelegationSignature => Status::unauthenticated(msg),
+        AuthError::StaleTimestamp { .. } | AuthError::DelegationExpired { .. } => {
+            Status::unauthenticated(msg)
+        }
+        AuthError::Replay => Status::already_exists(msg),
+        AuthError::ReplayCacheFull(_) => Status::resource_exhausted(msg),
+        AuthError::InsufficientDifficulty { .. } => Status::failed_precondition(msg),
+    }
+}
+
+// ---- Envelopes in metadata ----
+
+/// Puts a signed envelope for `msg` on `method` into `md` (client side).
+pub fn sign_into<M: Message>(
+    md: &mut MetadataMap,
+    method: &str,
+    msg: &M,
+    credential: &Credential,
+    key: &ed25519_dalek::SigningKey,
+) {
+    let req = Envelope::new(method, &msg.encode_to_vec()).sign(credential.clone(), key);
+    md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&credential.to_bytes()));
+    md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
+    md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().expect("digits"));
+    md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
+}
+
+fn read_envelope(md: &MetadataMap, method: &str) -> Result<SignedRequest, AuthError> {
+    let bin = |k: &str| -> Result<Vec<u8>, AuthError> {
+        md.get_bin(k)
+            .ok_or_else(|| AuthError::Malformed(format!("missing metadata {k}: sign the request")))?
+            .to_bytes()
+            .map(|b| b.to_vec())
+            .map_err(|_| AuthError::Malformed(format!("metadata {k} is not valid base64")))
+    };
+    let credential = Credential::from_bytes(&bin(keys::CREDENTIAL)?)
+        .map_err(|e| AuthError::Malformed(format!("credential: {e}")))?;
+    let nonce: [u8; 16] = bin(keys::NONCE)?
+        .try_into()
+        .map_err(|_| AuthError::Malformed("nonce must be 16 bytes".into()))?;
+    let timestamp_ms = md
+        .get(keys::TIMESTAMP)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| AuthError::Malformed(format!("missing or bad {}", keys::TIMESTAMP)))?;
+    let sig: [u8; 64] = bin(keys::SIGNATURE)?
+        .try_into()
+        .map_err(|_| AuthError::Malformed("signature must be 64 bytes".into()))?;
+    Ok(SignedRequest {
+        credential,
+        envelope: Envelope { method: method.into(), nonce, timestamp_ms, body_hash: [0; 32] },
+        signature: ed25519_dalek::Signature::from_bytes(&sig),
+    })
+}
+
+// ---- The service ----
+
+/// The gRPC service over a [`Node`].
+#[derive(Clone)]
+pub struct AgentService {
+    node: Arc<Node>,
+    verifier: Arc<Verifier>,
+    policy: Arc<Policy>,
+    version: &'static str,
+}
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl AgentService {
+    /// A service for `node`, checking requests with `verifier` and `policy`.
+    pub fn new(node: Arc<Node>, verifier: Arc<Verifier>, policy: Arc<Policy>) -> Self {
+        AgentService { node, verifier, policy, version: env!("CARGO_PKG_VERSION") }
+    }
+
+    /// Authenticates `msg` on `method` and applies the policy.
+    fn authenticate<M: Message>(
+        &self,
+        md: &MetadataMap,
+        method: &str,
+        msg: &M,
+    ) -> Result<Caller, Status> {
+        let r = read_envelope(md, method).and_then(|mut req| {
+            // The body hash is recomputed from the message received, never taken on trust.
+            let body = msg.encode_to_vec();
+            req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
+            self.verifier.verify(&req, method, &body, now_ms())
+        });
+        let caller = r.map_err(|e| {
+            self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+            auth_status(&e)
+        })?;
+        self.policy.check(&caller).map_err(|e| {
+            self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+            to_status(&e)
+        })?;
+        Ok(caller)
+    }
+
+    /// Counts and times a finished call.
+    fn observe<T>(&self, method: &str, start: Instant, r: Result<T, Error>) -> Result<T, Status> {
+        let short = method.rsplit('/').next().unwrap_or(method);
+        let label = match &r {
+            Ok(_) => "ok",
+            Err(e) => e.metric_label(),
+        };
+        let m = &self.node.metrics;
+        m.requests.with_label_values(&[short, label]).inc();
+        m.request_seconds.with_label_values(&[short]).observe(start.elapsed().as_secs_f64());
+        r.map_err(|e| to_status(&e))
+    }
+}
+
+fn shard_id(key: Option<proto::ShardKey>) -> Result<ShardId, Status> {
+    let k = key.ok_or_else(|| Status::invalid_argument("key is required"))?;
+    ShardId::try_from(k)
+}
+
+impl TryFrom<proto::ShardKey> for ShardId {
+    type Error = Status;
+    fn try_from(k: proto::ShardKey) -> Result<Self, Status> {
+        Ok(ShardId {
+            object_id: k.object_id[..]
+                .try_into()
+                .map_err(|_| Status::invalid_argument("object_id must be 32 bytes"))?,
+            segment: k.segment_index,
+            shard: k.shard_index,
+        })
+    }
+}
+
+impl From<ShardId> for proto::ShardKey {
+    fn from(id: ShardId) -> Self {
+        proto::ShardKey {
+            object_id: Bytes::copy_from_slice(&id.object_id),
+            segment_index: id.segment,
+            shard_index: id.shard,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn put_shard(
+        &self,
+        request: Request<Streaming<proto::PutShardRequest>>,
+    ) -> Result<Response<proto::PutShardResponse>, Status> {
+        let start = Instant::now();
+        let md = request.metadata().clone();
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty stream: send the header first"))?;
+        let caller = self.authenticate(&md, methods::PUT, &first)?;
+        let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let r = async {
+            let mut upload =
+                self.node.begin_put(&caller, h.segment_header.to_vec(), h.shard_index)?;
+            while let Some(msg) = stream.next().await {
+                let msg = msg.map_err(|s| Error::InvalidArgument(format!("stream broke: {s}")))?;
+                match msg.part {
+                    Some(proto::put_shard_request::Part::Chunk(c)) => upload.write(c).await?,
+                    _ => {
+                        return Err(Error::InvalidArgument(
+                            "only chunks may follow the header".into(),
+                        ));
+                    }
+                }
+            }
+            upload.finish().await
+        }
+        .await;
+        let out = self.observe(methods::PUT, start, r)?;
+        Ok(Response::new(proto::PutShardResponse {
+            merkle_root: Bytes::copy_from_slice(&out.root),
+            stored_bytes: out.length,
+            already_present: out.already_present,
+        }))
+    }
+
+    type GetShardStream = Stream2<proto::GetShardResponse>;
+
+    async fn get_shard(
+        &self,
+        request: Request<proto::GetShardRequest>,
+    ) -> Result<Response<Self::GetShardStream>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::GET, request.get_ref())?;
+        let req = request.into_inner();
+        let id = shard_id(req.key)?;
+        let out =
+            self.observe(methods::GET, start, self.node.get(id, req.offset, req.length).await)?;
+        // A bounded channel fed by a task: a client that goes away stops the work.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use proto::get_shard_response::Part;
+            let header = Part::SegmentHeader(Bytes::from(out.header));
+            if tx.send(Ok(proto::GetShardResponse { part: Some(header) })).await.is_err() {
+                return;
+            }
+            let mut data = out.data;
+            while !data.is_empty() {
+                let chunk = data.split_to(CHUNK.min(data.len()));
+                let msg = proto::GetShardResponse { part: Some(Part::Chunk(chunk)) };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn delete_shard(
+        &self,
+        request: Request<proto::DeleteShardRequest>,
+    ) -> Result<Response<proto::DeleteShardResponse>, Status> {
+        let start = Instant::now();
+        let caller = self.authenticate(request.metadata(), methods::DELETE, request.get_ref())?;
+        let id = shard_id(request.into_inner().key)?;
+        let existed = self.observe(methods::DELETE, start, self.node.delete(caller, id).await)?;
+        Ok(Response::new(proto::DeleteShardResponse { existed }))
+    }
+
+    type ListShardsStream = Stream2<proto::ShardEntry>;
+
+    async fn list_shards(
+        &self,
+        request: Request<proto::ListShardsRequest>,
+    ) -> Result<Response<Self::ListShardsStream>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::LIST, request.get_ref())?;
+        let req = request.into_inner();
+        let after = req.start_after.map(ShardId::try_from).transpose()?;
+        let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
+        let r = self.node.list(req.partition, after, limit).await;
+        let entries = self.observe(methods::LIST, start, r)?;
+        let p = req.partition;
+        let items = entries.into_iter().map(move |(id, rec)| {
+            Ok(proto::ShardEntry {
+                key: Some(id.into()),
+                partition: p,
+                shard_length: rec.length,
+                merkle_root: Bytes::copy_from_slice(&rec.root),
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<proto::AuditRequest>,
+    ) -> Result<Response<proto::AuditResponse>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::AUDIT, request.get_ref())?;
+        let req = request.into_inner();
+        let id = shard_id(req.key)?;
+        let r = self.node.audit(id, req.nonce.to_vec(), req.leaves).await;
+        let (header, leaves) = self.observe(methods::AUDIT, start, r)?;
+        Ok(Response::new(proto::AuditResponse {
+            segment_header: header.into(),
+            leaves: leaves
+                .into_iter()
+                .map(|l| proto::AuditLeaf {
+                    index: l.index as u32,
+                    data: l.data.into(),
+                    proof: l.proof.iter().map(|p| Bytes::copy_from_slice(p)).collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn info(
+        &self,
+        request: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::INFO, request.get_ref())?;
+        let n = &self.node;
+        let resp = proto::InfoResponse {
+            node_id: Bytes::copy_from_slice(&n.identity.id().0),
+            credential: n.identity.credential().to_bytes().into(),
+            version: self.version.into(),
+            labels: n.settings.labels.clone().into_iter().collect(),
+            identity_difficulty: n.identity.difficulty(),
+            capacity_bytes: n.settings.capacity,
+            used_bytes: n.store.used_bytes(),
+            shards: n.store.shard_count(),
+            capacity_proof: n.latest_proof().map(|r| proto::CapacityReport { report: r.into() }),
+            partitions: n.settings.partitions,
+        };
+        self.observe(methods::INFO, start, Ok(()))?;
+        Ok(Response::new(resp))
+    }
+
+    async fn prove_capacity(
+        &self,
+        request: Request<proto::CapacityChallenge>,
+    ) -> Result<Response<proto::CapacityReport>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::PROVE, request.get_ref())?;
+        let req = request.into_inner();
+        let r = self.node.prove_capacity(req.challenge.to_vec(), req.difficulty).await;
+        let report = self.observe(methods::PROVE, start, r)?;
+        Ok(Response::new(proto::CapacityReport { report: report.into() }))
+    }
+}

@@ -1,0 +1,163 @@
+//! Prometheus metrics of the agent. Names follow STYLE.md §9: `shardfarm_` prefix, base units,
+//! `_total` on counters; labels are bounded (method names, results, reasons).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// All agent metrics, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by method and result (`ok` or a status code name).
+    pub requests: IntCounterVec,
+    /// Request latency by method.
+    pub request_seconds: HistogramVec,
+    /// Refused requests by auth reason.
+    pub auth_failures: IntCounterVec,
+    /// Payload bytes received in PutShard.
+    pub bytes_in: IntCounter,
+    /// Payload bytes sent in GetShard.
+    pub bytes_out: IntCounter,
+    /// Shards stored.
+    pub shards: IntGauge,
+    /// Payload bytes stored.
+    pub stored_bytes: IntGauge,
+    /// Configured capacity.
+    pub capacity_bytes: IntGauge,
+    /// Shards checked by scrub.
+    pub scrub_checked: IntCounter,
+    /// Corrupt shards found, by where they were found (get, audit, scrub).
+    pub corrupt_shards: IntCounterVec,
+    /// Audits answered by result.
+    pub audits: IntCounterVec,
+    /// Leading zero bits of this node's identity.
+    pub identity_difficulty: IntGauge,
+    /// Unix time the agent started.
+    pub start_time: Gauge,
+    /// Inputs and result of the latest capacity proof (label `input`: processors, cores,
+    /// solve_seconds, overhead, reported_bytes, taken_bytes, capacity).
+    pub capacity_proof: GaugeVec,
+    /// Build information.
+    pub build_info: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("shardfarm_agent_requests_total", "gRPC requests by method and result"),
+            &["method", "result"],
+        )
+        .unwrap();
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new("shardfarm_agent_request_duration_seconds", "gRPC request latency")
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap()),
+            &["method"],
+        )
+        .unwrap();
+        let auth_failures = IntCounterVec::new(
+            Opts::new("shardfarm_agent_auth_failures_total", "requests refused by the auth layer"),
+            &["reason"],
+        )
+        .unwrap();
+        let bytes_in =
+            IntCounter::new("shardfarm_agent_received_bytes_total", "shard bytes received")
+                .unwrap();
+        let bytes_out =
+            IntCounter::new("shardfarm_agent_sent_bytes_total", "shard bytes sent").unwrap();
+        let shards = IntGauge::new("shardfarm_agent_shards", "shards stored").unwrap();
+        let stored_bytes =
+            IntGauge::new("shardfarm_agent_stored_bytes", "shard payload bytes stored").unwrap();
+        let capacity_bytes =
+            IntGauge::new("shardfarm_agent_capacity_bytes", "capacity offered").unwrap();
+        let scrub_checked = IntCounter::new(
+            "shardfarm_agent_scrub_checked_shards_total",
+            "shards re-hashed by scrub",
+        )
+        .unwrap();
+        let corrupt_shards = IntCounterVec::new(
+            Opts::new("shardfarm_agent_corrupt_shards_total", "corrupt shards quarantined"),
+            &["found_by"],
+        )
+        .unwrap();
+        let audits = IntCounterVec::new(
+            Opts::new("shardfarm_agent_audits_total", "storage audits answered by result"),
+            &["result"],
+        )
+        .unwrap();
+        let identity_difficulty = IntGauge::new(
+            "shardfarm_agent_identity_difficulty_bits",
+            "leading zero bits of this node's mined identity",
+        )
+        .unwrap();
+        let start_time =
+            Gauge::new("shardfarm_agent_start_time_seconds", "unix time the agent started")
+                .unwrap();
+        let capacity_proof = GaugeVec::new(
+            Opts::new(
+                "shardfarm_agent_capacity_proof",
+                "inputs and result of the latest capacity proof",
+            ),
+            &["input"],
+        )
+        .unwrap();
+        let build_info = IntGauge::with_opts(
+            Opts::new("shardfarm_agent_build_info", "build information")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .unwrap();
+        build_info.set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_seconds.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(bytes_in.clone()),
+            Box::new(bytes_out.clone()),
+            Box::new(shards.clone()),
+            Box::new(stored_bytes.clone()),
+            Box::new(capacity_bytes.clone()),
+            Box::new(scrub_checked.clone()),
+            Box::new(corrupt_shards.clone()),
+            Box::new(audits.clone()),
+            Box::new(identity_difficulty.clone()),
+            Box::new(start_time.clone()),
+            Box::new(capacity_proof.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            auth_failures,
+            bytes_in,
+            bytes_out,
+            shards,
+            stored_bytes,
+            capacity_bytes,
+            scrub_checked,
+            corrupt_shards,
+            audits,
+            identity_difficulty,
+            start_time,
+            capacity_proof,
+            build_info,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

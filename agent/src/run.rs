@@ -1,0 +1,179 @@
+//! Wiring: identity, store, gRPC and HTTP servers, scrub, signals.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use shardfarm_core::auth::Verifier;
+use shardfarm_core::identity::Identity;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::{AgentArgs, Config};
+use crate::grpc::AgentService;
+use crate::grpc::proto::agent_server::AgentServer;
+use crate::metrics::Metrics;
+use crate::scrub::ScrubWorker;
+use crate::shard::{Node, NodeSettings, Policy};
+use crate::store::Store;
+
+/// Most nonces the replay cache remembers (≈ 20 MB at ~200 bytes each).
+const MAX_NONCES: usize = 100_000;
+/// How long background workers get to stop after the servers have drained (Garage: 8 s).
+const WORKER_EXIT_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Sets up logging: text or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.try_init() };
+}
+
+/// Loads the identity in `dir/identity.key`, or mines and saves one.
+pub fn load_or_mine(dir: &Path, difficulty: u8) -> anyhow::Result<Identity> {
+    let path = dir.join("identity.key");
+    if path.exists() {
+        let id = Identity::load(&path)?;
+        tracing::info!(node = %id.id(), difficulty = id.difficulty(), "identity loaded");
+        if id.difficulty() < u32::from(difficulty) {
+            tracing::warn!(
+                have = id.difficulty(),
+                want = difficulty,
+                "stored identity is mined below the configured difficulty; keeping it (delete {} to mine a new one)",
+                path.display()
+            );
+        }
+        return Ok(id);
+    }
+    tracing::info!(difficulty, "mining a node identity (expected {} hashes)", 1u64 << difficulty);
+    let progress = |hashes: u64| tracing::info!(hashes, "mining…");
+    let (id, report) = Identity::generate(difficulty, 0, &progress)?;
+    tracing::info!(
+        node = %id.id(),
+        difficulty = id.difficulty(),
+        seconds = format!("{:.2}", report.seconds),
+        hash_rate = format!("{:.0}", report.hash_rate()),
+        "identity mined"
+    );
+    id.save(&path)?;
+    Ok(id)
+}
+
+/// Runs the agent until SIGTERM/SIGINT; a second signal aborts at once.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    init_tracing(cfg.json_logs);
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    serve(cfg, stop).await
+}
+
+fn spawn_signal_handler(stop: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!(
+            "shutting down: no new requests, finishing those in flight (signal again to abort)"
+        );
+        stop.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: aborting");
+        std::process::exit(130);
+    });
+}
+
+/// Runs the agent with `cfg` until `stop` is cancelled.
+pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let identity = {
+        let (dir, d) = (cfg.data_dir.clone(), cfg.identity_difficulty);
+        tokio::task::spawn_blocking(move || load_or_mine(&dir, d)).await??
+    };
+    let store = {
+        let dir = cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await?
+            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?
+    };
+    let metrics = Arc::new(Metrics::new());
+    metrics.start_time.set(shardfarm_core::auth::now_ms() as f64 / 1000.0);
+    let settings = NodeSettings {
+        partitions: cfg.partitions,
+        capacity: cfg.capacity,
+        quota: cfg.quota,
+        labels: cfg.labels.clone(),
+        overhead: cfg.overhead,
+    };
+    let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
+    let verifier = Arc::new(Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES));
+    let policy = Arc::new(Policy::new(cfg.allow.clone(), cfg.deny.clone(), cfg.rate_limit));
+    let service = AgentServer::new(AgentService::new(node.clone(), verifier, policy))
+        .max_decoding_message_size(cfg.max_message)
+        .max_encoding_message_size(cfg.max_message);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
+    let http_listener = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP address {}", cfg.http_listen))?;
+    let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http_listener.local_addr()?);
+    let endpoints = serde_json::json!({
+        "grpc": grpc_addr.to_string(),
+        "http": http_addr.to_string(),
+        "node_id": node.identity.id().to_hex(),
+        "pid": std::process::id(),
+    });
+    let ep_path = cfg.data_dir.join("endpoints.json");
+    let tmp = ep_path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)?;
+    std::fs::rename(&tmp, &ep_path)?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let ops = crate::http::Ops { metrics: metrics.clone(), ready: ready.clone() };
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, crate::http::router(ops))
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    let scrub = tokio::spawn(
+        ScrubWorker::new(node.clone(), cfg.scrub_interval, cfg.scrub_rate, stop.clone()).run(),
+    );
+
+    // serve_with_incoming ignores the builder's tcp_nodelay: set it on the incoming stream,
+    // or 64 KiB RPCs take 8 ms and 1 MiB RPCs drop to 0.3 GB/s (LIMITS.md).
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, node = %node.identity.id(), zone = ?cfg.labels.get("zone"), "agent serving");
+    ready.store(true, Ordering::SeqCst);
+    let grpc_stop = stop.clone();
+    let ready_flag = ready.clone();
+    Server::builder()
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            grpc_stop.cancelled().await;
+            ready_flag.store(false, Ordering::SeqCst);
+        })
+        .await
+        .context("gRPC server")?;
+
+    stop.cancel();
+    let _ = tokio::time::timeout(WORKER_EXIT_DEADLINE, scrub).await;
+    let _ = tokio::time::timeout(WORKER_EXIT_DEADLINE, http).await;
+    let store = node.store.clone();
+    tokio::task::spawn_blocking(move || store.flush()).await??;
+    tracing::info!("agent stopped cleanly");
+    Ok(())
+}

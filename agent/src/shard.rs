@@ -1,0 +1,583 @@
+//! The agent's domain: what a node does with shards, independent of gRPC.
+//!
+//! Every operation that touches the store runs on tokio's blocking pool. Errors are the
+//! domain's own [`Error`]; `grpc` maps them to statuses in one function.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardfarm_core::audit::{self, MAX_AUDIT_LEAVES, ProvenLeaf};
+use shardfarm_core::auth::{AuthError, Caller, now_ms};
+use shardfarm_core::capacity::{CapacityReport, Machine};
+use shardfarm_core::identity::Identity;
+use shardfarm_core::shard::{SegmentHeader, partition};
+
+use crate::metrics::Metrics;
+use crate::store::{Committed, PendingShard, ShardId, ShardRecord, Store, StoreError};
+
+/// What can go wrong, by the kind of answer the caller should get.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or inconsistent with the signed header.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The caller is authenticated but not allowed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request could not be authenticated.
+    #[error(transparent)]
+    Unauthenticated(AuthError),
+    /// Capacity, quota or rate limit exhausted.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// No such shard here.
+    #[error("{0}")]
+    NotFound(String),
+    /// Another shard is stored under this key.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The stored shard is corrupt (it has been quarantined).
+    #[error("{0}")]
+    DataLoss(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A background task failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::PermissionDenied(_) => "permission_denied",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::ResourceExhausted(_) => "resource_exhausted",
+            Error::NotFound(_) => "not_found",
+            Error::AlreadyExists(_) => "already_exists",
+            Error::DataLoss(_) => "data_loss",
+            Error::Store(e) if e.is_disk_full() => "resource_exhausted",
+            Error::Store(_) | Error::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Result with the domain error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// Node settings the domain needs.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// Partitions of the pool.
+    pub partitions: u32,
+    /// Capacity offered.
+    pub capacity: u64,
+    /// Bytes per owner root; 0 = unlimited.
+    pub quota: u64,
+    /// Labels (zone, …).
+    pub labels: BTreeMap<String, String>,
+    /// Overhead factor for capacity proofs.
+    pub overhead: f64,
+}
+
+/// One node: its identity, store and settings.
+pub struct Node {
+    /// This node's identity.
+    pub identity: Identity,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Settings.
+    pub settings: NodeSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Bytes promised to uploads in flight, so parallel uploads cannot overfill the disk.
+    reserved: AtomicU64,
+    /// Uploads in flight per owner root (for the quota).
+    reserved_by_owner: Mutex<HashMap<[u8; 32], u64>>,
+    latest_proof: Mutex<Option<Vec<u8>>>,
+}
+
+/// A reservation of capacity for one upload, released on drop.
+pub struct Reservation<'a> {
+    node: &'a Node,
+    bytes: u64,
+    owner: [u8; 32],
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.node.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+        let mut m = self.node.reserved_by_owner.lock().unwrap();
+        if let Some(v) = m.get_mut(&self.owner) {
+            *v -= self.bytes;
+            if *v == 0 {
+                m.remove(&self.owner);
+            }
+        }
+    }
+}
+
+/// An upload in progress: the verified header, the slot, the temp file.
+pub struct Upload<'a> {
+    node: &'a Node,
+    header: SegmentHeader,
+    header_bytes: Vec<u8>,
+    id: ShardId,
+    partition: u32,
+    pending: Option<PendingShard>,
+    _reservation: Reservation<'a>,
+    owner: [u8; 32],
+}
+
+/// What a finished upload reports.
+#[derive(Debug)]
+pub struct PutOutcome {
+    /// The verified root.
+    pub root: [u8; 32],
+    /// Bytes stored.
+    pub length: u64,
+    /// The same shard was already stored.
+    pub already_present: bool,
+}
+
+/// One answer to a get.
+#[derive(Debug)]
+pub struct GetOutcome {
+    /// The signed header.
+    pub header: Vec<u8>,
+    /// The requested bytes.
+    pub data: bytes::Bytes,
+}
+
+impl Node {
+    /// A node over `store`.
+    pub fn new(
+        identity: Identity,
+        store: Arc<Store>,
+        settings: NodeSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.capacity_bytes.set(settings.capacity as i64);
+        metrics.identity_difficulty.set(i64::from(identity.difficulty()));
+        metrics.stored_bytes.set(store.used_bytes() as i64);
+        metrics.shards.set(store.shard_count() as i64);
+        Node {
+            identity,
+            store,
+            settings,
+            metrics,
+            reserved: AtomicU64::new(0),
+            reserved_by_owner: Mutex::new(HashMap::new()),
+            latest_proof: Mutex::new(None),
+        }
+    }
+
+    /// The partition of a segment in this pool.
+    pub fn partition_of(&self, object_id: &[u8; 32], segment: u32) -> u32 {
+        partition(object_id, segment, self.settings.partitions)
+    }
+
+    fn reserve(&self, bytes: u64, owner: [u8; 32]) -> Result<Reservation<'_>> {
+        let cap = self.settings.capacity;
+        let prev = self.reserved.fetch_add(bytes, Ordering::SeqCst);
+        let r = Reservation { node: self, bytes, owner };
+        {
+            let mut m = self.reserved_by_owner.lock().unwrap();
+            *m.entry(owner).or_default() += bytes;
+        }
+        let used = self.store.used_bytes();
+        if used + prev + bytes > cap {
+            return Err(Error::ResourceExhausted(format!(
+                "node is full: {used} of {cap} bytes used, {prev} promised to uploads in flight, \
+                 this shard needs {bytes}: store it on another node"
+            )));
+        }
+        if self.settings.quota > 0 {
+            let in_flight = self.reserved_by_owner.lock().unwrap()[&owner];
+            let stored = self.store.quota_used(&owner)?;
+            if stored + in_flight > self.settings.quota {
+                return Err(Error::ResourceExhausted(format!(
+                    "quota exceeded: your owner root stores {stored} of {} bytes on this node",
+                    self.settings.quota
+                )));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Starts an upload of slot `shard_index` of the segment whose signed header is
+    /// `header_bytes`: checks the header, the slot and capacity before any byte is written.
+    pub fn begin_put(
+        &self,
+        caller: &Caller,
+        header_bytes: Vec<u8>,
+        shard_index: u32,
+    ) -> Result<Upload<'_>> {
+        let header = SegmentHeader::decode(&header_bytes)
+            .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?;
+        if shard_index as usize >= header.n() {
+            return Err(Error::InvalidArgument(format!(
+                "shard index {shard_index} is out of range for n = {}",
+                header.n()
+            )));
+        }
+        if header.expires != 0 && header.expires * 1000 <= now_ms() {
+            return Err(Error::InvalidArgument("segment header has expired".into()));
+        }
+        let owner = caller.root.0;
+        let reservation = self.reserve(header.shard_length, owner)?;
+        let id = ShardId {
+            object_id: header.object_id,
+            segment: header.segment_index,
+            shard: shard_index,
+        };
+        if let Some(existing) = self.store.header(&id)?
+            && existing != header_bytes
+        {
+            let old = SegmentHeader::decode_unverified(&existing).ok();
+            if old.is_some_and(|o| o.uploader != header.uploader) {
+                return Err(Error::AlreadyExists(
+                    "another uploader's segment is stored under this object id".into(),
+                ));
+            }
+        }
+        Ok(Upload {
+            node: self,
+            partition: self.partition_of(&id.object_id, id.segment),
+            header,
+            header_bytes,
+            id,
+            pending: Some(self.store.begin()?),
+            _reservation: reservation,
+            owner,
+        })
+    }
+
+    /// Reads a shard (all of it, or `length` bytes from `offset`; `length` 0 = to the end),
+    /// verified against its signed root first. A corrupt shard is quarantined and answered
+    /// with [`Error::DataLoss`].
+    pub async fn get(
+        self: &Arc<Self>,
+        id: ShardId,
+        offset: u64,
+        length: u64,
+    ) -> Result<GetOutcome> {
+        let (header, shard) = self.read_verified(id, "get").await?;
+        let len = shard.len() as u64;
+        if offset > len {
+            return Err(Error::InvalidArgument(format!(
+                "offset {offset} is past the shard's {len} bytes"
+            )));
+        }
+        let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
+        let data = bytes::Bytes::from(shard).slice(offset as usize..end as usize);
+        self.metrics.bytes_out.inc_by(data.len() as u64);
+        Ok(GetOutcome { header, data })
+    }
+
+    /// Checks a stored shard against its signed root (scrub); quarantines it if corrupt.
+    pub async fn verify_stored(
+        self: &Arc<Self>,
+        id: ShardId,
+        found_by: &'static str,
+    ) -> Result<()> {
+        self.read_verified(id, found_by).await.map(|_| ())
+    }
+
+    /// Reads a shard and its header and checks the bytes against the signed root.
+    async fn read_verified(
+        self: &Arc<Self>,
+        id: ShardId,
+        found_by: &'static str,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let me = self.clone();
+        blocking(move || {
+            let p = me.partition_of(&id.object_id, id.segment);
+            let not_found = || Error::NotFound(format!("no shard {} here", id.file_name()));
+            let record = me.store.record(&id, p)?.ok_or_else(not_found)?;
+            let header_bytes = me.store.header(&id)?.ok_or_else(not_found)?;
+            let header = SegmentHeader::decode_unverified(&header_bytes)
+                .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
+            let reason = match me.store.read(&id) {
+                Ok(shard) => match header.verify_shard(id.shard as usize, &shard) {
+                    Ok(()) if record.root == header.shard_roots[id.shard as usize] => {
+                        return Ok((header_bytes, shard));
+                    }
+                    Ok(()) => "index record disagrees with the header".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            me.quarantine(&id, p, found_by, &reason)?;
+            Err(Error::DataLoss(format!(
+                "shard {} is corrupt on this node ({reason}); it was quarantined: read it from \
+                 other holders, repair will rebuild it",
+                id.file_name()
+            )))
+        })
+        .await
+    }
+
+    /// Quarantines a corrupt shard and counts it.
+    pub fn quarantine(
+        &self,
+        id: &ShardId,
+        partition: u32,
+        found_by: &'static str,
+        reason: &str,
+    ) -> Result<()> {
+        tracing::error!(shard = %id.file_name(), found_by, reason, "corrupt shard quarantined");
+        self.metrics.corrupt_shards.with_label_values(&[found_by]).inc();
+        self.store.quarantine(id, partition)?;
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    fn refresh_gauges(&self) {
+        self.metrics.stored_bytes.set(self.store.used_bytes() as i64);
+        self.metrics.shards.set(self.store.shard_count() as i64);
+    }
+
+    /// Deletes a shard; only the uploader named in its signed header may.
+    pub async fn delete(self: &Arc<Self>, caller: Caller, id: ShardId) -> Result<bool> {
+        let me = self.clone();
+        blocking(move || {
+            let p = me.partition_of(&id.object_id, id.segment);
+            let Some(header) = me.store.header(&id)? else { return Ok(false) };
+            let header = SegmentHeader::decode_unverified(&header)
+                .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
+            if caller.credential.signing_key() != &header.uploader {
+                return Err(Error::PermissionDenied(
+                    "only the uploader named in the segment header may delete its shards".into(),
+                ));
+            }
+            let existed = me.store.remove(&id, p)?.is_some();
+            me.refresh_gauges();
+            Ok(existed)
+        })
+        .await
+    }
+
+    /// Lists up to `limit` shards of `partition` after `start_after`.
+    pub async fn list(
+        self: &Arc<Self>,
+        partition: u32,
+        start_after: Option<ShardId>,
+        limit: usize,
+    ) -> Result<Vec<(ShardId, ShardRecord)>> {
+        if partition >= self.settings.partitions {
+            return Err(Error::InvalidArgument(format!(
+                "partition {partition} ≥ the pool's {} partitions",
+                self.settings.partitions
+            )));
+        }
+        let me = self.clone();
+        blocking(move || Ok(me.store.list(partition, start_after, limit.clamp(1, 10_000))?)).await
+    }
+
+    /// Answers an audit: the leaves the nonce selects, with Merkle proofs.
+    pub async fn audit(
+        self: &Arc<Self>,
+        id: ShardId,
+        nonce: Vec<u8>,
+        leaves: u32,
+    ) -> Result<(Vec<u8>, Vec<ProvenLeaf>)> {
+        if !(16..=32).contains(&nonce.len()) || !(1..=MAX_AUDIT_LEAVES).contains(&leaves) {
+            return Err(Error::InvalidArgument(format!(
+                "audit needs a 16-32 byte nonce and 1-{MAX_AUDIT_LEAVES} leaves"
+            )));
+        }
+        let r = self.read_verified(id, "audit").await;
+        let result = r.map(|(header, shard)| (header, audit::answer(&shard, &nonce, leaves)));
+        let label = match &result {
+            Ok(_) => "answered",
+            Err(Error::DataLoss(_)) => "corrupt",
+            Err(_) => "missing",
+        };
+        self.metrics.audits.with_label_values(&[label]).inc();
+        result
+    }
+
+    /// Solves a capacity challenge and signs the report (the latest is kept for `Info`).
+    pub async fn prove_capacity(
+        self: &Arc<Self>,
+        challenge: Vec<u8>,
+        difficulty: u32,
+    ) -> Result<Vec<u8>> {
+        if !(8..=32).contains(&difficulty) || !(16..=64).contains(&challenge.len()) {
+            return Err(Error::InvalidArgument(
+                "capacity challenge needs 16-64 bytes and a difficulty of 8-32 bits".into(),
+            ));
+        }
+        let me = self.clone();
+        let report = blocking(move || {
+            let m = me.machine();
+            CapacityReport::prove(&me.identity, &challenge, difficulty as u8, m)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))
+        })
+        .await?;
+        let g = &self.metrics.capacity_proof;
+        g.with_label_values(&["processors"]).set(f64::from(report.processors));
+        g.with_label_values(&["cores"]).set(f64::from(report.cores_per_processor));
+        g.with_label_values(&["solve_seconds"]).set(report.solve_ms as f64 / 1000.0);
+        g.with_label_values(&["overhead"]).set(report.overhead);
+        g.with_label_values(&["reported_bytes"]).set(report.space_reported as f64);
+        g.with_label_values(&["taken_bytes"]).set(report.space_taken as f64);
+        g.with_label_values(&["capacity"]).set(report.capacity());
+        let bytes = report.encode();
+        *self.latest_proof.lock().unwrap() = Some(bytes.clone());
+        Ok(bytes)
+    }
+
+    /// The latest capacity proof, if any.
+    pub fn latest_proof(&self) -> Option<Vec<u8>> {
+        self.latest_proof.lock().unwrap().clone()
+    }
+
+    fn machine(&self) -> Machine {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let sockets = processor_sockets();
+        Machine {
+            processors: sockets,
+            cores_per_processor: (cores / sockets).max(1),
+            overhead: self.settings.overhead,
+            space_reported: self.settings.capacity,
+            space_taken: self.store.used_bytes(),
+        }
+    }
+}
+
+/// Distinct `physical id`s in /proc/cpuinfo (1 where it says nothing, e.g. in most VMs/ARM).
+fn processor_sockets() -> u32 {
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return 1 };
+    let ids: std::collections::HashSet<&str> =
+        info.lines().filter(|l| l.starts_with("physical id")).collect();
+    (ids.len() as u32).max(1)
+}
+
+impl Upload<'_> {
+    /// The segment header being uploaded.
+    pub fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    /// Appends a chunk; refuses bytes beyond the header's shard length.
+    pub async fn write(&mut self, chunk: bytes::Bytes) -> Result<()> {
+        let mut pending = self.pending.take().expect("upload not finished");
+        if pending.len() + chunk.len() as u64 > self.header.shard_length {
+            return Err(Error::InvalidArgument(format!(
+                "more bytes than the header's shard length {}",
+                self.header.shard_length
+            )));
+        }
+        let n = chunk.len() as u64;
+        let pending = blocking(move || {
+            pending.write(&chunk)?;
+            Ok(pending)
+        })
+        .await?;
+        self.node.metrics.bytes_in.inc_by(n);
+        self.pending = Some(pending);
+        Ok(())
+    }
+
+    /// Checks length and root against the signed header, then makes the shard durable.
+    /// Nothing is acknowledged before this returns `Ok`.
+    pub async fn finish(mut self) -> Result<PutOutcome> {
+        let mut pending = self.pending.take().expect("upload not finished");
+        let slot = self.id.shard as usize;
+        if pending.len() != self.header.shard_length {
+            return Err(Error::InvalidArgument(format!(
+                "stream ended after {} bytes; the header says {}",
+                pending.len(),
+                self.header.shard_length
+            )));
+        }
+        let store = self.node.store.clone();
+        let (id, p, owner) = (self.id, self.partition, self.owner);
+        let header_bytes = std::mem::take(&mut self.header_bytes);
+        let expected = self.header.shard_roots[slot];
+        let (committed, record) = blocking(move || {
+            let root = pending.root();
+            if root != expected {
+                return Err(Error::InvalidArgument(format!(
+                    "payload does not match the signed Merkle root of shard {slot}"
+                )));
+            }
+            Ok(store.commit(pending, root, &id, p, &header_bytes, owner, now_ms())?)
+        })
+        .await?;
+        self.node.refresh_gauges();
+        Ok(PutOutcome {
+            root: record.root,
+            length: record.length,
+            already_present: committed == Committed::AlreadyPresent,
+        })
+    }
+}
+
+// ---- Policy ----
+
+/// Allow/deny lists and per-identity rate limits, applied after authentication.
+pub struct Policy {
+    allow: Vec<[u8; 32]>,
+    deny: Vec<[u8; 32]>,
+    rate: u32,
+    buckets: Mutex<HashMap<[u8; 32], (f64, Instant)>>,
+}
+
+/// Most identities whose rate buckets are remembered; beyond it idle ones are dropped.
+const MAX_BUCKETS: usize = 100_000;
+
+impl Policy {
+    /// A policy; `rate` requests per second per caller (burst of the same), 0 = unlimited.
+    pub fn new(allow: Vec<[u8; 32]>, deny: Vec<[u8; 32]>, rate: u32) -> Self {
+        Policy { allow, deny, rate, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks the caller against the lists and its rate bucket.
+    pub fn check(&self, caller: &Caller) -> Result<()> {
+        if self.deny.iter().any(|d| *d == caller.id.0 || *d == caller.root.0) {
+            return Err(Error::PermissionDenied(format!(
+                "identity {} is on this node's deny list",
+                caller.id.short()
+            )));
+        }
+        if !self.allow.is_empty()
+            && !self.allow.iter().any(|a| *a == caller.id.0 || *a == caller.root.0)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "identity {} is not on this node's allow list: ask the operator to add it",
+                caller.id.short()
+            )));
+        }
+        if self.rate > 0 {
+            let mut b = self.buckets.lock().unwrap();
+            let now = Instant::now();
+            if b.len() >= MAX_BUCKETS {
+                b.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(10));
+            }
+            let rate = f64::from(self.rate);
+            let (tokens, last) = b.entry(caller.id.0).or_insert((rate, now));
+            *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+            *last = now;
+            if *tokens < 1.0 {
+                return Err(Error::ResourceExhausted(format!(
+                    "rate limit of {} requests/s exceeded for identity {}: slow down and retry",
+                    self.rate,
+                    caller.id.short()
+                )));
+            }
+            *tokens -= 1.0;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,574 @@
+//! The durable store: shard payloads in plain files, everything else in RocksDB.
+//!
+//! # Why files for payloads
+//!
+//! Shards are large (up to tens of MiB), written once, read whole, and deleted whole. In an
+//! LSM tree every value is rewritten by each compaction that passes over it; at terabyte scale
+//! that write amplification eats the disk's bandwidth. RocksDB's BlobDB avoids most of it but
+//! still garbage-collects blob files by rewriting live blobs, and its reads of large values are
+//! several times slower than plain files (LIMITS.md: 1.07 vs 5.2 GB/s warm gets). Plain files
+//! written `tmp → fsync → rename → fsync(dir)` cost one write per byte, read at page-cache
+//! speed, and free space immediately on delete. This is what Garage and Storj do; the agent
+//! benchmark (`agent/benches/store.rs`) measures both on the same workload.
+//!
+//! RocksDB holds what an LSM suits: small records with ordered keys.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `headers` | object id ‖ segment (BE) | the signed segment header |
+//! | `index` | partition (BE) ‖ object id ‖ segment (BE) ‖ shard (BE) | [`ShardRecord`] |
+//! | `quota` | owner root id | bytes stored for that owner (u64 LE) |
+//! | `state` | name | agent state: used bytes, scrub cursor, capacity proof |
+//!
+//! The index is ordered by partition first, so `ListShards(partition)` is one range scan.
+//!
+//! # Crash safety
+//!
+//! A shard is acknowledged only after its file is fsynced and renamed, its directory fsynced,
+//! and its index record written with a synced WAL. A crash before the index write leaves an
+//! orphan file and nothing acknowledged; [`Store::open`] removes temp files and orphans.
+//! A crash after it leaves a complete, verified shard.
+//!
+//! Every call here blocks; the async layers call it through `spawn_blocking`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A stored record does not parse.
+    #[error("corrupt record in {cf}: {reason}")]
+    Record {
+        /// Column family.
+        cf: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// True when the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(28))
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { what, path: path.to_path_buf(), source }
+}
+
+const CF_HEADERS: &str = "headers";
+const CF_INDEX: &str = "index";
+const CF_QUOTA: &str = "quota";
+const CF_STATE: &str = "state";
+const STATE_USED: &[u8] = b"used_bytes";
+const RECORD_VERSION: u8 = 1;
+
+/// Where a shard lives: object, segment, slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId {
+    /// Object id.
+    pub object_id: [u8; 32],
+    /// Segment index.
+    pub segment: u32,
+    /// Shard index (slot) within the segment.
+    pub shard: u32,
+}
+
+impl ShardId {
+    fn header_key(&self) -> [u8; 36] {
+        let mut k = [0u8; 36];
+        k[..32].copy_from_slice(&self.object_id);
+        k[32..].copy_from_slice(&self.segment.to_be_bytes());
+        k
+    }
+
+    /// The index key: partition ‖ object ‖ segment ‖ shard, all big-endian.
+    pub fn index_key(&self, partition: u32) -> [u8; 44] {
+        let mut k = [0u8; 44];
+        k[..4].copy_from_slice(&partition.to_be_bytes());
+        k[4..36].copy_from_slice(&self.object_id);
+        k[36..40].copy_from_slice(&self.segment.to_be_bytes());
+        k[40..].copy_from_slice(&self.shard.to_be_bytes());
+        k
+    }
+
+    fn from_index_key(k: &[u8]) -> Option<(u32, ShardId)> {
+        if k.len() != 44 {
+            return None;
+        }
+        Some((
+            u32::from_be_bytes(k[..4].try_into().ok()?),
+            ShardId {
+                object_id: k[4..36].try_into().ok()?,
+                segment: u32::from_be_bytes(k[36..40].try_into().ok()?),
+                shard: u32::from_be_bytes(k[40..].try_into().ok()?),
+            },
+        ))
+    }
+
+    /// File name of the payload.
+    pub fn file_name(&self) -> String {
+        format!("{}-{}-{}", hex::encode(self.object_id), self.segment, self.shard)
+    }
+}
+
+/// What the index says about a stored shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardRecord {
+    /// Payload length.
+    pub length: u64,
+    /// Merkle root of the payload (equal to the header's root for the slot).
+    pub root: [u8; 32],
+    /// When it was stored, unix ms.
+    pub stored_ms: u64,
+    /// The owner root the bytes count against.
+    pub owner: [u8; 32],
+}
+
+impl ShardRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(81);
+        b.push(RECORD_VERSION);
+        b.extend_from_slice(&self.length.to_le_bytes());
+        b.extend_from_slice(&self.root);
+        b.extend_from_slice(&self.stored_ms.to_le_bytes());
+        b.extend_from_slice(&self.owner);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self> {
+        // Version 1 is the only one so far; a later version adds a branch here that migrates
+        // the older layout (Garage `util/migrate.rs` style).
+        if b.len() != 81 || b[0] != RECORD_VERSION {
+            return Err(StoreError::Record {
+                cf: CF_INDEX,
+                reason: format!("{} bytes, version {:?}", b.len(), b.first()),
+            });
+        }
+        Ok(ShardRecord {
+            length: u64::from_le_bytes(b[1..9].try_into().unwrap()),
+            root: b[9..41].try_into().unwrap(),
+            stored_ms: u64::from_le_bytes(b[41..49].try_into().unwrap()),
+            owner: b[49..81].try_into().unwrap(),
+        })
+    }
+}
+
+/// A shard being written: a temp file and the running Merkle root.
+pub struct PendingShard {
+    file: fs::File,
+    path: PathBuf,
+    merkle: shardfarm_core::shard::MerkleBuilder,
+    written: u64,
+    committed: bool,
+}
+
+impl PendingShard {
+    /// Appends bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file.write_all(data).map_err(io("write", &self.path))?;
+        self.merkle.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// The Merkle root of everything written (call once, after the last write).
+    pub fn root(&mut self) -> [u8; 32] {
+        std::mem::take(&mut self.merkle).finalize()
+    }
+}
+
+impl Drop for PendingShard {
+    // An aborted upload leaves nothing behind (Garage's DeleteOnDrop).
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The store. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    db: DB,
+    shards_dir: PathBuf,
+    tmp_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    used: AtomicU64,
+    /// Serialises index/quota read-modify-writes. Shard writes themselves run in parallel;
+    /// only the short commit step takes this lock.
+    commit: Mutex<()>,
+}
+
+/// What [`Store::commit`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Newly stored.
+    Stored,
+    /// The same shard (same root) was already there; the new copy was discarded.
+    AlreadyPresent,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, removing temp files and orphan payloads.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let shards_dir = dir.join("shards");
+        let tmp_dir = dir.join("tmp");
+        let quarantine_dir = dir.join("quarantine");
+        for d in [&shards_dir, &tmp_dir, &quarantine_dir] {
+            fs::create_dir_all(d).map_err(io("create", d))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Small records only: a modest write buffer keeps memory low on edge boxes.
+        opts.set_write_buffer_size(16 << 20);
+        opts.set_max_open_files(512);
+        let cfs = [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE]
+            .map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
+        let db_path = dir.join("db");
+        let db = DB::open_cf_descriptors(&opts, &db_path, cfs)?;
+        let store = Store {
+            db,
+            shards_dir,
+            tmp_dir,
+            quarantine_dir,
+            used: AtomicU64::new(0),
+            commit: Mutex::new(()),
+        };
+        let used = store
+            .db
+            .get_cf(store.cf(CF_STATE), STATE_USED)?
+            .map(|v| u64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        store.used.store(used, Ordering::SeqCst);
+        store.recover()?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    fn sync_write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Removes temp files (aborted uploads) and payload files that no index record names
+    /// (a crash between rename and index write: never acknowledged).
+    fn recover(&self) -> Result<()> {
+        for e in fs::read_dir(&self.tmp_dir).map_err(io("list", &self.tmp_dir))? {
+            let e = e.map_err(io("list", &self.tmp_dir))?;
+            let _ = fs::remove_file(e.path());
+        }
+        let mut indexed = std::collections::HashSet::new();
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
+            let (k, _) = item?;
+            if let Some((_, id)) = ShardId::from_index_key(&k) {
+                indexed.insert(id.file_name());
+            }
+        }
+        for sub in fs::read_dir(&self.shards_dir).map_err(io("list", &self.shards_dir))? {
+            let sub = sub.map_err(io("list", &self.shards_dir))?.path();
+            let Ok(files) = fs::read_dir(&sub) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !indexed.contains(&name) {
+                    tracing::warn!(file = %f.path().display(), "removing orphan shard file (never acknowledged)");
+                    let _ = fs::remove_file(f.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The payload path of a shard (`shards/<first byte of object id>/<name>`).
+    pub fn shard_path(&self, id: &ShardId) -> PathBuf {
+        self.shards_dir.join(hex::encode(&id.object_id[..1])).join(id.file_name())
+    }
+
+    /// Bytes of payload stored.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Starts writing a shard into a temp file.
+    pub fn begin(&self) -> Result<PendingShard> {
+        let mut rnd = [0u8; 12];
+        getrandom_fill(&mut rnd);
+        let path = self.tmp_dir.join(format!("tmp{}", hex::encode(rnd)));
+        let file = fs::File::create(&path).map_err(io("create", &path))?;
+        Ok(PendingShard { file, path, merkle: Default::default(), written: 0, committed: false })
+    }
+
+    /// Makes a pending shard durable and indexed. The caller has checked its length and its
+    /// `root` (from [`PendingShard::root`]) against the signed header.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit(
+        &self,
+        mut pending: PendingShard,
+        root: [u8; 32],
+        id: &ShardId,
+        partition: u32,
+        header: &[u8],
+        owner: [u8; 32],
+        now_ms: u64,
+    ) -> Result<(Committed, ShardRecord)> {
+        let record = ShardRecord { length: pending.len(), root, stored_ms: now_ms, owner };
+        pending.file.sync_all().map_err(io("fsync", &pending.path))?;
+        let _guard = self.commit.lock().unwrap();
+        let key = id.index_key(partition);
+        if let Some(old) = self.db.get_cf(self.cf(CF_INDEX), key)? {
+            let old = ShardRecord::decode(&old)?;
+            if old.root == record.root && self.shard_path(id).exists() {
+                return Ok((Committed::AlreadyPresent, old));
+            }
+        }
+        let dest = self.shard_path(id);
+        let dir = dest.parent().expect("shard path has a parent");
+        fs::create_dir_all(dir).map_err(io("create", dir))?;
+        fs::rename(&pending.path, &dest).map_err(io("rename", &dest))?;
+        pending.committed = true;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync dir", dir))?;
+
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_HEADERS), id.header_key(), header);
+        batch.put_cf(self.cf(CF_INDEX), key, record.encode());
+        let quota = self.quota_used(&owner)? + record.length;
+        batch.put_cf(self.cf(CF_QUOTA), owner, quota.to_le_bytes());
+        let used = self.used.load(Ordering::SeqCst) + record.length;
+        batch.put_cf(self.cf(CF_STATE), STATE_USED, used.to_le_bytes());
+        if let Err(e) = self.sync_write(batch) {
+            // Not indexed, not acknowledged: remove the payload so nothing half-exists.
+            let _ = fs::remove_file(&dest);
+            return Err(e);
+        }
+        self.used.store(used, Ordering::SeqCst);
+        Ok((Committed::Stored, record))
+    }
+
+    /// The index record of a shard.
+    pub fn record(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
+        self.db
+            .get_cf(self.cf(CF_INDEX), id.index_key(partition))?
+            .map(|v| ShardRecord::decode(&v))
+            .transpose()
+    }
+
+    /// The signed header of a shard's segment.
+    pub fn header(&self, id: &ShardId) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_HEADERS), id.header_key())?)
+    }
+
+    /// Reads a whole payload.
+    pub fn read(&self, id: &ShardId) -> Result<Vec<u8>> {
+        let path = self.shard_path(id);
+        let mut f = fs::File::open(&path).map_err(io("open", &path))?;
+        let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
+        f.read_to_end(&mut buf).map_err(io("read", &path))?;
+        Ok(buf)
+    }
+
+    /// Removes a shard: index record, quota, payload; the header too when no other shard of
+    /// its segment remains here. Returns the removed record.
+    pub fn remove(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
+        self.remove_to(id, partition, None)
+    }
+
+    /// Removes a shard from the index and moves its payload to `quarantine/` (kept for
+    /// inspection, no longer served or counted), so repair rebuilds it like a lost one.
+    pub fn quarantine(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
+        let dest = self.quarantine_dir.join(format!("{}.corrupted", id.file_name()));
+        self.remove_to(id, partition, Some(dest))
+    }
+
+    fn remove_to(
+        &self,
+        id: &ShardId,
+        partition: u32,
+        keep: Option<PathBuf>,
+    ) -> Result<Option<ShardRecord>> {
+        let _guard = self.commit.lock().unwrap();
+        let key = id.index_key(partition);
+        let Some(old) = self.db.get_cf(self.cf(CF_INDEX), key)? else { return Ok(None) };
+        let old = ShardRecord::decode(&old)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_INDEX), key);
+        let quota = self.quota_used(&old.owner)?.saturating_sub(old.length);
+        batch.put_cf(self.cf(CF_QUOTA), old.owner, quota.to_le_bytes());
+        let used = self.used.load(Ordering::SeqCst).saturating_sub(old.length);
+        batch.put_cf(self.cf(CF_STATE), STATE_USED, used.to_le_bytes());
+        if !self.segment_has_other_shards(id, partition)? {
+            batch.delete_cf(self.cf(CF_HEADERS), id.header_key());
+        }
+        self.sync_write(batch)?;
+        self.used.store(used, Ordering::SeqCst);
+        let path = self.shard_path(id);
+        match keep {
+            Some(dest) => {
+                let _ = fs::rename(&path, dest);
+            }
+            None => {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(Some(old))
+    }
+
+    fn segment_has_other_shards(&self, id: &ShardId, partition: u32) -> Result<bool> {
+        let prefix = &id.index_key(partition)[..40];
+        let mode = IteratorMode::From(prefix, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
+            let (k, _) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if let Some((_, other)) = ShardId::from_index_key(&k)
+                && other.shard != id.shard
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Bytes stored for an owner root.
+    pub fn quota_used(&self, owner: &[u8; 32]) -> Result<u64> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_QUOTA), owner)?
+            .map(|v| u64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` shards of `partition` after `start_after` (exclusive), in key order.
+    pub fn list(
+        &self,
+        partition: u32,
+        start_after: Option<ShardId>,
+        limit: usize,
+    ) -> Result<Vec<(ShardId, ShardRecord)>> {
+        self.scan(Some(partition), start_after.map(|s| s.index_key(partition).to_vec()), limit)
+            .map(|v| v.into_iter().map(|(_, id, r)| (id, r)).collect())
+    }
+
+    /// Up to `limit` shards of any partition after the raw index key `after`, in key order
+    /// (the scrub's cursor walk).
+    pub fn scan(
+        &self,
+        partition: Option<u32>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(u32, ShardId, ShardRecord)>> {
+        let start = after
+            .clone()
+            .unwrap_or_else(|| partition.map(|p| p.to_be_bytes().to_vec()).unwrap_or_default());
+        let mode = IteratorMode::From(&start, Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
+            let (k, v) = item?;
+            if after.as_deref() == Some(&k[..]) {
+                continue;
+            }
+            let Some((p, id)) = ShardId::from_index_key(&k) else { continue };
+            if partition.is_some_and(|want| want != p) || out.len() >= limit {
+                break;
+            }
+            out.push((p, id, ShardRecord::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Number of shards indexed (an estimate from RocksDB for large stores).
+    pub fn shard_count(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(CF_INDEX), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Reads an agent state value.
+    pub fn get_state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_STATE), name.as_bytes())?)
+    }
+
+    /// Writes an agent state value (synced).
+    pub fn put_state(&self, name: &str, value: &[u8]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_STATE), name.as_bytes(), value);
+        self.sync_write(b)
+    }
+
+    /// Deletes an agent state value (synced).
+    pub fn delete_state(&self, name: &str) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.delete_cf(self.cf(CF_STATE), name.as_bytes());
+        self.sync_write(b)
+    }
+
+    /// Flushes memtables and the WAL (graceful shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for cf in [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+}
+
+fn getrandom_fill(b: &mut [u8]) {
+    use std::sync::atomic::AtomicU64;
+    // Temp names need uniqueness, not secrecy: a process-wide counter mixed with the time.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let h = shardfarm_core::identity::blake2b256(&[
+        &c.to_le_bytes(),
+        &t.to_le_bytes(),
+        &std::process::id().to_le_bytes(),
+    ]);
+    let n = b.len().min(32);
+    b[..n].copy_from_slice(&h[..n]);
+}

@@ -1,0 +1,496 @@
+//! The agent as a real process on 127.0.0.1 with a real RocksDB: round trips, crashes,
+//! corruption, audits, and every refusal.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use ed25519_dalek::Signature;
+use shardfarm_agent::client::Signer;
+use shardfarm_agent::grpc::{methods, proto};
+use shardfarm_core::audit::{self, ProvenLeaf};
+use shardfarm_core::auth::Envelope;
+use shardfarm_core::identity::{Identity, random_signing_key};
+use shardfarm_core::shard::{Cipher, FORMAT_VERSION, SegmentHeader, merkle_root};
+use tonic::Code;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn put_get_range_list_delete_round_trips() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+
+    // A 0-byte shard (hand-made header) and multi-MiB shards from the codec.
+    let mut zero = SegmentHeader {
+        version: FORMAT_VERSION,
+        cipher: Cipher::Aes256Gcm,
+        object_id: [42; 32],
+        segment_index: 0,
+        segment_count: 1,
+        object_length: 0,
+        segment_size: 1 << 20,
+        k: 1,
+        m: 1,
+        shard_length: 0,
+        created: 1,
+        expires: 0,
+        uploader: me.public_key(),
+        shard_roots: vec![merkle_root(&[]); 2],
+        signature: Signature::from_bytes(&[0; 64]),
+    };
+    zero.sign(me.signing_key());
+    let r = c.put_shard(&zero.encode(), 0, Bytes::new()).await.unwrap();
+    assert_eq!(r.stored_bytes, 0);
+    let zid = shardfarm_agent::store::ShardId { object_id: [42; 32], segment: 0, shard: 0 };
+    let got = c.get_shard(zid, 0, 0).await.unwrap();
+    assert!(got.data.is_empty());
+    assert_eq!(got.header, zero.encode());
+
+    let seg = segment(&me, 6 << 20, 2, 1); // 3 MiB shards
+    for (i, s) in seg.shards.iter().enumerate() {
+        let r = c.put_shard(&seg.header_bytes, i as u32, s.clone()).await.unwrap();
+        assert_eq!(r.stored_bytes, s.len() as u64);
+        assert!(!r.already_present);
+    }
+    // Idempotent re-upload.
+    let again = c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await.unwrap();
+    assert!(again.already_present);
+
+    for i in 0..3u32 {
+        let got = c.get_shard(seg.id(i), 0, 0).await.unwrap();
+        assert_eq!(got.data, seg.shards[i as usize]);
+        SegmentHeader::decode(&got.header).unwrap().verify_shard(i as usize, &got.data).unwrap();
+    }
+    let range = c.get_shard(seg.id(2), 1000, 5000).await.unwrap();
+    assert_eq!(range.data, seg.shards[2][1000..6000]);
+    let tail = c.get_shard(seg.id(2), seg.shards[2].len() as u64 - 10, 0).await.unwrap();
+    assert_eq!(tail.data, seg.shards[2][seg.shards[2].len() - 10..]);
+    let err = c.get_shard(seg.id(2), 1 << 40, 1).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let info = c.info().await.unwrap();
+    let partition = shardfarm_core::shard::partition(&seg.header.object_id, 0, info.partitions);
+    let listed = c.list_shards(partition, None, 0).await.unwrap();
+    let mine: Vec<u32> = listed
+        .iter()
+        .filter(|e| e.key.as_ref().unwrap().object_id[..] == seg.header.object_id)
+        .map(|e| e.key.as_ref().unwrap().shard_index)
+        .collect();
+    assert_eq!(mine, vec![0, 1, 2]);
+    // Paging: one entry per page, resuming after the last key.
+    let p1 = c.list_shards(partition, None, 1).await.unwrap();
+    assert_eq!(p1.len(), 1);
+    let after = shardfarm_agent::store::ShardId::try_from(p1[0].key.clone().unwrap()).unwrap();
+    let p2 = c.list_shards(partition, Some(after), 1).await.unwrap();
+    assert_ne!(p2.first().map(|e| e.key.clone()), Some(p1[0].key.clone()));
+    let total: u64 = seg.shards.iter().map(|s| s.len() as u64).sum();
+    assert_eq!(info.used_bytes, total);
+
+    assert!(c.delete_shard(seg.id(1)).await.unwrap());
+    assert!(!c.delete_shard(seg.id(1)).await.unwrap());
+    assert_eq!(c.get_shard(seg.id(1), 0, 0).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.get_shard(seg.id(0), 0, 0).await.unwrap().data, seg.shards[0]);
+    assert!(!agent.shard_file(&seg.id(1)).exists());
+
+    let m = agent.metrics();
+    assert!(
+        metric(&m, "shardfarm_agent_requests_total{method=\"PutShard\",result=\"ok\"}").unwrap()
+            >= 4.0,
+        "{m}"
+    );
+    let left = (seg.shards[0].len() + seg.shards[2].len()) as f64;
+    assert_eq!(metric(&m, "shardfarm_agent_stored_bytes").unwrap(), left);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_mid_upload_leaves_nothing_half_written_and_keeps_acknowledged_shards() {
+    let dir = tmp();
+    let mut agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let acked: Vec<Seg> = (0..4).map(|i| segment(&me, (1 << 20) + i * 4097, 2, 1)).collect();
+    for s in &acked {
+        for (i, b) in s.shards.iter().enumerate() {
+            c.put_shard(&s.header_bytes, i as u32, b.clone()).await.unwrap();
+        }
+    }
+    // A 24 MiB shard streamed slowly; the agent is killed half way.
+    let big = segment(&me, 48 << 20, 2, 1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::PutShardRequest>(1);
+    let mut raw =
+        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let first = proto::PutShardRequest {
+        part: Some(proto::put_shard_request::Part::Header(proto::PutShardHeader {
+            segment_header: big.header_bytes.clone().into(),
+            shard_index: 0,
+        })),
+    };
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    *req.metadata_mut() = signer.request(methods::PUT, first.clone()).into_parts().0;
+    let call = tokio::spawn(async move { raw.put_shard(req).await });
+    tx.send(first).await.unwrap();
+    for i in 0..12 {
+        let chunk = big.shards[0].slice(i << 20..(i + 1) << 20);
+        tx.send(proto::PutShardRequest {
+            part: Some(proto::put_shard_request::Part::Chunk(chunk)),
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.kill9();
+    assert!(call.await.unwrap().is_err(), "an interrupted upload must not be acknowledged");
+
+    agent.restart();
+    let mut c = agent.client(&signer).await;
+    assert_eq!(c.get_shard(big.id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+    assert!(!agent.shard_file(&big.id(0)).exists());
+    let tmp_left = std::fs::read_dir(agent.dir.join("tmp")).unwrap().count();
+    assert_eq!(tmp_left, 0, "temp files of the aborted upload were not removed");
+    for s in &acked {
+        for i in 0..3 {
+            let got = c.get_shard(s.id(i), 0, 0).await.unwrap();
+            s.header.verify_shard(i as usize, &got.data).unwrap();
+        }
+    }
+}
+
+fn flip_byte(path: &std::path::Path, at: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ 0x5a]).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_files_answer_data_loss_and_scrub_quarantines_them() {
+    let dir = tmp();
+    let mut agent = AgentProc::start(&dir.path().join("a"), &["--scrub-interval", "3600"]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let segs: Vec<Seg> = (0..3).map(|i| segment(&me, 300_000 + i, 2, 1)).collect();
+    for s in &segs {
+        c.put_shard(&s.header_bytes, 0, s.shards[0].clone()).await.unwrap();
+    }
+    for s in &segs {
+        flip_byte(&agent.shard_file(&s.id(0)), 70_000);
+    }
+    let err = c.get_shard(segs[0].id(0), 0, 10).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("quarantined"), "{}", err.message());
+    let err = c.audit(segs[1].id(0), &[7; 16], 4).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    // Quarantined: no longer served or listed; kept for inspection.
+    assert_eq!(c.get_shard(segs[0].id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(std::fs::read_dir(agent.dir.join("quarantine")).unwrap().count(), 2);
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "shardfarm_agent_corrupt_shards_total{found_by=\"get\"}"), Some(1.0));
+    assert_eq!(metric(&m, "shardfarm_agent_corrupt_shards_total{found_by=\"audit\"}"), Some(1.0));
+    assert_eq!(metric(&m, "shardfarm_agent_audits_total{result=\"corrupt\"}"), Some(1.0));
+
+    // Restart with a 1 s scrub interval: the scrub finds the third.
+    agent.terminate();
+    agent.extra_args(&["--scrub-interval", "1"]);
+    agent.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        if metric(&m, "shardfarm_agent_corrupt_shards_total{found_by=\"scrub\"}") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "scrub did not find the corrupt shard:\n{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = agent.client(&signer).await;
+    assert_eq!(c.get_shard(segs[2].id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(std::fs::read_dir(agent.dir.join("quarantine")).unwrap().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audits_verify_and_a_node_that_lost_the_shard_cannot_answer() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let seg = segment(&me, 2 << 20, 2, 1);
+    for i in 0..2u32 {
+        c.put_shard(&seg.header_bytes, i, seg.shards[i as usize].clone()).await.unwrap();
+    }
+    let nonce = b"auditor nonce 123456";
+    let ans = c.audit(seg.id(1), nonce, 6).await.unwrap();
+    let header = SegmentHeader::decode(&ans.segment_header).unwrap();
+    let leaves: Vec<ProvenLeaf> = ans
+        .leaves
+        .iter()
+        .map(|l| ProvenLeaf {
+            index: l.index as usize,
+            data: l.data.to_vec(),
+            proof: l.proof.iter().map(|p| p[..].try_into().unwrap()).collect(),
+        })
+        .collect();
+    audit::verify_answer(&header, 1, nonce, 6, &leaves).unwrap();
+    // Replaying that answer for a fresh nonce fails.
+    assert!(audit::verify_answer(&header, 1, b"another nonce 654321", 6, &leaves).is_err());
+
+    // The node loses shard 0's file: it cannot answer.
+    std::fs::remove_file(agent.shard_file(&seg.id(0))).unwrap();
+    let err = c.audit(seg.id(0), nonce, 6).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss);
+    // Nor for a shard it never had.
+    assert_eq!(c.audit(seg.id(2), nonce, 6).await.unwrap_err().code(), Code::NotFound);
+    // Bad challenge parameters.
+    assert_eq!(c.audit(seg.id(1), b"short", 6).await.unwrap_err().code(), Code::InvalidArgument);
+}
+
+/// Sends Info with a hand-built envelope.
+async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::Status {
+    let req = env.sign(
+        shardfarm_core::identity::Credential::from_bytes(&signer_credential(&signer)).unwrap(),
+        signer.key(),
+    );
+    let mut md = tonic::metadata::MetadataMap::new();
+    use shardfarm_agent::grpc::keys;
+    use tonic::metadata::MetadataValue;
+    md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&req.credential.to_bytes()));
+    md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
+    md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().unwrap());
+    md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
+    let mut raw =
+        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let mut r = tonic::Request::new(proto::InfoRequest {});
+    *r.metadata_mut() = md;
+    raw.info(r).await.unwrap_err()
+}
+
+fn signer_credential(s: &Signer) -> Vec<u8> {
+    // The test signer signs Info once to learn its credential bytes from the metadata.
+    let r = s.request(methods::INFO, proto::InfoRequest {});
+    r.metadata()
+        .get_bin(shardfarm_agent::grpc::keys::CREDENTIAL)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
+    let dir = tmp();
+    let (denied, denied_signer) = signer();
+    let agent = AgentProc::start(
+        &dir.path().join("a"),
+        &["--deny", &denied.id().to_hex(), "--capacity", "4MiB", "--quota", "3MiB"],
+    );
+    let (me, s) = signer();
+    let mut c = agent.client(&s).await;
+    c.info().await.unwrap();
+
+    // Signature by another key.
+    let forged = Arc::new(Signer::raw(me.credential(), random_signing_key()));
+    let err = agent.client(&forged).await.info().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // Replayed request: the very same metadata twice.
+    let req = s.request(methods::INFO, proto::InfoRequest {});
+    let md = req.metadata().clone();
+    let mut raw =
+        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    raw.info(req).await.unwrap();
+    let mut again = tonic::Request::new(proto::InfoRequest {});
+    *again.metadata_mut() = md;
+    let err = raw.info(again).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("replay"), "{}", err.message());
+
+    // Stale timestamp.
+    let mut env = Envelope::new(methods::INFO, &[]);
+    env.timestamp_ms -= 3_600_000;
+    let err = info_with(&agent, Signer::identity(&me), env).await;
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("clock"), "{}", err.message());
+
+    // Identity below the pool's difficulty.
+    let weak = loop {
+        let id = Identity::from_parts(random_signing_key(), 0);
+        if id.difficulty() < u32::from(DIFFICULTY) {
+            break id;
+        }
+    };
+    let err = agent.client(&Arc::new(Signer::identity(&weak))).await.info().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // Denied identity.
+    let err = agent.client(&denied_signer).await.info().await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Missing envelope.
+    let err = raw.info(tonic::Request::new(proto::InfoRequest {})).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // A header whose signature is wrong.
+    let seg = segment(&me, 1 << 20, 2, 1);
+    let mut bad_header = seg.header_bytes.clone();
+    let last = bad_header.len() - 1;
+    bad_header[last] ^= 1;
+    let err = c.put_shard(&bad_header, 0, seg.shards[0].clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A payload whose hash does not match the header.
+    let mut wrong = seg.shards[0].to_vec();
+    wrong[100] ^= 1;
+    let err = c.put_shard(&seg.header_bytes, 0, wrong.into()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("Merkle root"), "{}", err.message());
+    // Too few bytes.
+    let err = c.put_shard(&seg.header_bytes, 0, seg.shards[0].slice(..1000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(c.get_shard(seg.id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+
+    // An oversized message (the limit is 8 MiB).
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::PutShardRequest>(2);
+    let first = proto::PutShardRequest {
+        part: Some(proto::put_shard_request::Part::Header(proto::PutShardHeader {
+            segment_header: seg.header_bytes.clone().into(),
+            shard_index: 0,
+        })),
+    };
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    *req.metadata_mut() = s.request(methods::PUT, first.clone()).into_parts().0;
+    tx.send(first).await.unwrap();
+    tx.send(proto::PutShardRequest {
+        part: Some(proto::put_shard_request::Part::Chunk(Bytes::from(vec![0u8; 9 << 20]))),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let mut raw_big = proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc))
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let err = raw_big.put_shard(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    assert_eq!(c.get_shard(seg.id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+
+    // Store it properly, then a delete by someone else is refused and changes nothing.
+    c.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+    let (_, other) = signer();
+    let err = agent.client(&other).await.delete_shard(seg.id(0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(c.get_shard(seg.id(0), 0, 0).await.unwrap().data, seg.shards[0]);
+
+    // Quota (3 MiB per owner): a second 1 MiB+ shard fits, a 2 MiB one does not.
+    c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await.unwrap();
+    let big = segment(&me, 4 << 20, 2, 1);
+    let err = c.put_shard(&big.header_bytes, 0, big.shards[0].clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("quota"), "{}", err.message());
+    // Capacity (4 MiB): another owner's 2 MiB shard does not fit beside the 2 MiB stored.
+    let (them, them_s) = signer();
+    let theirs = segment(&them, 6 << 20, 2, 1);
+    let err = agent
+        .client(&them_s)
+        .await
+        .put_shard(&theirs.header_bytes, 0, theirs.shards[0].clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("full"), "{}", err.message());
+    assert_eq!(std::fs::read_dir(agent.dir.join("tmp")).unwrap().count(), 0);
+
+    let m = agent.metrics();
+    for reason in [
+        "bad_signature",
+        "replay",
+        "stale_timestamp",
+        "insufficient_difficulty",
+        "permission_denied",
+        "malformed",
+    ] {
+        assert!(
+            metric(&m, &format!("shardfarm_agent_auth_failures_total{{reason=\"{reason}\"}}"))
+                .is_some(),
+            "no auth failure counted for {reason}:\n{m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_is_per_identity() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &["--rate-limit", "3"]);
+    let (_, s) = signer();
+    let mut c = agent.client(&s).await;
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        codes.push(c.info().await.map(|_| Code::Ok).unwrap_or_else(|e| e.code()));
+    }
+    assert!(codes.contains(&Code::ResourceExhausted), "{codes:?}");
+    // Another identity is not limited by the first one's use.
+    let (_, s2) = signer();
+    agent.client(&s2).await.info().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_cleanly_and_restart_keeps_identity_and_data() {
+    let dir = tmp();
+    let mut agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, s) = signer();
+    let mut c = agent.client(&s).await;
+    let seg = segment(&me, 1 << 20, 2, 1);
+    c.put_shard(&seg.header_bytes, 2, seg.shards[2].clone()).await.unwrap();
+    let before = agent.node_id.clone();
+    assert!(http_get(&agent.http, "/readyz").contains("200"));
+    assert!(http_get(&agent.http, "/healthz").contains("ok"));
+    let status = agent.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM must exit 0");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(agent.dir.join("identity.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    agent.restart();
+    assert_eq!(agent.node_id, before, "identity must be reused");
+    let mut c = agent.client(&s).await;
+    assert_eq!(c.get_shard(seg.id(2), 0, 0).await.unwrap().data, seg.shards[2]);
+    let report = c.prove_capacity(&[9; 32], 8).await.unwrap();
+    let r =
+        shardfarm_core::capacity::CapacityReport::decode_verified(&report, Some(&[9; 32])).unwrap();
+    assert_eq!(r.space_taken, seg.shards[2].len() as u64);
+    let info = c.info().await.unwrap();
+    assert_eq!(info.capacity_proof.unwrap().report.to_vec(), report);
+    assert!(
+        metric(&agent.metrics(), "shardfarm_agent_capacity_proof{input=\"capacity\"}").is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_world_readable_identity_key_stops_the_agent_with_a_hint() {
+    let dir = tmp();
+    let d = dir.path().join("a");
+    let mut agent = AgentProc::start(&d, &[]);
+    agent.terminate();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.join("identity.key"), std::fs::Permissions::from_mode(0o644))
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardfarm-agent"))
+        .arg("--data-dir")
+        .arg(&d)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+}
