@@ -1,1 +1,219 @@
-fn main() {}
+//! `shardfarm`: store files on a farm nobody has to trust.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shardfarm::client::FarmClient;
+use shardfarm::farm::farm_dir;
+use shardfarm_core::cap::ReadCap;
+
+/// Shardfarm: files are encrypted on this machine, Reed-Solomon coded into k+m shards and
+/// spread over the farm's nodes; no node can read them, any m lost nodes lose nothing.
+///
+/// Exit codes: 0 success, 1 failure (unreachable farm, lost data, refused request…),
+/// 2 usage error (bad flags or a malformed capability).
+#[derive(Parser)]
+#[command(name = "shardfarm", version)]
+struct Cli {
+    /// Farm directory written by `shardfarm local up` [default: ./farm].
+    #[arg(long, global = true, env = "SHARDFARM_FARM")]
+    farm: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Store a file (or `-` for stdin); prints its read capability on stdout.
+    Put {
+        /// The file, or `-`.
+        file: String,
+    },
+    /// Read a file back from its capability.
+    Get {
+        /// The `sf1:…` read capability.
+        cap: String,
+        /// Output file, or `-` for stdout [default: -].
+        #[arg(short, long, default_value = "-")]
+        output: String,
+    },
+    /// Show where an object's shards are and whether each verifies.
+    Stat {
+        /// The `sf1:…` read capability.
+        cap: String,
+    },
+    /// Delete an object (its uploader only).
+    Rm {
+        /// The `sf1:…` read capability.
+        cap: String,
+    },
+    /// List the farm's nodes and their state.
+    Nodes,
+    /// Run a whole farm on this machine.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Run a node agent (see `shardfarm agent --help`).
+    Agent(Box<shardfarm_agent::AgentArgs>),
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Start the coordinator and N agents on 127.0.0.1; Ctrl-C stops them.
+    Up(shardfarm::local::UpArgs),
+}
+
+/// An error that is the user's input, not a failure of the farm: exit code 2.
+#[derive(Debug)]
+struct Usage(String);
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Usage {}
+
+fn parse_cap(s: &str) -> anyhow::Result<ReadCap> {
+    s.parse::<ReadCap>().map_err(|e| anyhow::Error::new(Usage(e.to_string())))
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = farm_dir(cli.farm.clone());
+    match cli.command {
+        Command::Put { file } => {
+            let path = (file != "-").then(|| PathBuf::from(&file));
+            if let Some(p) = &path
+                && !p.is_file()
+            {
+                anyhow::bail!("cannot read {}: no such file", p.display());
+            }
+            let client = FarmClient::open(&dir)?;
+            let cap = client.put(path).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "cap": cap.encode() }));
+            } else {
+                println!("{cap}");
+            }
+        }
+        Command::Get { cap, output } => {
+            let cap = parse_cap(&cap)?;
+            let client = FarmClient::open(&dir)?;
+            let out = (output != "-").then(|| PathBuf::from(&output));
+            let n = client.get(&cap, out.as_deref()).await?;
+            if out.is_some() {
+                eprintln!("wrote {} to {output}", human(n));
+            }
+        }
+        Command::Stat { cap } => {
+            let cap = parse_cap(&cap)?;
+            let client = FarmClient::open(&dir)?;
+            let st = client.stat(&cap).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!(
+                    "object: {} in pool {}, RS({},{}), {} segments",
+                    human(st.length),
+                    st.pool,
+                    st.k,
+                    st.m,
+                    st.segments.len()
+                );
+                for s in &st.segments {
+                    let health = if s.present == s.total {
+                        "healthy"
+                    } else if s.present >= usize::from(st.k) {
+                        "degraded"
+                    } else {
+                        "LOST"
+                    };
+                    println!(
+                        "segment {:>4}: {} of {} {health}{}",
+                        s.index,
+                        s.present,
+                        s.total,
+                        if s.missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (missing shards {:?})", s.missing)
+                        }
+                    );
+                    for (i, h) in s.holders.iter().enumerate() {
+                        println!("    shard {i}: node {}", &h[..12.min(h.len())]);
+                    }
+                }
+            }
+        }
+        Command::Rm { cap } => {
+            let cap = parse_cap(&cap)?;
+            let client = FarmClient::open(&dir)?;
+            let n = client.rm(&cap).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "deleted_shards": n }));
+            } else {
+                eprintln!("deleted {n} shards");
+            }
+        }
+        Command::Nodes => {
+            let client = FarmClient::open(&dir)?;
+            let nodes = client.nodes().await;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{:<14} {:<18} {:<8} {:<6} {:>10} {:>10} {:>7} reputation",
+                    "id", "address", "zone", "state", "capacity", "used", "shards"
+                );
+                for n in nodes {
+                    println!(
+                        "{:<14} {:<18} {:<8} {:<6} {:>10} {:>10} {:>7} {}",
+                        &n.id[..12.min(n.id.len())],
+                        n.address,
+                        n.zone,
+                        n.state,
+                        human(n.capacity_bytes),
+                        human(n.used_bytes),
+                        n.shards,
+                        n.reputation.map_or("n/a".into(), |r| format!("{r:.2}"))
+                    );
+                }
+            }
+        }
+        Command::Local { command: LocalCommand::Up(args) } => shardfarm::local::up(args).await?,
+        Command::Agent(args) => shardfarm_agent::run::run(*args).await?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}

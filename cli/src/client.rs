@@ -1,0 +1,541 @@
+//! The client side of a farm: put, get, stat, rm, nodes.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use shardfarm_agent::client::{AgentClient, Signer};
+use shardfarm_agent::store::ShardId;
+use shardfarm_core::cap::ReadCap;
+use shardfarm_core::codec::{CodecParams, Decoder, Encoder};
+use shardfarm_core::shard::{Cipher, SegmentHeader, partition};
+
+use crate::farm::{CLIENT_KEY, ClientKey, Farm};
+
+/// How long to wait for a node to accept a connection before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client bound to one farm.
+pub struct FarmClient {
+    /// The farm description.
+    pub farm: Farm,
+    signer: Arc<Signer>,
+    conns: Mutex<HashMap<usize, AgentClient>>,
+}
+
+/// Health of one segment.
+#[derive(serde::Serialize, Debug)]
+pub struct SegmentStat {
+    /// Segment index.
+    pub index: u32,
+    /// Shards that answered an audit and verified.
+    pub present: usize,
+    /// n.
+    pub total: usize,
+    /// Node ids holding shards 0..n, per the layout.
+    pub holders: Vec<String>,
+    /// Shard indices that did not answer or did not verify.
+    pub missing: Vec<usize>,
+}
+
+/// `stat` output.
+#[derive(serde::Serialize, Debug)]
+pub struct ObjectStat {
+    /// Object length in bytes.
+    pub length: u64,
+    /// Pool.
+    pub pool: String,
+    /// Profile.
+    pub k: u16,
+    /// Profile.
+    pub m: u16,
+    /// Segments.
+    pub segments: Vec<SegmentStat>,
+}
+
+/// One row of `nodes`.
+#[derive(serde::Serialize, Debug)]
+pub struct NodeStatus {
+    /// Node id (hex).
+    pub id: String,
+    /// gRPC address.
+    pub address: String,
+    /// Zone.
+    pub zone: String,
+    /// `up` or `down`.
+    pub state: String,
+    /// Capacity offered.
+    pub capacity_bytes: u64,
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Shards stored.
+    pub shards: u64,
+    /// Reputation (tracked by the coordinator; not yet built).
+    pub reputation: Option<f64>,
+}
+
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+impl FarmClient {
+    /// Opens the farm in `dir` with the local user's delegated key.
+    pub fn open(dir: &Path) -> anyhow::Result<Arc<Self>> {
+        let farm = Farm::load(dir)?;
+        let ck = ClientKey::load(&dir.join(CLIENT_KEY))
+            .with_context(|| format!("reading the client key in {}", dir.display()))?;
+        let signer = Arc::new(Signer::delegated(ck.cert, ck.key));
+        Ok(Arc::new(FarmClient { farm, signer, conns: Mutex::new(HashMap::new()) }))
+    }
+
+    async fn conn(&self, node: usize) -> anyhow::Result<AgentClient> {
+        if let Some(c) = self.conns.lock().unwrap().get(&node) {
+            return Ok(c.clone());
+        }
+        let addr = &self.farm.nodes[node].grpc;
+        let c =
+            tokio::time::timeout(CONNECT_TIMEOUT, AgentClient::connect(addr, self.signer.clone()))
+                .await
+                .map_err(|_| anyhow::anyhow!("node {node} ({addr}) did not answer in time"))?
+                .map_err(|e| anyhow::anyhow!("node {node} ({addr}) is unreachable: {e}"))?;
+        self.conns.lock().unwrap().insert(node, c.clone());
+        Ok(c)
+    }
+
+    fn params(&self) -> CodecParams {
+        CodecParams {
+            k: self.farm.k,
+            m: self.farm.m,
+            segment_size: self.farm.segment_size,
+            cipher: Cipher::preferred(),
+        }
+    }
+
+    /// Stores a file (`None` = stdin, spooled to a temp file first so its length is known)
+    /// and returns its read capability.
+    pub async fn put(self: &Arc<Self>, path: Option<PathBuf>) -> anyhow::Result<ReadCap> {
+        let (file, _spool) = match path {
+            Some(p) => (
+                std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                None,
+            ),
+            None => {
+                let mut spool = tempfile::tempfile().context("creating a spool file for stdin")?;
+                std::io::copy(&mut std::io::stdin().lock(), &mut spool)?;
+                use std::io::Seek;
+                spool.rewind()?;
+                (spool, Some(()))
+            }
+        };
+        let len = file.metadata()?.len();
+        let now = shardfarm_core::auth::now_ms() / 1000;
+        let mut enc = Encoder::new(self.params(), len, self.signer.key().clone(), now, 0)?;
+        let cap = ReadCap {
+            pool: self.farm.pool.clone(),
+            object_id: enc.object_id(),
+            key: enc.key(),
+            uploader: enc.uploader(),
+        };
+        let me = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let pb = progress_bar(len, "put");
+        let pb2 = pb.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            enc.encode_reader(reader, |seg| {
+                let shards: Vec<Bytes> =
+                    seg.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
+                let plen = seg.header.plaintext_len();
+                handle
+                    .block_on(me.store_segment(seg.header.encode(), &seg.header, shards))
+                    .map_err(|e| shardfarm_core::Error::Malformed(format!("{e:#}")))?;
+                pb2.inc(plen);
+                Ok(())
+            })
+        })
+        .await??;
+        pb.finish_and_clear();
+        Ok(cap)
+    }
+
+    /// Sends the n shards of a segment to the nodes the layout names, in parallel. Success
+    /// needs all n (see ARCHITECTURE.md, "Upload success threshold"); each failed shard is
+    /// retried once.
+    async fn store_segment(
+        &self,
+        header_bytes: Vec<u8>,
+        header: &SegmentHeader,
+        shards: Vec<Bytes>,
+    ) -> anyhow::Result<()> {
+        let p = partition(&header.object_id, header.segment_index, self.farm.partitions);
+        let holders = self.farm.layout[p as usize].clone();
+        let header_bytes = Bytes::from(header_bytes);
+        let mut tasks = FuturesUnordered::new();
+        for (i, shard) in shards.into_iter().enumerate() {
+            let node = holders[i];
+            let hb = header_bytes.clone();
+            tasks.push(async move {
+                let mut last = None;
+                for _attempt in 0..2 {
+                    let r = async {
+                        let mut c = self.conn(node).await?;
+                        c.put_shard(&hb, i as u32, shard.clone()).await.map_err(|s| {
+                            anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                        })
+                    }
+                    .await;
+                    match r {
+                        Ok(_) => return Ok(()),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.expect("at least one attempt"))
+            });
+        }
+        let mut failures = Vec::new();
+        while let Some(r) = tasks.next().await {
+            if let Err(e) = r {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        if !failures.is_empty() {
+            bail!(
+                "segment {} stored on {} of {} nodes; all are needed: {}",
+                header.segment_index,
+                self.farm.n() - failures.len(),
+                self.farm.n(),
+                failures.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    fn check_cap(&self, cap: &ReadCap) -> anyhow::Result<()> {
+        if cap.pool != self.farm.pool {
+            bail!(
+                "this capability is for pool `{}`, but the farm serves pool `{}`: use the farm it came from",
+                cap.pool,
+                self.farm.pool
+            );
+        }
+        Ok(())
+    }
+
+    /// Fetches segment `index`: asks every holder, keeps the first k shards that verify
+    /// against a header signed by the capability's uploader, cancels the rest, decodes.
+    async fn fetch_segment(
+        self: &Arc<Self>,
+        cap: &ReadCap,
+        index: u32,
+        decoder: &mut Decoder,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<SegmentHeader> {
+        let p = partition(&cap.object_id, index, self.farm.partitions);
+        let mut layouts = vec![self.farm.layout[p as usize].clone()];
+        if let Some(prev) = &self.farm.previous_layout {
+            layouts.push(prev[p as usize].clone());
+        }
+        let mut errors = Vec::new();
+        for holders in layouts {
+            match self.fetch_from(cap, index, &holders, decoder, out).await {
+                Ok(h) => return Ok(h),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        bail!("{}", errors.join("; then, with the previous layout: "))
+    }
+
+    async fn fetch_from(
+        self: &Arc<Self>,
+        cap: &ReadCap,
+        index: u32,
+        holders: &[usize],
+        decoder: &mut Decoder,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<SegmentHeader> {
+        let k = usize::from(self.farm.k);
+        let mut tasks = FuturesUnordered::new();
+        for (i, &node) in holders.iter().enumerate() {
+            let me = self.clone();
+            let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
+            tasks.push(async move {
+                let r = async {
+                    let mut c = me.conn(node).await?;
+                    c.get_shard(id, 0, 0).await.map_err(|s| {
+                        anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                    })
+                }
+                .await;
+                (i, r)
+            });
+        }
+        let mut header: Option<(Vec<u8>, SegmentHeader)> = None;
+        let mut good: Vec<Option<Vec<u8>>> = vec![None; holders.len()];
+        let (mut have, mut failures) = (0, Vec::new());
+        while let Some((i, r)) = tasks.next().await {
+            let shard = match r {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let verified = match &header {
+                Some((bytes, h)) if *bytes == shard.header => {
+                    h.verify_shard(i, &shard.data).map(|_| None)
+                }
+                Some(_) => {
+                    Err(shardfarm_core::Error::Malformed("header differs from the others".into()))
+                }
+                None => SegmentHeader::decode(&shard.header).and_then(|h| {
+                    if h.uploader.to_bytes() != cap.uploader
+                        || h.object_id != cap.object_id
+                        || h.segment_index != index
+                    {
+                        return Err(shardfarm_core::Error::Malformed(
+                            "header is not signed by this capability's uploader for this segment"
+                                .into(),
+                        ));
+                    }
+                    h.verify_shard(i, &shard.data)?;
+                    Ok(Some(h))
+                }),
+            };
+            match verified {
+                Ok(h) => {
+                    if let Some(h) = h {
+                        header = Some((shard.header, h));
+                    }
+                    good[i] = Some(shard.data);
+                    have += 1;
+                    if have == k {
+                        break; // dropping `tasks` cancels the slower requests
+                    }
+                }
+                Err(e) => failures.push(format!("node {}: shard {i}: {e}", holders[i])),
+            }
+        }
+        drop(tasks);
+        let Some((_, header)) = header else {
+            bail!(
+                "not enough shards for segment {index}: have 0, need {k} ({})",
+                failures.join("; ")
+            );
+        };
+        if have < k {
+            bail!(
+                "not enough shards for segment {index}: have {have}, need {k} ({})",
+                failures.join("; ")
+            );
+        }
+        let refs: Vec<Option<&[u8]>> = good.iter().map(|s| s.as_deref()).collect();
+        decoder.decode_segment_into(&cap.key, &header, &refs, out)?;
+        Ok(header)
+    }
+
+    /// Reads an object into `out` (`None` = stdout). A file is written to a temporary name
+    /// beside it and renamed only when every segment has decoded and verified, so a failed get
+    /// never leaves a partial file that looks complete.
+    pub async fn get(self: &Arc<Self>, cap: &ReadCap, out: Option<&Path>) -> anyhow::Result<u64> {
+        self.check_cap(cap)?;
+        let mut tmp = match out {
+            Some(path) => {
+                let dir =
+                    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                Some(
+                    tempfile::Builder::new()
+                        .prefix(".shardfarm-get-")
+                        .tempfile_in(dir)
+                        .with_context(|| format!("cannot write in {}", dir.display()))?,
+                )
+            }
+            None => None,
+        };
+        let mut decoder = Decoder::default();
+        let mut buf = Vec::new();
+        let first = self.fetch_segment(cap, 0, &mut decoder, &mut buf).await?;
+        let pb = progress_bar(first.object_length, "get");
+        let mut stdout = std::io::stdout().lock();
+        let mut written = 0u64;
+        for index in 0..first.segment_count {
+            if index > 0 {
+                let h = self.fetch_segment(cap, index, &mut decoder, &mut buf).await?;
+                if h.object_length != first.object_length || h.segment_count != first.segment_count
+                {
+                    bail!("segment {index} disagrees with segment 0 about the object's size");
+                }
+            }
+            match &mut tmp {
+                Some(f) => f.write_all(&buf)?,
+                None => stdout.write_all(&buf)?,
+            }
+            written += buf.len() as u64;
+            pb.inc(buf.len() as u64);
+        }
+        pb.finish_and_clear();
+        if written != first.object_length {
+            bail!("decoded {written} bytes but the object has {}", first.object_length);
+        }
+        match (tmp, out) {
+            (Some(f), Some(path)) => {
+                f.as_file().sync_all()?;
+                f.persist(path)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error))?;
+            }
+            _ => stdout.flush()?,
+        }
+        Ok(written)
+    }
+
+    /// Audits every shard of the object: which nodes hold it and whether their copy verifies.
+    pub async fn stat(self: &Arc<Self>, cap: &ReadCap) -> anyhow::Result<ObjectStat> {
+        self.check_cap(cap)?;
+        let mut segments = Vec::new();
+        let mut first: Option<SegmentHeader> = None;
+        let mut index = 0u32;
+        loop {
+            let (st, header) = self.stat_segment(cap, index).await;
+            let header = match (header, &first) {
+                (Some(h), _) => h,
+                (None, Some(f)) => f.clone(),
+                (None, None) => bail!(
+                    "no node answers for this object's first segment ({} of {} present): it is lost, deleted, or not in this farm",
+                    st.present,
+                    st.total
+                ),
+            };
+            if first.is_none() {
+                first = Some(header.clone());
+            }
+            segments.push(st);
+            index += 1;
+            if index >= header.segment_count {
+                break;
+            }
+        }
+        let f = first.expect("set above");
+        Ok(ObjectStat { length: f.object_length, pool: cap.pool.clone(), k: f.k, m: f.m, segments })
+    }
+
+    async fn stat_segment(
+        self: &Arc<Self>,
+        cap: &ReadCap,
+        index: u32,
+    ) -> (SegmentStat, Option<SegmentHeader>) {
+        let p = partition(&cap.object_id, index, self.farm.partitions);
+        let holders = self.farm.layout[p as usize].clone();
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).expect("OS random generator");
+        let tasks = holders.iter().enumerate().map(|(i, &node)| {
+            let me = self.clone();
+            let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
+            async move {
+                let mut c = me.conn(node).await.ok()?;
+                let ans = c.audit(id, &nonce, 1).await.ok()?;
+                let h = SegmentHeader::decode(&ans.segment_header).ok()?;
+                if h.uploader.to_bytes() != cap.uploader || h.object_id != cap.object_id {
+                    return None;
+                }
+                let leaves: Vec<_> = ans
+                    .leaves
+                    .iter()
+                    .map(|l| shardfarm_core::audit::ProvenLeaf {
+                        index: l.index as usize,
+                        data: l.data.to_vec(),
+                        proof: l.proof.iter().filter_map(|p| p[..].try_into().ok()).collect(),
+                    })
+                    .collect();
+                shardfarm_core::audit::verify_answer(&h, i, &nonce, 1, &leaves).ok()?;
+                Some(h)
+            }
+        });
+        let answers = futures::future::join_all(tasks).await;
+        let missing: Vec<usize> =
+            answers.iter().enumerate().filter(|(_, a)| a.is_none()).map(|(i, _)| i).collect();
+        let header = answers.into_iter().flatten().next();
+        let st = SegmentStat {
+            index,
+            present: holders.len() - missing.len(),
+            total: holders.len(),
+            holders: holders.iter().map(|&n| self.farm.nodes[n].id.clone()).collect(),
+            missing,
+        };
+        (st, header)
+    }
+
+    /// Deletes every shard of the object (only its uploader may). Returns shards deleted.
+    pub async fn rm(self: &Arc<Self>, cap: &ReadCap) -> anyhow::Result<usize> {
+        let stat = self.stat(cap).await?;
+        let mut deleted = 0;
+        let mut refused = Vec::new();
+        for seg in &stat.segments {
+            let p = partition(&cap.object_id, seg.index, self.farm.partitions);
+            for (i, &node) in self.farm.layout[p as usize].iter().enumerate() {
+                let id = ShardId { object_id: cap.object_id, segment: seg.index, shard: i as u32 };
+                match self.conn(node).await {
+                    Ok(mut c) => match c.delete_shard(id).await {
+                        Ok(true) => deleted += 1,
+                        Ok(false) => {}
+                        Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                            bail!("only the uploader may delete this object: {}", s.message())
+                        }
+                        Err(s) => refused.push(format!("node {node}: {}", s.message())),
+                    },
+                    Err(e) => refused.push(format!("{e:#}")),
+                }
+            }
+        }
+        if !refused.is_empty() {
+            bail!(
+                "deleted {deleted} shards, but some nodes could not be reached: {}",
+                refused.join("; ")
+            );
+        }
+        Ok(deleted)
+    }
+
+    /// Asks every node for its state.
+    pub async fn nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
+        let tasks = self.farm.nodes.iter().map(|n| {
+            let me = self.clone();
+            async move {
+                let info = async { me.conn(n.index).await.ok()?.info().await.ok() };
+                let info = tokio::time::timeout(CONNECT_TIMEOUT, info).await.ok().flatten();
+                NodeStatus {
+                    id: n.id.clone(),
+                    address: n.grpc.clone(),
+                    zone: n.zone.clone(),
+                    state: if info.is_some() { "up" } else { "down" }.into(),
+                    capacity_bytes: info.as_ref().map_or(0, |i| i.capacity_bytes),
+                    used_bytes: info.as_ref().map_or(0, |i| i.used_bytes),
+                    shards: info.as_ref().map_or(0, |i| i.shards),
+                    reputation: None,
+                }
+            }
+        });
+        futures::future::join_all(tasks).await
+    }
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+}

@@ -1,0 +1,267 @@
+//! `shardfarm local up`: a whole farm on one machine.
+//!
+//! The process is the farm's coordinator: its state lives in the data dir (`farm.json`, the
+//! farm root identity, the local user's delegated key), and it runs N agents as child
+//! processes of this same binary (`shardfarm agent …`) on 127.0.0.1, each with its own ports,
+//! data dir and zone label. It restarts an agent that dies (unless `--no-restart`) and stops
+//! them all with SIGTERM when it gets SIGTERM or Ctrl-C. A later `local up` on the same dir
+//! resumes with the same identities, ports and data.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use shardfarm_core::identity::Identity;
+use tokio::process::{Child, Command};
+
+use crate::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY, simple_layout};
+
+/// Identity difficulty of a local farm: enough to exercise the checks, quick to mine.
+pub const LOCAL_DIFFICULTY: u8 = 8;
+/// How long agents get to exit after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Options of `local up`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Number of agents.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Farm directory (state, keys, node data).
+    #[arg(long, default_value = "farm", env = "SHARDFARM_FARM")]
+    pub data: PathBuf,
+    /// Data shards per segment.
+    #[arg(long, default_value_t = 4)]
+    pub k: u16,
+    /// Parity shards per segment (any m nodes may be lost).
+    #[arg(long, default_value_t = 2)]
+    pub m: u16,
+    /// Zones the nodes are spread over (node i is in zone i mod ZONES).
+    #[arg(long, default_value_t = 3)]
+    pub zones: usize,
+    /// Do not restart agents that die (tests kill them on purpose).
+    #[arg(long)]
+    pub no_restart: bool,
+    /// First port; node i uses BASE+2i (gRPC) and BASE+2i+1 (HTTP metrics).
+    #[arg(long, default_value_t = 7400)]
+    pub base_port: u16,
+    /// Capacity each agent offers, e.g. 10GiB.
+    #[arg(long, default_value = "10GiB")]
+    pub capacity: String,
+    /// Segment size, e.g. 64MiB.
+    #[arg(long, default_value = "64MiB")]
+    pub segment_size: String,
+    /// Placement partitions.
+    #[arg(long, default_value_t = 256)]
+    pub partitions: u32,
+}
+
+struct Agent {
+    entry: NodeEntry,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(dir)?;
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+    let exe = std::env::current_exe().context("finding the shardfarm binary")?;
+    let d = LOCAL_DIFFICULTY.to_string();
+    let child = Command::new(exe)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &a.grpc, "--http-listen", &a.http, "--zone", &a.zone])
+        .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
+        .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting an agent")?;
+    Ok(child)
+}
+
+async fn wait_ready(dir: &Path, child: &mut Child, within: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + within;
+    let ep = dir.join("endpoints.json");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ep)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["pid"].as_u64() == child.id().map(u64::from)
+        {
+            return Ok(v["node_id"].as_str().unwrap_or_default().to_string());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "agent in {} exited ({status}) during start: see {}",
+                dir.display(),
+                dir.with_extension("log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "agent in {} did not start in time: see {}",
+                dir.display(),
+                dir.with_extension("log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs the farm until SIGTERM/SIGINT.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let dir = &args.data;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let segment_size = shardfarm_agent::config::parse_size(&args.segment_size)?;
+    let root_path = dir.join(ROOT_KEY);
+    let root = if root_path.exists() {
+        Identity::load(&root_path)?
+    } else {
+        let (id, _) = Identity::generate(LOCAL_DIFFICULTY, 0, &|_| {})?;
+        id.save(&root_path)?;
+        id
+    };
+    let client_path = dir.join(CLIENT_KEY);
+    if !client_path.exists() {
+        ClientKey::issue(&root, 365).save(&client_path)?;
+    }
+
+    let mut farm = match Farm::load(dir) {
+        Ok(f) => {
+            if f.nodes.len() != args.nodes || f.k != args.k || f.m != args.m {
+                bail!(
+                    "{} holds a farm of {} nodes with RS({},{}); start it with the same --nodes/--k/--m \
+                     (changing a farm's shape needs the placement engine, not built yet)",
+                    dir.display(),
+                    f.nodes.len(),
+                    f.k,
+                    f.m
+                );
+            }
+            eprintln!("resuming the farm in {}", dir.display());
+            f
+        }
+        Err(_) => {
+            if args.zones == 0 {
+                bail!("--zones must be at least 1");
+            }
+            let nodes: Vec<NodeEntry> = (0..args.nodes)
+                .map(|i| {
+                    let port = usize::from(args.base_port) + 2 * i;
+                    NodeEntry {
+                        index: i,
+                        id: String::new(),
+                        grpc: format!("127.0.0.1:{port}"),
+                        http: format!("127.0.0.1:{}", port + 1),
+                        zone: format!("zone-{}", i % args.zones),
+                    }
+                })
+                .collect();
+            let layout = simple_layout(&nodes, args.k, args.m, args.partitions)?;
+            Farm {
+                version: 1,
+                pool: "local".into(),
+                k: args.k,
+                m: args.m,
+                segment_size,
+                partitions: args.partitions,
+                difficulty: LOCAL_DIFFICULTY,
+                nodes,
+                layout_version: 1,
+                layout,
+                previous_layout: None,
+            }
+        }
+    };
+
+    let mut agents: Vec<Agent> = farm
+        .nodes
+        .iter()
+        .map(|e| Agent {
+            entry: e.clone(),
+            dir: dir.join(format!("node-{}", e.index)),
+            child: None,
+        })
+        .collect();
+    for a in agents.iter_mut() {
+        a.child = Some(spawn_agent(&a.entry, &a.dir, &args)?);
+    }
+    for a in agents.iter_mut() {
+        let child = a.child.as_mut().expect("spawned");
+        let id = wait_ready(&a.dir, child, Duration::from_secs(60)).await?;
+        farm.nodes[a.entry.index].id = id;
+    }
+    farm.save(dir)?;
+
+    println!(
+        "shardfarm local farm is up: {} nodes, RS({},{}), pool `{}`",
+        farm.nodes.len(),
+        farm.k,
+        farm.m,
+        farm.pool
+    );
+    println!("{:<5} {:<14} {:<8} {:<18} metrics", "node", "id", "zone", "gRPC");
+    for n in &farm.nodes {
+        println!(
+            "{:<5} {:<14} {:<8} {:<18} http://{}/metrics",
+            n.index,
+            &n.id[..12.min(n.id.len())],
+            n.zone,
+            n.grpc,
+            n.http
+        );
+    }
+    println!("state: {}   try: shardfarm --farm {} put FILE", dir.display(), dir.display());
+    println!("stop with Ctrl-C (or SIGTERM)");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for a in agents.iter_mut() {
+            let Some(child) = a.child.as_mut() else { continue };
+            if let Some(status) = child.try_wait()? {
+                eprintln!("node {} exited ({status})", a.entry.index);
+                a.child = None;
+                if !args.no_restart {
+                    eprintln!("restarting node {}", a.entry.index);
+                    match spawn_agent(&a.entry, &a.dir, &args) {
+                        Ok(c) => a.child = Some(c),
+                        Err(e) => eprintln!("could not restart node {}: {e:#}", a.entry.index),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping {} agents", agents.len());
+    for a in agents.iter_mut() {
+        if let Some(pid) = a.child.as_ref().and_then(Child::id) {
+            // SIGTERM: each agent finishes its in-flight requests and flushes its store.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+    for a in agents.iter_mut() {
+        if let Some(child) = a.child.as_mut() {
+            match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    eprintln!("node {} did not stop in {STOP_GRACE:?}; killing it", a.entry.index);
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+    eprintln!("farm stopped");
+    Ok(())
+}
