@@ -83,6 +83,7 @@ impl AgentClient {
             // Larger HTTP/2 windows: 1-4 MiB chunks otherwise stall on flow control.
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20)
+            .max_frame_size(1 << 20)
             .connect()
             .await?;
         Ok(Self::with_channel(channel, signer))
@@ -143,7 +144,17 @@ impl AgentClient {
         let mut out = FetchedShard { header: Vec::new(), data: Vec::new() };
         while let Some(msg) = stream.next().await {
             match msg?.part {
-                Some(Part::SegmentHeader(h)) => out.header = h.to_vec(),
+                Some(Part::SegmentHeader(h)) => {
+                    if let Ok(hd) = shardfarm_core::shard::SegmentHeader::decode_unverified(&h) {
+                        let want = if length == 0 {
+                            hd.shard_length.saturating_sub(offset)
+                        } else {
+                            length
+                        };
+                        out.data.reserve(want.min(hd.shard_length) as usize);
+                    }
+                    out.header = h.to_vec();
+                }
                 Some(Part::Chunk(c)) => out.data.extend_from_slice(&c),
                 None => {}
             }

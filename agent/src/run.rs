@@ -160,6 +160,8 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     Server::builder()
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
+        // 1 MiB HTTP/2 frames instead of 16 KiB: shard chunks are 1 MiB (LIMITS.md).
+        .max_frame_size(1 << 20)
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {

@@ -1,0 +1,341 @@
+//! Agent benchmarks: prints figures, asserts nothing.
+//!
+//! Build with the workspace (`cargo build --workspace --all-targets`; one profile, dependencies
+//! optimised) and run `$CARGO_TARGET_DIR/debug/examples/bench rpc` or `… store [GiB]`.
+//!
+//! - `rpc`: one agent process on loopback. PutShard/GetShard throughput for 1 and 16 MiB
+//!   shards with 1 and 8 concurrent clients, beside a plain TCP copy of the same bytes and a raw
+//!   write of the same values into the same store without gRPC; 4 KiB puts/gets per second;
+//!   the agent's peak RSS during 8 concurrent 16 MiB uploads.
+//! - `store [GiB]`: the payload layout decision. The same sustained workload (4 MiB values,
+//!   durable writes, a bounded live set so old values are deleted) on our store (files +
+//!   RocksDB index) and on RocksDB BlobDB; throughput and write amplification measured from
+//!   the kernel's per-process write counter.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use shardfarm_agent::client::{AgentClient, Signer};
+use shardfarm_agent::store::{ShardId, Store};
+use shardfarm_core::codec::{CodecParams, Encoder};
+use shardfarm_core::identity::Identity;
+use shardfarm_core::shard::{Cipher, merkle_root};
+
+const MIB: usize = 1 << 20;
+
+fn disk_write_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Shards of `count` distinct segments, each `shard_len` bytes, as (header, shard 0).
+fn shards(uploader: &Identity, count: usize, shard_len: usize) -> Vec<(Vec<u8>, Bytes)> {
+    (0..count)
+        .map(|i| {
+            // RS(1,1): shard 0 is the ciphertext itself, so its length is controlled exactly.
+            let len = shard_len - 16;
+            let p = CodecParams { k: 1, m: 1, segment_size: len as u64, cipher: Cipher::Aes256Gcm };
+            let data = vec![(i % 251) as u8; len];
+            let mut enc =
+                Encoder::new(p, len as u64, uploader.signing_key().clone(), 0, 0).unwrap();
+            let s = enc.encode_segment(0, &data).unwrap();
+            (s.header.encode(), Bytes::copy_from_slice(s.shards[0]))
+        })
+        .collect()
+}
+
+fn tcp_copy(total: usize, chunk: usize) -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; MIB];
+        let mut n = 0;
+        while n < total {
+            n += s.read(&mut buf).unwrap();
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let buf = vec![7u8; chunk];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        c.write_all(&buf).unwrap();
+        sent += chunk;
+    }
+    server.join().unwrap();
+    total as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+async fn rpc() {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let agent_bin = exe.parent().unwrap().parent().unwrap().join("shardfarm-agent");
+    let data = dir.path().join("agent");
+    let mut child = std::process::Command::new(&agent_bin)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--capacity", "100GiB"])
+        .args(["--identity-difficulty", "8", "--pool-difficulty", "8", "--max-message", "8MiB"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("run `cargo build --workspace --all-targets` first");
+    let ep = data.join("endpoints.json");
+    let addr = loop {
+        if let Ok(t) = std::fs::read_to_string(&ep) {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            break v["grpc"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let (me, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let signer = Arc::new(Signer::identity(&me));
+    println!("agent rpc benchmark (one agent on loopback, fsync per shard)");
+    for (shard_mib, total_mib) in [(1usize, 512usize), (16, 1024)] {
+        let count = total_mib / shard_mib;
+        let set = Arc::new(shards(&me, count, shard_mib * MIB));
+        let tcp = tcp_copy(total_mib * MIB, shard_mib.min(4) * MIB);
+        // Raw store writes of the same values (no gRPC), in a separate store on the same disk.
+        let raw_dir = dir.path().join(format!("raw{shard_mib}"));
+        let store = Store::open(&raw_dir).unwrap();
+        let t = Instant::now();
+        for (i, (h, s)) in set.iter().enumerate() {
+            let mut p = store.begin().unwrap();
+            p.write(s).unwrap();
+            let root = p.root();
+            let id = ShardId { object_id: [i as u8; 32], segment: i as u32, shard: 0 };
+            store.commit(p, root, &id, 0, h, [0; 32], 0).unwrap();
+        }
+        let raw = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        drop(store);
+        for clients in [1usize, 8] {
+            let mut conns = Vec::new();
+            for _ in 0..clients {
+                conns.push(AgentClient::connect(&addr, signer.clone()).await.unwrap());
+            }
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for (c, mut conn) in conns.clone().into_iter().enumerate() {
+                let set = set.clone();
+                tasks.push(tokio::spawn(async move {
+                    for (h, s) in set.iter().skip(c).step_by(clients) {
+                        conn.put_shard(h, 0, s.clone()).await.unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let put = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for (c, mut conn) in conns.into_iter().enumerate() {
+                let set = set.clone();
+                tasks.push(tokio::spawn(async move {
+                    for (h, _) in set.iter().skip(c).step_by(clients) {
+                        let hd =
+                            shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+                        let id = ShardId { object_id: hd.object_id, segment: 0, shard: 0 };
+                        let got = conn.get_shard(id, 0, 0).await.unwrap();
+                        assert_eq!(got.data.len(), hd.shard_length as usize);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let get = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!(
+                "  {shard_mib:>2} MiB shards, {clients} client(s): put {put:.2} GB/s ({:.0} % of raw store {raw:.2}) | get {get:.2} GB/s ({:.0} % of TCP copy {tcp:.2})",
+                100.0 * put / raw,
+                100.0 * get / tcp
+            );
+            // Delete so the next round writes fresh shards.
+            let mut c = AgentClient::connect(&addr, signer.clone()).await.unwrap();
+            for (h, _) in set.iter() {
+                let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+                c.delete_shard(ShardId { object_id: hd.object_id, segment: 0, shard: 0 })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // Peak RSS during 8 concurrent 16 MiB uploads (the loop above did exactly that last).
+    println!(
+        "  agent peak RSS (VmHWM) after 8 concurrent 16 MiB uploads: {} MiB",
+        peak_rss_kib(child.id()) / 1024
+    );
+
+    // Small shards: 4 KiB puts and gets per second with 8 clients.
+    let small = Arc::new(shards(&me, 2000, 4096));
+    for op in ["put", "get"] {
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..8usize {
+            let small = small.clone();
+            let mut conn = AgentClient::connect(&addr, signer.clone()).await.unwrap();
+            let op = op.to_string();
+            tasks.push(tokio::spawn(async move {
+                for (h, s) in small.iter().skip(c).step_by(8) {
+                    if op == "put" {
+                        conn.put_shard(h, 0, s.clone()).await.unwrap();
+                    } else {
+                        let hd =
+                            shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+                        conn.get_shard(
+                            ShardId { object_id: hd.object_id, segment: 0, shard: 0 },
+                            0,
+                            0,
+                        )
+                        .await
+                        .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!(
+            "  4 KiB shards, 8 clients: {:.0} {op}s/s",
+            small.len() as f64 / t.elapsed().as_secs_f64()
+        );
+    }
+    unsafe_term(child.id());
+    let _ = child.wait();
+}
+
+fn unsafe_term(pid: u32) {
+    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+}
+
+/// The sustained workload: `total` bytes of `value`-sized writes, keeping at most `live` bytes
+/// (oldest deleted first).
+fn store_workload(
+    name: &str,
+    total: usize,
+    value: usize,
+    live: usize,
+    mut put: impl FnMut(usize, &[u8]),
+    mut del: impl FnMut(usize),
+) {
+    let buf: Vec<u8> = (0..value).map(|i| (i * 7 % 256) as u8).collect();
+    let count = total / value;
+    let keep = live / value;
+    let w0 = disk_write_bytes();
+    let t = Instant::now();
+    for i in 0..count {
+        let mut v = buf.clone();
+        v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        put(i, &v);
+        if i >= keep {
+            del(i - keep);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let written = disk_write_bytes() - w0;
+    println!(
+        "  {name:<28} {:.1} GiB in {secs:.0} s: {:.2} GB/s, disk writes {:.1} GiB, write amplification {:.2}",
+        total as f64 / (1u64 << 30) as f64,
+        total as f64 / secs / 1e9,
+        written as f64 / (1u64 << 30) as f64,
+        written as f64 / total as f64
+    );
+}
+
+fn store(gib: usize) {
+    let total = gib << 30;
+    let value = 4 * MIB;
+    let live = 4usize << 30;
+    println!(
+        "store benchmark: {gib} GiB of 4 MiB values, live set 4 GiB (older values deleted), every write durable"
+    );
+    let dir = tempfile::tempdir_in(".").unwrap();
+    {
+        let store = Store::open(&dir.path().join("files")).unwrap();
+        let id = |i: usize| ShardId { object_id: [0; 32], segment: i as u32, shard: 0 };
+        store_workload(
+            "files + RocksDB index",
+            total,
+            value,
+            live,
+            |i, v| {
+                let mut p = store.begin().unwrap();
+                p.write(v).unwrap();
+                let root = p.root();
+                store.commit(p, root, &id(i), 0, b"h", [0; 32], 0).unwrap();
+            },
+            |i| {
+                store.remove(&id(i), 0).unwrap();
+            },
+        );
+    }
+    {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(0);
+        opts.set_enable_blob_gc(true);
+        opts.set_blob_gc_age_cutoff(0.25);
+        opts.set_blob_file_size(256 << 20);
+        let db = rocksdb::DB::open(&opts, dir.path().join("blobdb")).unwrap();
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        store_workload(
+            "RocksDB BlobDB (synced WAL)",
+            total,
+            value,
+            live,
+            |i, v| {
+                // The same work per shard as the file store: hash it, then store it durably.
+                std::hint::black_box(merkle_root(v));
+                db.put_opt((i as u64).to_be_bytes(), v, &wo).unwrap();
+            },
+            |i| db.delete_opt((i as u64).to_be_bytes(), &wo).unwrap(),
+        );
+        db.flush().unwrap();
+        db.compact_range::<&[u8], &[u8]>(None, None);
+        let live_sst: u64 = std::fs::read_dir(dir.path().join("blobdb"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        println!(
+            "  BlobDB directory after flush + compaction: {:.1} GiB for a 4 GiB live set",
+            live_sst as f64 / (1u64 << 30) as f64
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("rpc") => tokio::runtime::Runtime::new().unwrap().block_on(rpc()),
+        Some("tcp") => {
+            let gib: usize = args.get(2).and_then(|g| g.parse().ok()).unwrap_or(2);
+            println!("loopback TCP copy, 1 MiB writes: {:.2} GB/s", tcp_copy(gib << 30, MIB));
+        }
+        Some("store") => store(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(20)),
+        _ => {
+            eprintln!("usage: bench rpc | bench store [GiB, default 20] | bench tcp [GiB]");
+            std::process::exit(2);
+        }
+    }
+    let _ = Path::new(".");
+}
