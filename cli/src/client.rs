@@ -29,6 +29,12 @@ pub struct FarmClient {
     conns: Mutex<HashMap<usize, AgentClient>>,
 }
 
+/// The verified shards of one segment, ready to decode.
+struct Fetched {
+    header: SegmentHeader,
+    shards: Vec<Option<Vec<u8>>>,
+}
+
 /// Health of one segment.
 #[derive(serde::Serialize, Debug)]
 pub struct SegmentStat {
@@ -241,14 +247,9 @@ impl FarmClient {
     }
 
     /// Fetches segment `index`: asks every holder, keeps the first k shards that verify
-    /// against a header signed by the capability's uploader, cancels the rest, decodes.
-    async fn fetch_segment(
-        self: &Arc<Self>,
-        cap: &ReadCap,
-        index: u32,
-        decoder: &mut Decoder,
-        out: &mut Vec<u8>,
-    ) -> anyhow::Result<SegmentHeader> {
+    /// against a header signed by the capability's uploader, cancels the rest. Falls back to
+    /// the previous layout when the newest one cannot serve the segment.
+    async fn fetch_segment(self: Arc<Self>, cap: ReadCap, index: u32) -> anyhow::Result<Fetched> {
         let p = partition(&cap.object_id, index, self.farm.partitions);
         let mut layouts = vec![self.farm.layout[p as usize].clone()];
         if let Some(prev) = &self.farm.previous_layout {
@@ -256,8 +257,8 @@ impl FarmClient {
         }
         let mut errors = Vec::new();
         for holders in layouts {
-            match self.fetch_from(cap, index, &holders, decoder, out).await {
-                Ok(h) => return Ok(h),
+            match self.fetch_from(&cap, index, &holders).await {
+                Ok(f) => return Ok(f),
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
@@ -269,9 +270,7 @@ impl FarmClient {
         cap: &ReadCap,
         index: u32,
         holders: &[usize],
-        decoder: &mut Decoder,
-        out: &mut Vec<u8>,
-    ) -> anyhow::Result<SegmentHeader> {
+    ) -> anyhow::Result<Fetched> {
         let k = usize::from(self.farm.k);
         let mut tasks = FuturesUnordered::new();
         for (i, &node) in holders.iter().enumerate() {
@@ -347,9 +346,7 @@ impl FarmClient {
                 failures.join("; ")
             );
         }
-        let refs: Vec<Option<&[u8]>> = good.iter().map(|s| s.as_deref()).collect();
-        decoder.decode_segment_into(&cap.key, &header, &refs, out)?;
-        Ok(header)
+        Ok(Fetched { header, shards: good })
     }
 
     /// Reads an object into `out` (`None` = stdout). A file is written to a temporary name
@@ -372,26 +369,41 @@ impl FarmClient {
         };
         let mut decoder = Decoder::default();
         let mut buf = Vec::new();
-        let first = self.fetch_segment(cap, 0, &mut decoder, &mut buf).await?;
-        let pb = progress_bar(first.object_length, "get");
+        // Segment i+1 is fetched while segment i is decoded and written.
+        let mut next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), 0)));
+        let mut first: Option<SegmentHeader> = None;
         let mut stdout = std::io::stdout().lock();
-        let mut written = 0u64;
-        for index in 0..first.segment_count {
-            if index > 0 {
-                let h = self.fetch_segment(cap, index, &mut decoder, &mut buf).await?;
-                if h.object_length != first.object_length || h.segment_count != first.segment_count
-                {
-                    bail!("segment {index} disagrees with segment 0 about the object's size");
+        let (mut written, mut index) = (0u64, 0u32);
+        let mut pb = None;
+        while let Some(task) = next.take() {
+            let seg = task.await??;
+            let first = first.get_or_insert_with(|| seg.header.clone());
+            if seg.header.object_length != first.object_length
+                || seg.header.segment_count != first.segment_count
+            {
+                bail!("segment {index} disagrees with segment 0 about the object's size");
+            }
+            if index + 1 < first.segment_count {
+                next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index + 1)));
+            }
+            let pb = pb.get_or_insert_with(|| progress_bar(first.object_length, "get"));
+            tokio::task::block_in_place(|| -> anyhow::Result<()> {
+                let refs: Vec<Option<&[u8]>> = seg.shards.iter().map(|s| s.as_deref()).collect();
+                decoder.decode_segment_into(&cap.key, &seg.header, &refs, &mut buf)?;
+                match &mut tmp {
+                    Some(f) => f.write_all(&buf)?,
+                    None => stdout.write_all(&buf)?,
                 }
-            }
-            match &mut tmp {
-                Some(f) => f.write_all(&buf)?,
-                None => stdout.write_all(&buf)?,
-            }
+                Ok(())
+            })?;
             written += buf.len() as u64;
             pb.inc(buf.len() as u64);
+            index += 1;
         }
-        pb.finish_and_clear();
+        let first = first.expect("at least one segment");
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
         if written != first.object_length {
             bail!("decoded {written} bytes but the object has {}", first.object_length);
         }
