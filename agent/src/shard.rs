@@ -278,7 +278,7 @@ impl Node {
             )));
         }
         let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
-        let data = bytes::Bytes::from(shard).slice(offset as usize..end as usize);
+        let data = shard.slice(offset as usize..end as usize);
         self.metrics.bytes_out.inc_by(data.len() as u64);
         Ok(GetOutcome { header, data })
     }
@@ -297,7 +297,7 @@ impl Node {
         self: &Arc<Self>,
         id: ShardId,
         found_by: &'static str,
-    ) -> Result<(Vec<u8>, Vec<u8>)> {
+    ) -> Result<(Vec<u8>, bytes::Bytes)> {
         let me = self.clone();
         blocking(move || {
             let p = me.partition_of(&id.object_id, id.segment);
@@ -306,7 +306,7 @@ impl Node {
             let header_bytes = me.store.header(&id)?.ok_or_else(not_found)?;
             let header = SegmentHeader::decode_unverified(&header_bytes)
                 .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
-            let reason = match me.store.read(&id) {
+            let reason = match me.store.map(&id, record.length) {
                 Ok(shard) => match header.verify_shard(id.shard as usize, &shard) {
                     Ok(()) if record.root == header.shard_roots[id.shard as usize] => {
                         return Ok((header_bytes, shard));
