@@ -32,7 +32,7 @@
 //! Every call here blocks; the async layers call it through `spawn_blocking`.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -333,7 +333,7 @@ impl Store {
     /// Starts writing a shard into a temp file.
     pub fn begin(&self) -> Result<PendingShard> {
         let mut rnd = [0u8; 12];
-        getrandom_fill(&mut rnd);
+        getrandom::fill(&mut rnd).expect("the operating system's random generator failed");
         let path = self.tmp_dir.join(format!("tmp{}", hex::encode(rnd)));
         let file = fs::File::create(&path).map_err(io("create", &path))?;
         Ok(PendingShard { file, path, merkle: Default::default(), written: 0, committed: false })
@@ -421,15 +421,6 @@ impl Store {
         // would be outside the agent's contract, as with any mmap-based store.
         let m = unsafe { memmap2::Mmap::map(&f) }.map_err(io("mmap", &path))?;
         Ok(bytes::Bytes::from_owner(m))
-    }
-
-    /// Reads a whole payload.
-    pub fn read(&self, id: &ShardId) -> Result<Vec<u8>> {
-        let path = self.shard_path(id);
-        let mut f = fs::File::open(&path).map_err(io("open", &path))?;
-        let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
-        f.read_to_end(&mut buf).map_err(io("read", &path))?;
-        Ok(buf)
     }
 
     /// Removes a shard: index record, quota, payload; the header too when no other shard of
@@ -578,22 +569,4 @@ impl Store {
         }
         Ok(())
     }
-}
-
-fn getrandom_fill(b: &mut [u8]) {
-    use std::sync::atomic::AtomicU64;
-    // Temp names need uniqueness, not secrecy: a process-wide counter mixed with the time.
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let c = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let h = shardfarm_core::identity::blake2b256(&[
-        &c.to_le_bytes(),
-        &t.to_le_bytes(),
-        &std::process::id().to_le_bytes(),
-    ]);
-    let n = b.len().min(32);
-    b[..n].copy_from_slice(&h[..n]);
 }
