@@ -556,14 +556,17 @@ impl Decoder {
         shards: &[Option<&[u8]>],
         index: usize,
     ) -> Result<Vec<u8>> {
-        let data = self.data_shards(header, shards)?;
         let (k, m) = (usize::from(header.k), usize::from(header.m));
+        // Repair is a cold path: own the data shards so this decoder's own coder (the one
+        // `with_coder` chose) can re-encode parity.
+        let data: Vec<Vec<u8>> =
+            self.data_shards(header, shards)?.into_iter().map(<[u8]>::to_vec).collect();
         let shard = if index < k {
-            data[index].to_vec()
+            data.into_iter().nth(index).expect("k data shards")
         } else {
-            let refs: Vec<&[u8]> = data.to_vec();
+            let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
             let mut parity = vec![Vec::new(); m];
-            SimdCoder::default().encode(k, m, &refs, &mut parity)?;
+            self.coder.encode(k, m, &refs, &mut parity)?;
             parity.swap_remove(index - k)
         };
         header.verify_shard(index, &shard)?;
