@@ -6,7 +6,8 @@
 //! - [`codec`]: segments → AEAD → Reed-Solomon → shards, and back;
 //! - [`cap`]: read capabilities (`sf1:…`);
 //! - [`capacity`]: signed proofs of capacity;
-//! - [`audit`]: storage audits (Merkle leaves chosen by a nonce).
+//! - [`audit`]: storage audits (Merkle leaves chosen by a nonce);
+//! - [`placement`]: the layout engine (partitions → nodes across failure domains).
 
 #![warn(missing_docs)]
 
@@ -16,6 +17,7 @@ pub mod cap;
 pub mod capacity;
 pub mod codec;
 pub mod identity;
+pub mod placement;
 pub mod shard;
 
 use std::path::{Path, PathBuf};
