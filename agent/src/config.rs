@@ -95,6 +95,19 @@ pub struct AgentArgs {
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
+
+    /// Coordinator to join (`host:port`). Without it the agent serves alone: no layouts, no
+    /// repair.
+    #[arg(long, env = "SHARDFARM_COORDINATOR")]
+    pub coordinator: Option<String>,
+
+    /// gRPC address to advertise to the pool (`host:port`). [default: the --listen address]
+    #[arg(long, env = "SHARDFARM_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Repair write rate, bytes per second (e.g. `100MiB`). [default: 100MiB]
+    #[arg(long, env = "SHARDFARM_REPAIR_RATE")]
+    pub repair_rate: Option<String>,
 }
 
 /// The resolved configuration.
@@ -136,6 +149,12 @@ pub struct Config {
     pub overhead: f64,
     /// JSON logs.
     pub json_logs: bool,
+    /// Coordinator to join.
+    pub coordinator: Option<String>,
+    /// gRPC address to advertise (None: the bound address).
+    pub advertise: Option<String>,
+    /// Repair write rate, bytes per second.
+    pub repair_rate: u64,
 }
 
 /// Parses `10GiB`, `500MB`, `4096`, `1.5TiB`.
@@ -203,7 +222,10 @@ impl AgentArgs {
             scrub_rate,
             max_message,
             overhead,
-            log_format
+            log_format,
+            coordinator,
+            advertise,
+            repair_rate
         );
         Ok(self)
     }
@@ -259,6 +281,9 @@ impl AgentArgs {
             max_message,
             overhead: a.overhead.unwrap_or(1.0),
             json_logs,
+            coordinator: a.coordinator,
+            advertise: a.advertise,
+            repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),
         })
     }
 }

@@ -55,6 +55,18 @@ pub mod methods {
     pub const INFO: &str = "/shardfarm.v1.Agent/Info";
     /// ProveCapacity.
     pub const PROVE: &str = "/shardfarm.v1.Agent/ProveCapacity";
+    /// Coordinator: Challenge.
+    pub const CHALLENGE: &str = "/shardfarm.v1.Coordinator/Challenge";
+    /// Coordinator: Join.
+    pub const JOIN: &str = "/shardfarm.v1.Coordinator/Join";
+    /// Coordinator: Report.
+    pub const REPORT: &str = "/shardfarm.v1.Coordinator/Report";
+    /// Coordinator: GetLayout.
+    pub const GET_LAYOUT: &str = "/shardfarm.v1.Coordinator/GetLayout";
+    /// Coordinator: WatchLayout.
+    pub const WATCH_LAYOUT: &str = "/shardfarm.v1.Coordinator/WatchLayout";
+    /// Coordinator: ListNodes.
+    pub const LIST_NODES: &str = "/shardfarm.v1.Coordinator/ListNodes";
 }
 
 /// Bytes per GetShard chunk.
@@ -79,7 +91,8 @@ pub fn to_status(e: &Error) -> Status {
     }
 }
 
-fn auth_status(a: &AuthError) -> Status {
+/// The status of an authentication failure.
+pub fn auth_status(a: &AuthError) -> Status {
     let msg = a.to_string();
     match a {
         AuthError::Malformed(_) => Status::invalid_argument(msg),
@@ -108,6 +121,20 @@ pub fn sign_into<M: Message>(
     md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
     md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().expect("digits"));
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
+}
+
+/// Verifies the signed envelope in `md` for `msg` on `method` (server side). The body hash is
+/// recomputed from the message received, never taken on trust.
+pub fn verify_request<M: Message>(
+    verifier: &Verifier,
+    md: &MetadataMap,
+    method: &str,
+    msg: &M,
+) -> Result<Caller, AuthError> {
+    let mut req = read_envelope(md, method)?;
+    let body = msg.encode_to_vec();
+    req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
+    verifier.verify(&req, method, &body, now_ms())
 }
 
 fn read_envelope(md: &MetadataMap, method: &str) -> Result<SignedRequest, AuthError> {
@@ -164,13 +191,7 @@ impl AgentService {
         method: &str,
         msg: &M,
     ) -> Result<Caller, Status> {
-        let r = read_envelope(md, method).and_then(|mut req| {
-            // The body hash is recomputed from the message received, never taken on trust.
-            let body = msg.encode_to_vec();
-            req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
-            self.verifier.verify(&req, method, &body, now_ms())
-        });
-        let caller = r.map_err(|e| {
+        let caller = verify_request(&self.verifier, md, method, msg).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })?;

@@ -10,9 +10,11 @@
 
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod repair;
 pub mod run;
 pub mod scrub;
 pub mod shard;

@@ -40,6 +40,20 @@ pub struct Metrics {
     pub capacity_proof: GaugeVec,
     /// Build information.
     pub build_info: IntGauge,
+    /// Shards this node holds a slot for but lacks (repair still to do).
+    pub repair_backlog: IntGauge,
+    /// Shards repaired, by how (`copy` from its previous holder, `rebuild` from k peers).
+    pub repaired: IntCounterVec,
+    /// Bytes written by repair.
+    pub repair_bytes: IntCounter,
+    /// Repairs that failed (retried on the next pass).
+    pub repair_failures: IntCounter,
+    /// Shards deleted after their new holder confirmed them (handoff).
+    pub handed_off: IntCounter,
+    /// Newest layout version received from the coordinator.
+    pub layout_version: IntGauge,
+    /// Newest layout version this node has fully repaired for.
+    pub synced_version: IntGauge,
 }
 
 impl Metrics {
@@ -109,6 +123,46 @@ impl Metrics {
         )
         .unwrap();
         build_info.set(1);
+        let repair_backlog = IntGauge::new(
+            "shardfarm_agent_repair_backlog_shards",
+            "shards this node holds a slot for but still lacks",
+        )
+        .unwrap();
+        let repaired = IntCounterVec::new(
+            Opts::new("shardfarm_agent_repaired_shards_total", "shards repaired, by method"),
+            &["method"],
+        )
+        .unwrap();
+        let repair_bytes =
+            IntCounter::new("shardfarm_agent_repair_bytes_total", "bytes written by repair")
+                .unwrap();
+        let repair_failures =
+            IntCounter::new("shardfarm_agent_repair_failures_total", "repairs that failed")
+                .unwrap();
+        let handed_off = IntCounter::new(
+            "shardfarm_agent_handed_off_shards_total",
+            "shards deleted after their new holder confirmed them",
+        )
+        .unwrap();
+        let layout_version =
+            IntGauge::new("shardfarm_agent_layout_version", "newest layout version received")
+                .unwrap();
+        let synced_version = IntGauge::new(
+            "shardfarm_agent_synced_layout_version",
+            "newest layout version fully repaired for",
+        )
+        .unwrap();
+        for c in [
+            Box::new(repair_backlog.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(repaired.clone()),
+            Box::new(repair_bytes.clone()),
+            Box::new(repair_failures.clone()),
+            Box::new(handed_off.clone()),
+            Box::new(layout_version.clone()),
+            Box::new(synced_version.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
@@ -129,6 +183,13 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         Metrics {
+            repair_backlog,
+            repaired,
+            repair_bytes,
+            repair_failures,
+            handed_off,
+            layout_version,
+            synced_version,
             registry,
             requests,
             request_seconds,

@@ -149,6 +149,15 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let scrub = tokio::spawn(
         ScrubWorker::new(node.clone(), cfg.scrub_interval, cfg.scrub_rate, stop.clone()).run(),
     );
+    let membership = cfg.coordinator.clone().map(|coordinator| {
+        let m = crate::repair::Membership {
+            coordinator,
+            advertise_grpc: cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string()),
+            advertise_http: http_addr.to_string(),
+            repair_rate: cfg.repair_rate,
+        };
+        tokio::spawn(crate::repair::run(node.clone(), m, stop.clone()))
+    });
 
     // serve_with_incoming ignores the builder's tcp_nodelay: set it on the incoming stream,
     // or 64 KiB RPCs take 8 ms and 1 MiB RPCs drop to 0.3 GB/s (LIMITS.md).
@@ -173,6 +182,9 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
 
     stop.cancel();
     let _ = tokio::time::timeout(WORKER_EXIT_DEADLINE, scrub).await;
+    if let Some(m) = membership {
+        let _ = tokio::time::timeout(WORKER_EXIT_DEADLINE, m).await;
+    }
     let _ = tokio::time::timeout(WORKER_EXIT_DEADLINE, http).await;
     let store = node.store.clone();
     tokio::task::spawn_blocking(move || store.flush()).await??;

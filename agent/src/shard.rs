@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use shardfarm_core::audit::{self, MAX_AUDIT_LEAVES, ProvenLeaf};
 use shardfarm_core::auth::{AuthError, Caller, now_ms};
 use shardfarm_core::capacity::{CapacityReport, Machine};
-use shardfarm_core::identity::Identity;
+use shardfarm_core::identity::{Identity, NodeId};
 use shardfarm_core::shard::{SegmentHeader, partition};
 
 use crate::metrics::Metrics;
@@ -221,6 +221,24 @@ impl Node {
         header_bytes: Vec<u8>,
         shard_index: u32,
     ) -> Result<Upload<'_>> {
+        self.begin(caller.root.0, header_bytes, shard_index)
+    }
+
+    /// Starts storing a shard this node rebuilt or copied for its slot (repair). The same
+    /// checks as an upload; the quota is charged to the segment's uploader.
+    pub fn begin_repair(&self, header_bytes: Vec<u8>, shard_index: u32) -> Result<Upload<'_>> {
+        let uploader = SegmentHeader::decode_unverified(&header_bytes)
+            .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?
+            .uploader;
+        self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)
+    }
+
+    fn begin(
+        &self,
+        owner: [u8; 32],
+        header_bytes: Vec<u8>,
+        shard_index: u32,
+    ) -> Result<Upload<'_>> {
         let header = SegmentHeader::decode(&header_bytes)
             .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?;
         if shard_index as usize >= header.n() {
@@ -232,7 +250,6 @@ impl Node {
         if header.expires != 0 && header.expires * 1000 <= now_ms() {
             return Err(Error::InvalidArgument("segment header has expired".into()));
         }
-        let owner = caller.root.0;
         let reservation = self.reserve(header.shard_length, owner)?;
         let id = ShardId {
             object_id: header.object_id,
@@ -359,6 +376,19 @@ impl Node {
                     "only the uploader named in the segment header may delete its shards".into(),
                 ));
             }
+            let existed = me.store.remove(&id, p)?.is_some();
+            me.refresh_gauges();
+            Ok(existed)
+        })
+        .await
+    }
+
+    /// Drops a shard this node no longer holds a slot for, once its new holder has it (the
+    /// repair worker's handoff; never called on a client's behalf).
+    pub async fn hand_off(self: &Arc<Self>, id: ShardId) -> Result<bool> {
+        let me = self.clone();
+        blocking(move || {
+            let p = me.partition_of(&id.object_id, id.segment);
             let existed = me.store.remove(&id, p)?.is_some();
             me.refresh_gauges();
             Ok(existed)

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use shardfarm_core::identity::{Delegation, Identity};
+use shardfarm_agent::coordinator::PublishedLayout;
+use shardfarm_core::identity::{Delegation, Identity, NodeId};
+use shardfarm_core::placement::Layout;
 
 /// File name of the farm description.
 pub const FARM_FILE: &str = "farm.json";
@@ -59,6 +61,9 @@ pub struct Farm {
     /// The previous layout (readers fall back to it), if any.
     #[serde(default)]
     pub previous_layout: Option<Vec<Vec<usize>>>,
+    /// The coordinator's gRPC address.
+    #[serde(default)]
+    pub coordinator: Option<String>,
 }
 
 impl Farm {
@@ -94,64 +99,54 @@ impl Farm {
         usize::from(self.k) + usize::from(self.m)
     }
 
+    /// Takes in a layout the coordinator published: nodes it names that the farm does not know
+    /// yet are appended (indices never change), then both layouts are stored as indices.
+    pub fn apply_layout(
+        &mut self,
+        published: &PublishedLayout,
+        http: &BTreeMap<NodeId, (String, String)>,
+    ) {
+        let mut index: BTreeMap<String, usize> =
+            self.nodes.iter().map(|n| (n.id.clone(), n.index)).collect();
+        let ids = published.layout.partitions.iter().flatten();
+        let prev = published.previous.iter().flat_map(|l| l.partitions.iter().flatten());
+        for id in ids.chain(prev) {
+            let hex = id.to_hex();
+            let grpc = published.address(id).unwrap_or_default().to_string();
+            let (http_addr, zone) = http.get(id).cloned().unwrap_or_default();
+            match index.get(&hex) {
+                Some(&i) => {
+                    let n = &mut self.nodes[i];
+                    n.grpc = grpc;
+                    if !http_addr.is_empty() {
+                        (n.http, n.zone) = (http_addr, zone);
+                    }
+                }
+                None => {
+                    let i = self.nodes.len();
+                    self.nodes.push(NodeEntry {
+                        index: i,
+                        id: hex.clone(),
+                        grpc,
+                        http: http_addr,
+                        zone,
+                    });
+                    index.insert(hex, i);
+                }
+            }
+        }
+        let to_indices = |l: &Layout| -> Vec<Vec<usize>> {
+            l.partitions.iter().map(|p| p.iter().map(|id| index[&id.to_hex()]).collect()).collect()
+        };
+        self.layout_version = published.layout.version;
+        self.layout = to_indices(&published.layout);
+        self.previous_layout = published.previous.as_ref().map(to_indices);
+    }
+
     /// The nodes holding partition `p`, in shard order.
     pub fn holders(&self, p: u32) -> Vec<&NodeEntry> {
         self.layout[p as usize].iter().map(|&i| &self.nodes[i]).collect()
     }
-}
-
-/// A simple correct layout (until the placement engine lands): interleave nodes by zone, then
-/// give partition `p` the `n` consecutive nodes starting at `p mod N`. Every partition gets n
-/// distinct nodes; the result is checked so that no zone holds more than `m` shards of a
-/// partition, and refused with the reason when the zones cannot allow that.
-pub fn simple_layout(
-    nodes: &[NodeEntry],
-    k: u16,
-    m: u16,
-    partitions: u32,
-) -> anyhow::Result<Vec<Vec<usize>>> {
-    let n = usize::from(k) + usize::from(m);
-    if nodes.len() < n {
-        bail!("RS({k},{m}) needs {n} nodes, the farm has {}", nodes.len());
-    }
-    let mut by_zone: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for node in nodes {
-        by_zone.entry(&node.zone).or_default().push(node.index);
-    }
-    let zones = by_zone.len();
-    let min_zones = n.div_ceil(usize::from(m));
-    if zones < min_zones {
-        bail!(
-            "RS({k},{m}) needs at least {min_zones} zones so that no zone holds more than {m} of a \
-             segment's {n} shards; the farm has {zones}"
-        );
-    }
-    let mut order = Vec::with_capacity(nodes.len());
-    let mut queues: Vec<std::collections::VecDeque<usize>> =
-        by_zone.into_values().map(Into::into).collect();
-    while order.len() < nodes.len() {
-        for q in queues.iter_mut() {
-            if let Some(i) = q.pop_front() {
-                order.push(i);
-            }
-        }
-    }
-    let mut layout = Vec::with_capacity(partitions as usize);
-    for p in 0..partitions as usize {
-        let holders: Vec<usize> = (0..n).map(|j| order[(p + j) % order.len()]).collect();
-        let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
-        for &h in &holders {
-            *per_zone.entry(&nodes[h].zone).or_default() += 1;
-        }
-        if let Some((z, c)) = per_zone.iter().find(|(_, c)| **c > usize::from(m)) {
-            bail!(
-                "zones are too uneven for RS({k},{m}): partition {p} would put {c} shards in zone {z}; \
-                 spread the nodes more evenly over zones"
-            );
-        }
-        layout.push(holders);
-    }
-    Ok(layout)
 }
 
 /// The local user's credential: a fresh key with a delegation from the farm root.
@@ -205,48 +200,4 @@ impl ClientKey {
 /// Where the farm is: `--farm DIR`, else `SHARDFARM_FARM`, else `./farm`.
 pub fn farm_dir(flag: Option<PathBuf>) -> PathBuf {
     flag.unwrap_or_else(|| PathBuf::from("farm"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(zones: &[&str]) -> Vec<NodeEntry> {
-        zones
-            .iter()
-            .enumerate()
-            .map(|(i, z)| NodeEntry {
-                index: i,
-                id: String::new(),
-                grpc: String::new(),
-                http: String::new(),
-                zone: z.to_string(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn six_nodes_three_zones_hold_rs42_with_at_most_m_per_zone() {
-        let ns = nodes(&["a", "a", "b", "b", "c", "c"]);
-        let l = simple_layout(&ns, 4, 2, 256).unwrap();
-        for p in &l {
-            let mut d = p.clone();
-            d.sort();
-            d.dedup();
-            assert_eq!(d.len(), 6);
-            for z in ["a", "b", "c"] {
-                assert!(p.iter().filter(|&&i| ns[i].zone == z).count() <= 2);
-            }
-        }
-    }
-
-    #[test]
-    fn too_few_zones_or_nodes_are_refused_with_the_reason() {
-        let err = simple_layout(&nodes(&["a", "a", "a", "b", "b", "b"]), 4, 2, 8).unwrap_err();
-        assert!(err.to_string().contains("needs at least 3 zones"), "{err}");
-        let err = simple_layout(&nodes(&["a", "b", "c"]), 4, 2, 8).unwrap_err();
-        assert!(err.to_string().contains("needs 6 nodes"), "{err}");
-        let err = simple_layout(&nodes(&["a", "a", "a", "a", "b", "c"]), 4, 2, 8).unwrap_err();
-        assert!(err.to_string().contains("uneven"), "{err}");
-    }
 }

@@ -15,7 +15,11 @@ use anyhow::{Context, bail};
 use shardfarm_core::identity::Identity;
 use tokio::process::{Child, Command};
 
-use crate::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY, simple_layout};
+use shardfarm_operator::coordinator::{Coordinator, CoordinatorService, PoolConfig};
+use shardfarm_operator::economics::RewardConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
 
 /// Identity difficulty of a local farm: enough to exercise the checks, quick to mine.
 pub const LOCAL_DIFFICULTY: u8 = 8;
@@ -55,6 +59,48 @@ pub struct UpArgs {
     /// Placement partitions.
     #[arg(long, default_value_t = 256)]
     pub partitions: u32,
+    /// Agents report to the coordinator this often, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Seconds of silence after which a node is down and its slots are re-placed.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+    /// Seconds between storage audits of each node.
+    #[arg(long, default_value_t = 30)]
+    pub audit_interval: u64,
+    /// Rewards epoch, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub epoch_seconds: u64,
+    /// Coordinator gRPC port (its /metrics is on the next port). [default: BASE-2]
+    #[arg(long)]
+    pub coordinator_port: Option<u16>,
+}
+
+impl UpArgs {
+    fn coordinator_port(&self) -> u16 {
+        self.coordinator_port.unwrap_or(self.base_port.saturating_sub(2))
+    }
+
+    fn pool(&self, segment_size: u64) -> PoolConfig {
+        PoolConfig {
+            pool: "local".into(),
+            k: self.k,
+            m: self.m,
+            partitions: self.partitions,
+            segment_size,
+            min_difficulty: LOCAL_DIFFICULTY,
+            failure_domain: "zone".into(),
+            heartbeat_ms: self.heartbeat_ms,
+            grace_ms: self.grace.max(1) * 1000,
+            audit_interval_ms: self.audit_interval.max(1) * 1000,
+            capacity_difficulty: LOCAL_DIFFICULTY,
+            rewards: RewardConfig {
+                epoch_seconds: self.epoch_seconds.max(1),
+                ..Default::default()
+            },
+            ..PoolConfig::default()
+        }
+    }
 }
 
 struct Agent {
@@ -77,6 +123,7 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs) -> anyhow::Result<Child
         .args(["--listen", &a.grpc, "--http-listen", &a.http, "--zone", &a.zone])
         .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
+        .args(["--coordinator", &format!("127.0.0.1:{}", args.coordinator_port())])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -134,10 +181,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let mut farm = match Farm::load(dir) {
         Ok(f) => {
-            if f.nodes.len() != args.nodes || f.k != args.k || f.m != args.m {
+            if f.nodes.len() < args.nodes || f.k != args.k || f.m != args.m {
                 bail!(
-                    "{} holds a farm of {} nodes with RS({},{}); start it with the same --nodes/--k/--m \
-                     (changing a farm's shape needs the placement engine, not built yet)",
+                    "{} holds a farm of {} nodes with RS({},{}); start it with the same --k/--m \
+                     and at most as many --nodes",
                     dir.display(),
                     f.nodes.len(),
                     f.k,
@@ -163,7 +210,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            let layout = simple_layout(&nodes, args.k, args.m, args.partitions)?;
             Farm {
                 version: 1,
                 pool: "local".into(),
@@ -173,16 +219,58 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 partitions: args.partitions,
                 difficulty: LOCAL_DIFFICULTY,
                 nodes,
-                layout_version: 1,
-                layout,
+                layout_version: 0,
+                layout: Vec::new(),
                 previous_layout: None,
+                coordinator: None,
             }
         }
     };
+    let coord_addr = format!("127.0.0.1:{}", args.coordinator_port());
+    farm.coordinator = Some(coord_addr.clone());
 
+    // The coordinator, in-process: its state is DIR/coordinator, it signs as the farm root.
+    let stop = CancellationToken::new();
+    let coordinator = Coordinator::open(
+        args.pool(segment_size),
+        &dir.join("coordinator"),
+        Identity::load(&root_path)?,
+    )?;
+    let listener = tokio::net::TcpListener::bind(&coord_addr)
+        .await
+        .with_context(|| format!("binding the coordinator's address {coord_addr}"))?;
+    let metrics_addr = format!("127.0.0.1:{}", args.coordinator_port() + 1);
+    let metrics_listener = tokio::net::TcpListener::bind(&metrics_addr)
+        .await
+        .with_context(|| format!("binding the coordinator's metrics address {metrics_addr}"))?;
+    let server = {
+        let svc = shardfarm_agent::grpc::proto::coordinator_server::CoordinatorServer::new(
+            CoordinatorService::new(coordinator.clone()),
+        )
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+        let stop = stop.clone();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        })
+    };
+    tokio::spawn(shardfarm_operator::coordinator::serve_metrics(
+        metrics_listener,
+        coordinator.clone(),
+        stop.clone(),
+    ));
+    let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
+
+    // The first --nodes entries are this farm's own agents; nodes that joined from outside are
+    // listed in the farm file but not supervised here.
     let mut agents: Vec<Agent> = farm
         .nodes
         .iter()
+        .take(args.nodes)
         .map(|e| Agent {
             entry: e.clone(),
             dir: dir.join(format!("node-{}", e.index)),
@@ -197,7 +285,45 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let id = wait_ready(&a.dir, child, Duration::from_secs(60)).await?;
         farm.nodes[a.entry.index].id = id;
     }
+    // Up when the layout places every one of this farm's agents.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ours: Vec<shardfarm_core::identity::NodeId> = farm
+        .nodes
+        .iter()
+        .take(args.nodes)
+        .filter_map(|n| shardfarm_core::identity::NodeId::from_hex(&n.id).ok())
+        .collect();
+    let first = loop {
+        if let Some(l) = coordinator.layout() {
+            let loads = l.layout.loads();
+            if ours.iter().all(|id| loads.contains_key(id)) {
+                break l;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the coordinator published no layout within 60 s: {}",
+                coordinator.layout_problem().unwrap_or_else(|| "agents did not join".into())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    farm.apply_layout(&first, &member_addresses(&coordinator));
     farm.save(dir)?;
+    let writer = {
+        let (coordinator, dir, mut farm) = (coordinator.clone(), dir.clone(), farm.clone());
+        let mut rx = coordinator.subscribe();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(l) = rx.borrow_and_update().clone() else { continue };
+                farm.apply_layout(&l, &member_addresses(&coordinator));
+                match farm.save(&dir) {
+                    Ok(()) => eprintln!("layout {} published", l.layout.version),
+                    Err(e) => eprintln!("could not write the farm file: {e:#}"),
+                }
+            }
+        })
+    };
 
     println!(
         "shardfarm local farm is up: {} nodes, RS({},{}), pool `{}`",
@@ -217,6 +343,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             n.http
         );
     }
+    println!("coordinator: {coord_addr}   metrics: http://{metrics_addr}/metrics");
     println!("state: {}   try: shardfarm --farm {} put FILE", dir.display(), dir.display());
     println!("stop with Ctrl-C (or SIGTERM)");
 
@@ -262,6 +389,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    stop.cancel();
+    writer.abort();
+    let _ = server.await;
+    let _ = housekeeping.await;
     eprintln!("farm stopped");
     Ok(())
+}
+
+/// HTTP address and zone of every member, for the farm file.
+fn member_addresses(
+    c: &Coordinator,
+) -> std::collections::BTreeMap<shardfarm_core::identity::NodeId, (String, String)> {
+    c.members().into_iter().map(|m| (m.id, (m.http.clone(), m.domain.clone()))).collect()
 }

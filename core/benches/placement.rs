@@ -17,6 +17,7 @@ fn node(i: usize, zones: usize, uneven: bool) -> Node {
         domain: format!("zone-{}", i % zones),
         capacity: (tib as u64) << 40,
         draining: false,
+        frozen: false,
     }
 }
 

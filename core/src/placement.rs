@@ -62,6 +62,9 @@ pub struct Node {
     pub capacity: u64,
     /// Draining: hands its slots away and takes nothing new.
     pub draining: bool,
+    /// Frozen (a suspended node): keeps the slots it holds and takes new ones only where the
+    /// domain rules leave no other choice.
+    pub frozen: bool,
 }
 
 /// The erasure profile and pool shape.
@@ -348,6 +351,7 @@ struct Pool<'a> {
     domain_count: usize,
     per_domain: usize,
     seed: Vec<u64>,
+    frozen: Vec<bool>,
 }
 
 impl<'a> Pool<'a> {
@@ -413,6 +417,7 @@ impl<'a> Pool<'a> {
             domain_count: domains.len(),
             per_domain,
             seed,
+            frozen: nodes.iter().map(|x| x.frozen).collect(),
         })
     }
 
@@ -581,11 +586,14 @@ impl State {
         const TIE_WINDOW: usize = 64;
         let n = self.n;
         let parts = self.slots.len() / n;
-        let mut queue: BTreeSet<(u64, usize)> =
-            (0..pool.len()).map(|i| (self.bucket(targets, i), i)).collect();
+        let mut queue: BTreeSet<(u64, usize)> = (0..pool.len())
+            .filter(|&i| !pool.frozen[i])
+            .map(|i| (self.bucket(targets, i), i))
+            .collect();
         // Nodes whose target is a large part of all partitions can fall so far behind that they
         // must take a slot in every remaining partition; they are checked first.
-        let heavy: Vec<usize> = (0..pool.len()).filter(|&i| targets[i] * 4 >= parts).collect();
+        let heavy: Vec<usize> =
+            (0..pool.len()).filter(|&i| targets[i] * 4 >= parts && !pool.frozen[i]).collect();
         for p in 0..parts {
             for s in 0..n {
                 if self.slots[p * n + s].is_some() {
@@ -617,6 +625,12 @@ impl State {
                         }
                     }
                     pick = best.map(|(_, _, i)| i);
+                }
+                if pick.is_none() {
+                    // Frozen nodes take new slots only where the rules leave no one else.
+                    pick = (0..pool.len())
+                        .filter(|&i| pool.frozen[i] && self.may_take(pool, p, i, None))
+                        .min_by_key(|&i| mix(pool.seed[i], p));
                 }
                 match pick {
                     Some(i) => {
@@ -663,7 +677,7 @@ impl State {
             }
         }
         let mut order: Vec<usize> = (0..pool.len()).collect();
-        order.sort_by_key(|&i| self.priority(pool, targets, p, i));
+        order.sort_by_key(|&i| (pool.frozen[i], self.priority(pool, targets, p, i)));
         // Bounded search: each step tries a node for the next slot; 100 000 steps is far more
         // than any real pool needs and keeps a pathological input from hanging the operator.
         let mut steps = 0usize;
@@ -708,7 +722,7 @@ impl State {
             return;
         }
         let mut needy: Vec<usize> =
-            (0..pool.len()).filter(|&i| self.load[i] + 1 < targets[i]).collect();
+            (0..pool.len()).filter(|&i| self.load[i] + 1 < targets[i] && !pool.frozen[i]).collect();
         if needy.is_empty() {
             return;
         }
@@ -795,6 +809,7 @@ mod tests {
                 domain: format!("z{z}"),
                 capacity: *c,
                 draining: false,
+                frozen: false,
             })
             .collect()
     }
@@ -918,6 +933,20 @@ mod tests {
     }
 
     #[test]
+    fn a_frozen_node_keeps_its_slots_and_gets_no_new_ones() {
+        let zones: Vec<usize> = (0..12).map(|i| i % 4).collect();
+        let mut nodes = pool(&zones, &[1; 12]);
+        let o = Options::default();
+        let first = compute(&nodes, &profile(4, 2, 256), None, &o).unwrap();
+        nodes[2].frozen = true;
+        let gone = nodes.remove(6);
+        let second = compute(&nodes, &profile(4, 2, 256), Some(&first.layout), &o).unwrap();
+        check_rules(&nodes, &second.layout);
+        assert_eq!(second.layout.slots_of(&id(2)), first.layout.slots_of(&id(2)));
+        assert!(second.layout.slots_of(&gone.id).is_empty());
+    }
+
+    #[test]
     fn max_transfers_defers_the_rest_to_later_rounds() {
         let zones: Vec<usize> = (0..8).collect();
         let nodes = pool(&zones, &[1; 8]);
@@ -964,6 +993,7 @@ mod tests {
                         domain: format!("z{z}"),
                         capacity: if equal { 1 << 40 } else { (1 + next() % 16) << 36 },
                         draining: false,
+                        frozen: false,
                     });
                 }
                 (nodes, k, m)

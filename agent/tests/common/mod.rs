@@ -34,6 +34,8 @@ impl AgentProc {
         Self::spawn(dir, extra)
     }
 
+    // The child moves into the returned AgentProc, whose Drop kills and waits for it.
+    #[allow(clippy::zombie_processes)]
     fn spawn(dir: &Path, extra: Vec<String>) -> AgentProc {
         let ep = dir.join("endpoints.json");
         let _ = std::fs::remove_file(&ep);
@@ -42,7 +44,7 @@ impl AgentProc {
             .append(true)
             .open(dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shardfarm-agent"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardfarm-agent"))
             .arg("--data-dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
@@ -69,11 +71,11 @@ impl AgentProc {
                     extra,
                 };
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start: see {}",
-                dir.with_extension("log").display()
-            );
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not start: see {}", dir.with_extension("log").display());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,553 @@
+//! Membership and repair: joining the pool, heartbeats, following layouts, and the
+//! [`RepairWorker`] that makes this node hold exactly what the layout says it holds.
+//!
+//! # Why repair is decentralised
+//! Nobody ships a node "your missing shards": each node knows, from the published layout, the
+//! (partition, slot) pairs it holds, and asks the other holders of each partition — in the
+//! current and the previous layout — what they hold there. Every segment some peer lists and
+//! this node lacks is repaired, in order of preference:
+//! 1. **copy** the shard itself from a peer that has it (the slot's previous holder, after a
+//!    rebalance): one read, no decode;
+//! 2. **rebuild** it from any `k` other shards of the segment (after a node was lost): fetch,
+//!    verify each against the uploader-signed header, decode, re-encode the slot.
+//!
+//! Either way the bytes are checked against the signed Merkle root before they are stored, so
+//! a lying peer can waste bandwidth but cannot plant data. When a pass completes with nothing
+//! left to do, the node reports the layout version as synced; the coordinator publishes the
+//! previous layout (the readers' fallback) until every holder has.
+//!
+//! **Handoff**: a shard this node stores for a slot it no longer holds is deleted only after
+//! the slot's new holder lists it — so at every moment each shard is on its old holder, its
+//! new holder, or both.
+//!
+//! The worker runs a pass whenever a new layout arrives and every [`PASS_INTERVAL`] otherwise
+//! (which also rebuilds shards that scrub quarantined), throttled to `repair_rate` bytes/s.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
+use shardfarm_core::codec::Decoder;
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::shard::SegmentHeader;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::client::{AgentClient, Signer};
+use crate::coordinator::{CoordinatorClient, PublishedLayout};
+use crate::grpc::proto;
+use crate::shard::Node;
+use crate::store::ShardId;
+
+/// A full repair pass runs at least this often, even without a new layout: it retries failed
+/// repairs and rebuilds what scrub quarantined.
+pub const PASS_INTERVAL: Duration = Duration::from_secs(30);
+/// Entries per ListShards page.
+const PAGE: u32 = 1000;
+/// Wait between attempts to reach the coordinator.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// How this agent takes part in a pool.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    /// The coordinator's `host:port`.
+    pub coordinator: String,
+    /// The gRPC address peers and clients reach this node on.
+    pub advertise_grpc: String,
+    /// The HTTP (metrics) address.
+    pub advertise_http: String,
+    /// Repair write rate, bytes per second.
+    pub repair_rate: u64,
+}
+
+/// Shared progress between the worker and the heartbeat.
+#[derive(Default)]
+struct Progress {
+    synced: AtomicU64,
+    backlog: AtomicU64,
+}
+
+/// Joins the pool, then heartbeats, follows layouts and repairs until `stop`.
+pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
+    let signer = Arc::new(Signer::identity(&node.identity));
+    let progress = Arc::new(Progress::default());
+    let Some(heartbeat) = join_until_admitted(&node, &m, &signer, &stop).await else { return };
+    let (tx, rx) = watch::channel::<Option<Arc<PublishedLayout>>>(None);
+    let hb = tokio::spawn(heartbeats(
+        node.clone(),
+        m.clone(),
+        signer.clone(),
+        progress.clone(),
+        heartbeat,
+        stop.clone(),
+    ));
+    let watch =
+        tokio::spawn(follow_layouts(node.clone(), m.clone(), signer.clone(), tx, stop.clone()));
+    let worker = RepairWorker { node, signer, rate: m.repair_rate.max(1), progress };
+    worker.run(rx, stop).await;
+    let _ = hb.await;
+    let _ = watch.await;
+}
+
+async fn join_once(
+    node: &Arc<Node>,
+    m: &Membership,
+    signer: &Arc<Signer>,
+) -> Result<proto::JoinResponse, String> {
+    let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone())
+        .await
+        .map_err(|e| format!("cannot reach the coordinator at {}: {e}", m.coordinator))?;
+    let ch = c.challenge().await.map_err(|s| s.message().to_string())?;
+    let report = node
+        .prove_capacity(ch.challenge.to_vec(), ch.difficulty)
+        .await
+        .map_err(|e| format!("capacity proof: {e}"))?;
+    let req = proto::JoinRequest {
+        grpc_address: m.advertise_grpc.clone(),
+        http_address: m.advertise_http.clone(),
+        labels: node.settings.labels.clone().into_iter().collect(),
+        capacity_report: report.into(),
+    };
+    let resp = c.join(req).await.map_err(|s| format!("join refused: {}", s.message()))?;
+    if let Some(pool) = &resp.pool
+        && pool.partitions != node.settings.partitions
+    {
+        return Err(format!(
+            "the pool has {} partitions and this agent was started with --partitions {}",
+            pool.partitions, node.settings.partitions
+        ));
+    }
+    Ok(resp)
+}
+
+/// Joins, retrying until admitted or stopped; returns the heartbeat interval.
+async fn join_until_admitted(
+    node: &Arc<Node>,
+    m: &Membership,
+    signer: &Arc<Signer>,
+    stop: &CancellationToken,
+) -> Option<Duration> {
+    loop {
+        match join_once(node, m, signer).await {
+            Ok(resp) => {
+                let pool = resp.pool.unwrap_or_default();
+                tracing::info!(
+                    coordinator = %m.coordinator, pool = %pool.pool, standing = %resp.standing,
+                    layout = resp.layout_version, "joined the pool"
+                );
+                return Some(Duration::from_millis(pool.heartbeat_ms.clamp(100, 60_000)));
+            }
+            Err(e) => tracing::warn!(error = %e, "not joined yet; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+async fn heartbeats(
+    node: Arc<Node>,
+    m: Membership,
+    signer: Arc<Signer>,
+    progress: Arc<Progress>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut client: Option<CoordinatorClient> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if client.is_none() {
+            client = CoordinatorClient::connect(&m.coordinator, signer.clone()).await.ok();
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let scrub_errors: u64 = node
+            .metrics
+            .corrupt_shards
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter().map(|x| x.get_counter().get_value() as u64))
+            .sum();
+        let req = proto::ReportRequest {
+            used_bytes: node.store.used_bytes(),
+            shards: node.store.shard_count(),
+            scrub_errors,
+            repair_backlog: progress.backlog.load(Ordering::Relaxed),
+            synced_version: progress.synced.load(Ordering::Relaxed),
+        };
+        match c.report(req).await {
+            Ok(r) if r.standing != "active" => {
+                tracing::warn!(standing = %r.standing, "the pool reports this node's standing")
+            }
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {
+                tracing::warn!("the coordinator does not know this node; joining again");
+                if let Err(e) = join_once(&node, &m, &signer).await {
+                    tracing::warn!(error = %e, "rejoin failed");
+                }
+            }
+            Err(s) => {
+                tracing::warn!(error = %s, "heartbeat failed");
+                client = None;
+            }
+        }
+    }
+}
+
+async fn follow_layouts(
+    node: Arc<Node>,
+    m: Membership,
+    signer: Arc<Signer>,
+    tx: watch::Sender<Option<Arc<PublishedLayout>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let r = async {
+            let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut stream = c.watch_layout().await.map_err(|s| s.to_string())?;
+            while let Some(msg) = stream.message().await.map_err(|s| s.to_string())? {
+                let l = PublishedLayout::try_from(msg).map_err(|s| s.to_string())?;
+                node.metrics.layout_version.set(l.layout.version as i64);
+                tracing::info!(version = l.layout.version, previous = ?l.previous.as_ref().map(|p| p.version), "layout received");
+                tx.send_replace(Some(Arc::new(l)));
+            }
+            Ok::<_, String>(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = r => if let Err(e) = r { tracing::warn!(error = %e, "layout stream broke; reconnecting") },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+// ---- The repair worker ----
+
+/// Makes this node hold exactly the shards its slots call for.
+pub struct RepairWorker {
+    node: Arc<Node>,
+    signer: Arc<Signer>,
+    /// Bytes per second.
+    rate: u64,
+    progress: Arc<Progress>,
+}
+
+/// What one segment's shards look like across the peers: shard index → nodes that list it.
+type Holders = BTreeMap<u32, Vec<NodeId>>;
+
+/// What one pass did.
+#[derive(Debug, Default)]
+struct PassReport {
+    missing: u64,
+    repaired: u64,
+    failed: u64,
+    handed_off: u64,
+    interrupted: bool,
+}
+
+impl RepairWorker {
+    async fn run(
+        self,
+        mut rx: watch::Receiver<Option<Arc<PublishedLayout>>>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(PASS_INTERVAL) => {}
+            }
+            let Some(published) = rx.borrow_and_update().clone() else { continue };
+            let version = published.layout.version;
+            let start = Instant::now();
+            let report = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.pass(&published, &rx) => r,
+            };
+            if report.missing > 0 || report.handed_off > 0 || report.failed > 0 {
+                tracing::info!(
+                    version,
+                    missing = report.missing,
+                    repaired = report.repaired,
+                    failed = report.failed,
+                    handed_off = report.handed_off,
+                    seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
+                    "repair pass"
+                );
+            }
+            if !report.interrupted && report.failed == 0 {
+                self.progress.synced.fetch_max(version, Ordering::Relaxed);
+                self.node
+                    .metrics
+                    .synced_version
+                    .set(self.progress.synced.load(Ordering::Relaxed) as i64);
+            }
+        }
+    }
+
+    async fn client<'a>(
+        &self,
+        clients: &'a mut HashMap<NodeId, Option<AgentClient>>,
+        published: &PublishedLayout,
+        id: &NodeId,
+    ) -> Option<&'a mut AgentClient> {
+        if !clients.contains_key(id) {
+            let c = match published.address(id) {
+                Some(addr) => AgentClient::connect(addr, self.signer.clone()).await.ok(),
+                None => None,
+            };
+            clients.insert(*id, c);
+        }
+        clients.get_mut(id).and_then(Option::as_mut)
+    }
+
+    /// Lists everything `peer` holds in partition `p`.
+    async fn list_all(client: &mut AgentClient, p: u32) -> Result<Vec<ShardId>, tonic::Status> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = client.list_shards(p, after, PAGE).await?;
+            let full = page.len() == PAGE as usize;
+            for e in page {
+                if let Some(k) = e.key {
+                    out.push(ShardId::try_from(k)?);
+                }
+            }
+            match (full, out.last()) {
+                (true, Some(last)) => after = Some(*last),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn list_local(&self, p: u32) -> Vec<ShardId> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let Ok(page) = self.node.list(p, after, PAGE as usize).await else { return out };
+            let full = page.len() == PAGE as usize;
+            out.extend(page.into_iter().map(|(id, _)| id));
+            match (full, out.last()) {
+                (true, Some(last)) => after = Some(*last),
+                _ => return out,
+            }
+        }
+    }
+
+    async fn pass(
+        &self,
+        published: &PublishedLayout,
+        rx: &watch::Receiver<Option<Arc<PublishedLayout>>>,
+    ) -> PassReport {
+        let me = self.node.identity.id();
+        let layout = &published.layout;
+        let mut report = PassReport::default();
+        let mut clients: HashMap<NodeId, Option<AgentClient>> = HashMap::new();
+        let mut mine: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (p, s) in layout.slots_of(&me) {
+            mine.entry(p).or_default().push(s);
+        }
+        let started = Instant::now();
+        let mut written = 0u64;
+        // ---- Repair: every slot this node holds ----
+        let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders)> = Vec::new();
+        for (&p, slots) in &mine {
+            let mut peers: BTreeSet<NodeId> =
+                layout.partitions[p as usize].iter().copied().collect();
+            if let Some(prev) = &published.previous
+                && let Some(h) = prev.partitions.get(p as usize)
+            {
+                peers.extend(h.iter().copied());
+            }
+            peers.remove(&me);
+            let mut segments: BTreeMap<([u8; 32], u32), Holders> = BTreeMap::new();
+            for peer in &peers {
+                let Some(c) = self.client(&mut clients, published, peer).await else { continue };
+                let Ok(list) = Self::list_all(c, p).await else { continue };
+                for id in list {
+                    segments
+                        .entry((id.object_id, id.segment))
+                        .or_default()
+                        .entry(id.shard)
+                        .or_default()
+                        .push(*peer);
+                }
+            }
+            let local: BTreeSet<ShardId> = self.list_local(p).await.into_iter().collect();
+            for ((obj, seg), holders) in segments {
+                for &s in slots {
+                    let id = ShardId { object_id: obj, segment: seg, shard: s as u32 };
+                    if !local.contains(&id) {
+                        backlog.push((p, obj, seg, s, holders.clone()));
+                    }
+                }
+            }
+        }
+        report.missing = backlog.len() as u64;
+        self.progress.backlog.store(report.missing, Ordering::Relaxed);
+        self.node.metrics.repair_backlog.set(report.missing as i64);
+        for (p, obj, seg, slot, holders) in backlog {
+            if rx.has_changed().unwrap_or(false) {
+                report.interrupted = true;
+                return report;
+            }
+            match self.repair_one(&mut clients, published, obj, seg, slot, &holders).await {
+                Ok((bytes, method)) => {
+                    report.repaired += 1;
+                    written += bytes;
+                    self.node.metrics.repaired.with_label_values(&[method]).inc();
+                    self.node.metrics.repair_bytes.inc_by(bytes);
+                    self.progress.backlog.fetch_sub(1, Ordering::Relaxed);
+                    self.node.metrics.repair_backlog.dec();
+                    // Throttle: stay at or under `rate` bytes per second on average.
+                    let due = Duration::from_secs_f64(written as f64 / self.rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    self.node.metrics.repair_failures.inc();
+                    tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, slot, error = %e, "repair failed");
+                }
+            }
+        }
+        if report.failed > 0 {
+            return report;
+        }
+        // ---- Handoff: shards of slots this node no longer holds ----
+        let mut confirmed: HashMap<(u32, NodeId), BTreeSet<ShardId>> = HashMap::new();
+        for p in 0..layout.partitions.len() as u32 {
+            let local = self.list_local(p).await;
+            for id in local {
+                let Some(&holder) = layout.partitions[p as usize].get(id.shard as usize) else {
+                    continue;
+                };
+                if holder == me {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    confirmed.entry((p, holder))
+                {
+                    let listed = match self.client(&mut clients, published, &holder).await {
+                        Some(c) => Self::list_all(c, p).await.unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    slot.insert(listed.into_iter().collect());
+                }
+                if confirmed[&(p, holder)].contains(&id) && self.node.hand_off(id).await.is_ok() {
+                    report.handed_off += 1;
+                    self.node.metrics.handed_off.inc();
+                }
+            }
+        }
+        report
+    }
+
+    /// Repairs one shard: copies it from a peer that has it, else rebuilds it from k others.
+    async fn repair_one(
+        &self,
+        clients: &mut HashMap<NodeId, Option<AgentClient>>,
+        published: &PublishedLayout,
+        obj: [u8; 32],
+        seg: u32,
+        slot: usize,
+        holders: &Holders,
+    ) -> Result<(u64, &'static str), String> {
+        let want = ShardId { object_id: obj, segment: seg, shard: slot as u32 };
+        for src in holders.get(&(slot as u32)).into_iter().flatten() {
+            let Some(c) = self.client(clients, published, src).await else { continue };
+            let Ok(got) = c.get_shard(want, 0, 0).await else { continue };
+            let Ok(header) = SegmentHeader::decode(&got.header) else { continue };
+            if header.object_id != obj || header.segment_index != seg {
+                continue;
+            }
+            if header.verify_shard(slot, &got.data).is_ok() {
+                let n = got.data.len() as u64;
+                self.store(got.header, slot, got.data).await?;
+                return Ok((n, "copy"));
+            }
+        }
+        let mut header: Option<(SegmentHeader, Vec<u8>)> = None;
+        let mut shards: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut have = 0;
+        let mut failures = Vec::new();
+        for (&idx, srcs) in holders {
+            if idx as usize == slot {
+                continue;
+            }
+            if let Some((h, _)) = &header
+                && have >= usize::from(h.k)
+            {
+                break;
+            }
+            for src in srcs {
+                let Some(c) = self.client(clients, published, src).await else { continue };
+                let id = ShardId { object_id: obj, segment: seg, shard: idx };
+                let got = match c.get_shard(id, 0, 0).await {
+                    Ok(g) => g,
+                    Err(s) => {
+                        failures.push(format!("shard {idx}: {}", s.message()));
+                        continue;
+                    }
+                };
+                let h = match SegmentHeader::decode(&got.header) {
+                    Ok(h) if h.object_id == obj && h.segment_index == seg => h,
+                    _ => continue,
+                };
+                if let Some((first, _)) = &header
+                    && first.uploader != h.uploader
+                {
+                    continue;
+                }
+                if h.verify_shard(idx as usize, &got.data).is_err() {
+                    failures.push(format!("shard {idx} from {} is corrupt", src.short()));
+                    continue;
+                }
+                if header.is_none() {
+                    shards = vec![None; h.n()];
+                    header = Some((h, got.header));
+                }
+                if let Some(slot_ref) = shards.get_mut(idx as usize) {
+                    *slot_ref = Some(got.data);
+                    have += 1;
+                }
+                break;
+            }
+        }
+        let Some((h, header_bytes)) = header else {
+            return Err(format!("no peer served a shard ({})", failures.join("; ")));
+        };
+        if have < usize::from(h.k) {
+            return Err(format!("have {have} shards, need {} ({})", h.k, failures.join("; ")));
+        }
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            let refs: Vec<Option<&[u8]>> = shards.iter().map(|s| s.as_deref()).collect();
+            Decoder::default().rebuild_shard(&h, &refs, slot).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let n = rebuilt.len() as u64;
+        self.store(header_bytes, slot, rebuilt).await?;
+        Ok((n, "rebuild"))
+    }
+
+    async fn store(&self, header: Vec<u8>, slot: usize, data: Vec<u8>) -> Result<(), String> {
+        let mut up = self.node.begin_repair(header, slot as u32).map_err(|e| e.to_string())?;
+        if !data.is_empty() {
+            up.write(bytes::Bytes::from(data)).await.map_err(|e| e.to_string())?;
+        }
+        up.finish().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,205 @@
+//! The test harness shared by the end-to-end tests: a `shardfarm local up` process, the
+//! client, and helpers to kill agents and read metrics.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");
+
+/// A running `local up`.
+pub struct Farm {
+    pub dir: PathBuf,
+    pub base_port: u16,
+    up: Child,
+}
+
+/// A base port with the two ports before it (coordinator) and 20 after it (two per node)
+/// free.
+pub fn free_base_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        drop(l);
+        if !(1_100..60_000).contains(&base) {
+            continue;
+        }
+        let free =
+            (base - 2..base + 20).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+impl Farm {
+    pub fn start(dir: &Path) -> Farm {
+        Self::start_with(dir, free_base_port(), &[])
+    }
+
+    pub fn start_on(dir: &Path, base_port: u16) -> Farm {
+        Self::start_with(dir, base_port, &[])
+    }
+
+    /// Starts `local up` on `base_port` with extra flags. Tests run in parallel and ports are
+    /// picked before they are bound, so a farm that loses a port race is started again on
+    /// fresh ports.
+    pub fn start_with(dir: &Path, base_port: u16, extra: &[&str]) -> Farm {
+        let mut base_port = base_port;
+        for _ in 0..3 {
+            match Self::try_start(dir, base_port, extra) {
+                Ok(farm) => return farm,
+                Err(log) if log.contains("binding") => base_port = free_base_port(),
+                Err(log) => panic!("farm did not come up:\n{log}"),
+            }
+        }
+        panic!("farm did not come up: no free ports after 3 tries");
+    }
+
+    fn try_start(dir: &Path, base_port: u16, extra: &[&str]) -> Result<Farm, String> {
+        let log = std::fs::File::create(dir.with_extension("up.log")).unwrap();
+        let up = Command::new(BIN)
+            .args(["local", "up", "--no-restart", "--base-port", &base_port.to_string()])
+            .arg("--data")
+            .arg(dir)
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut farm = Farm { dir: dir.to_path_buf(), base_port, up };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = std::fs::read_to_string(dir.with_extension("up.log")).unwrap_or_default();
+            if log.contains("stop with Ctrl-C") {
+                return Ok(farm);
+            }
+            if let Ok(Some(_)) = farm.up.try_wait() {
+                return Err(log);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not up within 90 s:\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn sf(&self, args: &[&str]) -> Output {
+        Command::new(BIN).arg("--farm").arg(&self.dir).args(args).output().unwrap()
+    }
+
+    pub fn put(&self, file: &Path) -> String {
+        let out = self.sf(&["put", file.to_str().unwrap()]);
+        assert!(out.status.success(), "put failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn get(&self, cap: &str, to: &Path) -> Output {
+        self.sf(&["get", cap, "-o", to.to_str().unwrap()])
+    }
+
+    pub fn agent_pid(&self, node: usize) -> u32 {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("node-{node}/endpoints.json"))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["pid"].as_u64().unwrap() as u32
+    }
+
+    pub fn kill9(&self, node: usize) {
+        let pid = self.agent_pid(node);
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        // Wait until the node stops answering.
+        let addr = format!("127.0.0.1:{}", self.base_port as usize + 2 * node);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_ok() {
+            assert!(Instant::now() < deadline, "node {node} still answers after kill -9");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The coordinator's metrics as text.
+    pub fn coordinator_metrics(&self) -> String {
+        http_get(&format!("127.0.0.1:{}", self.base_port - 1), "/metrics")
+    }
+
+    /// One sample of a coordinator metric (exact series name with labels), 0 if absent.
+    pub fn coordinator_metric(&self, series: &str) -> f64 {
+        metric(&self.coordinator_metrics(), series)
+    }
+
+    /// Polls `f` every 100 ms until it returns true; panics with `what` after `secs`.
+    pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `stat --json` of `cap`.
+    pub fn stat(&self, cap: &str) -> serde_json::Value {
+        let out = self.sf(&["--json", "stat", cap]);
+        assert!(out.status.success(), "stat: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn stop(mut self) {
+        Command::new("kill").args(["-TERM", &self.up.id().to_string()]).status().unwrap();
+        let status = self.up.wait().unwrap();
+        assert!(status.success(), "local up did not stop cleanly: {status}");
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.up.try_wait() {
+            let _ = Command::new("kill").args(["-TERM", &self.up.id().to_string()]).status();
+            let _ = self.up.wait();
+        }
+    }
+}
+
+/// Writes `len` deterministic pseudo-random bytes.
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let n = left.min(buf.len());
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+pub fn same(a: &Path, b: &Path) -> bool {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    x.len() == y.len() && x == y
+}
+
+/// A plain HTTP/1.0 GET, returning the body ("" when unreachable).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// The value of one series (exact name with labels) in a metrics text, 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,211 @@
+//! Repair, rebalance and audits end to end, with real processes: `shardfarm local up` runs the
+//! coordinator in-process and the agents as children; the tests kill agents for good, add an
+//! agent from outside, or delete a node's data, and check that the fabric heals itself.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{BIN, Farm, free_base_port, metric, same, write_random};
+
+/// Fast timings for tests: heartbeats every 300 ms, down after 3 s, audits every second,
+/// 256 KiB segments so a few MiB spread over many partitions.
+const FAST: &[&str] =
+    &["--heartbeat-ms", "300", "--grace", "3", "--audit-interval", "1", "--segment-size", "256KiB"];
+
+fn start(dir: &Path, nodes: usize) -> Farm {
+    let n = nodes.to_string();
+    let mut args = vec!["--nodes", n.as_str()];
+    args.extend_from_slice(FAST);
+    Farm::start_with(dir, free_base_port(), &args)
+}
+
+/// Stores a few files; returns (path, cap).
+fn store_files(farm: &Farm, dir: &Path) -> Vec<(PathBuf, String)> {
+    [0usize, 1, 3 << 20, (5 << 20) + 7]
+        .iter()
+        .enumerate()
+        .map(|(i, len)| {
+            let p = dir.join(format!("in-{i}"));
+            write_random(&p, *len, 100 + i as u64);
+            let cap = farm.put(&p);
+            (p, cap)
+        })
+        .collect()
+}
+
+fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path, tag: &str) {
+    for (i, (p, cap)) in files.iter().enumerate() {
+        let out = dir.join(format!("{tag}-{i}"));
+        let r = farm.get(cap, &out);
+        assert!(r.status.success(), "{tag}: file {i}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(same(p, &out), "{tag}: file {i} differs");
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+/// Every segment of every file is on n of n holders, none of them in `excluded`.
+fn fully_placed(farm: &Farm, files: &[(PathBuf, String)], excluded: &BTreeSet<String>) -> bool {
+    files.iter().all(|(_, cap)| {
+        let out = farm.sf(&["--json", "stat", cap]);
+        if !out.status.success() {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["segments"].as_array().unwrap().iter().all(|s| {
+            s["present"] == s["total"]
+                && s["holders"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|h| !excluded.contains(h.as_str().unwrap()))
+        })
+    })
+}
+
+fn node_id(farm: &Farm, node: usize) -> String {
+    let text =
+        std::fs::read_to_string(farm.dir.join(format!("node-{node}/endpoints.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["node_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_node_lost_for_good_is_rebuilt_elsewhere_and_then_two_more_can_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Seven nodes over three zones (3 + 2 + 2): after losing one, six remain for RS(4,2).
+    let farm = start(&tmp.path().join("farm"), 7);
+    let files = store_files(&farm, tmp.path());
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    assert!(v0 >= 1.0);
+
+    let lost = node_id(&farm, 6);
+    farm.kill9(6);
+    farm.wait_for(30, "the node to be marked down", || {
+        farm.coordinator_metric("shardfarm_coordinator_nodes{state=\"active_down\"}") == 1.0
+    });
+    farm.wait_for(30, "a layout without the lost node", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
+    });
+    // Survivors rebuild: every segment back at 6 of 6, none on the lost node.
+    let excluded: BTreeSet<String> = [lost].into();
+    farm.wait_for(90, "every segment back at n of n", || fully_placed(&farm, &files, &excluded));
+    farm.wait_for(30, "the layout in sync", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    let rebuilt: f64 = (0..6)
+        .map(|i| {
+            let text = common::http_get(
+                &format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1),
+                "/metrics",
+            );
+            metric(&text, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}")
+        })
+        .sum();
+    assert!(rebuilt > 0.0, "no shard was rebuilt");
+
+    // Now any two more nodes can fail (one from each of two zones) with nothing lost.
+    farm.kill9(0);
+    farm.kill9(4);
+    read_all_back(&farm, &files, tmp.path(), "after-3-losses");
+}
+
+/// An agent started by hand that joins the running farm through its coordinator.
+struct Outsider(Child);
+
+impl Drop for Outsider {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_outsider(farm: &Farm, dir: &Path, zone: &str) -> (Outsider, String) {
+    let port = free_base_port();
+    let child = Command::new(BIN)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{}", port + 1)])
+        .args(["--zone", zone, "--identity-difficulty", "8", "--pool-difficulty", "8"])
+        .args(["--coordinator", &format!("127.0.0.1:{}", farm.base_port - 2)])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    (Outsider(child), format!("127.0.0.1:{}", port + 1))
+}
+
+#[test]
+fn a_joining_node_takes_its_share_and_every_file_stays_readable_during_the_move() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), 6);
+    let files = store_files(&farm, tmp.path());
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let (_new, http) = start_outsider(&farm, &tmp.path().join("outsider"), "zone-1");
+    farm.wait_for(30, "a layout with the new node", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
+    });
+    // Read everything, again and again, until the move is done.
+    let mut rounds = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        read_all_back(&farm, &files, tmp.path(), &format!("during-{rounds}"));
+        rounds += 1;
+        let synced = farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0;
+        let held = metric(&common::http_get(&http, "/metrics"), "shardfarm_agent_shards");
+        if synced && held > 0.0 && fully_placed(&farm, &files, &BTreeSet::new()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the move did not finish in 90 s");
+    }
+    // The new node holds about its share (6/7 of the slots are elsewhere) and old holders
+    // handed their copies off: no shard is stored twice.
+    let text = common::http_get(&http, "/metrics");
+    assert!(metric(&text, "shardfarm_agent_repaired_shards_total{method=\"copy\"}") > 0.0);
+    farm.wait_for(60, "old holders to hand their copies off", || {
+        let total: f64 = (0..6)
+            .map(|i| {
+                let t = common::http_get(
+                    &format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1),
+                    "/metrics",
+                );
+                metric(&t, "shardfarm_agent_shards")
+            })
+            .sum::<f64>()
+            + metric(&common::http_get(&http, "/metrics"), "shardfarm_agent_shards");
+        let segments: u64 = files
+            .iter()
+            .map(|(_, cap)| farm.stat(cap)["segments"].as_array().unwrap().len() as u64)
+            .sum();
+        total == (segments * 6) as f64
+    });
+    read_all_back(&farm, &files, tmp.path(), "after-move");
+}
+
+#[test]
+fn a_node_that_drops_its_data_is_suspended_then_disqualified_and_rebuilt_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), 7);
+    let files = store_files(&farm, tmp.path());
+    let cheat = node_id(&farm, 3);
+    // The node loses every payload file but keeps running and answering.
+    let shards = farm.dir.join("node-3/shards");
+    assert!(shards.is_dir(), "{} is not the payload dir", shards.display());
+    std::fs::remove_dir_all(&shards).unwrap();
+    std::fs::create_dir_all(&shards).unwrap();
+    let mut seen_suspended = false;
+    farm.wait_for(60, "the node to be disqualified", || {
+        let text = farm.coordinator_metrics();
+        seen_suspended |= metric(&text, "shardfarm_coordinator_nodes{state=\"suspended\"}") >= 1.0;
+        metric(&text, "shardfarm_coordinator_nodes{state=\"disqualified\"}") == 1.0
+    });
+    assert!(seen_suspended, "the node was disqualified without being suspended first");
+    assert!(farm.coordinator_metric("shardfarm_coordinator_audits_total{result=\"fail\"}") >= 2.0);
+    let excluded: BTreeSet<String> = [cheat].into();
+    farm.wait_for(90, "its data rebuilt elsewhere", || fully_placed(&farm, &files, &excluded));
+    read_all_back(&farm, &files, tmp.path(), "after-dq");
+}

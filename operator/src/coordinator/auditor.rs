@@ -1,0 +1,169 @@
+//! The auditor: proof of storage, node by node.
+//!
+//! Each round, for every node that is up and not disqualified and has repaired for the
+//! current layout, it picks one (partition, slot) the node holds, asks two *other* holders of
+//! that partition what they hold there, and picks a segment that both list: the node must
+//! then hold its shard of it (a single peer cannot frame a node by listing segments that do
+//! not exist). It sends a fresh nonce; the node answers with the Merkle leaves the nonce
+//! chooses and their proofs, checked against the root in the uploader-signed header.
+//! Missing or wrong is a failed audit; an unreachable node is not audited (uptime covers it).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use shardfarm_agent::client::{AgentClient, Signer};
+use shardfarm_agent::store::ShardId;
+use shardfarm_core::audit::{ProvenLeaf, verify_answer};
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::shard::SegmentHeader;
+use tonic::Code;
+
+use super::Coordinator;
+use crate::economics::Standing;
+
+/// Leaves proven per audit: 4 × 64 KiB read, a fraction of a ms to check.
+const LEAVES: u32 = 4;
+/// Entries asked of each peer when choosing a segment.
+const SAMPLE: u32 = 64;
+/// Slots tried per node and round when the first ones hold nothing.
+const TRIES: usize = 16;
+/// Start of the skip reason for an empty partition.
+const EMPTY: &str = "peers hold nothing in partition";
+
+pub(super) struct Auditor {
+    c: Arc<Coordinator>,
+    signer: Arc<Signer>,
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("OS randomness");
+    u64::from_le_bytes(b)
+}
+
+enum Outcome {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+impl Auditor {
+    pub fn new(c: Arc<Coordinator>) -> Self {
+        let signer = Arc::new(Signer::identity(c.identity()));
+        Auditor { c, signer }
+    }
+
+    /// Audits every eligible node once.
+    pub async fn round(&self) {
+        let Some(published) = self.c.layout() else { return };
+        let layout = &published.layout;
+        let members = self.c.members();
+        let up: BTreeSet<NodeId> = members.iter().filter(|m| m.up).map(|m| m.id).collect();
+        let tasks = members
+            .iter()
+            .filter(|m| m.up && m.standing != Standing::Disqualified)
+            .filter(|m| m.synced_version >= layout.version)
+            .map(|m| {
+                let slots = layout.slots_of(&m.id);
+                let published = published.clone();
+                let up = &up;
+                async move {
+                    // Most partitions of a young pool hold nothing yet: try a few slots until
+                    // one has a segment to audit.
+                    let mut outcome = Outcome::Skip("holds no slots".into());
+                    for _ in 0..TRIES.min(slots.len()) {
+                        let (p, s) = slots[(random_u64() % slots.len() as u64) as usize];
+                        outcome = self.audit(&published, m.id, p, s, up).await;
+                        if !matches!(&outcome, Outcome::Skip(why) if why.starts_with(EMPTY)) {
+                            break;
+                        }
+                    }
+                    (m.id, outcome)
+                }
+            });
+        for (node, outcome) in futures::future::join_all(tasks).await {
+            match outcome {
+                Outcome::Pass => self.c.record_audit(&node, true),
+                Outcome::Fail(why) => {
+                    tracing::warn!(node = %node, reason = %why, "audit failed");
+                    self.c.record_audit(&node, false);
+                }
+                Outcome::Skip(why) => tracing::debug!(node = %node, reason = %why, "not audited"),
+            }
+        }
+    }
+
+    async fn audit(
+        &self,
+        published: &shardfarm_agent::coordinator::PublishedLayout,
+        node: NodeId,
+        p: u32,
+        slot: usize,
+        up: &BTreeSet<NodeId>,
+    ) -> Outcome {
+        let holders = &published.layout.partitions[p as usize];
+        let peers: Vec<NodeId> =
+            holders.iter().filter(|h| **h != node && up.contains(h)).copied().collect();
+        // Segments listed by the first two peers that answer (one when n = 2).
+        let mut listed: Option<BTreeSet<([u8; 32], u32)>> = None;
+        let mut answered = 0;
+        for peer in peers.iter().take(4) {
+            let Some(addr) = published.address(peer) else { continue };
+            let Ok(mut c) = AgentClient::connect(addr, self.signer.clone()).await else { continue };
+            let Ok(entries) = c.list_shards(p, None, SAMPLE).await else { continue };
+            let set: BTreeSet<([u8; 32], u32)> = entries
+                .into_iter()
+                .filter_map(|e| e.key)
+                .filter_map(|k| Some((k.object_id[..].try_into().ok()?, k.segment_index)))
+                .collect();
+            listed = Some(match listed {
+                None => set,
+                Some(prev) => prev.intersection(&set).copied().collect(),
+            });
+            answered += 1;
+            if answered == 2 {
+                break;
+            }
+        }
+        let Some(listed) = listed else { return Outcome::Skip("no peer answered".into()) };
+        if listed.is_empty() {
+            return Outcome::Skip(format!("{EMPTY} {p}"));
+        }
+        let pick = listed.iter().nth((random_u64() % listed.len() as u64) as usize).unwrap();
+        let id = ShardId { object_id: pick.0, segment: pick.1, shard: slot as u32 };
+        let Some(addr) = published.address(&node) else {
+            return Outcome::Skip("no address".into());
+        };
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).expect("OS randomness");
+        let mut client = match AgentClient::connect(addr, self.signer.clone()).await {
+            Ok(c) => c,
+            Err(e) => return Outcome::Skip(format!("unreachable: {e}")),
+        };
+        let resp = match client.audit(id, &nonce, LEAVES).await {
+            Ok(r) => r,
+            Err(s) if matches!(s.code(), Code::NotFound | Code::DataLoss) => {
+                return Outcome::Fail(format!("shard {slot} of partition {p}: {}", s.message()));
+            }
+            Err(s) => return Outcome::Skip(format!("audit call failed: {s}")),
+        };
+        let header = match SegmentHeader::decode(&resp.segment_header) {
+            Ok(h) if h.object_id == id.object_id && h.segment_index == id.segment => h,
+            Ok(_) => return Outcome::Fail("answered with another segment's header".into()),
+            Err(e) => return Outcome::Fail(format!("header does not verify: {e}")),
+        };
+        let leaves: Vec<ProvenLeaf> = resp
+            .leaves
+            .into_iter()
+            .map(|l| ProvenLeaf {
+                index: l.index as usize,
+                data: l.data.to_vec(),
+                proof: l.proof.iter().filter_map(|h| h[..].try_into().ok()).collect(),
+            })
+            .collect();
+        match verify_answer(&header, slot, &nonce, LEAVES, &leaves) {
+            Ok(()) => Outcome::Pass,
+            Err(e) => Outcome::Fail(e.to_string()),
+        }
+    }
+}

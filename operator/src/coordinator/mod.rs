@@ -1,0 +1,622 @@
+//! The coordinator: admission, heartbeats, layouts, audits, reputation and rewards.
+//!
+//! One [`Coordinator`] owns a pool. Its durable state is one JSON file in its state dir
+//! (`coordinator.json`, written atomically) plus the rewards ledger (`ledger.jsonl`); in a
+//! cluster the operator keeps the same state in the pool's objects. Heartbeats stay in memory
+//! and reach the file at most every [`SAVE_EVERY`].
+//!
+//! # Layouts and sync
+//! A layout is recomputed when the set of nodes that may hold data changes: a node joins, is
+//! marked down after the grace period, or is disqualified (suspended nodes stay, frozen). The
+//! new layout is published at once — a lost node cannot wait — and agents rebuild the slots
+//! they newly hold. Each agent reports the newest version it has fully repaired for; when
+//! every holder of the current layout has, the layout is *in sync*. Until then the previous
+//! in-sync layout is published beside it and readers fall back to it. Rebalancing rounds that
+//! the engine deferred (`Quality::deferred`) only run once the current layout is in sync, so
+//! data never moves twice before it has landed once.
+
+mod auditor;
+mod service;
+mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shardfarm_agent::coordinator::PublishedLayout;
+use shardfarm_core::auth::{Caller, Verifier};
+use shardfarm_core::capacity::CapacityReport;
+use shardfarm_core::identity::{Credential, Identity, NodeId};
+use shardfarm_core::placement::{self, Options, Profile};
+use tokio::sync::watch;
+
+pub use service::CoordinatorService;
+pub use state::Member;
+
+use crate::economics::{self, EpochInput, ReputationConfig, RewardConfig, Standing};
+use crate::ledger::Ledger;
+use crate::{Error, Result};
+use state::Persisted;
+
+/// Heartbeat-only changes reach the state file at most this often (uptime loses at most this
+/// much on a crash).
+pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+/// How long an issued capacity challenge may be answered.
+const CHALLENGE_TTL_MS: u64 = 60_000;
+/// Most outstanding challenges (each is 32 bytes; joins beyond this wait a minute).
+const MAX_CHALLENGES: usize = 10_000;
+
+// ---- Public interface ----
+
+/// Serves the coordinator's `/metrics` (and `/healthz`) on `listener` until `stop`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    c: Arc<Coordinator>,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(c.metrics.render())))
+        .route("/healthz", get(|| std::future::ready("ok")));
+    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+}
+
+/// A pool's configuration (a StoragePool spec, or `local up`'s flags).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolConfig {
+    /// Pool name (goes into read capabilities).
+    pub pool: String,
+    /// Data shards.
+    pub k: u16,
+    /// Parity shards.
+    pub m: u16,
+    /// Placement partitions.
+    pub partitions: u32,
+    /// Segment size, bytes.
+    pub segment_size: u64,
+    /// Least identity difficulty admitted.
+    pub min_difficulty: u8,
+    /// The label placement spreads over (`zone`, `farm`, `host`, `cluster`).
+    pub failure_domain: String,
+    /// Agents report this often, ms.
+    pub heartbeat_ms: u64,
+    /// A node silent this long is down and its slots are re-placed, ms.
+    pub grace_ms: u64,
+    /// Each node is audited about this often, ms.
+    pub audit_interval_ms: u64,
+    /// Leading zero bits a capacity proof must find.
+    pub capacity_difficulty: u8,
+    /// Most delegated node ids one owner root may join.
+    pub max_delegated_per_root: usize,
+    /// Most rebalancing transfers per layout round (vacated slots are always re-placed).
+    pub max_transfers_per_round: Option<usize>,
+    /// Reputation thresholds.
+    pub reputation: ReputationConfig,
+    /// Rewards.
+    pub rewards: RewardConfig,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            pool: "default".into(),
+            k: 4,
+            m: 2,
+            partitions: 256,
+            segment_size: 64 << 20,
+            min_difficulty: 24,
+            failure_domain: "zone".into(),
+            heartbeat_ms: 5_000,
+            grace_ms: 60_000,
+            audit_interval_ms: 60_000,
+            capacity_difficulty: 12,
+            max_delegated_per_root: 16,
+            max_transfers_per_round: None,
+            reputation: ReputationConfig::default(),
+            rewards: RewardConfig::default(),
+        }
+    }
+}
+
+impl PoolConfig {
+    fn profile(&self) -> Profile {
+        Profile {
+            k: self.k,
+            m: self.m,
+            partitions: self.partitions,
+            domain_kind: self.failure_domain.clone(),
+        }
+    }
+}
+
+/// Why a request was refused (mapped to a gRPC status in `service`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Malformed input.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Not allowed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Not possible now.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Unknown node.
+    #[error("{0}")]
+    NotFound(String),
+    /// Nothing to serve yet.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The state could not be saved.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What a node sends to join.
+#[derive(Clone, Debug)]
+pub struct JoinInput {
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP (metrics) address.
+    pub http: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The encoded, signed capacity report.
+    pub capacity_report: Vec<u8>,
+}
+
+/// What a node sends with each heartbeat.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReportInput {
+    /// Bytes stored.
+    pub used_bytes: u64,
+    /// Shards stored.
+    pub shards: u64,
+    /// Scrub errors so far.
+    pub scrub_errors: u64,
+    /// Shards still to rebuild.
+    pub repair_backlog: u64,
+    /// Newest layout fully repaired for.
+    pub synced_version: u64,
+}
+
+/// The coordinator of one pool.
+pub struct Coordinator {
+    config: PoolConfig,
+    identity: Identity,
+    dir: PathBuf,
+    state: Mutex<Persisted>,
+    layout_tx: watch::Sender<Option<Arc<PublishedLayout>>>,
+    challenges: Mutex<HashMap<Vec<u8>, u64>>,
+    verifier: Verifier,
+    ledger: Mutex<Ledger>,
+    /// The coordinator's metrics.
+    pub metrics: crate::metrics::CoordinatorMetrics,
+}
+
+impl Coordinator {
+    /// Opens the coordinator whose state lives in `dir`, signing as `identity`.
+    pub fn open(config: PoolConfig, dir: &Path, identity: Identity) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let state = Persisted::load(&dir.join(state::STATE_FILE))?;
+        let ledger = Ledger::open(&dir.join("ledger.jsonl"), &identity.public_key())?;
+        // Requests within 5 minutes of our clock; 100 000 nonces ≈ 20 MB.
+        let verifier = Verifier::new(config.min_difficulty, Duration::from_secs(300), 100_000);
+        let (layout_tx, _) = watch::channel(None);
+        let c = Coordinator {
+            config,
+            identity,
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+            layout_tx,
+            challenges: Mutex::new(HashMap::new()),
+            verifier,
+            ledger: Mutex::new(ledger),
+            metrics: crate::metrics::CoordinatorMetrics::new(),
+        };
+        c.publish_current();
+        c.refresh_metrics();
+        Ok(Arc::new(c))
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The coordinator's identity (it signs audits and the ledger).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Issues a capacity challenge.
+    pub fn challenge(&self, now_ms: u64) -> Result<(Vec<u8>, u8), Refusal> {
+        let mut ch = self.challenges.lock().unwrap();
+        ch.retain(|_, exp| *exp > now_ms);
+        if ch.len() >= MAX_CHALLENGES {
+            return Err(Refusal::Unavailable("too many joins in flight; retry in a minute".into()));
+        }
+        let mut c = vec![0u8; 32];
+        getrandom::fill(&mut c).expect("OS randomness");
+        ch.insert(c.clone(), now_ms + CHALLENGE_TTL_MS);
+        Ok((c, self.config.capacity_difficulty))
+    }
+
+    /// Admits (or re-admits) the caller.
+    pub fn join(&self, caller: &Caller, input: JoinInput, now_ms: u64) -> Result<Member, Refusal> {
+        let report = CapacityReport::decode_verified(&input.capacity_report, None)
+            .map_err(|e| Refusal::InvalidArgument(format!("capacity proof refused: {e}")))?;
+        if report.node != *caller.credential.signing_key() {
+            return Err(Refusal::PermissionDenied(
+                "the capacity proof is signed by another key than the caller's".into(),
+            ));
+        }
+        let issued = self.challenges.lock().unwrap().remove(&report.challenge);
+        if issued.is_none_or(|exp| exp <= now_ms) {
+            return Err(Refusal::FailedPrecondition(
+                "the capacity proof answers a challenge this coordinator did not issue or that \
+                 expired: ask Challenge first and join within a minute"
+                    .into(),
+            ));
+        }
+        if report.difficulty < self.config.capacity_difficulty {
+            return Err(Refusal::FailedPrecondition(format!(
+                "the capacity proof solves difficulty {}; the pool asks {}",
+                report.difficulty, self.config.capacity_difficulty
+            )));
+        }
+        let domain = input.labels.get(&self.config.failure_domain).cloned().ok_or_else(|| {
+            Refusal::InvalidArgument(format!(
+                "label `{}` is required: the pool spreads shards over {}s",
+                self.config.failure_domain, self.config.failure_domain
+            ))
+        })?;
+        for (what, addr) in [("grpc", &input.grpc), ("http", &input.http)] {
+            if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(Refusal::InvalidArgument(format!(
+                    "{what} address `{addr}` is not host:port"
+                )));
+            }
+        }
+        let delegated = matches!(caller.credential, Credential::Delegated(_));
+        let mut st = self.state.lock().unwrap();
+        if let Some(m) = st.nodes.get(&caller.id.to_hex())
+            && m.standing == Standing::Disqualified
+        {
+            return Err(Refusal::PermissionDenied(format!(
+                "node {} is disqualified from pool `{}`",
+                caller.id, self.config.pool
+            )));
+        }
+        if delegated {
+            let same_root = st
+                .nodes
+                .values()
+                .filter(|m| m.delegated && m.root == caller.root && m.id != caller.id)
+                .count();
+            if same_root >= self.config.max_delegated_per_root {
+                return Err(Refusal::PermissionDenied(format!(
+                    "owner root {} already has {same_root} delegated nodes, the pool's limit",
+                    caller.root
+                )));
+            }
+        }
+        let m = st
+            .nodes
+            .entry(caller.id.to_hex())
+            .or_insert_with(|| Member::new(caller, now_ms, &self.config.reputation));
+        m.grpc = input.grpc;
+        m.http = input.http;
+        m.labels = input.labels;
+        m.domain = domain;
+        m.capacity = report.capacity();
+        m.offered_bytes = report.space_reported;
+        m.delegated = delegated;
+        m.seen(now_ms, self.config.grace_ms);
+        let out = m.clone();
+        tracing::info!(node = %caller.id, domain = %out.domain, capacity = out.capacity, "node joined");
+        st.dirty = true;
+        self.save(&mut st)?;
+        drop(st);
+        self.relayout(now_ms);
+        Ok(out)
+    }
+
+    /// Records a heartbeat; returns the node's standing and the current layout version.
+    pub fn report(
+        &self,
+        caller: &Caller,
+        r: ReportInput,
+        now_ms: u64,
+    ) -> Result<(Standing, u64), Refusal> {
+        let mut st = self.state.lock().unwrap();
+        let version = st.layout.as_ref().map_or(0, |l| l.version);
+        let m = st.nodes.get_mut(&caller.id.to_hex()).ok_or_else(|| {
+            Refusal::NotFound(format!("node {} has not joined: call Join first", caller.id))
+        })?;
+        let was_up = m.up;
+        m.seen(now_ms, self.config.grace_ms);
+        m.used_bytes = r.used_bytes;
+        m.shards = r.shards;
+        m.scrub_errors = r.scrub_errors;
+        m.repair_backlog = r.repair_backlog;
+        m.synced_version = r.synced_version;
+        let standing = m.standing;
+        if !was_up {
+            tracing::info!(node = %caller.id, "node is back up");
+            st.dirty = true;
+        }
+        drop(st);
+        Ok((standing, version))
+    }
+
+    /// The current layout, if there is one.
+    pub fn layout(&self) -> Option<Arc<PublishedLayout>> {
+        self.layout_tx.borrow().clone()
+    }
+
+    /// Why there is no layout (yet), if there is none.
+    pub fn layout_problem(&self) -> Option<String> {
+        self.state.lock().unwrap().problem.clone()
+    }
+
+    /// A receiver that sees every layout published from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<PublishedLayout>>> {
+        self.layout_tx.subscribe()
+    }
+
+    /// All members.
+    pub fn members(&self) -> Vec<Member> {
+        self.state.lock().unwrap().nodes.values().cloned().collect()
+    }
+
+    /// Rewards totals per node (hex id) and per farm.
+    pub fn reward_totals(
+        &self,
+    ) -> (BTreeMap<String, crate::ledger::Totals>, BTreeMap<String, crate::ledger::Totals>) {
+        let l = self.ledger.lock().unwrap();
+        (l.by_node(), l.by_farm())
+    }
+
+    /// One step of housekeeping: uptime, nodes going down, layouts, epochs, metrics.
+    pub fn tick(&self, now_ms: u64) {
+        let mut st = self.state.lock().unwrap();
+        let grace = self.config.grace_ms;
+        let last = st.last_tick_ms.unwrap_or(now_ms);
+        let mut dirty = false;
+        for m in st.nodes.values_mut() {
+            let up = now_ms.saturating_sub(m.last_seen_ms) <= grace;
+            if m.standing != Standing::Disqualified && now_ms > last {
+                m.uptime.record(last, now_ms, up);
+            }
+            if m.up && !up {
+                tracing::warn!(node = %m.id, silent_ms = now_ms - m.last_seen_ms, "node is down");
+                m.up = false;
+                dirty = true;
+            }
+            let judged = economics::judge(
+                m.standing,
+                &m.audit,
+                m.uptime.ratio(now_ms),
+                &self.config.reputation,
+            );
+            if judged != m.standing {
+                tracing::warn!(node = %m.id, from = m.standing.as_str(), to = judged.as_str(), "standing changed");
+                m.standing = judged;
+                dirty = true;
+            }
+        }
+        st.dirty |= dirty;
+        st.last_tick_ms = Some(now_ms);
+        let epoch_ms = self.config.rewards.epoch_seconds.max(1) * 1000;
+        let epoch = now_ms / epoch_ms;
+        let closing = match st.epoch {
+            Some(e) if e < epoch => Some(e),
+            None => {
+                st.epoch = Some(epoch);
+                None
+            }
+            _ => None,
+        };
+        if let Some(e) = closing {
+            self.close_epoch(&mut st, e);
+            st.epoch = Some(epoch);
+        }
+        if now_ms.saturating_sub(st.saved_ms) >= SAVE_EVERY.as_millis() as u64 || st.dirty {
+            let _ = self.save(&mut st);
+        }
+        let in_sync = st.in_sync();
+        if in_sync && st.previous.is_some() {
+            tracing::info!(version = st.layout.as_ref().map_or(0, |l| l.version), "layout in sync");
+            st.previous = None;
+            drop(st);
+            self.publish_current();
+            st = self.state.lock().unwrap();
+        }
+        let pending = st.dirty || (in_sync && st.deferred > 0);
+        drop(st);
+        if pending {
+            self.relayout(now_ms);
+        }
+        self.refresh_metrics();
+    }
+
+    fn close_epoch(&self, st: &mut Persisted, epoch: u64) {
+        let inputs: Vec<EpochInput> = st
+            .nodes
+            .values()
+            .map(|m| EpochInput {
+                node: m.id.to_hex(),
+                farm: m.farm(),
+                capacity: m.capacity,
+                stored_bytes: m.used_bytes,
+                audits_passed: m.epoch_passed,
+                audits_total: m.epoch_total,
+                standing: m.standing,
+            })
+            .collect();
+        let rewards = economics::epoch_rewards(&self.config.rewards, &inputs);
+        match self.ledger.lock().unwrap().append(epoch, &rewards, &self.identity) {
+            Ok(()) => {
+                for m in st.nodes.values_mut() {
+                    m.epoch_passed = 0;
+                    m.epoch_total = 0;
+                }
+                tracing::info!(epoch, nodes = rewards.len(), "epoch rewards recorded");
+            }
+            Err(e) => tracing::error!(epoch, error = %e, "could not record the epoch's rewards"),
+        }
+    }
+
+    /// Recomputes the layout if the eligible nodes changed, and publishes it.
+    fn relayout(&self, now_ms: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.dirty = false;
+        let nodes: Vec<placement::Node> = st
+            .nodes
+            .values()
+            .filter(|m| m.up && m.standing != Standing::Disqualified)
+            .map(|m| placement::Node {
+                id: m.id,
+                root: m.root,
+                domain: m.domain.clone(),
+                capacity: m.capacity.max(0.0) as u64,
+                draining: false,
+                frozen: m.standing == Standing::Suspended,
+            })
+            .collect();
+        let opts = Options { max_transfers: self.config.max_transfers_per_round };
+        let plan =
+            match placement::compute(&nodes, &self.config.profile(), st.layout.as_ref(), &opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    if st.problem.as_deref() != Some(&e.to_string()) {
+                        tracing::warn!(error = %e, "no layout can be computed");
+                    }
+                    st.problem = Some(e.to_string());
+                    return;
+                }
+            };
+        st.problem = None;
+        st.deferred = plan.quality.deferred;
+        if st.layout.as_ref().is_some_and(|l| l.partitions == plan.layout.partitions) {
+            return;
+        }
+        tracing::info!(version = plan.layout.version, quality = %plan.quality, "layout published");
+        self.metrics.layout_moved.set(plan.quality.moved as i64);
+        self.metrics.layout_balance.set(plan.quality.balance);
+        let in_sync = st.in_sync();
+        if let Some(cur) = st.layout.take()
+            && (in_sync || st.previous.is_none())
+        {
+            st.previous = Some(cur);
+        }
+        st.layout = Some(plan.layout);
+        st.layout_published_ms = now_ms;
+        let _ = self.save(&mut st);
+        drop(st);
+        self.publish_current();
+    }
+
+    fn publish_current(&self) {
+        let st = self.state.lock().unwrap();
+        let Some(layout) = st.layout.clone() else { return };
+        let addresses =
+            st.nodes.values().map(|m| (m.id, m.grpc.clone())).collect::<BTreeMap<NodeId, String>>();
+        let published = PublishedLayout { layout, previous: st.previous.clone(), addresses };
+        drop(st);
+        self.layout_tx.send_replace(Some(Arc::new(published)));
+    }
+
+    fn save(&self, st: &mut Persisted) -> Result<(), Refusal> {
+        st.save(&self.dir.join(state::STATE_FILE)).map_err(|e| {
+            tracing::error!(error = %e, "could not save the coordinator state");
+            Refusal::Internal(format!("could not save the coordinator state: {e}"))
+        })
+    }
+
+    fn refresh_metrics(&self) {
+        let st = self.state.lock().unwrap();
+        let m = &self.metrics;
+        for s in [Standing::Active, Standing::Suspended, Standing::Disqualified] {
+            for up in [true, false] {
+                let n = st.nodes.values().filter(|x| x.standing == s && x.up == up).count();
+                let state =
+                    if up { s.as_str().to_string() } else { format!("{}_down", s.as_str()) };
+                m.nodes.with_label_values(&[&state]).set(n as i64);
+            }
+        }
+        m.layout_version.set(st.layout.as_ref().map_or(0, |l| l.version) as i64);
+        m.layout_in_sync.set(i64::from(st.in_sync()));
+        m.repair_backlog
+            .set(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog).sum::<u64>() as i64);
+        for x in st.nodes.values() {
+            let id = x.id.short();
+            m.audit_score.with_label_values(&[&id]).set(x.audit.score());
+            m.uptime.with_label_values(&[&id]).set(x.uptime.ratio(st.last_tick_ms.unwrap_or(0)));
+        }
+        drop(st);
+        let (by_node, by_farm) = self.reward_totals();
+        let farms: BTreeMap<String, String> =
+            self.members().into_iter().map(|x| (x.id.to_hex(), x.farm())).collect();
+        for (node, t) in by_node {
+            let farm = farms.get(&node).cloned().unwrap_or_default();
+            let short = &node[..12.min(node.len())];
+            m.rewards.with_label_values(&[short, &farm, "rw1"]).set(t.rw1 as i64);
+            m.rewards.with_label_values(&[short, &farm, "rw2"]).set(t.rw2 as i64);
+        }
+        for (farm, t) in by_farm {
+            m.farm_rewards.with_label_values(&[&farm]).set((t.rw1 + t.rw2) as i64);
+        }
+    }
+
+    /// Records an audit result (the auditor calls this).
+    fn record_audit(&self, node: &NodeId, passed: bool) {
+        let mut st = self.state.lock().unwrap();
+        let cfg = &self.config.reputation;
+        let now = st.last_tick_ms.unwrap_or(0);
+        if let Some(m) = st.nodes.get_mut(&node.to_hex()) {
+            m.audit.record(passed, cfg);
+            m.epoch_total += 1;
+            if passed {
+                m.audits_passed += 1;
+                m.epoch_passed += 1;
+            } else {
+                m.audits_failed += 1;
+            }
+            let judged = economics::judge(m.standing, &m.audit, m.uptime.ratio(now), cfg);
+            if judged != m.standing {
+                tracing::warn!(node = %m.id, from = m.standing.as_str(), to = judged.as_str(), score = m.audit.score(), "standing changed");
+                m.standing = judged;
+                st.dirty = true;
+            }
+        }
+        let result = if passed { "pass" } else { "fail" };
+        self.metrics.audits.with_label_values(&[result]).inc();
+    }
+
+    /// Runs housekeeping and audits until `stop`.
+    pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let tick = Duration::from_millis((self.config.heartbeat_ms / 2).clamp(100, 1000));
+        let audit_every = Duration::from_millis(self.config.audit_interval_ms.max(100));
+        let auditor = auditor::Auditor::new(self.clone());
+        let mut next_audit = tokio::time::Instant::now() + audit_every;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            self.tick(shardfarm_core::auth::now_ms());
+            if tokio::time::Instant::now() >= next_audit {
+                next_audit += audit_every;
+                auditor.round().await;
+            }
+        }
+        let mut st = self.state.lock().unwrap();
+        let _ = self.save(&mut st);
+    }
+}

@@ -1,0 +1,191 @@
+//! The coordinator's gRPC adapter: authenticate, convert, call, map the result.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use shardfarm_agent::grpc::{auth_status, methods, proto, verify_request};
+use shardfarm_core::auth::{Caller, now_ms};
+use tonic::{Request, Response, Status};
+
+use super::{Coordinator, JoinInput, Member, Refusal, ReportInput};
+
+/// The one place where refusals become statuses.
+fn to_status(r: Refusal) -> Status {
+    match r {
+        Refusal::InvalidArgument(m) => Status::invalid_argument(m),
+        Refusal::PermissionDenied(m) => Status::permission_denied(m),
+        Refusal::FailedPrecondition(m) => Status::failed_precondition(m),
+        Refusal::NotFound(m) => Status::not_found(m),
+        Refusal::Unavailable(m) => Status::unavailable(m),
+        Refusal::Internal(m) => Status::internal(m),
+    }
+}
+
+/// The gRPC service over a [`Coordinator`].
+#[derive(Clone)]
+pub struct CoordinatorService {
+    c: Arc<Coordinator>,
+}
+
+impl CoordinatorService {
+    /// A service for `c`.
+    pub fn new(c: Arc<Coordinator>) -> Self {
+        CoordinatorService { c }
+    }
+
+    fn auth<M: prost::Message>(&self, r: &Request<M>, method: &str) -> Result<Caller, Status> {
+        verify_request(&self.c.verifier, r.metadata(), method, r.get_ref()).map_err(|e| {
+            self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+            auth_status(&e)
+        })
+    }
+}
+
+fn node_status(m: &Member, slots: u64, rw: (u64, u64), now: u64) -> proto::NodeStatus {
+    proto::NodeStatus {
+        node_id: m.id.0.to_vec().into(),
+        grpc_address: m.grpc.clone(),
+        http_address: m.http.clone(),
+        labels: m.labels.clone().into_iter().collect(),
+        standing: m.standing.as_str().into(),
+        up: m.up,
+        last_seen_ms: m.last_seen_ms,
+        audit_score: m.audit.score(),
+        uptime: m.uptime.ratio(now),
+        audits_passed: m.audits_passed,
+        audits_failed: m.audits_failed,
+        capacity: m.capacity,
+        used_bytes: m.used_bytes,
+        slots,
+        rewards_rw1: rw.0,
+        rewards_rw2: rw.1,
+        synced_version: m.synced_version,
+        root: m.root.0.to_vec().into(),
+    }
+}
+
+type LayoutStream = Pin<Box<dyn Stream<Item = Result<proto::LayoutMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::coordinator_server::Coordinator for CoordinatorService {
+    async fn challenge(
+        &self,
+        request: Request<proto::ChallengeRequest>,
+    ) -> Result<Response<proto::ChallengeResponse>, Status> {
+        self.auth(&request, methods::CHALLENGE)?;
+        let (challenge, difficulty) = self.c.challenge(now_ms()).map_err(to_status)?;
+        Ok(Response::new(proto::ChallengeResponse {
+            challenge: challenge.into(),
+            difficulty: u32::from(difficulty),
+        }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
+        let caller = self.auth(&request, methods::JOIN)?;
+        let r = request.into_inner();
+        let input = JoinInput {
+            grpc: r.grpc_address,
+            http: r.http_address,
+            labels: r.labels.into_iter().collect(),
+            capacity_report: r.capacity_report.to_vec(),
+        };
+        let joined = self.c.join(&caller, input, now_ms());
+        let result = if joined.is_ok() { "ok" } else { "refused" };
+        self.c.metrics.joins.with_label_values(&[result]).inc();
+        let m = joined.map_err(to_status)?;
+        let cfg = self.c.config();
+        Ok(Response::new(proto::JoinResponse {
+            node_id: m.id.0.to_vec().into(),
+            pool: Some(proto::PoolInfo {
+                pool: cfg.pool.clone(),
+                k: u32::from(cfg.k),
+                m: u32::from(cfg.m),
+                partitions: cfg.partitions,
+                segment_size: cfg.segment_size,
+                min_difficulty: u32::from(cfg.min_difficulty),
+                heartbeat_ms: cfg.heartbeat_ms,
+                failure_domain: cfg.failure_domain.clone(),
+            }),
+            layout_version: self.c.layout().map_or(0, |l| l.layout.version),
+            standing: m.standing.as_str().into(),
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let caller = self.auth(&request, methods::REPORT)?;
+        let r = request.into_inner();
+        let input = ReportInput {
+            used_bytes: r.used_bytes,
+            shards: r.shards,
+            scrub_errors: r.scrub_errors,
+            repair_backlog: r.repair_backlog,
+            synced_version: r.synced_version,
+        };
+        let (standing, layout_version) =
+            self.c.report(&caller, input, now_ms()).map_err(to_status)?;
+        Ok(Response::new(proto::ReportResponse {
+            standing: standing.as_str().into(),
+            layout_version,
+        }))
+    }
+
+    async fn get_layout(
+        &self,
+        request: Request<proto::GetLayoutRequest>,
+    ) -> Result<Response<proto::LayoutMessage>, Status> {
+        self.auth(&request, methods::GET_LAYOUT)?;
+        match self.c.layout() {
+            Some(l) => Ok(Response::new(proto::LayoutMessage::from(&*l))),
+            None => Err(Status::unavailable(format!(
+                "no layout yet: {}",
+                self.c.layout_problem().unwrap_or_else(|| "waiting for nodes to join".into())
+            ))),
+        }
+    }
+
+    type WatchLayoutStream = LayoutStream;
+
+    async fn watch_layout(
+        &self,
+        request: Request<proto::WatchLayoutRequest>,
+    ) -> Result<Response<Self::WatchLayoutStream>, Status> {
+        self.auth(&request, methods::WATCH_LAYOUT)?;
+        let rx = self.c.subscribe();
+        let stream = tokio_stream::wrappers::WatchStream::new(rx)
+            .filter_map(|l| l.map(|l| Ok(proto::LayoutMessage::from(&*l))));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        self.auth(&request, methods::LIST_NODES)?;
+        let layout = self.c.layout();
+        let loads = layout.as_ref().map(|l| l.layout.loads()).unwrap_or_default();
+        let (by_node, _) = self.c.reward_totals();
+        let now = now_ms();
+        let nodes = self
+            .c
+            .members()
+            .iter()
+            .map(|m| {
+                let rw = by_node.get(&m.id.to_hex()).map_or((0, 0), |t| (t.rw1, t.rw2));
+                node_status(m, loads.get(&m.id).copied().unwrap_or(0) as u64, rw, now)
+            })
+            .collect();
+        Ok(Response::new(proto::ListNodesResponse {
+            nodes,
+            layout_version: layout.map_or(0, |l| l.layout.version),
+        }))
+    }
+}
+
+use tokio_stream::StreamExt as _;

@@ -1,0 +1,181 @@
+//! The coordinator's durable state: members, the current and previous layouts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use shardfarm_core::auth::Caller;
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::placement::Layout;
+
+use crate::economics::{AuditScore, ReputationConfig, Standing, Uptime};
+use crate::{Error, Result};
+
+/// File name of the state in the coordinator's dir.
+pub const STATE_FILE: &str = "coordinator.json";
+/// Format version of the state file.
+const VERSION: u32 = 1;
+
+/// One member of the pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id.
+    pub id: NodeId,
+    /// Owner root.
+    pub root: NodeId,
+    /// Joined with a delegated id.
+    pub delegated: bool,
+    /// gRPC address.
+    pub grpc: String,
+    /// HTTP address.
+    pub http: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Failure-domain value.
+    pub domain: String,
+    /// C of the latest capacity proof.
+    pub capacity: f64,
+    /// Disk space offered (sR), bytes.
+    pub offered_bytes: u64,
+    /// Bytes stored (last report).
+    pub used_bytes: u64,
+    /// Shards stored.
+    pub shards: u64,
+    /// Scrub errors reported.
+    pub scrub_errors: u64,
+    /// Shards still to rebuild.
+    pub repair_backlog: u64,
+    /// Newest layout fully repaired for.
+    pub synced_version: u64,
+    /// First joined, unix ms.
+    pub joined_ms: u64,
+    /// Last heard from, unix ms.
+    pub last_seen_ms: u64,
+    /// Heard from within the grace period.
+    pub up: bool,
+    /// Standing.
+    pub standing: Standing,
+    /// Audit reputation.
+    pub audit: AuditScore,
+    /// 7-day uptime.
+    pub uptime: Uptime,
+    /// Audits passed, ever.
+    pub audits_passed: u64,
+    /// Audits failed, ever.
+    pub audits_failed: u64,
+    /// Audits passed this epoch.
+    pub epoch_passed: u64,
+    /// Audits asked this epoch.
+    pub epoch_total: u64,
+}
+
+impl Member {
+    pub(super) fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
+        Member {
+            id: caller.id,
+            root: caller.root,
+            delegated: false,
+            grpc: String::new(),
+            http: String::new(),
+            labels: BTreeMap::new(),
+            domain: String::new(),
+            capacity: 0.0,
+            offered_bytes: 0,
+            used_bytes: 0,
+            shards: 0,
+            scrub_errors: 0,
+            repair_backlog: 0,
+            synced_version: 0,
+            joined_ms: now_ms,
+            last_seen_ms: now_ms,
+            up: true,
+            standing: Standing::Active,
+            audit: AuditScore::new(cfg),
+            uptime: Uptime::default(),
+            audits_passed: 0,
+            audits_failed: 0,
+            epoch_passed: 0,
+            epoch_total: 0,
+        }
+    }
+
+    /// Marks the node heard from now.
+    pub(super) fn seen(&mut self, now_ms: u64, _grace_ms: u64) {
+        self.last_seen_ms = now_ms;
+        self.up = true;
+    }
+
+    /// The farm it belongs to: its `farm` label, else its failure domain.
+    pub fn farm(&self) -> String {
+        self.labels.get("farm").cloned().unwrap_or_else(|| self.domain.clone())
+    }
+}
+
+/// Everything the coordinator keeps.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct Persisted {
+    pub version: u32,
+    /// Members by hex id.
+    pub nodes: BTreeMap<String, Member>,
+    pub layout: Option<Layout>,
+    pub previous: Option<Layout>,
+    pub layout_published_ms: u64,
+    /// The epoch being accumulated.
+    pub epoch: Option<u64>,
+    /// Transfers the last layout round deferred.
+    pub deferred: usize,
+    #[serde(skip)]
+    pub dirty: bool,
+    #[serde(skip)]
+    pub saved_ms: u64,
+    #[serde(skip)]
+    pub last_tick_ms: Option<u64>,
+    #[serde(skip)]
+    pub problem: Option<String>,
+}
+
+impl Persisted {
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Ok(Persisted { version: VERSION, dirty: true, ..Default::default() });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut st: Persisted = serde_json::from_str(&text)
+            .map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
+        if st.version != VERSION {
+            return Err(Error::State(format!(
+                "{} has version {}; this build reads version {VERSION}",
+                path.display(),
+                st.version
+            )));
+        }
+        // Everyone is presumed up again after a restart of the coordinator; the grace period
+        // runs from now.
+        let now = shardfarm_core::auth::now_ms();
+        for m in st.nodes.values_mut() {
+            m.last_seen_ms = m.last_seen_ms.max(now);
+        }
+        Ok(st)
+    }
+
+    /// Writes the state atomically (temp file, fsync, rename).
+    pub fn save(&mut self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(self).expect("serialisable");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        self.saved_ms = shardfarm_core::auth::now_ms();
+        Ok(())
+    }
+
+    /// Every holder of the current layout has repaired for it.
+    pub fn in_sync(&self) -> bool {
+        let Some(l) = &self.layout else { return true };
+        let holders: std::collections::BTreeSet<&NodeId> = l.partitions.iter().flatten().collect();
+        holders
+            .into_iter()
+            .all(|id| self.nodes.get(&id.to_hex()).is_some_and(|m| m.synced_version >= l.version))
+    }
+}

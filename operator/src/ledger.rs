@@ -1,0 +1,191 @@
+//! The rewards ledger: an append-only file of JSON lines, each entry chained to the one
+//! before by its hash and signed by the coordinator's identity.
+//!
+//! Anyone with the coordinator's public key can check that no entry was changed, removed or
+//! reordered: [`Ledger::open`] re-verifies the whole chain. Entries are fsynced before
+//! `append` returns (a reward recorded is a reward kept).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use shardfarm_core::identity::{Identity, blake2b256};
+
+use crate::economics::Reward;
+use crate::{Error, Result};
+
+/// One ledger line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position in the ledger, from 1.
+    pub seq: u64,
+    /// Epoch number (epoch start / epoch length).
+    pub epoch: u64,
+    /// The reward.
+    #[serde(flatten)]
+    pub reward: Reward,
+    /// Hex blake2b-256 of the previous line (64 zeros for the first).
+    pub prev: String,
+    /// Hex ed25519 signature by the coordinator over the line without this field.
+    #[serde(default)]
+    pub sig: String,
+}
+
+impl Entry {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.sig.clear();
+        serde_json::to_vec(&unsigned).expect("serialisable")
+    }
+}
+
+/// Totals of one node or farm.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Σ RW1.
+    pub rw1: u64,
+    /// Σ RW2.
+    pub rw2: u64,
+    /// Epochs recorded.
+    pub epochs: u64,
+}
+
+/// An open, verified ledger.
+pub struct Ledger {
+    path: PathBuf,
+    entries: Vec<Entry>,
+    head: [u8; 32],
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger at `path`, verifying every line against `key`.
+    pub fn open(path: &Path, key: &VerifyingKey) -> Result<Self> {
+        let mut entries = Vec::new();
+        let mut head = [0u8; 32];
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            for (i, line) in text.lines().enumerate() {
+                let bad = |why: String| {
+                    Error::Ledger(format!("{} line {}: {why}", path.display(), i + 1))
+                };
+                let e: Entry = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+                if e.seq != i as u64 + 1 {
+                    return Err(bad(format!("sequence {} out of order", e.seq)));
+                }
+                if e.prev != hex::encode(head) {
+                    return Err(bad("does not chain to the line before".into()));
+                }
+                let sig = hex::decode(&e.sig)
+                    .ok()
+                    .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                    .ok_or_else(|| bad("malformed signature".into()))?;
+                key.verify(&e.signed_bytes(), &Signature::from_bytes(&sig))
+                    .map_err(|_| bad("signature does not verify".into()))?;
+                head = blake2b256(&[line.as_bytes()]);
+                entries.push(e);
+            }
+        }
+        Ok(Ledger { path: path.to_path_buf(), entries, head })
+    }
+
+    /// Appends the rewards of `epoch`, signed by `signer`, and syncs the file.
+    pub fn append(&mut self, epoch: u64, rewards: &[Reward], signer: &Identity) -> Result<()> {
+        let mut out = Vec::new();
+        let mut head = self.head;
+        let mut added = Vec::new();
+        for r in rewards {
+            let mut e = Entry {
+                seq: (self.entries.len() + added.len()) as u64 + 1,
+                epoch,
+                reward: r.clone(),
+                prev: hex::encode(head),
+                sig: String::new(),
+            };
+            e.sig = hex::encode(signer.sign(&e.signed_bytes()).to_bytes());
+            let line = serde_json::to_string(&e).expect("serialisable");
+            head = blake2b256(&[line.as_bytes()]);
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+            added.push(e);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(&self.path, e))?;
+        self.entries.extend(added);
+        self.head = head;
+        Ok(())
+    }
+
+    /// All entries, oldest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The last epoch recorded.
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.entries.last().map(|e| e.epoch)
+    }
+
+    /// Totals per node (hex id).
+    pub fn by_node(&self) -> BTreeMap<String, Totals> {
+        self.totals(|e| e.reward.node.clone())
+    }
+
+    /// Totals per farm.
+    pub fn by_farm(&self) -> BTreeMap<String, Totals> {
+        self.totals(|e| e.reward.farm.clone())
+    }
+
+    fn totals(&self, key: impl Fn(&Entry) -> String) -> BTreeMap<String, Totals> {
+        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
+        for e in &self.entries {
+            let t = out.entry(key(e)).or_default();
+            t.rw1 += e.reward.rw1;
+            t.rw2 += e.reward.rw2;
+            t.epochs += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reward(node: &str, farm: &str, rw1: u64, rw2: u64) -> Reward {
+        Reward { node: node.into(), farm: farm.into(), rw1, rw2, capacity: 1.0, proven_bytes: 1 }
+    }
+
+    #[test]
+    fn appends_verify_sum_and_detect_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let (id, _) = Identity::generate(4, 0, &|_| {}).unwrap();
+        let mut l = Ledger::open(&path, &id.public_key()).unwrap();
+        l.append(1, &[reward("a", "f1", 10, 20), reward("b", "f2", 1, 2)], &id).unwrap();
+        l.append(2, &[reward("a", "f1", 5, 5)], &id).unwrap();
+        let l = Ledger::open(&path, &id.public_key()).unwrap();
+        assert_eq!(l.entries().len(), 3);
+        assert_eq!(l.last_epoch(), Some(2));
+        assert_eq!(l.by_node()["a"], Totals { rw1: 15, rw2: 25, epochs: 2 });
+        assert_eq!(l.by_farm()["f2"], Totals { rw1: 1, rw2: 2, epochs: 1 });
+
+        // Another key does not verify it.
+        let (other, _) = Identity::generate(4, 0, &|_| {}).unwrap();
+        assert!(Ledger::open(&path, &other.public_key()).is_err());
+        // A changed amount breaks the signature; a removed line breaks the chain.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"rw1\":10", "\"rw1\":99", 1)).unwrap();
+        let err = Ledger::open(&path, &id.public_key()).err().unwrap().to_string();
+        assert!(err.contains("line 1: signature does not verify"), "{err}");
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+        let err = Ledger::open(&path, &id.public_key()).err().unwrap().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}
