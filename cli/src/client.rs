@@ -82,8 +82,16 @@ pub struct NodeStatus {
     pub used_bytes: u64,
     /// Shards stored.
     pub shards: u64,
-    /// Reputation (tracked by the coordinator; not yet built).
+    /// Audit score (beta reputation) from the coordinator.
     pub reputation: Option<f64>,
+    /// Standing in the pool: active, suspended, disqualified (from the coordinator).
+    pub standing: Option<String>,
+    /// 7-day uptime from the coordinator.
+    pub uptime: Option<f64>,
+    /// Slots held in the current layout.
+    pub slots: Option<u64>,
+    /// Rewards recorded: RW1 (capacity) and RW2 (proven storage).
+    pub rewards: Option<(u64, u64)>,
 }
 
 fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -525,13 +533,35 @@ impl FarmClient {
         Ok(deleted)
     }
 
-    /// Asks every node for its state.
+    /// The coordinator's view of the members (standing, reputation, rewards), if it answers.
+    pub async fn members(&self) -> Option<Vec<shardfarm_agent::grpc::proto::NodeStatus>> {
+        let addr = self.farm.coordinator.as_ref()?;
+        let r = async {
+            let mut c =
+                shardfarm_agent::coordinator::CoordinatorClient::connect(addr, self.signer.clone())
+                    .await
+                    .ok()?;
+            c.list_nodes().await.ok()
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, r).await.ok().flatten().map(|r| r.nodes)
+    }
+
+    /// Asks every node for its state, and the coordinator for their standing.
     pub async fn nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
+        let members: HashMap<String, shardfarm_agent::grpc::proto::NodeStatus> = self
+            .members()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (hex::encode(&m.node_id), m))
+            .collect();
+        let members = &members;
         let tasks = self.farm.nodes.iter().map(|n| {
             let me = self.clone();
             async move {
                 let info = async { me.conn(n.index).await.ok()?.info().await.ok() };
                 let info = tokio::time::timeout(CONNECT_TIMEOUT, info).await.ok().flatten();
+                let m = members.get(&n.id);
                 NodeStatus {
                     id: n.id.clone(),
                     address: n.grpc.clone(),
@@ -540,7 +570,11 @@ impl FarmClient {
                     capacity_bytes: info.as_ref().map_or(0, |i| i.capacity_bytes),
                     used_bytes: info.as_ref().map_or(0, |i| i.used_bytes),
                     shards: info.as_ref().map_or(0, |i| i.shards),
-                    reputation: None,
+                    reputation: m.map(|m| m.audit_score),
+                    standing: m.map(|m| m.standing.clone()),
+                    uptime: m.map(|m| m.uptime),
+                    slots: m.map(|m| m.slots),
+                    rewards: m.map(|m| (m.rewards_rw1, m.rewards_rw2)),
                 }
             }
         });

@@ -50,8 +50,10 @@ enum Command {
         /// The `sf1:…` read capability.
         cap: String,
     },
-    /// List the farm's nodes and their state.
+    /// List the farm's nodes: state, standing, usage, reputation and rewards.
     Nodes,
+    /// Rewards recorded in the coordinator's signed ledger, per node and per farm.
+    Rewards,
     /// Run a whole farm on this machine.
     Local {
         #[command(subcommand)]
@@ -176,21 +178,81 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 println!(
-                    "{:<14} {:<18} {:<8} {:<6} {:>10} {:>10} {:>7} reputation",
-                    "id", "address", "zone", "state", "capacity", "used", "shards"
+                    "{:<14} {:<18} {:<8} {:<5} {:<12} {:>10} {:>10} {:>7} {:>6} {:>6} {:>7} {:>12}",
+                    "id",
+                    "address",
+                    "zone",
+                    "state",
+                    "standing",
+                    "capacity",
+                    "used",
+                    "shards",
+                    "slots",
+                    "audit",
+                    "uptime",
+                    "rewards"
                 );
+                let na = || "n/a".to_string();
                 for n in nodes {
                     println!(
-                        "{:<14} {:<18} {:<8} {:<6} {:>10} {:>10} {:>7} {}",
+                        "{:<14} {:<18} {:<8} {:<5} {:<12} {:>10} {:>10} {:>7} {:>6} {:>6} {:>7} {:>12}",
                         &n.id[..12.min(n.id.len())],
                         n.address,
                         n.zone,
                         n.state,
+                        n.standing.clone().unwrap_or_else(na),
                         human(n.capacity_bytes),
                         human(n.used_bytes),
                         n.shards,
-                        n.reputation.map_or("n/a".into(), |r| format!("{r:.2}"))
+                        n.slots.map_or_else(na, |s| s.to_string()),
+                        n.reputation.map_or_else(na, |r| format!("{r:.3}")),
+                        n.uptime.map_or_else(na, |u| format!("{:.1}%", u * 100.0)),
+                        n.rewards.map_or_else(na, |(a, b)| (a + b).to_string()),
                     );
+                }
+            }
+        }
+        Command::Rewards => {
+            let client = FarmClient::open(&dir)?;
+            let members = client.members().await.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the farm's coordinator does not answer: is `shardfarm local up` running?"
+                )
+            })?;
+            let mut farms: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            let mut rows = Vec::new();
+            for m in &members {
+                let farm =
+                    m.labels.get("farm").or(m.labels.get("zone")).cloned().unwrap_or_default();
+                let f = farms.entry(farm.clone()).or_default();
+                f.0 += m.rewards_rw1;
+                f.1 += m.rewards_rw2;
+                rows.push(serde_json::json!({
+                    "node": hex::encode(&m.node_id), "farm": farm,
+                    "rw1": m.rewards_rw1, "rw2": m.rewards_rw2,
+                }));
+            }
+            if cli.json {
+                let by_farm: Vec<_> = farms
+                    .iter()
+                    .map(|(f, (a, b))| serde_json::json!({"farm": f, "rw1": a, "rw2": b}))
+                    .collect();
+                println!("{}", serde_json::json!({ "nodes": rows, "farms": by_farm }));
+            } else {
+                println!("{:<14} {:<10} {:>12} {:>12}", "node", "farm", "RW1", "RW2");
+                for r in &rows {
+                    let id = r["node"].as_str().unwrap_or_default();
+                    println!(
+                        "{:<14} {:<10} {:>12} {:>12}",
+                        &id[..12.min(id.len())],
+                        r["farm"].as_str().unwrap_or_default(),
+                        r["rw1"],
+                        r["rw2"]
+                    );
+                }
+                println!("{:<14} {:<10} {:>12} {:>12}", "farm", "", "RW1", "RW2");
+                for (f, (a, b)) in &farms {
+                    println!("{:<14} {:<10} {:>12} {:>12}", f, "", a, b);
                 }
             }
         }

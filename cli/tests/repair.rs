@@ -205,7 +205,15 @@ fn a_node_that_drops_its_data_is_suspended_then_disqualified_and_rebuilt_elsewhe
     });
     assert!(seen_suspended, "the node was disqualified without being suspended first");
     assert!(farm.coordinator_metric("shardfarm_coordinator_audits_total{result=\"fail\"}") >= 2.0);
+    let nodes = farm.sf(&["--json", "nodes"]);
+    assert!(nodes.status.success(), "{}", String::from_utf8_lossy(&nodes.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&nodes.stdout).unwrap();
+    let row = v.as_array().unwrap().iter().find(|n| n["id"] == cheat.as_str()).unwrap();
+    assert_eq!(row["standing"], "disqualified", "{row}");
+    assert!(row["reputation"].as_f64().unwrap() < 0.6, "{row}");
     let excluded: BTreeSet<String> = [cheat].into();
     farm.wait_for(90, "its data rebuilt elsewhere", || fully_placed(&farm, &files, &excluded));
     read_all_back(&farm, &files, tmp.path(), "after-dq");
+    let rewards = farm.sf(&["--json", "rewards"]);
+    assert!(rewards.status.success(), "{}", String::from_utf8_lossy(&rewards.stderr));
 }

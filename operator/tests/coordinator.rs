@@ -1,0 +1,291 @@
+//! The coordinator over real gRPC on loopback: admission and its refusals, heartbeats, layouts
+//! as nodes come and go, rewards per epoch into the signed ledger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardfarm_agent::client::Signer;
+use shardfarm_agent::coordinator::CoordinatorClient;
+use shardfarm_agent::grpc::proto;
+use shardfarm_agent::grpc::proto::coordinator_server::CoordinatorServer;
+use shardfarm_core::capacity::{CapacityReport, Machine};
+use shardfarm_core::identity::{Delegation, Identity, random_signing_key};
+use shardfarm_operator::coordinator::{Coordinator, CoordinatorService, PoolConfig};
+use shardfarm_operator::economics::Standing;
+use shardfarm_operator::ledger::Ledger;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+const D: u8 = 8;
+
+struct Running {
+    c: Arc<Coordinator>,
+    addr: String,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(cfg: PoolConfig) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let c = Coordinator::open(cfg, dir.path(), root).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    let svc = CoordinatorServer::new(CoordinatorService::new(c.clone()));
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                s.cancelled_owned(),
+            )
+            .await
+    });
+    Running { c, addr, stop, _dir: dir }
+}
+
+fn pool() -> PoolConfig {
+    PoolConfig {
+        pool: "test".into(),
+        min_difficulty: D,
+        capacity_difficulty: D,
+        heartbeat_ms: 100,
+        grace_ms: 1_000,
+        max_delegated_per_root: 2,
+        ..PoolConfig::default()
+    }
+}
+
+fn machine() -> Machine {
+    Machine {
+        processors: 1,
+        cores_per_processor: 2,
+        overhead: 1.0,
+        space_reported: 10 << 30,
+        space_taken: 0,
+    }
+}
+
+async fn client(addr: &str, signer: Signer) -> CoordinatorClient {
+    CoordinatorClient::connect(addr, Arc::new(signer)).await.unwrap()
+}
+
+fn join_req(zone: &str, port: u16, report: Vec<u8>) -> proto::JoinRequest {
+    proto::JoinRequest {
+        grpc_address: format!("127.0.0.1:{port}"),
+        http_address: format!("127.0.0.1:{}", port + 1),
+        labels: [("zone".to_string(), zone.to_string())].into(),
+        capacity_report: report.into(),
+    }
+}
+
+/// Mines a node, proves capacity for a fresh challenge and joins.
+async fn join(
+    addr: &str,
+    zone: &str,
+    port: u16,
+) -> (Identity, Result<proto::JoinResponse, tonic::Status>) {
+    let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let mut c = client(addr, Signer::identity(&id)).await;
+    let ch = c.challenge().await.unwrap();
+    let report = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
+    let r = c.join(join_req(zone, port, report.encode())).await;
+    (id, r)
+}
+
+#[tokio::test]
+async fn join_refusals_say_why_and_admit_nothing() {
+    let r = start(pool()).await;
+    // An identity mined below the pool's difficulty.
+    let weak = loop {
+        let (id, _) = Identity::generate(0, 0, &|_| {}).unwrap();
+        if id.difficulty() < u32::from(D) {
+            break id;
+        }
+    };
+    let mut c = client(&r.addr, Signer::identity(&weak)).await;
+    let s = c.challenge().await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+
+    let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let mut c = client(&r.addr, Signer::identity(&id)).await;
+    let ch = c.challenge().await.unwrap();
+    let good = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
+
+    // A forged proof: one byte of the signed report changed.
+    let mut forged = good.encode();
+    forged[40] ^= 1;
+    let s = c.join(join_req("z0", 9000, forged)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    assert!(s.message().contains("capacity proof refused"), "{s}");
+
+    // A valid proof, but by another key than the caller's.
+    let (other, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let ch2 = c.challenge().await.unwrap();
+    let theirs = CapacityReport::prove(&other, &ch2.challenge, D, machine()).unwrap();
+    let s = c.join(join_req("z0", 9000, theirs.encode())).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s}");
+    assert!(s.message().contains("another key"), "{s}");
+
+    // A proof for a challenge the coordinator never issued.
+    let own = CapacityReport::prove(&id, b"made-up challenge 0123", D, machine()).unwrap();
+    let s = c.join(join_req("z0", 9000, own.encode())).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+    assert!(s.message().contains("did not issue"), "{s}");
+
+    // No failure-domain label.
+    let ch3 = c.challenge().await.unwrap();
+    let p = CapacityReport::prove(&id, &ch3.challenge, D, machine()).unwrap();
+    let mut req = join_req("z0", 9000, p.encode());
+    req.labels.clear();
+    let s = c.join(req).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    assert!(s.message().contains("label `zone` is required"), "{s}");
+
+    // A bad address.
+    let ch4 = c.challenge().await.unwrap();
+    let p = CapacityReport::prove(&id, &ch4.challenge, D, machine()).unwrap();
+    let mut req = join_req("z0", 9000, p.encode());
+    req.grpc_address = "nowhere".into();
+    assert_eq!(c.join(req).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // A challenge answers one join only: replaying the first proof is refused.
+    let ok = c.join(join_req("z0", 9000, good.encode())).await.unwrap();
+    assert_eq!(ok.standing, "active");
+    let s = c.join(join_req("z0", 9000, good.encode())).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+
+    // Only `id` was admitted.
+    assert_eq!(r.c.members().len(), 1);
+    // Reporting without joining.
+    let mut stranger = client(&r.addr, Signer::identity(&other)).await;
+    let s = stranger.report(proto::ReportRequest::default()).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s}");
+}
+
+#[tokio::test]
+async fn delegated_nodes_are_limited_per_owner_root() {
+    let r = start(pool()).await;
+    let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let mut codes = Vec::new();
+    for i in 0..3u16 {
+        let key = random_signing_key();
+        let cert = Delegation::issue(&root, key.verifying_key(), u64::MAX / 2000);
+        let signer = Signer::delegated(cert, key.clone());
+        let mut c = client(&r.addr, signer).await;
+        let ch = c.challenge().await.unwrap();
+        // The capacity proof is signed by the delegated key itself.
+        let id = Identity::from_parts(key, 0);
+        let p = CapacityReport::prove(&id, &ch.challenge, D, machine()).unwrap();
+        codes.push(
+            c.join(join_req("z0", 9100 + 2 * i, p.encode()))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code()),
+        );
+    }
+    assert_eq!(codes, [Ok(()), Ok(()), Err(Code::PermissionDenied)]);
+    let members = r.c.members();
+    assert_eq!(members.len(), 2);
+    assert!(members.iter().all(|m| m.root == root.id() && m.delegated));
+}
+
+#[tokio::test]
+async fn layouts_follow_membership_and_say_why_when_there_is_none() {
+    let r = start(pool()).await;
+    let mut ids = Vec::new();
+    for i in 0..5u16 {
+        let (id, res) = join(&r.addr, &format!("zone-{}", i % 3), 9200 + 2 * i).await;
+        res.unwrap();
+        ids.push(id);
+    }
+    // Five nodes cannot hold RS(4,2): GetLayout says exactly why.
+    let mut c = client(&r.addr, Signer::identity(&ids[0])).await;
+    let s = c.get_layout().await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert!(s.message().contains("RS(4,2) needs 6 nodes of distinct owners"), "{s}");
+
+    let mut watch = c.watch_layout().await.unwrap();
+    let (sixth, res) = join(&r.addr, "zone-2", 9300).await;
+    res.unwrap();
+    ids.push(sixth);
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.version, 1);
+    assert_eq!(first.slots.len(), 256 * 6);
+    let layout = c.get_layout().await.unwrap();
+    assert_eq!(layout.layout.version, 1);
+    assert!(layout.previous.is_none());
+
+    // A seventh joins: version 2, with version 1 as the readers' fallback until in sync.
+    let (seventh, res) = join(&r.addr, "zone-0", 9302).await;
+    res.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert_eq!(second.previous.as_ref().map(|p| p.version), Some(1));
+    let l2 = c.get_layout().await.unwrap();
+    assert!(!l2.layout.slots_of(&seventh.id()).is_empty());
+
+    // Everyone reports synced for version 2: the fallback is dropped.
+    let now = shardfarm_core::auth::now_ms();
+    for id in ids.iter().chain([&seventh]) {
+        let mut c = client(&r.addr, Signer::identity(id)).await;
+        c.report(proto::ReportRequest { synced_version: 2, ..Default::default() }).await.unwrap();
+    }
+    r.c.tick(now);
+    assert!(c.get_layout().await.unwrap().previous.is_none());
+
+    // Silence beyond the grace period (1 s): the seventh is down and its slots are re-placed.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for id in &ids {
+        let mut c = client(&r.addr, Signer::identity(id)).await;
+        c.report(proto::ReportRequest { synced_version: 2, ..Default::default() }).await.unwrap();
+    }
+    r.c.tick(shardfarm_core::auth::now_ms());
+    let seventh_now = r.c.members().into_iter().find(|m| m.id == seventh.id()).unwrap();
+    assert!(!seventh_now.up);
+    let l3 = c.get_layout().await.unwrap();
+    assert_eq!(l3.layout.version, 3);
+    assert!(l3.layout.slots_of(&seventh.id()).is_empty());
+    let nodes = c.list_nodes().await.unwrap();
+    assert_eq!(nodes.nodes.len(), 7);
+    assert_eq!(nodes.nodes.iter().filter(|n| !n.up).count(), 1);
+}
+
+#[tokio::test]
+async fn each_epoch_records_rewards_in_the_signed_ledger() {
+    let mut cfg = pool();
+    cfg.rewards.epoch_seconds = 10;
+    cfg.rewards.pool_reward = 1_000;
+    cfg.rewards.pma = 1.0;
+    cfg.rewards.pmb = 0.0;
+    cfg.grace_ms = 1_000_000;
+    let r = start(cfg).await;
+    for i in 0..2u16 {
+        join(&r.addr, "zone-0", 9400 + 2 * i).await.1.unwrap();
+    }
+    let now = shardfarm_core::auth::now_ms();
+    r.c.tick(now);
+    // The next epoch begins: the one that ended is recorded, equal capacities share RW1 equally.
+    r.c.tick(now + 10_000);
+    let (by_node, by_farm) = r.c.reward_totals();
+    assert_eq!(by_node.len(), 2);
+    assert!(by_node.values().all(|t| t.rw1 == 500 && t.rw2 == 0 && t.epochs == 1), "{by_node:?}");
+    assert_eq!(by_farm["zone-0"].rw1, 1_000);
+    assert!(r.c.members().iter().all(|m| m.standing == Standing::Active));
+    // The ledger on disk verifies with the coordinator's key.
+    let dir = r._dir.path();
+    let l = Ledger::open(&dir.join("ledger.jsonl"), &r.c.identity().public_key()).unwrap();
+    assert_eq!(l.entries().len(), 2);
+}
