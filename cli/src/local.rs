@@ -318,7 +318,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 let Some(l) = rx.borrow_and_update().clone() else { continue };
                 farm.apply_layout(&l, &member_addresses(&coordinator));
                 match farm.save(&dir) {
-                    Ok(()) => eprintln!("layout {} published", l.layout.version),
+                    Ok(()) if l.previous.is_some() => {
+                        eprintln!("layout {} published; nodes are moving data", l.layout.version)
+                    }
+                    Ok(()) => eprintln!("layout {} in sync", l.layout.version),
                     Err(e) => eprintln!("could not write the farm file: {e:#}"),
                 }
             }
