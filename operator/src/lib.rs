@@ -2,13 +2,17 @@
 //!
 //! - [`economics`]: uptime, audit reputation, standing and per-epoch rewards (pure arithmetic);
 //! - [`ledger`]: the signed, hash-chained rewards ledger;
+//! - [`controller`]: the Kubernetes reconcilers (StoragePool, MiningFarm, NodeSyndication,
+//!   ShardPlacement) over a [`controller::Fabric`];
 //! - [`coordinator`]: the coordinator gRPC service (join, reports, layouts, audits, rewards),
 //!   the same code in `shardfarm local up` and in a cluster; only the state backend differs.
 
 #![warn(missing_docs)]
 
+pub mod controller;
 pub mod coordinator;
 pub mod economics;
+pub mod fabric;
 pub mod ledger;
 pub mod metrics;
 

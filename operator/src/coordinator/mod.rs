@@ -374,6 +374,50 @@ impl Coordinator {
         self.state.lock().unwrap().nodes.values().cloned().collect()
     }
 
+    /// Hands `node`'s slots away: the next layout places nothing on it.
+    pub fn drain(&self, node: &NodeId) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(m) = st.nodes.get_mut(&node.to_hex())
+            && !m.draining
+        {
+            tracing::info!(node = %node, "draining");
+            m.draining = true;
+            st.dirty = true;
+        }
+    }
+
+    /// Removes `node` from the pool (its farm was deleted); its slots are re-placed.
+    pub fn remove(&self, node: &NodeId) {
+        let mut st = self.state.lock().unwrap();
+        if st.nodes.remove(&node.to_hex()).is_some() {
+            tracing::info!(node = %node, "removed from the pool");
+            st.dirty = true;
+        }
+    }
+
+    /// Publishes a layout computed elsewhere (a ShardPlacement), if it is newer than ours.
+    pub fn adopt_layout(&self, layout: placement::Layout, now_ms: u64) {
+        let mut st = self.state.lock().unwrap();
+        if st
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.version >= layout.version || l.partitions == layout.partitions)
+        {
+            return;
+        }
+        let in_sync = st.in_sync();
+        if let Some(cur) = st.layout.take()
+            && (in_sync || st.previous.is_none())
+        {
+            st.previous = Some(cur);
+        }
+        st.layout = Some(layout);
+        st.layout_published_ms = now_ms;
+        let _ = self.save(&mut st);
+        drop(st);
+        self.publish_current();
+    }
+
     /// Rewards totals per node (hex id) and per farm.
     pub fn reward_totals(
         &self,
@@ -485,7 +529,7 @@ impl Coordinator {
                 root: m.root,
                 domain: m.domain.clone(),
                 capacity: m.capacity.max(0.0) as u64,
-                draining: false,
+                draining: m.draining,
                 frozen: m.standing == Standing::Suspended,
             })
             .collect();

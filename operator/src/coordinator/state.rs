@@ -67,10 +67,13 @@ pub struct Member {
     pub epoch_passed: u64,
     /// Audits asked this epoch.
     pub epoch_total: u64,
+    /// Handing its slots away (scale down, drain list).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Member {
-    pub(super) fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
+    pub(crate) fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
         Member {
             id: caller.id,
             root: caller.root,
@@ -96,6 +99,7 @@ impl Member {
             audits_failed: 0,
             epoch_passed: 0,
             epoch_total: 0,
+            draining: false,
         }
     }
 

@@ -1,0 +1,17 @@
+//! Writes `crds/*.yaml` from the CRD types (or prints them all with `--stdout`).
+use std::path::PathBuf;
+
+fn main() -> std::io::Result<()> {
+    let stdout = std::env::args().any(|a| a == "--stdout");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for (file, crd) in shardfarm_crds::all() {
+        let yaml = shardfarm_crds::to_yaml(&crd);
+        if stdout {
+            println!("---\n{yaml}");
+        } else {
+            std::fs::write(dir.join(file), yaml)?;
+            eprintln!("wrote crds/{file}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! MiningFarm → a StatefulSet of agents, its headless Service and PodDisruptionBudget.
+//!
+//! Scaling down never removes an agent that still holds data: the highest ordinal is drained
+//! first (the pool hands its slots away and rebuilds them elsewhere), the StatefulSet keeps its
+//! size with `status.draining` set and a `Progressing` condition, and only when the node holds
+//! no slot and the layout is in sync does the StatefulSet shrink — one agent per step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use shardfarm_crds::{MiningFarm, MiningFarmStatus};
+
+use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, human};
+use crate::coordinator::Member;
+
+/// Port of the agents' gRPC service.
+pub const AGENT_GRPC_PORT: u16 = 7400;
+/// Port of the agents' /metrics.
+pub const AGENT_HTTP_PORT: u16 = 7401;
+/// The in-cluster coordinator Service (created by the chart) and its port.
+pub const COORDINATOR_SERVICE: &str = "shardfarm-coordinator";
+/// Coordinator gRPC port.
+pub const COORDINATOR_PORT: u16 = 7398;
+/// Requeue while draining: drains are watched, not waited on.
+const DRAIN_POLL: Duration = Duration::from_secs(10);
+/// Requeue otherwise, to refresh status from the coordinator.
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// The pool key a farm's reference names (a local StoragePool, or `remote:<endpoint>`).
+pub fn pool_key(farm: &MiningFarm) -> String {
+    match (&farm.spec.pool_ref.name, &farm.spec.pool_ref.coordinator_endpoint) {
+        (Some(name), _) => name.clone(),
+        (None, Some(ep)) => format!("remote:{ep}"),
+        (None, None) => String::new(),
+    }
+}
+
+fn coordinator_endpoint(farm: &MiningFarm, ns: &str) -> String {
+    farm.spec
+        .pool_ref
+        .coordinator_endpoint
+        .clone()
+        .unwrap_or_else(|| format!("{COORDINATOR_SERVICE}.{ns}.svc:{COORDINATOR_PORT}"))
+}
+
+/// The members of the pool that belong to this farm.
+pub fn farm_members(ctx: &Context, farm: &MiningFarm) -> Vec<Member> {
+    let name = farm.name_any();
+    ctx.fabric
+        .members(&pool_key(farm))
+        .into_iter()
+        .filter(|m| m.labels.get("farm") == Some(&name))
+        .collect()
+}
+
+/// Reconciles one MiningFarm (with its finalizer).
+pub async fn reconcile(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = farm.namespace().ok_or_else(|| Error::Invalid("MiningFarm is namespaced".into()))?;
+    let api: Api<MiningFarm> = Api::namespaced(ctx.client.clone(), &ns);
+    let r = finalizer(&api, FARM_FINALIZER, farm, |ev| async {
+        match ev {
+            Finalizer::Apply(f) => apply(f, ctx.clone()).await,
+            Finalizer::Cleanup(f) => cleanup(f, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = if r.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.with_label_values(&["MiningFarm", result]).inc();
+    r
+}
+
+fn labels(name: &str) -> serde_json::Value {
+    json!({
+        "app.kubernetes.io/name": "shardfarm-agent",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGER,
+        "shardfarm.io/farm": name,
+    })
+}
+
+/// The StatefulSet of a farm with `replicas` agents.
+pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32) -> serde_json::Value {
+    let name = farm.name_any();
+    let spec = &farm.spec;
+    let selector = json!({ "app.kubernetes.io/instance": name, "shardfarm.io/farm": name });
+    let mut args = vec![
+        "agent".to_string(),
+        "--data-dir=/data".into(),
+        format!("--listen=0.0.0.0:{AGENT_GRPC_PORT}"),
+        format!("--http-listen=0.0.0.0:{AGENT_HTTP_PORT}"),
+        format!("--zone={}", spec.zone),
+        format!("--coordinator={}", coordinator_endpoint(farm, ns)),
+        format!("--advertise=$(POD_NAME).{name}-agents.{ns}.svc:{AGENT_GRPC_PORT}"),
+        format!("--label=farm={name}"),
+        "--label=pod=$(POD_NAME)".into(),
+        "--log-format=json".into(),
+    ];
+    if let Some(c) = spec.agent.capacity.as_ref().or(spec.agent.storage.size.as_ref()) {
+        args.push(format!(
+            "--capacity={}",
+            c.replace("Gi", "GiB").replace("Ti", "TiB").replace("Mi", "MiB")
+        ));
+    }
+    let mut pod = json!({
+        "containers": [{
+            "name": "agent",
+            "image": spec.agent.image,
+            "args": args,
+            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+            "ports": [
+                { "name": "grpc", "containerPort": AGENT_GRPC_PORT },
+                { "name": "http", "containerPort": AGENT_HTTP_PORT },
+            ],
+            "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" } },
+            "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 20 },
+            "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+            "resources": spec.agent.resources.clone().unwrap_or_default(),
+        }],
+        // The agent drains in-flight requests and flushes its store on SIGTERM.
+        "terminationGracePeriodSeconds": 30,
+        "nodeSelector": spec.node_selector,
+        "tolerations": spec.tolerations,
+    });
+    let mut sts_spec = json!({
+        "replicas": replicas,
+        "serviceName": format!("{name}-agents"),
+        "podManagementPolicy": "Parallel",
+        "selector": { "matchLabels": selector },
+        "template": { "metadata": { "labels": labels(&name) }, "spec": pod.clone() },
+    });
+    match (&spec.agent.storage.host_path, &spec.agent.storage.size) {
+        (Some(path), _) => {
+            pod["volumes"] = json!([{ "name": "data", "hostPath": { "path": path, "type": "DirectoryOrCreate" } }]);
+            // One directory per agent under the host path.
+            pod["containers"][0]["volumeMounts"][0]["subPathExpr"] = json!("$(POD_NAME)");
+            sts_spec["template"]["spec"] = pod;
+        }
+        (None, size) => {
+            let mut claim = json!({
+                "metadata": { "name": "data" },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": { "requests": { "storage": size.clone().unwrap_or_else(|| "10Gi".into()) } },
+                },
+            });
+            if let Some(class) = &spec.agent.storage.storage_class_name {
+                claim["spec"]["storageClassName"] = json!(class);
+            }
+            sts_spec["volumeClaimTemplates"] = json!([claim]);
+        }
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": labels(&name),
+            "ownerReferences": [farm.controller_owner_ref(&()).expect("farm has a uid")],
+        },
+        "spec": sts_spec,
+    })
+}
+
+async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
+    let name = farm.name_any();
+    let ns = farm.namespace().unwrap_or_default();
+    let pool = pool_key(&farm);
+    let pp = PatchParams::apply(MANAGER).force();
+    let owner = farm.controller_owner_ref(&()).expect("farm has a uid");
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = sts_api.get_opt(&name).await?;
+    let current = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(0);
+
+    let svc = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": format!("{name}-agents"), "namespace": ns, "labels": labels(&name), "ownerReferences": [owner] },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": { "app.kubernetes.io/instance": name, "shardfarm.io/farm": name },
+            "ports": [
+                { "name": "grpc", "port": AGENT_GRPC_PORT },
+                { "name": "http", "port": AGENT_HTTP_PORT },
+            ],
+        },
+    });
+    let svc_name = format!("{name}-agents");
+    Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(&svc_name, &pp, &Patch::Apply(svc))
+        .await?;
+    // Voluntary evictions take one agent at a time: repair of one node's slots at a time.
+    let pdb = json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": { "name": name, "namespace": ns, "labels": labels(&name), "ownerReferences": [owner] },
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": { "matchLabels": { "app.kubernetes.io/instance": name, "shardfarm.io/farm": name } },
+        },
+    });
+    Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(pdb))
+        .await?;
+
+    // Scale: up at once, down one drained agent at a time.
+    let desired = farm.spec.replicas;
+    let members = farm_members(&ctx, &farm);
+    let (replicas, draining) = if desired >= current {
+        (desired, None)
+    } else {
+        let ord = current - 1;
+        let pod = format!("{name}-{ord}");
+        let node = members.iter().find(|m| m.labels.get("pod") == Some(&pod));
+        let layout = ctx.fabric.layout(&pool);
+        let holds = |m: &Member| layout.as_ref().is_some_and(|l| !l.slots_of(&m.id).is_empty());
+        match node {
+            Some(m) if holds(m) || !ctx.fabric.in_sync(&pool) => {
+                if farm.status.as_ref().and_then(|s| s.draining) != Some(ord) {
+                    ctx.fabric.drain(&pool, m.id);
+                    ctx.event(
+                        &*farm,
+                        false,
+                        "Draining",
+                        format!("draining {pod} before scaling down to {desired}"),
+                    )
+                    .await?;
+                }
+                (current, Some(ord))
+            }
+            _ => (current - 1, None),
+        }
+    };
+    sts_api.patch(&name, &pp, &Patch::Apply(statefulset(&farm, &ns, replicas))).await?;
+
+    let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
+    let previous = farm.status.clone().unwrap_or_default();
+    let generation = farm.metadata.generation;
+    let passed: u64 = members.iter().map(|m| m.audits_passed).sum();
+    let audited: u64 = passed + members.iter().map(|m| m.audits_failed).sum::<u64>();
+    let status = MiningFarmStatus {
+        replicas,
+        ready_replicas: ready,
+        selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
+        capacity: Some(human(members.iter().map(|m| m.offered_bytes).sum())),
+        used: Some(human(members.iter().map(|m| m.used_bytes).sum())),
+        audit_pass_rate: (audited > 0).then(|| passed as f64 / audited as f64),
+        earnings: members.iter().map(|m| ctx.fabric.earnings(&pool, &m.id)).sum(),
+        draining,
+        conditions: vec![
+            condition(
+                &previous.conditions,
+                "Ready",
+                ready >= desired,
+                if ready >= desired { "AgentsReady" } else { "AgentsStarting" },
+                format!("{ready} of {desired} agents ready"),
+                generation,
+            ),
+            condition(
+                &previous.conditions,
+                "Progressing",
+                draining.is_some() || replicas != desired,
+                if draining.is_some() { "Draining" } else { "Scaling" },
+                match draining {
+                    Some(o) => {
+                        format!("draining {name}-{o}: its slots are being rebuilt elsewhere")
+                    }
+                    None => format!("{replicas} agents, {desired} wanted"),
+                },
+                generation,
+            ),
+        ],
+        observed_generation: generation,
+    };
+    let api: Api<MiningFarm> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch =
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
+    api.patch_status(&name, &pp, &Patch::Apply(patch)).await?;
+    Ok(Action::requeue(if draining.is_some() { DRAIN_POLL } else { REFRESH }))
+}
+
+async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
+    let pool = pool_key(&farm);
+    let members = farm_members(&ctx, &farm);
+    for m in &members {
+        ctx.fabric.remove(&pool, m.id);
+    }
+    ctx.event(
+        &*farm,
+        false,
+        "FarmDeleted",
+        format!("{} nodes left pool {pool}; their slots are rebuilt elsewhere", members.len()),
+    )
+    .await?;
+    Ok(Action::await_change())
+}

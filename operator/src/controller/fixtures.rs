@@ -1,0 +1,255 @@
+//! Test fixtures: a mocked API server that expects an exact sequence of requests, a fabric
+//! whose members the test sets, and builders of the objects under test.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use shardfarm_core::auth::Caller;
+use shardfarm_core::identity::{Credential, NodeId, blake2b256};
+use shardfarm_core::placement::Layout;
+use tower_test::mock;
+
+use super::{Context, ControllerMetrics, Fabric};
+use crate::coordinator::Member;
+use crate::economics::{ReputationConfig, Standing};
+
+pub const NS: &str = "farms";
+
+// ---- The fabric ----
+
+/// A fabric whose state the test sets and whose requests it records.
+#[derive(Default)]
+pub struct TestFabric {
+    pub members: Mutex<Vec<Member>>,
+    pub layout: Mutex<Option<Layout>>,
+    pub out_of_sync: Mutex<bool>,
+    pub drained: Mutex<Vec<NodeId>>,
+    pub removed: Mutex<Vec<NodeId>>,
+    pub published: Mutex<Vec<Layout>>,
+}
+
+impl Fabric for TestFabric {
+    fn members(&self, _pool: &str) -> Vec<Member> {
+        self.members.lock().unwrap().clone()
+    }
+    fn layout(&self, _pool: &str) -> Option<Layout> {
+        self.layout.lock().unwrap().clone()
+    }
+    fn in_sync(&self, _pool: &str) -> bool {
+        !*self.out_of_sync.lock().unwrap()
+    }
+    fn drain(&self, _pool: &str, node: NodeId) {
+        self.drained.lock().unwrap().push(node);
+    }
+    fn remove(&self, _pool: &str, node: NodeId) {
+        self.removed.lock().unwrap().push(node);
+    }
+    fn publish(&self, _pool: &str, layout: Layout) {
+        self.published.lock().unwrap().push(layout);
+    }
+    fn earnings(&self, _pool: &str, _node: &NodeId) -> u64 {
+        7
+    }
+}
+
+/// A node id named `name`.
+pub fn node(name: &str) -> NodeId {
+    NodeId(blake2b256(&[name.as_bytes()]))
+}
+
+/// A member `name` in `zone` with labels.
+pub fn member(name: &str, zone: &str, labels: &[(&str, &str)]) -> Member {
+    let key = shardfarm_core::identity::random_signing_key();
+    let caller = Caller {
+        credential: Credential::Mined { key: key.verifying_key(), nonce: 0 },
+        id: node(name),
+        root: node(name),
+    };
+    let mut m = Member::new(&caller, 0, &ReputationConfig::default());
+    m.domain = zone.into();
+    m.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    m.labels.insert("zone".into(), zone.into());
+    m.capacity = (10u64 << 30) as f64;
+    m.offered_bytes = 10 << 30;
+    m.up = true;
+    m.standing = Standing::Active;
+    m
+}
+
+// ---- The mocked API server ----
+
+/// A check of a request body.
+type BodyCheck = Box<dyn FnOnce(&Value) + Send>;
+
+/// One expected request and the answer to it.
+pub struct Expect {
+    method: Method,
+    path: String,
+    check: Option<BodyCheck>,
+    status: StatusCode,
+    reply: Option<Value>,
+    onto: Option<Value>,
+}
+
+/// Expects `method` on `path` (the URI path; server-side applies are also checked for our
+/// field manager and `force`).
+pub fn expect(method: Method, path: impl Into<String>) -> Expect {
+    Expect {
+        method,
+        path: path.into(),
+        check: None,
+        status: StatusCode::OK,
+        reply: None,
+        onto: None,
+    }
+}
+
+impl Expect {
+    /// Checks the request body.
+    pub fn body(mut self, f: impl FnOnce(&Value) + Send + 'static) -> Self {
+        self.check = Some(Box::new(f));
+        self
+    }
+
+    /// Answers with `value` (default: the request body echoed back).
+    pub fn reply(mut self, value: Value) -> Self {
+        self.reply = Some(value);
+        self
+    }
+
+    /// Answers with `object` carrying the patched status (a status patch's answer).
+    pub fn onto(mut self, object: Value) -> Self {
+        self.onto = Some(object);
+        self
+    }
+
+    /// Answers 404 Not Found.
+    pub fn not_found(mut self) -> Self {
+        self.status = StatusCode::NOT_FOUND;
+        self.reply = Some(json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+            "code": 404, "message": "not found",
+        }));
+        self
+    }
+}
+
+/// Serves `script` in order and fails the test on any other request.
+pub fn serve(
+    handle: mock::Handle<Request<Body>, Response<Body>>,
+    script: Vec<Expect>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut handle = handle;
+        let mut script: VecDeque<Expect> = script.into();
+        while let Some(e) = script.pop_front() {
+            let (req, send) = handle.next_request().await.expect("a request");
+            let (method, uri) = (req.method().clone(), req.uri().clone());
+            assert_eq!(
+                (&method, uri.path()),
+                (&e.method, e.path.as_str()),
+                "unexpected request {method} {uri}; expected {} {}",
+                e.method,
+                e.path
+            );
+            let is_apply = req
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.to_str().unwrap_or("").contains("apply-patch"));
+            if is_apply {
+                let q = uri.query().unwrap_or_default();
+                assert!(
+                    q.contains("fieldManager=shardfarm-operator") && q.contains("force=true"),
+                    "{uri}"
+                );
+            }
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            if let Some(check) = e.check {
+                check(&body);
+            }
+            // Echo the body, as the API server would answer a patch with the object; a status
+            // patch carries no metadata, so give it the name from the path.
+            let onto = e.onto.map(|mut o| {
+                o["status"] = body["status"].clone();
+                o
+            });
+            let reply = e.reply.or(onto).unwrap_or_else(|| {
+                let mut body = body;
+                if body.is_object() && body.get("metadata").is_none() {
+                    let segs: Vec<&str> = uri.path().split('/').collect();
+                    let name = if segs.last() == Some(&"status") {
+                        segs[segs.len() - 2]
+                    } else {
+                        segs[segs.len() - 1]
+                    };
+                    body["metadata"] = json!({ "name": name, "namespace": NS });
+                }
+                body
+            });
+            send.send_response(
+                Response::builder()
+                    .status(e.status)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+}
+
+/// A context over a mocked API server and `fabric`.
+pub fn context(
+    fabric: Arc<TestFabric>,
+) -> (Arc<Context>, mock::Handle<Request<Body>, Response<Body>>) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, NS);
+    let metrics = Arc::new(ControllerMetrics::new(&prometheus::Registry::new()));
+    (Arc::new(Context::new(client, fabric, metrics)), handle)
+}
+
+/// Runs `reconcile` against `script`: every expected request must come, in order, and the
+/// reconcile must then finish (an unexpected extra request would leave it waiting).
+pub async fn run<F, T>(
+    handle: mock::Handle<Request<Body>, Response<Body>>,
+    script: Vec<Expect>,
+    reconcile: F,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let server = serve(handle, script);
+    let out = tokio::time::timeout(Duration::from_secs(5), reconcile)
+        .await
+        .expect("reconcile did not finish: a request it made was not expected");
+    tokio::time::timeout(Duration::from_secs(1), server)
+        .await
+        .expect("an expected request was never made")
+        .expect("the API server script failed");
+    out
+}
+
+/// The path of a namespaced shardfarm.io object.
+pub fn sf_path(plural: &str, name: &str) -> String {
+    format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/{plural}/{name}")
+}
+
+/// The events endpoint.
+pub fn events_path() -> String {
+    format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
+}
+
+/// Adds name, namespace, uid and generation to an object's JSON.
+pub fn meta(mut v: Value, name: &str) -> Value {
+    v["metadata"] =
+        json!({ "name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1 });
+    v
+}

@@ -1,0 +1,195 @@
+//! The Kubernetes controllers: one reconciler per kind, written as plain async functions over a
+//! [`Context`] so tests drive them against a mocked API server (`tower-test`, see `fixtures`).
+//!
+//! | kind | the reconciler does |
+//! |---|---|
+//! | `StoragePool` | checks the profile against the farms' failure domains (`Degraded` with the exact reason), owns a `ShardPlacement`, aggregates status |
+//! | `MiningFarm` | a StatefulSet + headless Service + PodDisruptionBudget of agents; scale down drains the highest ordinal first |
+//! | `NodeSyndication` | admits or refuses nodes from outside the cluster; members in status |
+//! | `ShardPlacement` | computes the layout with `core::placement` from the current members, publishes it (ConfigMap + coordinator) |
+//!
+//! Everything the reconcilers learn about the running fabric (members, slots, sync) comes from
+//! a [`Fabric`]: in the operator process it is the pool's coordinator.
+
+pub mod farm;
+pub mod placement;
+pub mod pool;
+pub mod syndication;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::placement::Layout;
+
+use crate::coordinator::Member;
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "shardfarm-operator";
+/// Finalizer of MiningFarms (their nodes leave the pool before the farm goes).
+pub const FARM_FINALIZER: &str = "miningfarms.shardfarm.io/cleanup";
+
+/// Errors of the controllers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[source] Box<kube::Error>),
+    /// The finalizer machinery failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// An object is missing something the reconciler needs.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(Box::new(e))
+    }
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Result of the controllers.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the reconcilers need to know of, and ask of, the running fabric.
+pub trait Fabric: Send + Sync {
+    /// The members of `pool`.
+    fn members(&self, pool: &str) -> Vec<Member>;
+    /// The current layout of `pool`, if any.
+    fn layout(&self, pool: &str) -> Option<Layout>;
+    /// Whether every holder of the current layout has repaired for it.
+    fn in_sync(&self, pool: &str) -> bool;
+    /// Asks the pool to hand `node`'s slots away (scale down, drain list).
+    fn drain(&self, pool: &str, node: NodeId);
+    /// Removes `node` from the pool (its farm was deleted).
+    fn remove(&self, pool: &str, node: NodeId);
+    /// Publishes a layout computed by a ShardPlacement.
+    fn publish(&self, pool: &str, layout: Layout);
+    /// Rewards recorded for `node` (RW1 + RW2).
+    fn earnings(&self, pool: &str, node: &NodeId) -> u64;
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// The running fabric.
+    pub fabric: Arc<dyn Fabric>,
+    /// Reconcile counters.
+    pub metrics: Arc<ControllerMetrics>,
+}
+
+impl Context {
+    /// A context over `client` and `fabric`.
+    pub fn new(client: Client, fabric: Arc<dyn Fabric>, metrics: Arc<ControllerMetrics>) -> Self {
+        let reporter =
+            Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, fabric, metrics }
+    }
+
+    /// Publishes an Event about `obj`.
+    pub async fn event<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) -> Result<()> {
+        let ev = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        self.recorder.publish(&ev, &obj.object_ref(&())).await?;
+        Ok(())
+    }
+}
+
+/// Reconcile counters per kind and result.
+pub struct ControllerMetrics {
+    /// `shardfarm_operator_reconciles_total{kind, result}`.
+    pub reconciles: prometheus::IntCounterVec,
+}
+
+impl ControllerMetrics {
+    /// Creates the counters and registers them in `registry`.
+    pub fn new(registry: &prometheus::Registry) -> Self {
+        let reconciles = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "shardfarm_operator_reconciles_total",
+                "Reconciles by kind and result",
+            ),
+            &["kind", "result"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(reconciles.clone()));
+        ControllerMetrics { reconciles }
+    }
+}
+
+/// A condition of `type_` at `generation`, carrying over the transition time when its status
+/// did not change (so `lastTransitionTime` means what it says).
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// Whether `conditions` has `type_` at `status`.
+pub fn has_condition(conditions: &[Condition], type_: &str, status: bool) -> bool {
+    let s = if status { "True" } else { "False" };
+    conditions.iter().any(|c| c.type_ == type_ && c.status == s)
+}
+
+/// Human-readable bytes for status columns.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

@@ -1,0 +1,174 @@
+//! StoragePool → validation against the farms' failure domains, an owned ShardPlacement, and
+//! the pool's status aggregated from the coordinator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use shardfarm_core::identity::{NodeId, blake2b256};
+use shardfarm_core::placement::{self, Options, Profile};
+use shardfarm_crds::{FailureDomain, MiningFarm, StoragePool, StoragePoolStatus};
+
+use super::{Context, Error, MANAGER, Result, condition, has_condition};
+use crate::economics::Standing;
+
+/// Status refresh period.
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// Whether the farms (and members joined from outside) can hold the pool's profile: one node
+/// per agent of every farm that references the pool, placed by the same engine the pool uses.
+/// `Err` carries the engine's exact reason.
+pub fn check_profile(
+    pool: &StoragePool,
+    farms: &[MiningFarm],
+    outside: &[(NodeId, String)],
+) -> Result<(), String> {
+    let spec = &pool.spec;
+    let mut nodes = Vec::new();
+    for f in farms {
+        for i in 0..f.spec.replicas.max(0) {
+            let who = format!("{}/{}/{i}", f.namespace().unwrap_or_default(), f.name_any());
+            let id = NodeId(blake2b256(&[who.as_bytes()]));
+            let domain = match spec.failure_domain {
+                FailureDomain::Zone => f.spec.zone.clone(),
+                FailureDomain::Farm => f.name_any(),
+                // Agents of a StatefulSet may share hosts; without a pod anti-affinity we
+                // cannot know, so each agent counts as its own host.
+                FailureDomain::Host => who.clone(),
+                FailureDomain::Cluster => "local".into(),
+            };
+            nodes.push(placement::Node {
+                id,
+                root: id,
+                domain,
+                capacity: 1,
+                draining: false,
+                frozen: false,
+            });
+        }
+    }
+    for (id, domain) in outside {
+        nodes.push(placement::Node {
+            id: *id,
+            root: *id,
+            domain: domain.clone(),
+            capacity: 1,
+            draining: false,
+            frozen: false,
+        });
+    }
+    let profile = Profile {
+        k: spec.erasure.data_shards,
+        m: spec.erasure.parity_shards,
+        partitions: spec.partitions.min(4096),
+        domain_kind: spec.failure_domain.label().into(),
+    };
+    placement::compute(&nodes, &profile, None, &Options::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Reconciles one StoragePool.
+pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {
+    let r = apply(pool, &ctx).await;
+    let result = if r.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.with_label_values(&["StoragePool", result]).inc();
+    r
+}
+
+async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
+    let ns = pool.namespace().ok_or_else(|| Error::Invalid("StoragePool is namespaced".into()))?;
+    let name = pool.name_any();
+    let farms: Vec<MiningFarm> = Api::<MiningFarm>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|f| f.spec.pool_ref.name.as_deref() == Some(name.as_str()))
+        .collect();
+    let members = ctx.fabric.members(&name);
+    let label = pool.spec.failure_domain.label();
+    let outside: Vec<(NodeId, String)> = members
+        .iter()
+        .filter(|m| !m.labels.contains_key("farm") && m.standing != Standing::Disqualified)
+        .map(|m| (m.id, m.labels.get(label).cloned().unwrap_or_else(|| m.domain.clone())))
+        .collect();
+    let agents: i32 = farms.iter().map(|f| f.spec.replicas.max(0)).sum();
+    let check = if agents == 0 && outside.is_empty() {
+        Err(String::new())
+    } else {
+        check_profile(&pool, &farms, &outside)
+    };
+
+    // The pool's ShardPlacement, owned by it.
+    let pp = PatchParams::apply(MANAGER).force();
+    let placement = json!({
+        "apiVersion": "shardfarm.io/v1alpha1",
+        "kind": "ShardPlacement",
+        "metadata": { "name": name, "namespace": ns, "ownerReferences": [pool.controller_owner_ref(&()).expect("pool has a uid")] },
+        "spec": { "poolRef": name, "partitions": pool.spec.partitions },
+    });
+    Api::<shardfarm_crds::ShardPlacement>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(placement))
+        .await?;
+
+    let previous = pool.status.clone().unwrap_or_default();
+    let generation = pool.metadata.generation;
+    let (k, m) = (pool.spec.erasure.data_shards, pool.spec.erasure.parity_shards);
+    let (phase, degraded) = match &check {
+        Ok(()) => ("Ready", None),
+        Err(reason) if reason.is_empty() => ("Pending", None),
+        Err(reason) => ("Degraded", Some(reason.clone())),
+    };
+    let up = |s: Standing| members.iter().filter(|x| x.up && x.standing == s).count() as u32;
+    let status = StoragePoolStatus {
+        phase: Some(phase.into()),
+        profile: Some(format!("RS({k},{m})")),
+        conditions: vec![
+            condition(
+                &previous.conditions,
+                "Ready",
+                check.is_ok(),
+                if check.is_ok() { "ProfileSatisfied" } else { "NotReady" },
+                match &check {
+                    Ok(()) => format!(
+                        "{agents} agents and {} outside nodes can hold RS({k},{m})",
+                        outside.len()
+                    ),
+                    Err(r) if r.is_empty() => "no MiningFarm references this pool yet".into(),
+                    Err(r) => r.clone(),
+                },
+                generation,
+            ),
+            condition(
+                &previous.conditions,
+                "Degraded",
+                degraded.is_some(),
+                if degraded.is_some() { "ProfileUnsatisfiable" } else { "ProfileSatisfiable" },
+                degraded.clone().unwrap_or_default(),
+                generation,
+            ),
+        ],
+        nodes_ready: up(Standing::Active),
+        nodes_suspended: up(Standing::Suspended),
+        capacity_bytes: members.iter().filter(|x| x.up).map(|x| x.offered_bytes).sum(),
+        used_bytes: members.iter().filter(|x| x.up).map(|x| x.used_bytes).sum(),
+        layout_version: ctx.fabric.layout(&name).map_or(0, |l| l.version),
+        degraded_segments: members.iter().filter(|x| x.up).map(|x| x.repair_backlog).sum(),
+        observed_generation: generation,
+    };
+    let patch =
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "StoragePool", "status": status });
+    Api::<StoragePool>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(&name, &pp, &Patch::Apply(patch))
+        .await?;
+    if let Some(reason) = degraded
+        && !has_condition(&previous.conditions, "Degraded", true)
+    {
+        ctx.event(&*pool, true, "ProfileUnsatisfiable", reason).await?;
+    }
+    Ok(Action::requeue(REFRESH))
+}

@@ -1,0 +1,430 @@
+//! Reconciler tests against a mocked API server: each asserts the exact requests a reconcile
+//! makes, in order, and what it asks of the fabric.
+
+use std::sync::Arc;
+
+use http::Method;
+use serde_json::{Value, json};
+use shardfarm_core::placement::{self, Options, Profile};
+use shardfarm_crds::{MiningFarm, NodeSyndication, ShardPlacement, StoragePool};
+
+use super::fixtures::*;
+use super::{FARM_FINALIZER, farm, placement as sp, pool, syndication};
+
+fn farm_json(replicas: i32) -> Value {
+    meta(
+        json!({
+            "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm",
+            "spec": {
+                "poolRef": { "name": "main" }, "replicas": replicas, "zone": "rack-a",
+                "agent": { "image": "shardfarm:0.1", "storage": { "size": "100Gi" } },
+            },
+        }),
+        "alpha",
+    )
+}
+
+fn farm_obj(replicas: i32, finalized: bool) -> MiningFarm {
+    let mut f: MiningFarm = serde_json::from_value(farm_json(replicas)).unwrap();
+    if finalized {
+        f.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    }
+    f
+}
+
+fn sts(replicas: i32, ready: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": { "name": "alpha", "namespace": NS },
+        "spec": { "replicas": replicas, "serviceName": "alpha-agents", "selector": {}, "template": {} },
+        "status": { "replicas": replicas, "readyReplicas": ready },
+    })
+}
+
+/// The requests of an apply pass after the StatefulSet GET: Service, PDB, StatefulSet, status.
+fn apply_pass(
+    current: Option<Value>,
+    check_sts: impl FnOnce(&Value) + Send + 'static,
+    check_status: impl FnOnce(&Value) + Send + 'static,
+) -> Vec<Expect> {
+    let get = expect(Method::GET, "/apis/apps/v1/namespaces/farms/statefulsets/alpha");
+    let get = match current {
+        Some(s) => get.reply(s),
+        None => get.not_found(),
+    };
+    vec![
+        get,
+        expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents").body(|b| {
+            assert_eq!(b["spec"]["clusterIP"], "None");
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "MiningFarm");
+        }),
+        expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha")
+            .body(|b| assert_eq!(b["spec"]["maxUnavailable"], 1)),
+        expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").body(check_sts),
+        expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha")))
+            .onto(farm_json(1))
+            .body(check_status),
+    ]
+}
+
+#[tokio::test]
+async fn a_new_farm_gets_its_finalizer_then_agents_service_and_budget() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric.clone());
+    // First pass: only the finalizer is added (JSON patch on the object).
+    let script = vec![
+        expect(Method::PATCH, sf_path("miningfarms", "alpha"))
+            .body(|b| {
+                let ops = b.as_array().unwrap();
+                assert!(
+                    ops.iter().any(|op| op["op"] == "add" && op["path"] == "/metadata/finalizers"),
+                    "{b}"
+                );
+                assert!(b.to_string().contains(FARM_FINALIZER));
+            })
+            .reply(serde_json::to_value(farm_obj(3, true)).unwrap()),
+    ];
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(3, false)), ctx)).await.unwrap();
+
+    // Second pass, finalized: StatefulSet of 3 agents with their volume, zone and coordinator.
+    let (ctx, handle) = context(fabric);
+    let script = apply_pass(
+        None,
+        |b| {
+            assert_eq!(b["spec"]["replicas"], 3);
+            assert_eq!(b["spec"]["serviceName"], "alpha-agents");
+            let args = b["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+            assert!(
+                args.contains("--zone=rack-a")
+                    && args.contains("--coordinator=shardfarm-coordinator.farms.svc:7398"),
+                "{args}"
+            );
+            assert!(
+                args.contains("--label=farm=alpha") && args.contains("--capacity=100GiB"),
+                "{args}"
+            );
+            assert_eq!(
+                b["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+                "100Gi"
+            );
+        },
+        |b| {
+            let st = &b["status"];
+            assert_eq!(st["replicas"], 3);
+            assert_eq!(st["readyReplicas"], 0);
+            assert_eq!(st["selector"], "app.kubernetes.io/instance=alpha,shardfarm.io/farm=alpha");
+            assert_eq!(st["observedGeneration"], 1);
+            let ready =
+                st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+            assert_eq!(
+                (ready["status"].as_str(), ready["message"].as_str()),
+                (Some("False"), Some("0 of 3 agents ready"))
+            );
+        },
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(3, true)), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn scaling_up_grows_the_statefulset_at_once() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric.clone());
+    let script = apply_pass(
+        Some(sts(3, 3)),
+        |b| assert_eq!(b["spec"]["replicas"], 5),
+        |b| {
+            assert_eq!(b["status"]["replicas"], 5);
+            assert!(b["status"]["draining"].is_null());
+        },
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(5, true)), ctx)).await.unwrap();
+    assert!(fabric.drained.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
+    let fabric = Arc::new(TestFabric::default());
+    let leaving = member("alpha-2", "rack-a", &[("farm", "alpha"), ("pod", "alpha-2")]);
+    let staying = member("alpha-1", "rack-a", &[("farm", "alpha"), ("pod", "alpha-1")]);
+    *fabric.members.lock().unwrap() = vec![leaving.clone(), staying.clone()];
+    // The leaving node holds slots in the current layout.
+    *fabric.layout.lock().unwrap() = Some(placement::Layout {
+        version: 4,
+        k: 1,
+        m: 1,
+        partitions: vec![vec![leaving.id, staying.id]],
+    });
+    let (ctx, handle) = context(fabric.clone());
+    let mut script = apply_pass(
+        Some(sts(3, 3)),
+        |b| assert_eq!(b["spec"]["replicas"], 3, "nothing removed while draining"),
+        |b| {
+            assert_eq!(b["status"]["draining"], 2);
+            let p = b["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Progressing")
+                .unwrap()
+                .clone();
+            assert_eq!(
+                (p["status"].as_str(), p["reason"].as_str()),
+                (Some("True"), Some("Draining"))
+            );
+        },
+    );
+    // The Draining event comes before the StatefulSet apply.
+    script.insert(
+        3,
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(b["reason"], "Draining");
+            assert!(b["note"].as_str().unwrap().contains("alpha-2"));
+        }),
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(2, true)), ctx)).await.unwrap();
+    assert_eq!(*fabric.drained.lock().unwrap(), vec![leaving.id]);
+
+    // Its slots were rebuilt elsewhere and the layout is in sync: now the StatefulSet shrinks.
+    *fabric.layout.lock().unwrap() = Some(placement::Layout {
+        version: 5,
+        k: 1,
+        m: 1,
+        partitions: vec![vec![staying.id, staying.id]],
+    });
+    let (ctx, handle) = context(fabric.clone());
+    let script = apply_pass(
+        Some(sts(3, 3)),
+        |b| assert_eq!(b["spec"]["replicas"], 2),
+        |b| {
+            assert_eq!(b["status"]["replicas"], 2);
+            assert!(b["status"]["draining"].is_null());
+        },
+    );
+    let mut f = farm_obj(2, true);
+    f.status = Some(shardfarm_crds::MiningFarmStatus { draining: Some(2), ..Default::default() });
+    run(handle, script, farm::reconcile(Arc::new(f), ctx)).await.unwrap();
+    assert_eq!(fabric.drained.lock().unwrap().len(), 1, "drained once only");
+}
+
+#[tokio::test]
+async fn a_deleted_farm_takes_its_nodes_out_of_the_pool_then_drops_its_finalizer() {
+    let fabric = Arc::new(TestFabric::default());
+    let mine = member("alpha-0", "rack-a", &[("farm", "alpha"), ("pod", "alpha-0")]);
+    let other = member("beta-0", "rack-b", &[("farm", "beta"), ("pod", "beta-0")]);
+    *fabric.members.lock().unwrap() = vec![mine.clone(), other];
+    let mut f = farm_obj(1, true);
+    f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "FarmDeleted")),
+        expect(Method::PATCH, sf_path("miningfarms", "alpha"))
+            .body(|b| {
+                let ops = b.as_array().unwrap();
+                assert!(
+                    ops.iter()
+                        .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+                    "{b}"
+                );
+            })
+            .reply(serde_json::to_value(farm_obj(1, false)).unwrap()),
+    ];
+    run(handle, script, farm::reconcile(Arc::new(f), ctx)).await.unwrap();
+    assert_eq!(*fabric.removed.lock().unwrap(), vec![mine.id]);
+}
+
+fn pool_obj(k: u16, m: u16) -> StoragePool {
+    serde_json::from_value(meta(
+        json!({
+            "apiVersion": "shardfarm.io/v1alpha1", "kind": "StoragePool",
+            "spec": { "erasure": { "dataShards": k, "parityShards": m } },
+        }),
+        "main",
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    // Two farms of 10 agents in two zones cannot hold RS(10,4).
+    let mut a = farm_json(10);
+    let mut b = farm_json(10);
+    b["metadata"]["name"] = json!("beta");
+    b["spec"]["zone"] = json!("rack-b");
+    a["metadata"]["namespace"] = json!(NS);
+    let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": [a, b] });
+    let reason = "RS(10,4) needs 14 zones, or at least 4 zones holding at most 4 shards each; 2 zones have capacity";
+    let script = vec![
+        expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
+            .reply(list),
+        expect(Method::PATCH, sf_path("shardplacements", "main")).body(|b| {
+            assert_eq!(b["spec"]["poolRef"], "main");
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "StoragePool");
+        }),
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool_obj(10, 4)).unwrap())
+            .body(move |b| {
+                assert_eq!(b["status"]["phase"], "Degraded");
+                assert_eq!(b["status"]["profile"], "RS(10,4)");
+                let d = b["status"]["conditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["type"] == "Degraded")
+                    .unwrap()
+                    .clone();
+                assert_eq!(
+                    (d["status"].as_str(), d["message"].as_str()),
+                    (Some("True"), Some(reason))
+                );
+            }),
+        expect(Method::POST, events_path()).body(move |b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("ProfileUnsatisfiable"), Some("Warning"))
+            );
+            assert_eq!(b["note"], reason);
+        }),
+    ];
+    run(handle, script, pool::reconcile(Arc::new(pool_obj(10, 4)), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pool_its_farms_can_hold_is_ready() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    let zones = ["a", "b", "c"];
+    let items: Vec<Value> = zones
+        .iter()
+        .map(|z| {
+            let mut f = farm_json(2);
+            f["metadata"]["name"] = json!(format!("farm-{z}"));
+            f["spec"]["zone"] = json!(z);
+            f
+        })
+        .collect();
+    let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": items });
+    let script = vec![
+        expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
+            .reply(list),
+        expect(Method::PATCH, sf_path("shardplacements", "main")),
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool_obj(4, 2)).unwrap())
+            .body(|b| assert_eq!(b["status"]["phase"], "Ready")),
+    ];
+    run(handle, script, pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    let good = "a".repeat(64);
+    let weak = "b".repeat(64);
+    let syn_json = meta(
+        json!({
+            "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndication",
+            "spec": {
+                "poolRef": "main",
+                "admission": { "mode": "Open", "minIdentityDifficulty": 20 },
+                "staticMembers": [
+                    { "nodeId": good, "identityDifficulty": 26, "address": "10.0.0.5:7400", "labels": { "zone": "edge" } },
+                    { "nodeId": weak, "identityDifficulty": 12, "address": "10.0.0.6:7400" },
+                ],
+            },
+        }),
+        "edge",
+    );
+    let syn: NodeSyndication = serde_json::from_value(syn_json.clone()).unwrap();
+    let pool = serde_json::to_value(pool_obj(4, 2)).unwrap();
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main")).reply(pool),
+        expect(Method::PATCH, format!("{}/status", sf_path("nodesyndications", "edge")))
+            .onto(syn_json.clone())
+            .body(move |b| {
+                let members = b["status"]["members"].as_array().unwrap();
+                assert_eq!(members[0]["state"], "admitted");
+                assert_eq!(members[1]["state"], "refused");
+                // The pool's default difficulty (24) is higher than the syndication's (20).
+                assert_eq!(
+                    members[1]["reason"],
+                    "identity mined to 12 bits; this syndication and its pool require 24"
+                );
+                assert_eq!(
+                    (b["status"]["admitted"].as_u64(), b["status"]["refused"].as_u64()),
+                    (Some(1), Some(1))
+                );
+            }),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("NodeRefused"), Some("Warning"))
+            );
+            assert!(b["note"].as_str().unwrap().contains("12 bits"));
+        }),
+    ];
+    run(handle, script, syndication::reconcile(Arc::new(syn), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_placement_is_recomputed_after_a_member_leaves() {
+    let fabric = Arc::new(TestFabric::default());
+    let members: Vec<_> =
+        (0..7).map(|i| member(&format!("n{i}"), &format!("zone-{}", i % 3), &[])).collect();
+    let profile = Profile { k: 4, m: 2, partitions: 64, domain_kind: "zone".into() };
+    let nodes: Vec<placement::Node> = members
+        .iter()
+        .map(|m| placement::Node {
+            id: m.id,
+            root: m.root,
+            domain: m.domain.clone(),
+            capacity: 1 << 30,
+            draining: false,
+            frozen: false,
+        })
+        .collect();
+    let v1 = placement::compute(&nodes, &profile, None, &Options::default()).unwrap().layout;
+    let gone = members[6].id;
+    let gone_slots = v1.slots_of(&gone).len() as u64;
+    assert!(gone_slots > 0);
+    *fabric.members.lock().unwrap() = members[..6].to_vec();
+    let (ctx, handle) = context(fabric.clone());
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "main-layout", "namespace": NS },
+        "data": { "layout.json": serde_json::to_string(&v1).unwrap() },
+    });
+    let obj: ShardPlacement = serde_json::from_value(meta(
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement", "spec": { "poolRef": "main", "partitions": 64 } }),
+        "main",
+    ))
+    .unwrap();
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main"))
+            .reply(serde_json::to_value(pool_obj(4, 2)).unwrap()),
+        expect(Method::GET, format!("/api/v1/namespaces/{NS}/configmaps/main-layout")).reply(cm),
+        expect(Method::PATCH, format!("/api/v1/namespaces/{NS}/configmaps/main-layout")).body(
+            move |b| {
+                let l: placement::Layout =
+                    serde_json::from_str(b["data"]["layout.json"].as_str().unwrap()).unwrap();
+                assert_eq!(l.version, 2);
+                assert!(l.slots_of(&gone).is_empty());
+            },
+        ),
+        expect(Method::PATCH, format!("{}/status", sf_path("shardplacements", "main")))
+            .onto(serde_json::to_value(&obj).unwrap())
+            .body(move |b| {
+                assert_eq!(b["status"]["layoutVersion"], 2);
+                // Only the departed node's slots moved.
+                assert_eq!(b["status"]["movedAssignments"], gone_slots);
+                assert_eq!(b["status"]["layoutConfigMap"], "main-layout");
+            }),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj.clone()), ctx)).await.unwrap();
+    let published = fabric.published.lock().unwrap();
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].version, 2);
+}

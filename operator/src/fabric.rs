@@ -1,0 +1,65 @@
+//! The [`Fabric`] the controllers see, backed by the coordinators this operator runs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::placement::Layout;
+
+use crate::controller::Fabric;
+use crate::coordinator::{Coordinator, Member};
+
+/// Coordinators by pool name.
+#[derive(Default)]
+pub struct Coordinators {
+    pools: RwLock<BTreeMap<String, Arc<Coordinator>>>,
+}
+
+impl Coordinators {
+    /// Registers the coordinator of `pool`.
+    pub fn insert(&self, pool: &str, c: Arc<Coordinator>) {
+        self.pools.write().unwrap().insert(pool.to_string(), c);
+    }
+
+    fn get(&self, pool: &str) -> Option<Arc<Coordinator>> {
+        self.pools.read().unwrap().get(pool).cloned()
+    }
+}
+
+impl Fabric for Coordinators {
+    fn members(&self, pool: &str) -> Vec<Member> {
+        self.get(pool).map(|c| c.members()).unwrap_or_default()
+    }
+
+    fn layout(&self, pool: &str) -> Option<Layout> {
+        self.get(pool)?.layout().map(|l| l.layout.clone())
+    }
+
+    fn in_sync(&self, pool: &str) -> bool {
+        self.get(pool).is_none_or(|c| c.layout().is_none_or(|l| l.previous.is_none()))
+    }
+
+    fn drain(&self, pool: &str, node: NodeId) {
+        if let Some(c) = self.get(pool) {
+            c.drain(&node);
+        }
+    }
+
+    fn remove(&self, pool: &str, node: NodeId) {
+        if let Some(c) = self.get(pool) {
+            c.remove(&node);
+        }
+    }
+
+    fn publish(&self, pool: &str, layout: Layout) {
+        if let Some(c) = self.get(pool) {
+            c.adopt_layout(layout, shardfarm_core::auth::now_ms());
+        }
+    }
+
+    fn earnings(&self, pool: &str, node: &NodeId) -> u64 {
+        self.get(pool)
+            .and_then(|c| c.reward_totals().0.get(&node.to_hex()).map(|t| t.rw1 + t.rw2))
+            .unwrap_or(0)
+    }
+}
