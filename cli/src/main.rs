@@ -61,6 +61,8 @@ enum Command {
     },
     /// Run a node agent (see `shardfarm agent --help`).
     Agent(Box<shardfarm_agent::AgentArgs>),
+    /// Run the Kubernetes operator and the pool's coordinator (in a cluster).
+    Operator(shardfarm_operator::run::OperatorArgs),
 }
 
 #[derive(Subcommand)]
@@ -258,6 +260,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Local { command: LocalCommand::Up(args) } => shardfarm::local::up(args).await?,
         Command::Agent(args) => shardfarm_agent::run::run(*args).await?,
+        Command::Operator(args) => {
+            shardfarm_agent::run::init_tracing(true);
+            shardfarm_operator::run::run(args).await?
+        }
     }
     Ok(())
 }

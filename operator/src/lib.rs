@@ -15,6 +15,7 @@ pub mod economics;
 pub mod fabric;
 pub mod ledger;
 pub mod metrics;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 
