@@ -16,4 +16,7 @@ cargo build --workspace --all-targets --locked
 echo "==> build took $(( $(date +%s) - start )) s"
 echo "==> tests"
 cargo nextest run --workspace --locked --no-fail-fast
+echo "==> manifests: CRDs and examples against the Kubernetes schemas, custom resources against their CRDs"
+PY=$(bash scripts/manifest-tools.sh)
+"$PY" scripts/validate-manifests.py .
 echo "==> all tests passed in $(( $(date +%s) - start )) s"
