@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Validates Shardfarm's manifests offline.
 
-1. Every CRD in crds/ and every example manifest against the Kubernetes schemas
-   (kubernetes-validate --strict); custom resources are skipped by it and checked in step 2.
+1. Every CRD in crds/ and every example manifest, including the StatefulSets the operator
+   renders for the example farms (examples/rendered/), against the Kubernetes schemas
+   (kubernetes-validate --strict); custom resources are checked in step 2 instead.
 2. Every custom resource in examples/ (and the chart's example, if any) against the
    openAPIV3Schema of its CRD (check-jsonschema).
 
@@ -29,6 +30,7 @@ def main():
     root = sys.argv[1] if len(sys.argv) > 1 else "."
     crds = sorted(glob.glob(os.path.join(root, "crds", "*.yaml")))
     examples = sorted(glob.glob(os.path.join(root, "examples", "*.yaml")))
+    examples += sorted(glob.glob(os.path.join(root, "examples", "rendered", "*.yaml")))
     examples += sorted(glob.glob(os.path.join(root, "charts", "*", "examples", "*.yaml")))
     if not crds or not examples:
         sys.exit("no CRDs or examples found")

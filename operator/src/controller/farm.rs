@@ -304,3 +304,41 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     .await?;
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The StatefulSets the operator makes for the example farms are committed under
+    /// `examples/rendered/` (so the test command validates them against the Kubernetes
+    /// schemas); this fails when the operator's output and the committed files differ.
+    /// `SHARDFARM_REGENERATE=1` rewrites them.
+    #[test]
+    fn rendered_statefulsets_of_the_examples_are_committed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = std::fs::read_to_string(root.join("examples/miningfarm.yaml")).unwrap();
+        let dir = root.join("examples/rendered");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut farm: MiningFarm = serde::Deserialize::deserialize(doc).unwrap();
+            farm.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+            let ns = farm.namespace().unwrap();
+            let sts = statefulset(&farm, &ns, farm.spec.replicas);
+            let yaml = format!(
+                "# Rendered by the operator from examples/miningfarm.yaml (test \
+                 rendered_statefulsets_of_the_examples_are_committed): do not edit.\n{}",
+                serde_yaml::to_string(&sts).unwrap()
+            );
+            let path = dir.join(format!("statefulset-{}.yaml", farm.name_any()));
+            if std::env::var_os("SHARDFARM_REGENERATE").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &yaml).unwrap();
+            }
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == yaml,
+                "{} is stale: run with SHARDFARM_REGENERATE=1",
+                path.display()
+            );
+        }
+    }
+}
