@@ -19,4 +19,7 @@ cargo nextest run --workspace --locked --no-fail-fast
 echo "==> manifests: CRDs and examples against the Kubernetes schemas, custom resources against their CRDs"
 PY=$(bash scripts/manifest-tools.sh)
 "$PY" scripts/validate-manifests.py .
+echo "==> chart, alerts and dashboards: helm lint/template, kubernetes-validate, promtool"
+HELM=$(bash scripts/chart-tools.sh)
+"$PY" scripts/check-chart.py "$HELM" .
 echo "==> all tests passed in $(( $(date +%s) - start )) s"

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart, the alerts and the dashboards with the real tools, offline.
+
+- helm lint --strict and helm template, with the default values and with
+  charts/shardfarm/ci/all-features-values.yaml;
+- every rendered manifest against the Kubernetes schemas (kubernetes-validate --strict), every
+  rendered custom resource against its CRD (check-jsonschema), every rendered PrometheusRule
+  with promtool check rules; the chart's CRDs identical to crds/*.yaml;
+- promtool check rules and promtool test rules on the alert rules (one test per alert);
+- every dashboard: a Grafana dashboard model (uid, schemaVersion, panels with gridPos and
+  datasource, variables), and its chart copy identical to dashboards/.
+
+Usage: python check-chart.py HELM [ROOT]   (python from the manifest-tools virtualenv)
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        print(f"FAILED: {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+        sys.exit(1)
+    return r.stdout
+
+
+def main():
+    helm = sys.argv[1]
+    root = sys.argv[2] if len(sys.argv) > 2 else "."
+    chart = os.path.join(root, "charts", "shardfarm")
+    alerts = os.path.join(chart, "files", "alerts")
+    # Alerts.
+    run(["promtool", "check", "rules", os.path.join(alerts, "shardfarm.rules.yaml")])
+    run(["promtool", "test", "rules", os.path.join(alerts, "shardfarm.rules.test.yaml")])
+    rules = yaml.safe_load(open(os.path.join(alerts, "shardfarm.rules.yaml")))
+    tests = open(os.path.join(alerts, "shardfarm.rules.test.yaml")).read()
+    for r in rules["groups"][0]["rules"]:
+        if f"alertname: {r['alert']}" not in tests:
+            sys.exit(f"alert {r['alert']} has no promtool test")
+    print(f"ok  promtool: {len(rules['groups'][0]['rules'])} alerts checked and tested")
+    # CRDs in the chart = crds/.
+    for f in glob.glob(os.path.join(root, "crds", "*.yaml")):
+        if open(f).read() != open(os.path.join(chart, "files", "crds", os.path.basename(f))).read():
+            sys.exit(f"chart CRD {os.path.basename(f)} differs from crds/: run crdgen")
+    # Dashboards.
+    for f in sorted(glob.glob(os.path.join(root, "dashboards", "*.json"))):
+        text = open(f).read()
+        if text != open(os.path.join(chart, "files", "dashboards", os.path.basename(f))).read():
+            sys.exit(f"chart dashboard {os.path.basename(f)} differs: run dashboards/generate.py")
+        d = json.loads(text)
+        assert d["uid"] and d["title"] and d["schemaVersion"] >= 36 and d["editable"] is False, f
+        names = [v["name"] for v in d["templating"]["list"]]
+        assert "datasource" in names and "cluster" in names, f"{f}: variables {names}"
+        ids = set()
+        for p in d["panels"]:
+            assert p["type"] in ("row", "stat", "timeseries", "table", "gauge"), f"{f}: {p['type']}"
+            assert p["id"] not in ids, f"{f}: duplicate panel id {p['id']}"
+            ids.add(p["id"])
+            g = p["gridPos"]
+            assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= 24, f"{f}: {p['title']}"
+            if p["type"] != "row":
+                assert p["datasource"]["uid"] == "${datasource}", f"{f}: {p['title']}"
+                for t in p["targets"]:
+                    assert t["expr"] and 'cluster=~"$cluster"' in t["expr"], f"{f}: {p['title']}: {t['expr']}"
+        print(f"ok  {os.path.basename(f)}: {len(d['panels'])} panels")
+    # The chart.
+    crd_schemas = {}
+    for f in glob.glob(os.path.join(root, "crds", "*.yaml")):
+        c = yaml.safe_load(open(f))
+        for v in c["spec"]["versions"]:
+            crd_schemas[(f"{c['spec']['group']}/{v['name']}", c["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    for values in [None, os.path.join(chart, "ci", "all-features-values.yaml")]:
+        extra = ["-f", values] if values else []
+        label = "all features" if values else "defaults"
+        run([helm, "lint", "--strict", chart, *extra])
+        out = run([helm, "template", "sf", chart, "--namespace", "shardfarm", *extra])
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        with tempfile.TemporaryDirectory() as tmp:
+            builtin, n = [], 0
+            for d in docs:
+                n += 1
+                key = (d["apiVersion"], d["kind"])
+                path = os.path.join(tmp, f"{n:03}-{d['kind']}.yaml")
+                with open(path, "w") as fh:
+                    yaml.safe_dump(d, fh)
+                if key in crd_schemas:
+                    schema = os.path.join(tmp, f"{n:03}-schema.json")
+                    json.dump(crd_schemas[key], open(schema, "w"))
+                    run([os.path.join(BIN, "check-jsonschema"), "--schemafile", schema, path])
+                elif d["apiVersion"].startswith("monitoring.coreos.com/"):
+                    if d["kind"] == "PrometheusRule":
+                        rules_path = os.path.join(tmp, f"{n:03}-rules.yaml")
+                        yaml.safe_dump({"groups": d["spec"]["groups"]}, open(rules_path, "w"))
+                        run(["promtool", "check", "rules", rules_path])
+                    # ServiceMonitor/PodMonitor: no schema offline; rendered and linted only.
+                else:
+                    builtin.append(path)
+            run([os.path.join(BIN, "kubernetes-validate"), "--strict", "--quiet", *builtin])
+        kinds = sorted({d["kind"] for d in docs})
+        print(f"ok  helm lint --strict + template ({label}): {len(docs)} manifests valid ({', '.join(kinds)})")
+
+
+if __name__ == "__main__":
+    main()
