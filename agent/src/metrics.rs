@@ -182,6 +182,19 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // Known label values start at zero, so dashboards and alerts see 0 rather than no data.
+        for m in ["copy", "rebuild"] {
+            repaired.with_label_values(&[m]);
+        }
+        for f in ["get", "audit", "scrub"] {
+            corrupt_shards.with_label_values(&[f]);
+        }
+        for r in ["answered", "corrupt", "missing"] {
+            audits.with_label_values(&[r]);
+        }
+        for r in shardfarm_core::auth::AuthError::METRIC_LABELS {
+            auth_failures.with_label_values(&[r]);
+        }
         Metrics {
             repair_backlog,
             repaired,

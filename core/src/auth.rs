@@ -78,6 +78,18 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every label [`AuthError::metric_label`] can return (metrics start them at zero).
+    pub const METRIC_LABELS: [&'static str; 8] = [
+        "malformed",
+        "bad_signature",
+        "stale_timestamp",
+        "replay",
+        "replay_cache_full",
+        "insufficient_difficulty",
+        "delegation_signature",
+        "delegation_expired",
+    ];
+
     /// A short, bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -296,6 +308,27 @@ impl ReplayCache {
         // A nonce must be remembered until its timestamp leaves the window.
         inner.order.push_back((timestamp_ms.max(now_ms) + self.window_ms, key));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_list_every_variant() {
+        let all = [
+            AuthError::Malformed(String::new()),
+            AuthError::BadSignature,
+            AuthError::StaleTimestamp { skew_ms: 0, window_ms: 0 },
+            AuthError::Replay,
+            AuthError::ReplayCacheFull(0),
+            AuthError::InsufficientDifficulty { have: 0, need: 0 },
+            AuthError::DelegationSignature,
+            AuthError::DelegationExpired { expired: 0, now: 0 },
+        ];
+        let labels: Vec<&str> = all.iter().map(AuthError::metric_label).collect();
+        assert_eq!(labels, AuthError::METRIC_LABELS);
     }
 }
 

@@ -104,6 +104,16 @@ impl CoordinatorMetrics {
             .unwrap(),
             registry: r,
         };
+        // Known label values start at zero, so dashboards and alerts see 0 rather than no data.
+        for r in ["pass", "fail"] {
+            m.audits.with_label_values(&[r]);
+        }
+        for r in ["ok", "refused"] {
+            m.joins.with_label_values(&[r]);
+        }
+        for r in shardfarm_core::auth::AuthError::METRIC_LABELS {
+            m.auth_failures.with_label_values(&[r]);
+        }
         let reg = &m.registry;
         reg.register(Box::new(m.nodes.clone())).unwrap();
         reg.register(Box::new(m.layout_version.clone())).unwrap();
