@@ -95,15 +95,8 @@ fn a_node_lost_for_good_is_rebuilt_elsewhere_and_then_two_more_can_fail() {
     farm.wait_for(30, "the layout in sync", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
     });
-    let rebuilt: f64 = (0..6)
-        .map(|i| {
-            let text = common::http_get(
-                &format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1),
-                "/metrics",
-            );
-            metric(&text, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}")
-        })
-        .sum();
+    let rebuilt =
+        farm.agent_metric_sum(6, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}");
     assert!(rebuilt > 0.0, "no shard was rebuilt");
 
     // Now any two more nodes can fail (one from each of two zones) with nothing lost.
@@ -167,15 +160,7 @@ fn a_joining_node_takes_its_share_and_every_file_stays_readable_during_the_move(
     let text = common::http_get(&http, "/metrics");
     assert!(metric(&text, "shardfarm_agent_repaired_shards_total{method=\"copy\"}") > 0.0);
     farm.wait_for(60, "old holders to hand their copies off", || {
-        let total: f64 = (0..6)
-            .map(|i| {
-                let t = common::http_get(
-                    &format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1),
-                    "/metrics",
-                );
-                metric(&t, "shardfarm_agent_shards")
-            })
-            .sum::<f64>()
+        let total: f64 = farm.agent_metric_sum(6, "shardfarm_agent_shards")
             + metric(&common::http_get(&http, "/metrics"), "shardfarm_agent_shards");
         let segments: u64 = files
             .iter()

@@ -128,6 +128,16 @@ impl Farm {
         metric(&self.coordinator_metrics(), series)
     }
 
+    /// The sum of `series` over the metrics of local nodes `0..nodes`.
+    pub fn agent_metric_sum(&self, nodes: usize, series: &str) -> f64 {
+        (0..nodes)
+            .map(|i| {
+                let addr = format!("127.0.0.1:{}", self.base_port as usize + 2 * i + 1);
+                metric(&http_get(&addr, "/metrics"), series)
+            })
+            .sum()
+    }
+
     /// Polls `f` every 100 ms until it returns true; panics with `what` after `secs`.
     pub fn wait_for(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);

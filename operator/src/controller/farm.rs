@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardfarm_crds::{MiningFarm, MiningFarmStatus};
 
-use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, human};
+use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted, human};
 use crate::coordinator::Member;
 
 /// Port of the agents' gRPC service.
@@ -73,9 +73,7 @@ pub async fn reconcile(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Actio
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    let result = if r.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.with_label_values(&["MiningFarm", result]).inc();
-    r
+    counted(&ctx, "MiningFarm", r)
 }
 
 fn labels(name: &str) -> serde_json::Value {

@@ -150,6 +150,13 @@ impl ControllerMetrics {
     }
 }
 
+/// Counts a finished reconcile of `kind` and passes its result on.
+pub fn counted<T>(ctx: &Context, kind: &str, r: Result<T>) -> Result<T> {
+    let result = if r.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.with_label_values(&[kind, result]).inc();
+    r
+}
+
 /// A condition of `type_` at `generation`, carrying over the transition time when its status
 /// did not change (so `lastTransitionTime` means what it says).
 pub fn condition(

@@ -15,7 +15,7 @@ use serde_json::json;
 use shardfarm_core::placement::{self, Layout, Options, Profile};
 use shardfarm_crds::{ShardPlacement, ShardPlacementStatus, StoragePool};
 
-use super::{Context, Error, MANAGER, Result, condition};
+use super::{Context, Error, MANAGER, Result, condition, counted};
 use crate::economics::Standing;
 
 /// Key of the layout in its ConfigMap.
@@ -25,10 +25,7 @@ const REFRESH: Duration = Duration::from_secs(30);
 
 /// Reconciles one ShardPlacement.
 pub async fn reconcile(sp: Arc<ShardPlacement>, ctx: Arc<Context>) -> Result<Action> {
-    let r = apply(sp, &ctx).await;
-    let result = if r.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.with_label_values(&["ShardPlacement", result]).inc();
-    r
+    counted(&ctx, "ShardPlacement", apply(sp, &ctx).await)
 }
 
 async fn apply(sp: Arc<ShardPlacement>, ctx: &Context) -> Result<Action> {

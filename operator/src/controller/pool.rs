@@ -12,7 +12,7 @@ use shardfarm_core::identity::{NodeId, blake2b256};
 use shardfarm_core::placement::{self, Options, Profile};
 use shardfarm_crds::{FailureDomain, MiningFarm, StoragePool, StoragePoolStatus};
 
-use super::{Context, Error, MANAGER, Result, condition, has_condition};
+use super::{Context, Error, MANAGER, Result, condition, counted, has_condition};
 use crate::economics::Standing;
 
 /// Status refresh period.
@@ -73,10 +73,7 @@ pub fn check_profile(
 
 /// Reconciles one StoragePool.
 pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {
-    let r = apply(pool, &ctx).await;
-    let result = if r.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.with_label_values(&["StoragePool", result]).inc();
-    r
+    counted(&ctx, "StoragePool", apply(pool, &ctx).await)
 }
 
 async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {

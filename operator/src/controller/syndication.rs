@@ -18,7 +18,7 @@ use shardfarm_crds::{
     SyndicationAdmission,
 };
 
-use super::{Context, Error, MANAGER, Result, condition};
+use super::{Context, Error, MANAGER, Result, condition, counted};
 
 /// Status refresh period.
 const REFRESH: Duration = Duration::from_secs(60);
@@ -48,10 +48,7 @@ pub fn admit(
 
 /// Reconciles one NodeSyndication.
 pub async fn reconcile(syn: Arc<NodeSyndication>, ctx: Arc<Context>) -> Result<Action> {
-    let r = apply(syn, &ctx).await;
-    let result = if r.is_ok() { "ok" } else { "error" };
-    ctx.metrics.reconciles.with_label_values(&["NodeSyndication", result]).inc();
-    r
+    counted(&ctx, "NodeSyndication", apply(syn, &ctx).await)
 }
 
 async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {

@@ -50,6 +50,19 @@ const MAX_CHALLENGES: usize = 10_000;
 
 // ---- Public interface ----
 
+/// Makes `layout` current. The current one becomes the readers' fallback if it was in sync (or
+/// there is no fallback yet); otherwise the older, in-sync fallback stays.
+fn install(st: &mut Persisted, layout: placement::Layout, now_ms: u64) {
+    let in_sync = st.in_sync();
+    if let Some(cur) = st.layout.take()
+        && (in_sync || st.previous.is_none())
+    {
+        st.previous = Some(cur);
+    }
+    st.layout = Some(layout);
+    st.layout_published_ms = now_ms;
+}
+
 /// Serves the coordinator's `/metrics` (and `/healthz`) on `listener` until `stop`.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -405,14 +418,7 @@ impl Coordinator {
         {
             return;
         }
-        let in_sync = st.in_sync();
-        if let Some(cur) = st.layout.take()
-            && (in_sync || st.previous.is_none())
-        {
-            st.previous = Some(cur);
-        }
-        st.layout = Some(layout);
-        st.layout_published_ms = now_ms;
+        install(&mut st, layout, now_ms);
         let _ = self.save(&mut st);
         drop(st);
         self.publish_current();
@@ -553,14 +559,7 @@ impl Coordinator {
         tracing::info!(version = plan.layout.version, quality = %plan.quality, "layout published");
         self.metrics.layout_moved.set(plan.quality.moved as i64);
         self.metrics.layout_balance.set(plan.quality.balance);
-        let in_sync = st.in_sync();
-        if let Some(cur) = st.layout.take()
-            && (in_sync || st.previous.is_none())
-        {
-            st.previous = Some(cur);
-        }
-        st.layout = Some(plan.layout);
-        st.layout_published_ms = now_ms;
+        install(&mut st, plan.layout, now_ms);
         let _ = self.save(&mut st);
         drop(st);
         self.publish_current();
