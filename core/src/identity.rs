@@ -458,6 +458,14 @@ impl Credential {
         NodeId::of(self.signing_key())
     }
 
+    /// The proof-of-work difficulty behind the credential: its own, or its issuer's.
+    pub fn difficulty(&self) -> u32 {
+        match self {
+            Credential::Mined { key, nonce } => pow_difficulty(key, *nonce),
+            Credential::Delegated(d) => pow_difficulty(&d.issuer, d.issuer_nonce),
+        }
+    }
+
     /// The owner root: the node itself if mined, the issuer if delegated.
     pub fn root(&self) -> NodeId {
         match self {

@@ -57,6 +57,12 @@ impl Fabric for Coordinators {
         }
     }
 
+    fn set_admission(&self, pool: &str, admission: crate::coordinator::Admission) {
+        if let Some(c) = self.get(pool) {
+            c.set_admission(admission);
+        }
+    }
+
     fn earnings(&self, pool: &str, node: &NodeId) -> u64 {
         self.get(pool)
             .and_then(|c| c.reward_totals().0.get(&node.to_hex()).map(|t| t.rw1 + t.rw2))

@@ -172,6 +172,34 @@ async fn join_refusals_say_why_and_admit_nothing() {
 }
 
 #[tokio::test]
+async fn admission_rules_from_a_syndication_apply_to_joins() {
+    let r = start(pool()).await;
+    let (listed, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    r.c.set_admission(shardfarm_operator::coordinator::Admission {
+        min_difficulty: D,
+        allow: Some([listed.id()].into()),
+    });
+    let (_, res) = join(&r.addr, "edge", 9500).await;
+    let s = res.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s}");
+    assert!(s.message().contains("not on the pool's allow list"), "{s}");
+    let mut c = client(&r.addr, Signer::identity(&listed)).await;
+    let ch = c.challenge().await.unwrap();
+    let p = CapacityReport::prove(&listed, &ch.challenge, D, machine()).unwrap();
+    c.join(join_req("edge", 9502, p.encode())).await.unwrap();
+    // A higher difficulty than the pool's: an identity mined to exactly 8 bits is refused.
+    r.c.set_admission(shardfarm_operator::coordinator::Admission {
+        min_difficulty: 40,
+        allow: None,
+    });
+    let (_, res) = join(&r.addr, "edge", 9504).await;
+    let s = res.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+    assert!(s.message().contains("admission requires 40"), "{s}");
+    assert_eq!(r.c.members().len(), 1);
+}
+
+#[tokio::test]
 async fn delegated_nodes_are_limited_per_owner_root() {
     let r = start(pool()).await;
     let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();

@@ -31,6 +31,7 @@ pub struct TestFabric {
     pub drained: Mutex<Vec<NodeId>>,
     pub removed: Mutex<Vec<NodeId>>,
     pub published: Mutex<Vec<Layout>>,
+    pub admission: Mutex<Option<crate::coordinator::Admission>>,
 }
 
 impl Fabric for TestFabric {
@@ -54,6 +55,9 @@ impl Fabric for TestFabric {
     }
     fn earnings(&self, _pool: &str, _node: &NodeId) -> u64 {
         7
+    }
+    fn set_admission(&self, _pool: &str, admission: crate::coordinator::Admission) {
+        *self.admission.lock().unwrap() = Some(admission);
     }
 }
 

@@ -86,6 +86,8 @@ pub trait Fabric: Send + Sync {
     fn publish(&self, pool: &str, layout: Layout);
     /// Rewards recorded for `node` (RW1 + RW2).
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
+    /// Sets the admission rules later joins to `pool` must meet.
+    fn set_admission(&self, pool: &str, admission: crate::coordinator::Admission);
 }
 
 /// Shared state of the controllers.

@@ -62,6 +62,25 @@ async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {
     let was_refused =
         |id: &str| previous.members.iter().any(|m| m.node_id == id && m.state == "refused");
 
+    // The same rules apply to nodes that join the coordinator directly (edge boxes, agents of
+    // remote clusters): hand them to the pool's Join.
+    if pool.is_some() {
+        let allow = (syn.spec.admission.mode == AdmissionMode::AllowList).then(|| {
+            syn.spec
+                .admission
+                .allow
+                .iter()
+                .filter_map(|id| shardfarm_core::identity::NodeId::from_hex(id).ok())
+                .collect()
+        });
+        ctx.fabric.set_admission(
+            pool_name,
+            crate::coordinator::Admission {
+                min_difficulty: syn.spec.admission.min_identity_difficulty,
+                allow,
+            },
+        );
+    }
     let mut members = Vec::new();
     let mut newly_refused = Vec::new();
     for m in &syn.spec.static_members {

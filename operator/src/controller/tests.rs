@@ -321,7 +321,7 @@ async fn a_pool_its_farms_can_hold_is_ready() {
 #[tokio::test]
 async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
     let fabric = Arc::new(TestFabric::default());
-    let (ctx, handle) = context(fabric);
+    let (ctx, handle) = context(fabric.clone());
     let good = "a".repeat(64);
     let weak = "b".repeat(64);
     let syn_json = meta(
@@ -367,6 +367,9 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
         }),
     ];
     run(handle, script, syndication::reconcile(Arc::new(syn), ctx)).await.unwrap();
+    // The rules reach the coordinator's Join too (Open mode: no allow list).
+    let admission = fabric.admission.lock().unwrap().clone().unwrap();
+    assert_eq!((admission.min_difficulty, admission.allow), (20, None));
 }
 
 #[tokio::test]

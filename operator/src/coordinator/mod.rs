@@ -168,6 +168,15 @@ pub enum Refusal {
     Internal(String),
 }
 
+/// Admission rules beyond the pool's identity difficulty (a NodeSyndication's, in a cluster).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Least identity difficulty, bits (0: the pool's alone).
+    pub min_difficulty: u8,
+    /// When set, only these nodes (or their owner roots) may join.
+    pub allow: Option<std::collections::BTreeSet<NodeId>>,
+}
+
 /// What a node sends to join.
 #[derive(Clone, Debug)]
 pub struct JoinInput {
@@ -206,6 +215,7 @@ pub struct Coordinator {
     challenges: Mutex<HashMap<Vec<u8>, u64>>,
     verifier: Verifier,
     ledger: Mutex<Ledger>,
+    admission: Mutex<Admission>,
     /// The coordinator's metrics.
     pub metrics: crate::metrics::CoordinatorMetrics,
 }
@@ -228,6 +238,7 @@ impl Coordinator {
             challenges: Mutex::new(HashMap::new()),
             verifier,
             ledger: Mutex::new(ledger),
+            admission: Mutex::new(Admission::default()),
             metrics: crate::metrics::CoordinatorMetrics::new(),
         };
         c.publish_current();
@@ -294,6 +305,23 @@ impl Coordinator {
                     "{what} address `{addr}` is not host:port"
                 )));
             }
+        }
+        let admission = self.admission.lock().unwrap().clone();
+        let difficulty = caller.credential.difficulty();
+        if difficulty < u32::from(admission.min_difficulty) {
+            return Err(Refusal::FailedPrecondition(format!(
+                "identity mined to {difficulty} bits; admission requires {}",
+                admission.min_difficulty
+            )));
+        }
+        if let Some(allow) = &admission.allow
+            && !allow.contains(&caller.id)
+            && !allow.contains(&caller.root)
+        {
+            return Err(Refusal::PermissionDenied(format!(
+                "node {} is not on the pool's allow list",
+                caller.id
+            )));
         }
         let delegated = matches!(caller.credential, Credential::Delegated(_));
         let mut st = self.state.lock().unwrap();
@@ -385,6 +413,11 @@ impl Coordinator {
     /// All members.
     pub fn members(&self) -> Vec<Member> {
         self.state.lock().unwrap().nodes.values().cloned().collect()
+    }
+
+    /// Sets the admission rules that later joins must meet (members already admitted stay).
+    pub fn set_admission(&self, admission: Admission) {
+        *self.admission.lock().unwrap() = admission;
     }
 
     /// Hands `node`'s slots away: the next layout places nothing on it.
