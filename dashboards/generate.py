@@ -9,6 +9,9 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.join(HERE, "..", "charts", "shardfarm", "files", "dashboards")
 C = 'cluster=~"$cluster"'
+# Boards with a pool variable also filter by it (in a cluster a pool is a namespace: the
+# ServiceMonitor/PodMonitor targets carry it as the `namespace` label).
+P = 'cluster=~"$cluster", namespace=~"$pool"'
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
 
@@ -91,7 +94,7 @@ def cluster():
     return var_q("cluster", "Cluster", "label_values(shardfarm_agent_build_info, cluster)", hide=2)
 
 
-A = f'{C}, farm=~"$farm"'
+A = f'{P}, farm=~"$farm"'
 
 
 def farm_panel():
@@ -104,11 +107,11 @@ def farm_panel():
     b.stats([
         ("Agents up", f"count(shardfarm_agent_build_info{{{A}}})", "none"),
         ("Proving storage (audits answered, 1 h)", f'count(increase(shardfarm_agent_audits_total{{{A}, result="answered"}}[1h]) > 0)', "none"),
-        ("Suspended", f'sum(shardfarm_coordinator_nodes{{{C}, state=~"suspended.*"}})', "none"),
-        ("Down", f'sum(shardfarm_coordinator_nodes{{{C}, state=~".*_down"}})', "none"),
+        ("Suspended", f'sum(shardfarm_coordinator_nodes{{{P}, state=~"suspended.*"}})', "none"),
+        ("Down", f'sum(shardfarm_coordinator_nodes{{{P}, state=~".*_down"}})', "none"),
     ])
     b.series([
-        ("Nodes by state", [(f"sum by (state) (shardfarm_coordinator_nodes{{{C}}})", "{{state}}")], "none"),
+        ("Nodes by state", [(f"sum by (state) (shardfarm_coordinator_nodes{{{P}}})", "{{state}}")], "none"),
         ("Agents per farm", [(f"count by (farm) (shardfarm_agent_build_info{{{A}}})", "{{farm}}")], "none"),
     ])
     b.row("Capacity and traffic")
@@ -127,18 +130,18 @@ def farm_panel():
     ])
     b.row("Audits, reputation, earnings")
     b.series([
-        ("Audits passed vs failed", [(f"sum by (result) (rate(shardfarm_coordinator_audits_total{{{C}}}[$__rate_interval]))", "{{result}}")], "ops"),
+        ("Audits passed vs failed", [(f"sum by (result) (rate(shardfarm_coordinator_audits_total{{{P}}}[$__rate_interval]))", "{{result}}")], "ops"),
         ("Audit answer latency p50", [(f"histogram_quantile(0.5, sum by (le) (rate(shardfarm_agent_request_duration_seconds_bucket{{{A}, method=\"Audit\"}}[$__rate_interval])))", "audit answer p50 latency")], "s"),
     ])
     b.series([
-        ("Reputation (audit score) per node", [(f"shardfarm_coordinator_node_audit_score{{{C}}}", "{{node}}")], "percentunit"),
-        ("Earnings per farm", [(f"shardfarm_coordinator_farm_rewards{{{C}}}", "{{farm}}")], "none"),
+        ("Reputation (audit score) per node", [(f"shardfarm_coordinator_node_audit_score{{{P}}}", "{{node}}")], "percentunit"),
+        ("Earnings per farm", [(f"shardfarm_coordinator_farm_rewards{{{P}}}", "{{farm}}")], "none"),
     ])
     b.series([
         ("Capacity proof: solve time", [(f'shardfarm_agent_capacity_proof{{{A}, input="solve_seconds"}}', "{{node}}")], "s"),
         ("Identity difficulty", [(f"shardfarm_agent_identity_difficulty_bits{{{A}}}", "{{node}}")], "none"),
     ])
-    b.table("Nodes failing audits", f"sort(shardfarm_coordinator_node_audit_score{{{C}}} < 1)")
+    b.table("Nodes failing audits", f"sort(shardfarm_coordinator_node_audit_score{{{P}}} < 1)")
     return b
 
 
@@ -149,36 +152,36 @@ def pool_health():
     ])
     b.row("Layout")
     b.stats([
-        ("Layout version", f"max(shardfarm_coordinator_layout_version{{{C}}})", "none"),
-        ("In sync", f"min(shardfarm_coordinator_layout_in_sync{{{C}}})", "bool_yes_no"),
-        ("Balance (max / mean)", f"max(shardfarm_coordinator_layout_balance_ratio{{{C}}})", "none"),
-        ("Slots moved by last change", f"max(shardfarm_coordinator_layout_moved_slots{{{C}}})", "none"),
+        ("Layout version", f"max(shardfarm_coordinator_layout_version{{{P}}})", "none"),
+        ("In sync", f"min(shardfarm_coordinator_layout_in_sync{{{P}}})", "bool_yes_no"),
+        ("Balance (max / mean)", f"max(shardfarm_coordinator_layout_balance_ratio{{{P}}})", "none"),
+        ("Slots moved by last change", f"max(shardfarm_coordinator_layout_moved_slots{{{P}}})", "none"),
     ])
     b.row("Repair")
     b.stats([
-        ("Degraded shards", f"sum(shardfarm_coordinator_degraded_shards{{{C}}})", "none"),
-        ("Repair rate", f"sum(rate(shardfarm_agent_repair_bytes_total{{{C}}}[$__rate_interval]))", "Bps"),
-        ("Repair failures (1 h)", f"sum(increase(shardfarm_agent_repair_failures_total{{{C}}}[1h]))", "none"),
-        ("Handed off (1 h)", f"sum(increase(shardfarm_agent_handed_off_shards_total{{{C}}}[1h]))", "none"),
+        ("Degraded shards", f"sum(shardfarm_coordinator_degraded_shards{{{P}}})", "none"),
+        ("Repair rate", f"sum(rate(shardfarm_agent_repair_bytes_total{{{P}}}[$__rate_interval]))", "Bps"),
+        ("Repair failures (1 h)", f"sum(increase(shardfarm_agent_repair_failures_total{{{P}}}[1h]))", "none"),
+        ("Handed off (1 h)", f"sum(increase(shardfarm_agent_handed_off_shards_total{{{P}}}[1h]))", "none"),
     ])
     b.series([
         ("Repair backlog", [
-            (f"sum(shardfarm_coordinator_degraded_shards{{{C}}})", "coordinator"),
-            (f"sum by (node) (shardfarm_agent_repair_backlog_shards{{{C}}})", "{{node}}"),
+            (f"sum(shardfarm_coordinator_degraded_shards{{{P}}})", "coordinator"),
+            (f"sum by (node) (shardfarm_agent_repair_backlog_shards{{{P}}})", "{{node}}"),
         ], "none"),
-        ("Shards repaired", [(f"sum by (method) (rate(shardfarm_agent_repaired_shards_total{{{C}}}[$__rate_interval]))", "{{method}}")], "ops"),
+        ("Shards repaired", [(f"sum by (method) (rate(shardfarm_agent_repaired_shards_total{{{P}}}[$__rate_interval]))", "{{method}}")], "ops"),
     ])
     b.row("Capacity")
     b.series([
         ("Capacity and use", [
-            (f"sum(shardfarm_agent_capacity_bytes{{{C}}})", "offered"),
-            (f"sum(shardfarm_agent_stored_bytes{{{C}}})", "stored"),
+            (f"sum(shardfarm_agent_capacity_bytes{{{P}}})", "offered"),
+            (f"sum(shardfarm_agent_stored_bytes{{{P}}})", "stored"),
         ], "bytes"),
-        ("Capacity forecast (7 days ahead)", [(f"predict_linear(sum(shardfarm_agent_stored_bytes{{{C}}})[1d:1h], 7 * 86400)", "stored in 7 days")], "bytes"),
+        ("Capacity forecast (7 days ahead)", [(f"predict_linear(sum(shardfarm_agent_stored_bytes{{{P}}})[1d:1h], 7 * 86400)", "stored in 7 days")], "bytes"),
     ])
     b.series([
-        ("Joins", [(f"sum by (result) (rate(shardfarm_coordinator_joins_total{{{C}}}[$__rate_interval]))", "{{result}}")], "ops"),
-        ("Refused signatures", [(f"sum by (reason) (rate(shardfarm_coordinator_auth_failures_total{{{C}}}[$__rate_interval]))", "{{reason}}")], "ops"),
+        ("Joins", [(f"sum by (result) (rate(shardfarm_coordinator_joins_total{{{P}}}[$__rate_interval]))", "{{result}}")], "ops"),
+        ("Refused signatures", [(f"sum by (reason) (rate(shardfarm_coordinator_auth_failures_total{{{P}}}[$__rate_interval]))", "{{reason}}")], "ops"),
     ])
     return b
 
