@@ -105,6 +105,35 @@ fn a_node_lost_for_good_is_rebuilt_elsewhere_and_then_two_more_can_fail() {
     read_all_back(&farm, &files, tmp.path(), "after-3-losses");
 }
 
+#[test]
+fn a_put_with_one_holder_down_succeeds_and_repair_completes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A long grace period: the dead node stays in the layout while the file is stored.
+    let mut args = vec!["--nodes", "7"];
+    args.extend_from_slice(FAST);
+    let at = args.iter().position(|a| *a == "--grace").unwrap();
+    args[at + 1] = "15";
+    let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
+    let dead = node_id(&farm, 6);
+    farm.kill9(6);
+    let input = tmp.path().join("in");
+    write_random(&input, (4 << 20) + 3, 41);
+    let out = farm.sf(&["put", input.to_str().unwrap()]);
+    assert!(out.status.success(), "put: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("repair will rebuild the rest"), "{err}");
+    let cap = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // Some segment has the dead node among its holders and 5 of 6 shards.
+    let v = farm.stat(&cap);
+    let short = v["segments"].as_array().unwrap().iter().filter(|s| s["present"] == 5).count();
+    assert!(short > 0, "{v}");
+    let files = vec![(input, cap)];
+    read_all_back(&farm, &files, tmp.path(), "with-one-down");
+    // After the grace period its slots move and the survivors complete every segment.
+    let excluded: BTreeSet<String> = [dead].into();
+    farm.wait_for(90, "every segment at n of n", || fully_placed(&farm, &files, &excluded));
+}
+
 /// An agent started by hand that joins the running farm through its coordinator.
 struct Outsider(Child);
 
