@@ -85,17 +85,6 @@ fn parse_cap(s: &str) -> anyhow::Result<ReadCap> {
     s.parse::<ReadCap>().map_err(|e| anyhow::Error::new(Usage(e.to_string())))
 }
 
-fn human(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = farm_dir(cli.farm.clone());
     match cli.command {
@@ -120,7 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let out = (output != "-").then(|| PathBuf::from(&output));
             let n = client.get(&cap, out.as_deref()).await?;
             if out.is_some() {
-                eprintln!("wrote {} to {output}", human(n));
+                eprintln!("wrote {} to {output}", shardfarm_core::human_bytes(n));
             }
         }
         Command::Stat { cap } => {
@@ -132,7 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!(
                     "object: {} in pool {}, RS({},{}), {} segments",
-                    human(st.length),
+                    shardfarm_core::human_bytes(st.length),
                     st.pool,
                     st.k,
                     st.m,
@@ -203,8 +192,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         n.zone,
                         n.state,
                         n.standing.clone().unwrap_or_else(na),
-                        human(n.capacity_bytes),
-                        human(n.used_bytes),
+                        shardfarm_core::human_bytes(n.capacity_bytes),
+                        shardfarm_core::human_bytes(n.used_bytes),
                         n.shards,
                         n.slots.map_or_else(na, |s| s.to_string()),
                         n.reputation.map_or_else(na, |r| format!("{r:.3}")),

@@ -91,5 +91,17 @@ impl Error {
     }
 }
 
+/// Bytes for people: `512 B`, `1.5 GiB` (binary units, one decimal).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
 /// Result with the core error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

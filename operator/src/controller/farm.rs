@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardfarm_crds::{MiningFarm, MiningFarmStatus};
 
-use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted, human};
+use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted};
 use crate::coordinator::Member;
 
 /// Port of the agents' gRPC service.
@@ -250,8 +250,8 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         replicas,
         ready_replicas: ready,
         selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
-        capacity: Some(human(members.iter().map(|m| m.offered_bytes).sum())),
-        used: Some(human(members.iter().map(|m| m.used_bytes).sum())),
+        capacity: Some(shardfarm_core::human_bytes(members.iter().map(|m| m.offered_bytes).sum())),
+        used: Some(shardfarm_core::human_bytes(members.iter().map(|m| m.used_bytes).sum())),
         audit_pass_rate: (audited > 0).then(|| passed as f64 / audited as f64),
         earnings: members.iter().map(|m| ctx.fabric.earnings(&pool, &m.id)).sum(),
         draining,

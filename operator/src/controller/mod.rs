@@ -190,15 +190,3 @@ pub fn has_condition(conditions: &[Condition], type_: &str, status: bool) -> boo
     let s = if status { "True" } else { "False" };
     conditions.iter().any(|c| c.type_ == type_ && c.status == s)
 }
-
-/// Human-readable bytes for status columns.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
-}

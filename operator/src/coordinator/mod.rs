@@ -357,7 +357,7 @@ impl Coordinator {
         m.capacity = report.capacity();
         m.offered_bytes = report.space_reported;
         m.delegated = delegated;
-        m.seen(now_ms, self.config.grace_ms);
+        m.seen(now_ms);
         let out = m.clone();
         tracing::info!(node = %caller.id, domain = %out.domain, capacity = out.capacity, "node joined");
         st.dirty = true;
@@ -380,7 +380,7 @@ impl Coordinator {
             Refusal::NotFound(format!("node {} has not joined: call Join first", caller.id))
         })?;
         let was_up = m.up;
-        m.seen(now_ms, self.config.grace_ms);
+        m.seen(now_ms);
         m.used_bytes = r.used_bytes;
         m.shards = r.shards;
         m.scrub_errors = r.scrub_errors;

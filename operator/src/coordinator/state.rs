@@ -104,7 +104,7 @@ impl Member {
     }
 
     /// Marks the node heard from now.
-    pub(super) fn seen(&mut self, now_ms: u64, _grace_ms: u64) {
+    pub(super) fn seen(&mut self, now_ms: u64) {
         self.last_seen_ms = now_ms;
         self.up = true;
     }
