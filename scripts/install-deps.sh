@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Installs what a fresh machine lacks for the build: libclang (bindgen for RocksDB).
-# protoc is not needed: agent/build.rs compiles the .proto files with protox (pure Rust).
+# Installs what a fresh Debian machine lacks for the build: libclang (bindgen, for RocksDB).
+# protoc is not needed: proto/build.rs compiles the .proto files with protox (pure Rust).
+# Prints one line per step. `--check` installs nothing: it fails, naming the command to run,
+# when something the build needs is missing (the test command runs it after installing).
 set -euo pipefail
-if ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ldconfig -p 2>/dev/null | grep -q libclang; then
-  exit 0
-fi
-if [ "$(id -u)" = 0 ]; then
-  echo "==> installing libclang-dev (bindgen for RocksDB)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+here="$(dirname "$0")"
+. "$here/lib-setup.sh"
+
+if has_libclang; then
+  step "libclang: found ($(libclang_path))"
+elif [ "${1:-}" = --check ]; then
+  fail "libclang.so is missing (bindgen cannot build RocksDB): run 'apt-get install libclang-dev'"
 else
-  echo "libclang is missing: run 'sudo apt-get install libclang-dev' and try again" >&2
-  exit 2
+  apt_install libclang-dev "libclang for RocksDB's bindgen"
+  has_libclang || fail "libclang-dev installed but no libclang.so found: run 'apt-get install --reinstall libclang-dev'"
+  step "libclang: installed ($(libclang_path))"
 fi

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Installs the offline manifest validators (PyPI kubernetes-validate and check-jsonschema) into
-# a virtualenv and prints its python. Reuses the virtualenv on later runs.
+# a virtualenv and prints its python on stdout, one line per set-up step on stderr. Reuses the
+# virtualenv on later runs.
 set -euo pipefail
+. "$(dirname "$0")/lib-setup.sh"
 VENV="${SHARDFARM_VENV:-$HOME/.cache/shardfarm-venv}"
-if [ ! -x "$VENV/bin/check-jsonschema" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
-  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-      echo "==> installing python3-venv" >&2
-      apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+# Installed means: the venv's python imports both packages (not: a file with that name exists).
+validators_ok() {
+  "$VENV/bin/python" -c 'import kubernetes_validate, check_jsonschema' >/dev/null 2>&1
+}
+if ! validators_ok; then
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
       rm -rf "$VENV"
-      python3 -m venv "$VENV" >&2
-    else
-      echo "python3-venv is missing: run 'sudo apt-get install python3-venv'" >&2
-      exit 2
+      apt_install python3-venv "python's virtualenv module"
+      python3 -m venv "$VENV" >&2 || fail "python3 -m venv still fails: run 'apt-get install python3-venv'"
     fi
+    step "created virtualenv $VENV"
   fi
-  echo "==> installing kubernetes-validate and check-jsonschema into $VENV" >&2
-  "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate check-jsonschema >&2
+  step "installing kubernetes-validate and check-jsonschema into $VENV (PyPI)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate check-jsonschema >&2 \
+    || fail "pip install kubernetes-validate check-jsonschema failed (is PyPI reachable?)"
+  validators_ok || fail "kubernetes-validate/check-jsonschema do not import in $VENV; delete it and try again"
 fi
+step "manifest validators: $VENV"
 echo "$VENV/bin/python"

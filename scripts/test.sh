@@ -4,14 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "==> set-up: what the build needs (first run on a fresh machine: apt-get, ~1 min)"
 bash scripts/install-deps.sh
+# Fails loudly, naming the package, if a set-up step was skipped wrongly (bindgen would otherwise
+# fail deep inside librocksdb-sys's build script after minutes of compiling).
+bash scripts/install-deps.sh --check
 
 # Cargo's target dir may live outside the clone so later runs reuse the RocksDB build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 start=$(date +%s)
-echo "==> build (dev profile; dependencies optimised)"
+echo "==> build (dev profile, dependencies optimised; a cold build compiles RocksDB's C++: ~15-20 min on 2 cores)"
 cargo build --workspace --all-targets --locked
 echo "==> build took $(( $(date +%s) - start )) s"
 echo "==> tests"
