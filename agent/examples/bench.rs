@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use shardfarm_agent::client::{AgentClient, Signer};
 use shardfarm_agent::store::{ShardId, Store};
 use shardfarm_core::codec::{CodecParams, Encoder};
 use shardfarm_core::identity::Identity;
 use shardfarm_core::shard::{Cipher, merkle_root};
+use shardfarm_proto::{AgentClient, Signer};
 
 const MIB: usize = 1 << 20;
 

@@ -1,4 +1,5 @@
-//! The gRPC adapter: the only code that sees proto types or maps errors to `Status`.
+//! The agent's gRPC service: the only agent code that sees proto types or maps errors to
+//! `Status`.
 //!
 //! Each method authenticates (signed envelope over its opening message), converts the proto
 //! message into domain types, calls the domain and converts the answer back.
@@ -10,64 +11,18 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::Stream;
 use prost::Message;
-use shardfarm_core::auth::{AuthError, Caller, Envelope, SignedRequest, Verifier, now_ms};
-use shardfarm_core::identity::Credential;
+use shardfarm_core::auth::{Caller, Verifier};
+use shardfarm_core::shard::ShardId;
+use shardfarm_proto::convert::shard_id;
+use shardfarm_proto::pb as proto;
+use shardfarm_proto::{auth_status, methods, verify_request};
 use tokio_stream::StreamExt;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::shard::{Error, Node, Policy};
-use crate::store::ShardId;
-
-/// Generated protocol types.
-#[allow(missing_docs, clippy::all)]
-pub mod proto {
-    tonic::include_proto!("shardfarm.v1");
-}
 
 use proto::agent_server::Agent;
-
-/// Metadata keys of the signed envelope.
-pub mod keys {
-    /// Caller credential (binary).
-    pub const CREDENTIAL: &str = "x-sf-credential-bin";
-    /// Request nonce (binary, 16 bytes).
-    pub const NONCE: &str = "x-sf-nonce-bin";
-    /// Timestamp, ms since the epoch (decimal).
-    pub const TIMESTAMP: &str = "x-sf-timestamp";
-    /// Signature (binary, 64 bytes).
-    pub const SIGNATURE: &str = "x-sf-signature-bin";
-}
-
-/// Full method names, as signed.
-pub mod methods {
-    /// PutShard.
-    pub const PUT: &str = "/shardfarm.v1.Agent/PutShard";
-    /// GetShard.
-    pub const GET: &str = "/shardfarm.v1.Agent/GetShard";
-    /// DeleteShard.
-    pub const DELETE: &str = "/shardfarm.v1.Agent/DeleteShard";
-    /// ListShards.
-    pub const LIST: &str = "/shardfarm.v1.Agent/ListShards";
-    /// Audit.
-    pub const AUDIT: &str = "/shardfarm.v1.Agent/Audit";
-    /// Info.
-    pub const INFO: &str = "/shardfarm.v1.Agent/Info";
-    /// ProveCapacity.
-    pub const PROVE: &str = "/shardfarm.v1.Agent/ProveCapacity";
-    /// Coordinator: Challenge.
-    pub const CHALLENGE: &str = "/shardfarm.v1.Coordinator/Challenge";
-    /// Coordinator: Join.
-    pub const JOIN: &str = "/shardfarm.v1.Coordinator/Join";
-    /// Coordinator: Report.
-    pub const REPORT: &str = "/shardfarm.v1.Coordinator/Report";
-    /// Coordinator: GetLayout.
-    pub const GET_LAYOUT: &str = "/shardfarm.v1.Coordinator/GetLayout";
-    /// Coordinator: WatchLayout.
-    pub const WATCH_LAYOUT: &str = "/shardfarm.v1.Coordinator/WatchLayout";
-    /// Coordinator: ListNodes.
-    pub const LIST_NODES: &str = "/shardfarm.v1.Coordinator/ListNodes";
-}
 
 /// Bytes per GetShard chunk.
 const CHUNK: usize = 1 << 20;
@@ -89,80 +44,6 @@ pub fn to_status(e: &Error) -> Status {
         }
         Error::Store(_) | Error::Internal(_) => Status::internal(e.to_string()),
     }
-}
-
-/// The status of an authentication failure.
-pub fn auth_status(a: &AuthError) -> Status {
-    let msg = a.to_string();
-    match a {
-        AuthError::Malformed(_) => Status::invalid_argument(msg),
-        AuthError::BadSignature | AuthError::DelegationSignature => Status::unauthenticated(msg),
-        AuthError::StaleTimestamp { .. } | AuthError::DelegationExpired { .. } => {
-            Status::unauthenticated(msg)
-        }
-        AuthError::Replay => Status::already_exists(msg),
-        AuthError::ReplayCacheFull(_) => Status::resource_exhausted(msg),
-        AuthError::InsufficientDifficulty { .. } => Status::failed_precondition(msg),
-    }
-}
-
-// ---- Envelopes in metadata ----
-
-/// Puts a signed envelope for `msg` on `method` into `md` (client side).
-pub fn sign_into<M: Message>(
-    md: &mut MetadataMap,
-    method: &str,
-    msg: &M,
-    credential: &Credential,
-    key: &ed25519_dalek::SigningKey,
-) {
-    let req = Envelope::new(method, &msg.encode_to_vec()).sign(credential.clone(), key);
-    md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&credential.to_bytes()));
-    md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
-    md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().expect("digits"));
-    md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
-}
-
-/// Verifies the signed envelope in `md` for `msg` on `method` (server side). The body hash is
-/// recomputed from the message received, never taken on trust.
-pub fn verify_request<M: Message>(
-    verifier: &Verifier,
-    md: &MetadataMap,
-    method: &str,
-    msg: &M,
-) -> Result<Caller, AuthError> {
-    let mut req = read_envelope(md, method)?;
-    let body = msg.encode_to_vec();
-    req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
-    verifier.verify(&req, method, &body, now_ms())
-}
-
-fn read_envelope(md: &MetadataMap, method: &str) -> Result<SignedRequest, AuthError> {
-    let bin = |k: &str| -> Result<Vec<u8>, AuthError> {
-        md.get_bin(k)
-            .ok_or_else(|| AuthError::Malformed(format!("missing metadata {k}: sign the request")))?
-            .to_bytes()
-            .map(|b| b.to_vec())
-            .map_err(|_| AuthError::Malformed(format!("metadata {k} is not valid base64")))
-    };
-    let credential = Credential::from_bytes(&bin(keys::CREDENTIAL)?)
-        .map_err(|e| AuthError::Malformed(format!("credential: {e}")))?;
-    let nonce: [u8; 16] = bin(keys::NONCE)?
-        .try_into()
-        .map_err(|_| AuthError::Malformed("nonce must be 16 bytes".into()))?;
-    let timestamp_ms = md
-        .get(keys::TIMESTAMP)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| AuthError::Malformed(format!("missing or bad {}", keys::TIMESTAMP)))?;
-    let sig: [u8; 64] = bin(keys::SIGNATURE)?
-        .try_into()
-        .map_err(|_| AuthError::Malformed("signature must be 64 bytes".into()))?;
-    Ok(SignedRequest {
-        credential,
-        envelope: Envelope { method: method.into(), nonce, timestamp_ms, body_hash: [0; 32] },
-        signature: ed25519_dalek::Signature::from_bytes(&sig),
-    })
 }
 
 // ---- The service ----
@@ -213,34 +94,6 @@ impl AgentService {
         m.requests.with_label_values(&[short, label]).inc();
         m.request_seconds.with_label_values(&[short]).observe(start.elapsed().as_secs_f64());
         r.map_err(|e| to_status(&e))
-    }
-}
-
-fn shard_id(key: Option<proto::ShardKey>) -> Result<ShardId, Status> {
-    let k = key.ok_or_else(|| Status::invalid_argument("key is required"))?;
-    ShardId::try_from(k)
-}
-
-impl TryFrom<proto::ShardKey> for ShardId {
-    type Error = Status;
-    fn try_from(k: proto::ShardKey) -> Result<Self, Status> {
-        Ok(ShardId {
-            object_id: k.object_id[..]
-                .try_into()
-                .map_err(|_| Status::invalid_argument("object_id must be 32 bytes"))?,
-            segment: k.segment_index,
-            shard: k.shard_index,
-        })
-    }
-}
-
-impl From<ShardId> for proto::ShardKey {
-    fn from(id: ShardId) -> Self {
-        proto::ShardKey {
-            object_id: Bytes::copy_from_slice(&id.object_id),
-            segment_index: id.segment,
-            shard_index: id.shard,
-        }
     }
 }
 

@@ -8,9 +8,7 @@
 
 #![warn(missing_docs)]
 
-pub mod client;
 pub mod config;
-pub mod coordinator;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

@@ -32,13 +32,12 @@ use prometheus::core::Collector;
 use shardfarm_core::codec::Decoder;
 use shardfarm_core::identity::NodeId;
 use shardfarm_core::shard::SegmentHeader;
+use shardfarm_proto::pb as proto;
+use shardfarm_proto::{AgentClient, CoordinatorClient, PublishedLayout, Signer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::client::{AgentClient, Signer};
-use crate::coordinator::{CoordinatorClient, PublishedLayout};
-use crate::grpc::proto;
 use crate::shard::Node;
 use crate::store::ShardId;
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use shardfarm_core::auth::Verifier;
 use shardfarm_core::identity::Identity;
+use shardfarm_proto::pb::agent_server::AgentServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::{AgentArgs, Config};
 use crate::grpc::AgentService;
-use crate::grpc::proto::agent_server::AgentServer;
 use crate::metrics::Metrics;
 use crate::scrub::ScrubWorker;
 use crate::shard::{Node, NodeSettings, Policy};

@@ -81,61 +81,14 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| StoreError::Io { what, path: path.to_path_buf(), source }
 }
 
+pub use shardfarm_core::shard::ShardId;
+
 const CF_HEADERS: &str = "headers";
 const CF_INDEX: &str = "index";
 const CF_QUOTA: &str = "quota";
 const CF_STATE: &str = "state";
 const STATE_USED: &[u8] = b"used_bytes";
 const RECORD_VERSION: u8 = 1;
-
-/// Where a shard lives: object, segment, slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ShardId {
-    /// Object id.
-    pub object_id: [u8; 32],
-    /// Segment index.
-    pub segment: u32,
-    /// Shard index (slot) within the segment.
-    pub shard: u32,
-}
-
-impl ShardId {
-    fn header_key(&self) -> [u8; 36] {
-        let mut k = [0u8; 36];
-        k[..32].copy_from_slice(&self.object_id);
-        k[32..].copy_from_slice(&self.segment.to_be_bytes());
-        k
-    }
-
-    /// The index key: partition ‖ object ‖ segment ‖ shard, all big-endian.
-    pub fn index_key(&self, partition: u32) -> [u8; 44] {
-        let mut k = [0u8; 44];
-        k[..4].copy_from_slice(&partition.to_be_bytes());
-        k[4..36].copy_from_slice(&self.object_id);
-        k[36..40].copy_from_slice(&self.segment.to_be_bytes());
-        k[40..].copy_from_slice(&self.shard.to_be_bytes());
-        k
-    }
-
-    fn from_index_key(k: &[u8]) -> Option<(u32, ShardId)> {
-        if k.len() != 44 {
-            return None;
-        }
-        Some((
-            u32::from_be_bytes(k[..4].try_into().ok()?),
-            ShardId {
-                object_id: k[4..36].try_into().ok()?,
-                segment: u32::from_be_bytes(k[36..40].try_into().ok()?),
-                shard: u32::from_be_bytes(k[40..].try_into().ok()?),
-            },
-        ))
-    }
-
-    /// File name of the payload.
-    pub fn file_name(&self) -> String {
-        format!("{}-{}-{}", hex::encode(self.object_id), self.segment, self.shard)
-    }
-}
 
 /// What the index says about a stored shard.
 #[derive(Clone, Debug, PartialEq, Eq)]

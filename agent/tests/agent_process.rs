@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use ed25519_dalek::Signature;
-use shardfarm_agent::client::Signer;
-use shardfarm_agent::grpc::{methods, proto};
 use shardfarm_core::audit::{self, ProvenLeaf};
 use shardfarm_core::auth::Envelope;
 use shardfarm_core::identity::{Identity, random_signing_key};
 use shardfarm_core::shard::{Cipher, FORMAT_VERSION, SegmentHeader, merkle_root};
+use shardfarm_proto::pb as proto;
+use shardfarm_proto::{Signer, methods};
 use tonic::Code;
 
 fn tmp() -> tempfile::TempDir {
@@ -49,7 +49,7 @@ async fn put_get_range_list_delete_round_trips() {
     zero.sign(me.signing_key());
     let r = c.put_shard(&zero.encode(), 0, Bytes::new()).await.unwrap();
     assert_eq!(r.stored_bytes, 0);
-    let zid = shardfarm_agent::store::ShardId { object_id: [42; 32], segment: 0, shard: 0 };
+    let zid = shardfarm_core::shard::ShardId { object_id: [42; 32], segment: 0, shard: 0 };
     let got = c.get_shard(zid, 0, 0).await.unwrap();
     assert!(got.data.is_empty());
     assert_eq!(got.header, zero.encode());
@@ -88,7 +88,7 @@ async fn put_get_range_list_delete_round_trips() {
     // Paging: one entry per page, resuming after the last key.
     let p1 = c.list_shards(partition, None, 1).await.unwrap();
     assert_eq!(p1.len(), 1);
-    let after = shardfarm_agent::store::ShardId::try_from(p1[0].key.clone().unwrap()).unwrap();
+    let after = shardfarm_core::shard::ShardId::try_from(p1[0].key.clone().unwrap()).unwrap();
     let p2 = c.list_shards(partition, Some(after), 1).await.unwrap();
     assert_ne!(p2.first().map(|e| e.key.clone()), Some(p1[0].key.clone()));
     let total: u64 = seg.shards.iter().map(|s| s.len() as u64).sum();
@@ -261,7 +261,7 @@ async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::S
         signer.key(),
     );
     let mut md = tonic::metadata::MetadataMap::new();
-    use shardfarm_agent::grpc::keys;
+    use shardfarm_proto::keys;
     use tonic::metadata::MetadataValue;
     md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&req.credential.to_bytes()));
     md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
@@ -277,12 +277,7 @@ async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::S
 fn signer_credential(s: &Signer) -> Vec<u8> {
     // The test signer signs Info once to learn its credential bytes from the metadata.
     let r = s.request(methods::INFO, proto::InfoRequest {});
-    r.metadata()
-        .get_bin(shardfarm_agent::grpc::keys::CREDENTIAL)
-        .unwrap()
-        .to_bytes()
-        .unwrap()
-        .to_vec()
+    r.metadata().get_bin(shardfarm_proto::keys::CREDENTIAL).unwrap().to_bytes().unwrap().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,8 @@
-//! The `shardfarm` command: the client (put, get, stat, rm, nodes), `local up`, and the agent.
+//! The `shardfarm` command: argument parsing, output and exit codes over the client library
+//! (put, get, stat, rm, nodes), `local up` (a farm of supervised processes), and the
+//! subcommands that run the agent and the operator. One binary.
 
 #![warn(missing_docs)]
 
-pub mod client;
-pub mod farm;
 pub mod local;
+pub mod progress;

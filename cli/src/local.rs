@@ -15,11 +15,11 @@ use anyhow::{Context, bail};
 use shardfarm_core::identity::Identity;
 use tokio::process::{Child, Command};
 
-use shardfarm_operator::coordinator::{Coordinator, CoordinatorService, PoolConfig};
-use shardfarm_operator::economics::RewardConfig;
+use shardfarm_coordinator::economics::RewardConfig;
+use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
+use shardfarm_client::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
 
 /// Identity difficulty of a local farm: enough to exercise the checks, quick to mine.
 pub const LOCAL_DIFFICULTY: u8 = 8;
@@ -244,7 +244,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the coordinator's metrics address {metrics_addr}"))?;
     let server = {
-        let svc = shardfarm_agent::grpc::proto::coordinator_server::CoordinatorServer::new(
+        let svc = shardfarm_proto::pb::coordinator_server::CoordinatorServer::new(
             CoordinatorService::new(coordinator.clone()),
         )
         .max_decoding_message_size(64 << 20)
@@ -258,7 +258,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 .await
         })
     };
-    tokio::spawn(shardfarm_operator::coordinator::serve_metrics(
+    tokio::spawn(shardfarm_coordinator::serve_metrics(
         metrics_listener,
         coordinator.clone(),
         stop.clone(),

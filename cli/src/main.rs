@@ -1,10 +1,12 @@
 //! `shardfarm`: store files on a farm nobody has to trust.
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use shardfarm::client::FarmClient;
-use shardfarm::farm::farm_dir;
+use shardfarm::progress::Bar;
+use shardfarm_client::FarmClient;
 use shardfarm_core::cap::ReadCap;
 
 /// Shardfarm: files are encrypted on this machine, Reed-Solomon coded into k+m shards and
@@ -85,6 +87,25 @@ fn parse_cap(s: &str) -> anyhow::Result<ReadCap> {
     s.parse::<ReadCap>().map_err(|e| anyhow::Error::new(Usage(e.to_string())))
 }
 
+/// Where the farm is: `--farm DIR`, else `SHARDFARM_FARM` (both through clap), else `./farm`.
+fn farm_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(|| PathBuf::from("farm"))
+}
+
+/// Opens `path`, or spools stdin (`None`) to a temporary file so its length is known.
+fn open_input(path: Option<PathBuf>) -> anyhow::Result<std::fs::File> {
+    match path {
+        Some(p) => std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display())),
+        None => {
+            use std::io::Seek;
+            let mut spool = tempfile::tempfile().context("creating a spool file for stdin")?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut spool)?;
+            spool.rewind()?;
+            Ok(spool)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = farm_dir(cli.farm.clone());
     match cli.command {
@@ -95,8 +116,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 anyhow::bail!("cannot read {}: no such file", p.display());
             }
-            let client = FarmClient::open(&dir)?;
-            let cap = client.put(path).await?;
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let cap = client.put(open_input(path)?).await?;
             if cli.json {
                 println!("{}", serde_json::json!({ "cap": cap.encode() }));
             } else {
@@ -105,10 +126,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get { cap, output } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open(&dir)?;
-            let out = (output != "-").then(|| PathBuf::from(&output));
-            let n = client.get(&cap, out.as_deref()).await?;
-            if out.is_some() {
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            if output == "-" {
+                let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+                client.get_to(&cap, &mut stdout).await?;
+            } else {
+                let n = client.get_file(&cap, std::path::Path::new(&output)).await?;
                 eprintln!("wrote {} to {output}", shardfarm_core::human_bytes(n));
             }
         }

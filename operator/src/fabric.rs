@@ -7,7 +7,7 @@ use shardfarm_core::identity::NodeId;
 use shardfarm_core::placement::Layout;
 
 use crate::controller::Fabric;
-use crate::coordinator::{Coordinator, Member};
+use shardfarm_coordinator::{Coordinator, Member};
 
 /// Coordinators by pool name.
 #[derive(Default)]
@@ -57,7 +57,7 @@ impl Fabric for Coordinators {
         }
     }
 
-    fn set_admission(&self, pool: &str, admission: crate::coordinator::Admission) {
+    fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission) {
         if let Some(c) = self.get(pool) {
             c.set_admission(admission);
         }

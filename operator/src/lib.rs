@@ -1,63 +1,13 @@
-//! Shardfarm operator and coordinator.
+//! The Shardfarm operator: kube-rs controllers and the `shardfarm operator` process.
 //!
-//! - [`economics`]: uptime, audit reputation, standing and per-epoch rewards (pure arithmetic);
-//! - [`ledger`]: the signed, hash-chained rewards ledger;
 //! - [`controller`]: the Kubernetes reconcilers (StoragePool, MiningFarm, NodeSyndication,
 //!   ShardPlacement) over a [`controller::Fabric`];
-//! - [`coordinator`]: the coordinator gRPC service (join, reports, layouts, audits, rewards),
-//!   the same code in `shardfarm local up` and in a cluster; only the state backend differs.
+//! - [`fabric`]: the fabric the controllers see, backed by the pool's coordinator
+//!   (`shardfarm-coordinator`, which this crate runs but does not contain);
+//! - [`run`]: CRD check, leader election, the coordinator's server, the controllers.
 
 #![warn(missing_docs)]
 
 pub mod controller;
-pub mod coordinator;
-pub mod economics;
 pub mod fabric;
-pub mod ledger;
-pub mod metrics;
 pub mod run;
-
-use std::path::{Path, PathBuf};
-
-/// Errors of the operator crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A file system operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The ledger does not verify.
-    #[error("ledger: {0}")]
-    Ledger(String),
-    /// The coordinator's state file is unreadable.
-    #[error("coordinator state: {0}")]
-    State(String),
-    /// No layout can be computed.
-    #[error(transparent)]
-    Placement(#[from] shardfarm_core::placement::PlacementError),
-}
-
-impl Error {
-    /// An I/O error on `path`.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
-    }
-
-    /// A bounded label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Io { .. } => "io",
-            Error::Ledger(_) => "ledger",
-            Error::State(_) => "state",
-            Error::Placement(_) => "placement",
-        }
-    }
-}
-
-/// Result with the operator error.
-pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -21,8 +21,8 @@ use shardfarm_crds::{MiningFarm, NodeSyndication, ShardPlacement, StoragePool};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, Context, ControllerMetrics, Error};
-use crate::coordinator::{Coordinator, CoordinatorService, PoolConfig};
 use crate::fabric::Coordinators;
+use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
 
 /// How long a leader's lease lasts without renewal.
 const LEASE_SECONDS: i32 = 15;
@@ -88,7 +88,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         min_difficulty: s.admission.min_identity_difficulty,
         failure_domain: s.failure_domain.label().into(),
         audit_interval_ms: s.audit_interval_seconds * 1000,
-        rewards: crate::economics::RewardConfig {
+        rewards: shardfarm_coordinator::economics::RewardConfig {
             epoch_seconds: s.rewards.epoch_seconds,
             pool_reward: s.rewards.pool_reward,
             pma: s.rewards.pma,
@@ -108,7 +108,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let coordinator = Coordinator::open(config, &args.state_dir, identity)?;
     pools.insert(&args.pool, coordinator.clone());
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;
-    let svc = shardfarm_agent::grpc::proto::coordinator_server::CoordinatorServer::new(
+    let svc = shardfarm_proto::pb::coordinator_server::CoordinatorServer::new(
         CoordinatorService::new(coordinator.clone()),
     );
     let grpc_stop = stop.clone();
@@ -123,7 +123,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     });
     let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
     let metrics = Arc::new(ControllerMetrics::new(&coordinator.metrics.registry));
-    tokio::spawn(crate::coordinator::serve_metrics(
+    tokio::spawn(shardfarm_coordinator::serve_metrics(
         tokio::net::TcpListener::bind(args.metrics_listen).await?,
         coordinator.clone(),
         stop.clone(),

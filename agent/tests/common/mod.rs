@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shardfarm_agent::client::{AgentClient, Signer};
-use shardfarm_agent::store::ShardId;
 use shardfarm_core::codec::{CodecParams, Encoder};
 use shardfarm_core::identity::Identity;
+use shardfarm_core::shard::ShardId;
 use shardfarm_core::shard::{Cipher, SegmentHeader};
+use shardfarm_proto::{AgentClient, Signer};
 
 /// Difficulty used by test identities and agents (cheap to mine).
 pub const DIFFICULTY: u8 = 8;

@@ -19,7 +19,7 @@ use serde_json::json;
 use shardfarm_crds::{MiningFarm, MiningFarmStatus};
 
 use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted};
-use crate::coordinator::Member;
+use shardfarm_coordinator::Member;
 
 /// Port of the agents' gRPC service.
 pub const AGENT_GRPC_PORT: u16 = 7400;

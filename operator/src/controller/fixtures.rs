@@ -15,8 +15,8 @@ use shardfarm_core::placement::Layout;
 use tower_test::mock;
 
 use super::{Context, ControllerMetrics, Fabric};
-use crate::coordinator::Member;
-use crate::economics::{ReputationConfig, Standing};
+use shardfarm_coordinator::Member;
+use shardfarm_coordinator::economics::{ReputationConfig, Standing};
 
 pub const NS: &str = "farms";
 
@@ -31,7 +31,7 @@ pub struct TestFabric {
     pub drained: Mutex<Vec<NodeId>>,
     pub removed: Mutex<Vec<NodeId>>,
     pub published: Mutex<Vec<Layout>>,
-    pub admission: Mutex<Option<crate::coordinator::Admission>>,
+    pub admission: Mutex<Option<shardfarm_coordinator::Admission>>,
 }
 
 impl Fabric for TestFabric {
@@ -56,7 +56,7 @@ impl Fabric for TestFabric {
     fn earnings(&self, _pool: &str, _node: &NodeId) -> u64 {
         7
     }
-    fn set_admission(&self, _pool: &str, admission: crate::coordinator::Admission) {
+    fn set_admission(&self, _pool: &str, admission: shardfarm_coordinator::Admission) {
         *self.admission.lock().unwrap() = Some(admission);
     }
 }

@@ -29,7 +29,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use shardfarm_core::identity::NodeId;
 use shardfarm_core::placement::Layout;
 
-use crate::coordinator::Member;
+use shardfarm_coordinator::Member;
 
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "shardfarm-operator";
@@ -87,7 +87,7 @@ pub trait Fabric: Send + Sync {
     /// Rewards recorded for `node` (RW1 + RW2).
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
     /// Sets the admission rules later joins to `pool` must meet.
-    fn set_admission(&self, pool: &str, admission: crate::coordinator::Admission);
+    fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission);
 }
 
 /// Shared state of the controllers.

@@ -16,7 +16,7 @@ use shardfarm_core::placement::{self, Layout, Options, Profile};
 use shardfarm_crds::{ShardPlacement, ShardPlacementStatus, StoragePool};
 
 use super::{Context, Error, MANAGER, Result, condition, counted};
-use crate::economics::Standing;
+use shardfarm_coordinator::economics::Standing;
 
 /// Key of the layout in its ConfigMap.
 pub const LAYOUT_KEY: &str = "layout.json";

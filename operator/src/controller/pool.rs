@@ -13,7 +13,7 @@ use shardfarm_core::placement::{self, Options, Profile};
 use shardfarm_crds::{FailureDomain, MiningFarm, StoragePool, StoragePoolStatus};
 
 use super::{Context, Error, MANAGER, Result, condition, counted, has_condition};
-use crate::economics::Standing;
+use shardfarm_coordinator::economics::Standing;
 
 /// Status refresh period.
 const REFRESH: Duration = Duration::from_secs(60);

@@ -75,7 +75,7 @@ async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {
         });
         ctx.fabric.set_admission(
             pool_name,
-            crate::coordinator::Admission {
+            shardfarm_coordinator::Admission {
                 min_difficulty: syn.spec.admission.min_identity_difficulty,
                 allow,
             },

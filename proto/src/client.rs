@@ -11,9 +11,11 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::grpc::proto::agent_client::AgentClient as Raw;
-use crate::grpc::{methods, proto, sign_into};
-use crate::store::ShardId;
+use shardfarm_core::shard::ShardId;
+
+use crate::envelope::{methods, sign_into};
+use crate::pb as proto;
+use crate::pb::agent_client::AgentClient as Raw;
 
 /// Bytes per PutShard chunk (the protocol allows 1–4 MiB).
 pub const PUT_CHUNK: usize = 1 << 20;

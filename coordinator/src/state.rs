@@ -1,7 +1,6 @@
 //! The coordinator's durable state: members, the current and previous layouts.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use shardfarm_core::auth::Caller;
@@ -9,6 +8,7 @@ use shardfarm_core::identity::NodeId;
 use shardfarm_core::placement::Layout;
 
 use crate::economics::{AuditScore, ReputationConfig, Standing, Uptime};
+use crate::store::StateStore;
 use crate::{Error, Result};
 
 /// File name of the state in the coordinator's dir.
@@ -73,7 +73,8 @@ pub struct Member {
 }
 
 impl Member {
-    pub(crate) fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
+    /// A new member admitted as `caller` at `now_ms`.
+    pub fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
         Member {
             id: caller.id,
             root: caller.root,
@@ -139,17 +140,17 @@ pub(super) struct Persisted {
 }
 
 impl Persisted {
-    pub fn load(path: &Path) -> Result<Self> {
-        if !path.exists() {
+    /// Reads the state from `store` (a fresh state when it holds none).
+    pub fn load(store: &dyn StateStore) -> Result<Self> {
+        let Some(bytes) = store.load()? else {
             return Ok(Persisted { version: VERSION, dirty: true, ..Default::default() });
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut st: Persisted = serde_json::from_str(&text)
-            .map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
+        };
+        let where_ = store.describe();
+        let mut st: Persisted =
+            serde_json::from_slice(&bytes).map_err(|e| Error::State(format!("{where_}: {e}")))?;
         if st.version != VERSION {
             return Err(Error::State(format!(
-                "{} has version {}; this build reads version {VERSION}",
-                path.display(),
+                "{where_} has version {}; this build reads version {VERSION}",
                 st.version
             )));
         }
@@ -162,14 +163,10 @@ impl Persisted {
         Ok(st)
     }
 
-    /// Writes the state atomically (temp file, fsync, rename).
-    pub fn save(&mut self, path: &Path) -> Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("json.tmp");
+    /// Writes the state to `store` (atomically: the store's promise).
+    pub fn save(&mut self, store: &dyn StateStore) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("serialisable");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        store.save(&bytes)?;
         self.saved_ms = shardfarm_core::auth::now_ms();
         Ok(())
     }

@@ -11,11 +11,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use shardfarm_agent::client::{AgentClient, Signer};
-use shardfarm_agent::store::ShardId;
 use shardfarm_core::audit::{ProvenLeaf, verify_answer};
 use shardfarm_core::identity::NodeId;
-use shardfarm_core::shard::SegmentHeader;
+use shardfarm_core::shard::{SegmentHeader, ShardId};
+use shardfarm_proto::{AgentClient, Signer};
 use tonic::Code;
 
 use super::Coordinator;
@@ -95,7 +94,7 @@ impl Auditor {
 
     async fn audit(
         &self,
-        published: &shardfarm_agent::coordinator::PublishedLayout,
+        published: &shardfarm_proto::PublishedLayout,
         node: NodeId,
         p: u32,
         slot: usize,

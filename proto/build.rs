@@ -1,4 +1,4 @@
-//! Generates the gRPC code from `proto/` with protox (pure Rust), so no `protoc` is needed.
+//! Generates the gRPC code from `proto/` (this crate's) with protox (pure Rust), so no `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let fds =

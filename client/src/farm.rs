@@ -5,13 +5,13 @@
 //! local user's delegated credential.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use shardfarm_agent::coordinator::PublishedLayout;
 use shardfarm_core::identity::{Delegation, Identity, NodeId};
 use shardfarm_core::placement::Layout;
+use shardfarm_proto::PublishedLayout;
 
 /// File name of the farm description.
 pub const FARM_FILE: &str = "farm.json";
@@ -195,9 +195,4 @@ impl ClientKey {
             cert: Delegation::from_bytes(&field("delegation")?)?,
         })
     }
-}
-
-/// Where the farm is: `--farm DIR`, else `SHARDFARM_FARM`, else `./farm`.
-pub fn farm_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(|| PathBuf::from("farm"))
 }

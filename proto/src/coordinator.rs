@@ -11,8 +11,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
 use crate::client::Signer;
-use crate::grpc::proto::coordinator_client::CoordinatorClient as Raw;
-use crate::grpc::{methods, proto};
+use crate::envelope::methods;
+use crate::pb as proto;
+use crate::pb::coordinator_client::CoordinatorClient as Raw;
 
 /// A layout with the addresses of its nodes and the previous layout readers fall back to.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,15 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardfarm_agent::client::Signer;
-use shardfarm_agent::coordinator::CoordinatorClient;
-use shardfarm_agent::grpc::proto;
-use shardfarm_agent::grpc::proto::coordinator_server::CoordinatorServer;
+use shardfarm_coordinator::economics::Standing;
+use shardfarm_coordinator::ledger::Ledger;
+use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
 use shardfarm_core::capacity::{CapacityReport, Machine};
 use shardfarm_core::identity::{Delegation, Identity, random_signing_key};
-use shardfarm_operator::coordinator::{Coordinator, CoordinatorService, PoolConfig};
-use shardfarm_operator::economics::Standing;
-use shardfarm_operator::ledger::Ledger;
+use shardfarm_proto::pb as proto;
+use shardfarm_proto::pb::coordinator_server::CoordinatorServer;
+use shardfarm_proto::{CoordinatorClient, Signer};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -175,7 +174,7 @@ async fn join_refusals_say_why_and_admit_nothing() {
 async fn admission_rules_from_a_syndication_apply_to_joins() {
     let r = start(pool()).await;
     let (listed, _) = Identity::generate(D, 0, &|_| {}).unwrap();
-    r.c.set_admission(shardfarm_operator::coordinator::Admission {
+    r.c.set_admission(shardfarm_coordinator::Admission {
         min_difficulty: D,
         allow: Some([listed.id()].into()),
     });
@@ -188,10 +187,7 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     let p = CapacityReport::prove(&listed, &ch.challenge, D, machine()).unwrap();
     c.join(join_req("edge", 9502, p.encode())).await.unwrap();
     // A higher difficulty than the pool's: an identity mined to exactly 8 bits is refused.
-    r.c.set_admission(shardfarm_operator::coordinator::Admission {
-        min_difficulty: 40,
-        allow: None,
-    });
+    r.c.set_admission(shardfarm_coordinator::Admission { min_difficulty: 40, allow: None });
     let (_, res) = join(&r.addr, "edge", 9504).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");

@@ -1,9 +1,17 @@
-//! The coordinator: admission, heartbeats, layouts, audits, reputation and rewards.
+//! The coordinator of a pool: admission, heartbeats, layouts and their sync, audits,
+//! reputation and the signed rewards ledger, and its gRPC service. The same code runs in
+//! `shardfarm local up` and in the operator's pod.
 //!
-//! One [`Coordinator`] owns a pool. Its durable state is one JSON file in its state dir
-//! (`coordinator.json`, written atomically) plus the rewards ledger (`ledger.jsonl`); in a
-//! cluster the operator keeps the same state in the pool's objects. Heartbeats stay in memory
-//! and reach the file at most every [`SAVE_EVERY`].
+//! - [`economics`]: uptime, audit reputation, standing and per-epoch rewards (pure arithmetic);
+//! - [`ledger`]: the signed, hash-chained rewards ledger;
+//! - [`store`]: where the durable state lives (the [`store::StateStore`] trait; today a state
+//!   dir, [`store::DirStore`]);
+//! - [`metrics`]: the `shardfarm_coordinator_*` metrics.
+//!
+//! One [`Coordinator`] owns a pool. Its durable state is one JSON document in its
+//! [`store::StateStore`] (`coordinator.json` in the state dir, written atomically) plus the
+//! rewards ledger (`ledger.jsonl`). Heartbeats stay in memory and reach the store at most every
+//! [`SAVE_EVERY`].
 //!
 //! # Layouts and sync
 //! A layout is recomputed when the set of nodes that may hold data changes: a node joins, is
@@ -15,29 +23,38 @@
 //! the engine deferred (`Quality::deferred`) only run once the current layout is in sync, so
 //! data never moves twice before it has landed once.
 
+#![warn(missing_docs)]
+
 mod auditor;
+pub mod economics;
+mod error;
+pub mod ledger;
+pub mod metrics;
 mod service;
 mod state;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shardfarm_agent::coordinator::PublishedLayout;
 use shardfarm_core::auth::{Caller, Verifier};
 use shardfarm_core::capacity::CapacityReport;
 use shardfarm_core::identity::{Credential, Identity, NodeId};
 use shardfarm_core::placement::{self, Options, Profile};
+use shardfarm_proto::PublishedLayout;
 use tokio::sync::watch;
 
 pub use service::CoordinatorService;
 pub use state::Member;
 
-use crate::economics::{self, EpochInput, ReputationConfig, RewardConfig, Standing};
+use crate::economics::{EpochInput, ReputationConfig, RewardConfig, Standing};
+pub use error::{Error, Result};
+
 use crate::ledger::Ledger;
-use crate::{Error, Result};
+use crate::store::{DirStore, StateStore};
 use state::Persisted;
 
 /// Heartbeat-only changes reach the state file at most this often (uptime loses at most this
@@ -209,7 +226,7 @@ pub struct ReportInput {
 pub struct Coordinator {
     config: PoolConfig,
     identity: Identity,
-    dir: PathBuf,
+    store: Box<dyn StateStore>,
     state: Mutex<Persisted>,
     layout_tx: watch::Sender<Option<Arc<PublishedLayout>>>,
     challenges: Mutex<HashMap<Vec<u8>, u64>>,
@@ -221,18 +238,29 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the coordinator whose state lives in `dir`, signing as `identity`.
+    /// Opens the coordinator whose state and ledger live in `dir`, signing as `identity`.
     pub fn open(config: PoolConfig, dir: &Path, identity: Identity) -> Result<Arc<Self>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let state = Persisted::load(&dir.join(state::STATE_FILE))?;
-        let ledger = Ledger::open(&dir.join("ledger.jsonl"), &identity.public_key())?;
+        let store = Box::new(DirStore::new(dir, state::STATE_FILE));
+        Self::open_with(config, store, &dir.join("ledger.jsonl"), identity)
+    }
+
+    /// Opens the coordinator whose state lives in `store` and whose ledger is `ledger`.
+    pub fn open_with(
+        config: PoolConfig,
+        store: Box<dyn StateStore>,
+        ledger: &Path,
+        identity: Identity,
+    ) -> Result<Arc<Self>> {
+        let state = Persisted::load(store.as_ref())?;
+        let ledger = Ledger::open(ledger, &identity.public_key())?;
         // Requests within 5 minutes of our clock; 100 000 nonces ≈ 20 MB.
         let verifier = Verifier::new(config.min_difficulty, Duration::from_secs(300), 100_000);
         let (layout_tx, _) = watch::channel(None);
         let c = Coordinator {
             config,
             identity,
-            dir: dir.to_path_buf(),
+            store,
             state: Mutex::new(state),
             layout_tx,
             challenges: Mutex::new(HashMap::new()),
@@ -609,7 +637,7 @@ impl Coordinator {
     }
 
     fn save(&self, st: &mut Persisted) -> Result<(), Refusal> {
-        st.save(&self.dir.join(state::STATE_FILE)).map_err(|e| {
+        st.save(self.store.as_ref()).map_err(|e| {
             tracing::error!(error = %e, "could not save the coordinator state");
             Refusal::Internal(format!("could not save the coordinator state: {e}"))
         })

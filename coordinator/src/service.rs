@@ -4,8 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use shardfarm_agent::grpc::{auth_status, methods, proto, verify_request};
 use shardfarm_core::auth::{Caller, now_ms};
+use shardfarm_proto::pb as proto;
+use shardfarm_proto::{auth_status, methods, verify_request};
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, JoinInput, Member, Refusal, ReportInput};

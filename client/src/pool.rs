@@ -1,8 +1,8 @@
-//! The client side of a farm: put, get, stat, rm, nodes.
+//! A client bound to one pool: put, get, stat, rm, nodes.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,11 +10,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use shardfarm_agent::client::{AgentClient, Signer};
-use shardfarm_agent::store::ShardId;
 use shardfarm_core::cap::ReadCap;
 use shardfarm_core::codec::{CodecParams, Decoder, Encoder};
-use shardfarm_core::shard::{Cipher, SegmentHeader, partition};
+use shardfarm_core::shard::{Cipher, SegmentHeader, ShardId, partition};
+use shardfarm_proto::{AgentClient, Signer};
 
 use crate::farm::{CLIENT_KEY, ClientKey, Farm};
 
@@ -27,6 +26,7 @@ pub struct FarmClient {
     pub farm: Farm,
     signer: Arc<Signer>,
     conns: Mutex<HashMap<usize, AgentClient>>,
+    progress: Arc<dyn Progress>,
 }
 
 /// The verified shards of one segment, ready to decode.
@@ -94,22 +94,22 @@ pub struct NodeStatus {
     pub rewards: Option<(u64, u64)>,
 }
 
-fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
+/// What a caller sees of long work: bytes moved and warnings. The CLI draws a progress bar
+/// and prints warnings; a server logs them. Every method has a silent default.
+pub trait Progress: Send + Sync {
+    /// Work on `total` bytes begins (`what` is `put` or `get`).
+    fn begin(&self, _what: &'static str, _total: u64) {}
+    /// `bytes` more are done.
+    fn advance(&self, _bytes: u64) {}
+    /// The work is over (done or failed).
+    fn finish(&self) {}
+    /// Something went wrong that did not fail the operation.
+    fn warn(&self, _message: &str) {}
 }
+
+/// Reports nothing.
+pub struct Silent;
+impl Progress for Silent {}
 
 impl FarmClient {
     /// Opens the farm in `dir` with the local user's delegated key.
@@ -118,7 +118,19 @@ impl FarmClient {
         let ck = ClientKey::load(&dir.join(CLIENT_KEY))
             .with_context(|| format!("reading the client key in {}", dir.display()))?;
         let signer = Arc::new(Signer::delegated(ck.cert, ck.key));
-        Ok(Arc::new(FarmClient { farm, signer, conns: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(FarmClient {
+            farm,
+            signer,
+            conns: Mutex::new(HashMap::new()),
+            progress: Arc::new(Silent),
+        }))
+    }
+
+    /// Opens the farm in `dir`, reporting long work to `progress`.
+    pub fn open_with(dir: &Path, progress: Arc<dyn Progress>) -> anyhow::Result<Arc<Self>> {
+        let c = Self::open(dir)?;
+        let c = Arc::into_inner(c).expect("just made");
+        Ok(Arc::new(FarmClient { progress, ..c }))
     }
 
     async fn conn(&self, node: usize) -> anyhow::Result<AgentClient> {
@@ -144,23 +156,12 @@ impl FarmClient {
         }
     }
 
-    /// Stores a file (`None` = stdin, spooled to a temp file first so its length is known)
-    /// and returns its read capability.
-    pub async fn put(self: &Arc<Self>, path: Option<PathBuf>) -> anyhow::Result<ReadCap> {
-        let (file, _spool) = match path {
-            Some(p) => (
-                std::fs::File::open(&p).with_context(|| format!("cannot read {}", p.display()))?,
-                None,
-            ),
-            None => {
-                let mut spool = tempfile::tempfile().context("creating a spool file for stdin")?;
-                std::io::copy(&mut std::io::stdin().lock(), &mut spool)?;
-                use std::io::Seek;
-                spool.rewind()?;
-                (spool, Some(()))
-            }
-        };
-        let len = file.metadata()?.len();
+    /// Stores an open file from its current position to its end (its length must be known
+    /// up front: spool a pipe to a temporary file first) and returns its read capability.
+    pub async fn put(self: &Arc<Self>, file: std::fs::File) -> anyhow::Result<ReadCap> {
+        use std::io::Seek;
+        let mut file = file;
+        let len = file.metadata()?.len().saturating_sub(file.stream_position()?);
         let now = shardfarm_core::auth::now_ms() / 1000;
         let mut enc = Encoder::new(self.params(), len, self.signer.key().clone(), now, 0)?;
         let cap = ReadCap {
@@ -171,9 +172,9 @@ impl FarmClient {
         };
         let me = self.clone();
         let handle = tokio::runtime::Handle::current();
-        let pb = progress_bar(len, "put");
-        let pb2 = pb.clone();
-        tokio::task::spawn_blocking(move || {
+        self.progress.begin("put", len);
+        let progress = self.progress.clone();
+        let r = tokio::task::spawn_blocking(move || {
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
             enc.encode_reader(reader, |seg| {
                 let shards: Vec<Bytes> =
@@ -182,12 +183,13 @@ impl FarmClient {
                 handle
                     .block_on(me.store_segment(seg.header.encode(), &seg.header, shards))
                     .map_err(|e| shardfarm_core::Error::Malformed(format!("{e:#}")))?;
-                pb2.inc(plen);
+                progress.advance(plen);
                 Ok(())
             })
         })
-        .await??;
-        pb.finish_and_clear();
+        .await;
+        self.progress.finish();
+        r??;
         Ok(cap)
     }
 
@@ -248,12 +250,12 @@ impl FarmClient {
             );
         }
         if !failures.is_empty() {
-            eprintln!(
-                "warning: segment {} stored on {stored} of {} nodes; repair will rebuild the rest ({})",
+            self.progress.warn(&format!(
+                "segment {} stored on {stored} of {} nodes; repair will rebuild the rest ({})",
                 header.segment_index,
                 self.farm.n(),
                 failures.join("; ")
-            );
+            ));
         }
         Ok(())
     }
@@ -372,72 +374,75 @@ impl FarmClient {
         Ok(Fetched { header, shards: good })
     }
 
-    /// Reads an object into `out` (`None` = stdout). A file is written to a temporary name
-    /// beside it and renamed only when every segment has decoded and verified, so a failed get
-    /// never leaves a partial file that looks complete.
-    pub async fn get(self: &Arc<Self>, cap: &ReadCap, out: Option<&Path>) -> anyhow::Result<u64> {
+    /// Reads an object into the file `path`. It is written to a temporary name beside it and
+    /// renamed only when every segment has decoded and verified, so a failed get never leaves a
+    /// partial file that looks complete. Returns the bytes written.
+    pub async fn get_file(self: &Arc<Self>, cap: &ReadCap, path: &Path) -> anyhow::Result<u64> {
         self.check_cap(cap)?;
-        let mut tmp = match out {
-            Some(path) => {
-                let dir =
-                    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                Some(
-                    tempfile::Builder::new()
-                        .prefix(".shardfarm-get-")
-                        .tempfile_in(dir)
-                        .with_context(|| format!("cannot write in {}", dir.display()))?,
-                )
-            }
-            None => None,
-        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".shardfarm-get-")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot write in {}", dir.display()))?;
+        let written = self.get_to(cap, tmp.as_file_mut()).await?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error))?;
+        Ok(written)
+    }
+
+    /// Reads an object into `out`, segment by segment as each decodes and verifies (a failure
+    /// part-way leaves what was written so far). Returns the bytes written.
+    pub async fn get_to(
+        self: &Arc<Self>,
+        cap: &ReadCap,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<u64> {
+        self.check_cap(cap)?;
         let mut decoder = Decoder::default();
         let mut buf = Vec::new();
         // Segment i+1 is fetched while segment i is decoded and written.
         let mut next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), 0)));
         let mut first: Option<SegmentHeader> = None;
-        let mut stdout = std::io::stdout().lock();
         let (mut written, mut index) = (0u64, 0u32);
-        let mut pb = None;
-        while let Some(task) = next.take() {
-            let seg = task.await??;
-            let first = first.get_or_insert_with(|| seg.header.clone());
-            if seg.header.object_length != first.object_length
-                || seg.header.segment_count != first.segment_count
-            {
-                bail!("segment {index} disagrees with segment 0 about the object's size");
-            }
-            if index + 1 < first.segment_count {
-                next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index + 1)));
-            }
-            let pb = pb.get_or_insert_with(|| progress_bar(first.object_length, "get"));
-            tokio::task::block_in_place(|| -> anyhow::Result<()> {
-                let refs: Vec<Option<&[u8]>> = seg.shards.iter().map(|s| s.as_deref()).collect();
-                decoder.decode_segment_into(&cap.key, &seg.header, &refs, &mut buf)?;
-                match &mut tmp {
-                    Some(f) => f.write_all(&buf)?,
-                    None => stdout.write_all(&buf)?,
+        let r = async {
+            while let Some(task) = next.take() {
+                let seg = task.await??;
+                let first = first.get_or_insert_with(|| {
+                    self.progress.begin("get", seg.header.object_length);
+                    seg.header.clone()
+                });
+                if seg.header.object_length != first.object_length
+                    || seg.header.segment_count != first.segment_count
+                {
+                    bail!("segment {index} disagrees with segment 0 about the object's size");
                 }
-                Ok(())
-            })?;
-            written += buf.len() as u64;
-            pb.inc(buf.len() as u64);
-            index += 1;
+                if index + 1 < first.segment_count {
+                    next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index + 1)));
+                }
+                tokio::task::block_in_place(|| -> anyhow::Result<()> {
+                    let refs: Vec<Option<&[u8]>> =
+                        seg.shards.iter().map(|s| s.as_deref()).collect();
+                    decoder.decode_segment_into(&cap.key, &seg.header, &refs, &mut buf)?;
+                    out.write_all(&buf)?;
+                    Ok(())
+                })?;
+                written += buf.len() as u64;
+                self.progress.advance(buf.len() as u64);
+                index += 1;
+            }
+            Ok(())
         }
+        .await;
+        if first.is_some() {
+            self.progress.finish();
+        }
+        r?;
         let first = first.expect("at least one segment");
-        if let Some(pb) = pb {
-            pb.finish_and_clear();
-        }
         if written != first.object_length {
             bail!("decoded {written} bytes but the object has {}", first.object_length);
         }
-        match (tmp, out) {
-            (Some(f), Some(path)) => {
-                f.as_file().sync_all()?;
-                f.persist(path)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error))?;
-            }
-            _ => stdout.flush()?,
-        }
+        out.flush()?;
         Ok(written)
     }
 
@@ -549,13 +554,12 @@ impl FarmClient {
     }
 
     /// The coordinator's view of the members (standing, reputation, rewards), if it answers.
-    pub async fn members(&self) -> Option<Vec<shardfarm_agent::grpc::proto::NodeStatus>> {
+    pub async fn members(&self) -> Option<Vec<shardfarm_proto::pb::NodeStatus>> {
         let addr = self.farm.coordinator.as_ref()?;
         let r = async {
-            let mut c =
-                shardfarm_agent::coordinator::CoordinatorClient::connect(addr, self.signer.clone())
-                    .await
-                    .ok()?;
+            let mut c = shardfarm_proto::CoordinatorClient::connect(addr, self.signer.clone())
+                .await
+                .ok()?;
             c.list_nodes().await.ok()
         };
         tokio::time::timeout(CONNECT_TIMEOUT, r).await.ok().flatten().map(|r| r.nodes)
@@ -563,7 +567,7 @@ impl FarmClient {
 
     /// Asks every node for its state, and the coordinator for their standing.
     pub async fn nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
-        let members: HashMap<String, shardfarm_agent::grpc::proto::NodeStatus> = self
+        let members: HashMap<String, shardfarm_proto::pb::NodeStatus> = self
             .members()
             .await
             .unwrap_or_default()
