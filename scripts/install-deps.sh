@@ -10,7 +10,7 @@ here="$(dirname "$0")"
 if has_libclang; then
   step "libclang: found ($(libclang_path))"
 elif [ "${1:-}" = --check ]; then
-  fail "libclang.so is missing (bindgen cannot build RocksDB): run 'apt-get install libclang-dev'"
+  fail "libclang-dev is not installed (bindgen needs libclang.so and clang's headers to build RocksDB): run 'apt-get install libclang-dev'"
 else
   apt_install libclang-dev "libclang for RocksDB's bindgen"
   has_libclang || fail "libclang-dev installed but no libclang.so found: run 'apt-get install --reinstall libclang-dev'"

@@ -23,7 +23,15 @@ libclang_path() {
   done
   return 1
 }
-has_libclang() { libclang_path >/dev/null; }
+# bindgen needs the shared object and clang's own headers (stddef.h…): on Debian both come with
+# libclang-dev, so there the package is what is checked (libclang1-NN alone, left behind by a
+# removed libclang-dev, loads but cannot parse RocksDB's headers). Elsewhere: the library.
+has_libclang() {
+  if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q 'install ok installed' || return 1
+  fi
+  libclang_path >/dev/null
+}
 
 apt_updated=0
 # apt_install PACKAGE WHY: installs a Debian package as root, or says what to run.
