@@ -81,8 +81,7 @@ impl CodecParams {
 
     /// Shard length for a segment of `plaintext_len` bytes.
     pub fn shard_length(&self, plaintext_len: usize) -> usize {
-        let s = (plaintext_len + TAG_LEN).div_ceil(usize::from(self.k));
-        s + (s & 1)
+        crate::shard::coded_shard_length(plaintext_len as u64, self.k) as usize
     }
 }
 
@@ -316,6 +315,7 @@ impl EncodedSegment<'_> {
 pub struct Encoder {
     params: CodecParams,
     object_id: [u8; 32],
+    salt: [u8; 32],
     key: [u8; 32],
     object_length: u64,
     uploader: SigningKey,
@@ -328,7 +328,8 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// An encoder for an object of `object_length` bytes with a fresh random id and key.
+    /// An encoder for an object of `object_length` bytes with a fresh random key and salt; the
+    /// object id derives from the uploader's key and the salt.
     pub fn new(
         params: CodecParams,
         object_length: u64,
@@ -342,13 +343,15 @@ impl Encoder {
                 "object of {object_length} bytes needs more than 2^32 segments"
             )));
         }
-        let mut object_id = [0u8; 32];
+        let mut salt = [0u8; 32];
         let mut key = [0u8; 32];
-        getrandom::fill(&mut object_id).expect("OS random generator failed");
+        getrandom::fill(&mut salt).expect("OS random generator failed");
         getrandom::fill(&mut key).expect("OS random generator failed");
+        let object_id = crate::shard::object_id_for(&uploader.verifying_key(), &salt);
         Ok(Encoder {
             params,
             object_id,
+            salt,
             key,
             object_length,
             uploader,
@@ -443,6 +446,7 @@ impl Encoder {
             created: self.created,
             expires: self.expires,
             uploader: self.uploader.verifying_key(),
+            salt: self.salt,
             shard_roots,
             signature: Signature::from_bytes(&[0; 64]),
         };

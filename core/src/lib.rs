@@ -48,6 +48,12 @@ pub enum Error {
         /// Its permission bits.
         mode: u32,
     },
+    /// The header's object id does not derive from its uploader's key and salt.
+    #[error(
+        "segment header's object id does not derive from its uploader's key: only the \
+         uploader an object id commits to can sign its headers"
+    )]
+    ForgedObjectId,
     /// The segment header's signature does not verify.
     #[error("segment header signature does not verify for its uploader key")]
     HeaderSignature,

@@ -1,11 +1,11 @@
 //! The signed segment header that travels with every shard, and the Merkle trees over shards.
 //!
-//! # Binary encoding of [`SegmentHeader`] (version 1, all integers little-endian)
+//! # Binary encoding of [`SegmentHeader`] (version 2, all integers little-endian)
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `SFH1` |
-//! | 4 | 1 | format version (1) |
+//! | 4 | 1 | format version (2) |
 //! | 5 | 1 | cipher ([`Cipher`]: 1 = AES-256-GCM, 2 = XChaCha20-Poly1305) |
 //! | 6 | 32 | object id |
 //! | 38 | 4 | segment index |
@@ -18,11 +18,27 @@
 //! | 74 | 8 | created (unix seconds) |
 //! | 82 | 8 | expires (unix seconds, 0 = never) |
 //! | 90 | 32 | uploader public key (ed25519) |
-//! | 122 | 32·n | Merkle root of shard 0 … n−1 (n = k + m) |
-//! | 122+32n | 64 | ed25519 signature by the uploader over every byte before it |
+//! | 122 | 32 | salt (random per object) |
+//! | 154 | 32·n | Merkle root of shard 0 … n−1 (n = k + m) |
+//! | 154+32n | 64 | ed25519 signature by the uploader over every byte before it |
 //!
 //! A reader rejects any other magic or version, so a future format can change everything after
-//! the version byte.
+//! the version byte. Version 1 (no salt, random object ids) is refused with a message saying
+//! so: its ids did not commit to their uploader.
+//!
+//! # Self-certifying object ids
+//!
+//! `object id = blake2b-256("shardfarm object id v2" ‖ uploader public key ‖ salt)`
+//! ([`object_id_for`]). [`SegmentHeader::decode`] checks it beside the signature, so a header
+//! for an id can only be signed by the key the id commits to: nobody can sign a header for
+//! someone else's object, and every holder, repairer, auditor and reader that decodes a header
+//! checks this without knowing anything else about the object.
+//!
+//! # Structural bounds
+//!
+//! Decoding also refuses a header whose `shard_length` is not exactly what the codec produces
+//! for that segment (`⌈(plaintext + 16) / k⌉` rounded up to even), so no length a peer can
+//! announce is larger than a real segment's shard: `shard_length ≤ ⌈(segment size + 16)/k⌉+1`.
 //!
 //! # Merkle trees
 //!
@@ -41,9 +57,25 @@ use crate::{Error, Result};
 /// Merkle leaf size.
 pub const LEAF_SIZE: usize = 64 * 1024;
 /// Current header format version.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: &[u8; 4] = b"SFH1";
-const FIXED_LEN: usize = 122;
+const FIXED_LEN: usize = 154;
+/// Domain separator of object ids.
+const OBJECT_ID_DOMAIN: &[u8] = b"shardfarm object id v2";
+/// AEAD tag bytes appended to every segment's ciphertext (both ciphers).
+const TAG_LEN: u64 = 16;
+
+/// The object id an uploader's key and a salt commit to.
+pub fn object_id_for(uploader: &VerifyingKey, salt: &[u8; 32]) -> [u8; 32] {
+    crate::identity::blake2b256(&[OBJECT_ID_DOMAIN, uploader.as_bytes(), salt])
+}
+
+/// The shard length the codec produces for a segment of `plaintext_len` bytes coded with `k`
+/// data shards: the ciphertext and its tag split into k equal, even-length pieces.
+pub fn coded_shard_length(plaintext_len: u64, k: u16) -> u64 {
+    let s = (plaintext_len + TAG_LEN).div_ceil(u64::from(k.max(1)));
+    s + (s & 1)
+}
 /// BLAKE3 key for leaves.
 pub const LEAF_KEY: [u8; 32] = *b"shardfarm merkle leaf key v1 ...";
 /// BLAKE3 key for inner nodes.
@@ -100,7 +132,7 @@ pub struct SegmentHeader {
     pub version: u8,
     /// AEAD used for the segment.
     pub cipher: Cipher,
-    /// Random object id.
+    /// Object id: [`object_id_for`]`(uploader, salt)`.
     pub object_id: [u8; 32],
     /// Index of this segment in the object.
     pub segment_index: u32,
@@ -122,6 +154,8 @@ pub struct SegmentHeader {
     pub expires: u64,
     /// The uploader's key.
     pub uploader: VerifyingKey,
+    /// Random per object; with the uploader's key it determines the object id.
+    pub salt: [u8; 32],
     /// Merkle root of each of the n shards.
     pub shard_roots: Vec<[u8; 32]>,
     /// Uploader's signature over the encoding before it.
@@ -161,6 +195,7 @@ impl SegmentHeader {
         b.extend_from_slice(&self.created.to_le_bytes());
         b.extend_from_slice(&self.expires.to_le_bytes());
         b.extend_from_slice(self.uploader.as_bytes());
+        b.extend_from_slice(&self.salt);
         for r in &self.shard_roots {
             b.extend_from_slice(r);
         }
@@ -180,11 +215,21 @@ impl SegmentHeader {
         b
     }
 
-    /// Parses and checks the structure and the uploader's signature.
+    /// Parses and checks the structure, the uploader's signature and that the object id
+    /// derives from the uploader's key.
     pub fn decode(b: &[u8]) -> Result<Self> {
         let h = Self::decode_unverified(b)?;
+        h.verify_object_id()?;
         h.verify_signature()?;
         Ok(h)
+    }
+
+    /// Checks that the object id is the one the uploader's key and the salt commit to.
+    pub fn verify_object_id(&self) -> Result<()> {
+        if object_id_for(&self.uploader, &self.salt) != self.object_id {
+            return Err(Error::ForgedObjectId);
+        }
+        Ok(())
     }
 
     /// Checks the uploader's signature.
@@ -202,6 +247,11 @@ impl SegmentHeader {
         }
         if &b[0..4] != MAGIC {
             return Err(bad("bad magic (not a shardfarm segment header)".into()));
+        }
+        if b[4] == 1 {
+            return Err(bad("format version 1 is no longer accepted: its object ids do not \
+                 commit to their uploader; store the object again with this release"
+                .into()));
         }
         if b[4] != FORMAT_VERSION {
             return Err(bad(format!(
@@ -238,6 +288,7 @@ impl SegmentHeader {
             created: u64_at(74),
             expires: u64_at(82),
             uploader: parse_key(&b[90..122])?,
+            salt: b[122..154].try_into().unwrap(),
             shard_roots: (0..n)
                 .map(|i| b[FIXED_LEN + 32 * i..FIXED_LEN + 32 * (i + 1)].try_into().unwrap())
                 .collect(),
@@ -253,6 +304,15 @@ impl SegmentHeader {
             return Err(bad(format!(
                 "{} segments cannot hold {} bytes in segments of {}",
                 h.segment_count, h.object_length, h.segment_size
+            )));
+        }
+        let want = coded_shard_length(h.plaintext_len(), h.k);
+        if h.shard_length != want {
+            return Err(bad(format!(
+                "shard length {} is not what {} bytes coded with k={} give ({want})",
+                h.shard_length,
+                h.plaintext_len(),
+                h.k
             )));
         }
         Ok(h)
@@ -491,20 +551,22 @@ mod tests {
 
     pub(crate) fn sample_header() -> (SegmentHeader, SigningKey) {
         let key = random_signing_key();
+        let salt = [7; 32];
         let mut h = SegmentHeader {
             version: FORMAT_VERSION,
             cipher: Cipher::Aes256Gcm,
-            object_id: [7; 32],
+            object_id: object_id_for(&key.verifying_key(), &salt),
             segment_index: 1,
             segment_count: 3,
             object_length: 2 * 1024 + 5,
             segment_size: 1024,
             k: 4,
             m: 2,
-            shard_length: 262,
+            shard_length: 260,
             created: 1_700_000_000,
             expires: 0,
             uploader: key.verifying_key(),
+            salt,
             shard_roots: (0..6u8).map(|i| [i; 32]).collect(),
             signature: Signature::from_bytes(&[0; 64]),
         };
@@ -540,6 +602,62 @@ mod tests {
         b[4] = 9;
         let err = SegmentHeader::decode(&b).unwrap_err().to_string();
         assert!(err.contains("format version 9"), "{err}");
+    }
+
+    #[test]
+    fn a_header_for_someone_elses_object_id_is_refused_even_when_validly_signed() {
+        // The attacker copies a victim's header, keeps its object id and segment, and signs it
+        // with its own key: the signature verifies, the id does not derive from the signer.
+        let (victim, _) = sample_header();
+        let attacker = random_signing_key();
+        let mut forged = victim.clone();
+        forged.sign(&attacker);
+        assert!(forged.verify_signature().is_ok());
+        let err = SegmentHeader::decode(&forged.encode()).unwrap_err();
+        assert!(matches!(err, Error::ForgedObjectId), "{err}");
+        // Another salt does not help either: the id is a hash of key and salt.
+        forged.salt = [9; 32];
+        forged.sign(&attacker);
+        assert!(matches!(SegmentHeader::decode(&forged.encode()), Err(Error::ForgedObjectId)));
+        // The attacker's own id for that salt is fine.
+        forged.object_id = object_id_for(&attacker.verifying_key(), &forged.salt);
+        forged.sign(&attacker);
+        assert!(SegmentHeader::decode(&forged.encode()).is_ok());
+    }
+
+    #[test]
+    fn version_1_headers_are_refused_with_a_reason() {
+        let (h, _) = sample_header();
+        let mut b = h.encode();
+        b[4] = 1;
+        let err = SegmentHeader::decode(&b).unwrap_err().to_string();
+        assert!(err.contains("version 1 is no longer accepted"), "{err}");
+    }
+
+    #[test]
+    fn a_shard_length_the_codec_cannot_produce_is_refused() {
+        let (h, key) = sample_header();
+        for len in [0, 259, 261, 262, 1 << 20, u64::MAX] {
+            let mut bad = h.clone();
+            bad.shard_length = len;
+            bad.sign(&key);
+            let err = SegmentHeader::decode(&bad.encode()).unwrap_err().to_string();
+            assert!(err.contains("shard length"), "{len}: {err}");
+        }
+    }
+
+    #[test]
+    fn coded_shard_length_is_bounded_by_the_segment_size() {
+        for k in [1u16, 2, 3, 4, 10, 255] {
+            for seg in [1u64, 2, 17, 1024, 64 << 20] {
+                for plen in [0, 1, seg / 2, seg] {
+                    let s = coded_shard_length(plen, k);
+                    assert_eq!(s % 2, 0);
+                    assert!(s * u64::from(k) >= plen + TAG_LEN);
+                    assert!(s <= (seg + TAG_LEN).div_ceil(u64::from(k)) + 1);
+                }
+            }
+        }
     }
 
     #[test]
