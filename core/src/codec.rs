@@ -328,8 +328,8 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// An encoder for an object of `object_length` bytes with a fresh random key and salt; the
-    /// object id derives from the uploader's key and the salt.
+    /// An encoder for an object of `object_length` bytes with a fresh random key; the object
+    /// id derives from the uploader's key and the key's salt.
     pub fn new(
         params: CodecParams,
         object_length: u64,
@@ -343,10 +343,9 @@ impl Encoder {
                 "object of {object_length} bytes needs more than 2^32 segments"
             )));
         }
-        let mut salt = [0u8; 32];
         let mut key = [0u8; 32];
-        getrandom::fill(&mut salt).expect("OS random generator failed");
         getrandom::fill(&mut key).expect("OS random generator failed");
+        let salt = crate::shard::salt_for(&key);
         let object_id = crate::shard::object_id_for(&uploader.verifying_key(), &salt);
         Ok(Encoder {
             params,

@@ -7,7 +7,8 @@
 //! - [`cap`]: read capabilities (`sf1:…`);
 //! - [`capacity`]: signed proofs of capacity;
 //! - [`audit`]: storage audits (Merkle leaves chosen by a nonce);
-//! - [`placement`]: the layout engine (partitions → nodes across failure domains).
+//! - [`placement`]: the layout engine (partitions → nodes across failure domains);
+//! - [`tombstone`]: an uploader's signed deletion of an object.
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod identity;
 pub mod placement;
 pub mod shard;
+pub mod tombstone;
 
 use std::path::{Path, PathBuf};
 

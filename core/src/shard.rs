@@ -18,7 +18,7 @@
 //! | 74 | 8 | created (unix seconds) |
 //! | 82 | 8 | expires (unix seconds, 0 = never) |
 //! | 90 | 32 | uploader public key (ed25519) |
-//! | 122 | 32 | salt (random per object) |
+//! | 122 | 32 | salt ([`salt_for`] the object key) |
 //! | 154 | 32·n | Merkle root of shard 0 … n−1 (n = k + m) |
 //! | 154+32n | 64 | ed25519 signature by the uploader over every byte before it |
 //!
@@ -64,6 +64,16 @@ const FIXED_LEN: usize = 154;
 const OBJECT_ID_DOMAIN: &[u8] = b"shardfarm object id v2";
 /// AEAD tag bytes appended to every segment's ciphertext (both ciphers).
 const TAG_LEN: u64 = 16;
+
+/// Domain separator of the salt derived from an object key.
+const SALT_DOMAIN: &[u8] = b"shardfarm object salt v2";
+
+/// The salt of an object: derived from its (secret) object key, so whoever holds the read
+/// capability can name the object's salt — `rm` needs it for the tombstone, even when every
+/// header is lost — while the salt reveals nothing about the key.
+pub fn salt_for(object_key: &[u8; 32]) -> [u8; 32] {
+    crate::identity::blake2b256(&[SALT_DOMAIN, object_key])
+}
 
 /// The object id an uploader's key and a salt commit to.
 pub fn object_id_for(uploader: &VerifyingKey, salt: &[u8; 32]) -> [u8; 32] {
@@ -154,7 +164,7 @@ pub struct SegmentHeader {
     pub expires: u64,
     /// The uploader's key.
     pub uploader: VerifyingKey,
-    /// Random per object; with the uploader's key it determines the object id.
+    /// Per object ([`salt_for`] its key); with the uploader's key it determines the object id.
     pub salt: [u8; 32],
     /// Merkle root of each of the n shards.
     pub shard_roots: Vec<[u8; 32]>,
