@@ -88,6 +88,11 @@ const CF_INDEX: &str = "index";
 const CF_QUOTA: &str = "quota";
 const CF_STATE: &str = "state";
 const STATE_USED: &[u8] = b"used_bytes";
+const STATE_QUARANTINED: &[u8] = b"quarantined_bytes";
+
+fn overflow() -> StoreError {
+    StoreError::Record { cf: CF_STATE, reason: "byte count overflows u64".into() }
+}
 const RECORD_VERSION: u8 = 1;
 
 /// What the index says about a stored shard.
@@ -181,7 +186,10 @@ pub struct Store {
     shards_dir: PathBuf,
     tmp_dir: PathBuf,
     quarantine_dir: PathBuf,
+    /// Payload bytes of indexed shards.
     used: AtomicU64,
+    /// Payload bytes in `quarantine/` (still on disk, so still counted).
+    quarantined: AtomicU64,
     /// Serialises index/quota read-modify-writes. Shard writes themselves run in parallel;
     /// only the short commit step takes this lock.
     commit: Mutex<()>,
@@ -222,14 +230,18 @@ impl Store {
             tmp_dir,
             quarantine_dir,
             used: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
             commit: Mutex::new(()),
         };
-        let used = store
-            .db
-            .get_cf(store.cf(CF_STATE), STATE_USED)?
-            .map(|v| u64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0);
-        store.used.store(used, Ordering::SeqCst);
+        let counter = |name: &[u8]| -> Result<u64> {
+            Ok(store
+                .db
+                .get_cf(store.cf(CF_STATE), name)?
+                .map(|v| u64::from_le_bytes(v.as_slice().try_into().unwrap_or([0; 8])))
+                .unwrap_or(0))
+        };
+        store.used.store(counter(STATE_USED)?, Ordering::SeqCst);
+        store.quarantined.store(counter(STATE_QUARANTINED)?, Ordering::SeqCst);
         store.recover()?;
         Ok(store)
     }
@@ -278,9 +290,45 @@ impl Store {
         self.shards_dir.join(hex::encode(&id.object_id[..1])).join(id.file_name())
     }
 
-    /// Bytes of payload stored.
+    /// Payload bytes on disk: indexed shards plus quarantined copies not yet freed. Capacity
+    /// and reports use this figure.
     pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst).saturating_add(self.quarantined_bytes())
+    }
+
+    /// Payload bytes of indexed shards only.
+    pub fn indexed_bytes(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
+    }
+
+    /// Payload bytes in quarantine.
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.quarantined.load(Ordering::SeqCst)
+    }
+
+    fn quarantined_path(&self, id: &ShardId) -> PathBuf {
+        self.quarantine_dir.join(format!("{}.corrupted", id.file_name()))
+    }
+
+    /// Deletes quarantined copies older than `max_age` (their slot was rebuilt elsewhere or
+    /// here long ago) and gives their bytes back. Returns how many were deleted.
+    pub fn expire_quarantine(&self, max_age: std::time::Duration) -> Result<usize> {
+        let mut n = 0;
+        for e in fs::read_dir(&self.quarantine_dir).map_err(io("list", &self.quarantine_dir))? {
+            let Ok(e) = e else { continue };
+            let Ok(meta) = e.metadata() else { continue };
+            let old = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max_age);
+            if old && fs::remove_file(e.path()).is_ok() {
+                let _guard = self.commit.lock().unwrap();
+                let q = self.quarantined_bytes().saturating_sub(meta.len());
+                let mut b = WriteBatch::default();
+                b.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
+                self.sync_write(b)?;
+                self.quarantined.store(q, Ordering::SeqCst);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Starts writing a shard into a temp file.
@@ -309,32 +357,66 @@ impl Store {
         pending.file.sync_all().map_err(io("fsync", &pending.path))?;
         let _guard = self.commit.lock().unwrap();
         let key = id.index_key(partition);
+        let mut replaced = None;
         if let Some(old) = self.db.get_cf(self.cf(CF_INDEX), key)? {
             let old = ShardRecord::decode(&old)?;
             if old.root == record.root && self.shard_path(id).exists() {
                 return Ok((Committed::AlreadyPresent, old));
             }
+            replaced = Some(old);
         }
         let dest = self.shard_path(id);
         let dir = dest.parent().expect("shard path has a parent");
-        fs::create_dir_all(dir).map_err(io("create", dir))?;
+        if !dir.exists() {
+            // A new `shards/xx/` directory: its own entry in `shards/` must be durable too.
+            fs::create_dir_all(dir).map_err(io("create", dir))?;
+            fs::File::open(&self.shards_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync dir", &self.shards_dir))?;
+        }
         fs::rename(&pending.path, &dest).map_err(io("rename", &dest))?;
         pending.committed = true;
         fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync dir", dir))?;
 
+        // Accounting: a replaced record gives its bytes back (to its own owner) before the
+        // new one is charged. All sums are checked: a wrap would be a bug, never silent.
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_HEADERS), id.header_key(), header);
         batch.put_cf(self.cf(CF_INDEX), key, record.encode());
-        let quota = self.quota_used(&owner)? + record.length;
+        let mut used = self.used.load(Ordering::SeqCst);
+        if let Some(old) = &replaced {
+            let q = self.quota_used(&old.owner)?.saturating_sub(old.length);
+            batch.put_cf(self.cf(CF_QUOTA), old.owner, q.to_le_bytes());
+            used = used.saturating_sub(old.length);
+        }
+        let prior = match &replaced {
+            Some(old) if old.owner == owner => self.quota_used(&owner)?.saturating_sub(old.length),
+            _ => self.quota_used(&owner)?,
+        };
+        let quota = prior.checked_add(record.length).ok_or_else(overflow)?;
         batch.put_cf(self.cf(CF_QUOTA), owner, quota.to_le_bytes());
-        let used = self.used.load(Ordering::SeqCst) + record.length;
+        let used = used.checked_add(record.length).ok_or_else(overflow)?;
         batch.put_cf(self.cf(CF_STATE), STATE_USED, used.to_le_bytes());
+        let stale = self.quarantined_path(id);
+        let freed = match fs::metadata(&stale) {
+            Ok(m) => {
+                let q = self.quarantined_bytes().saturating_sub(m.len());
+                batch.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
+                Some((q, stale))
+            }
+            Err(_) => None,
+        };
         if let Err(e) = self.sync_write(batch) {
             // Not indexed, not acknowledged: remove the payload so nothing half-exists.
             let _ = fs::remove_file(&dest);
             return Err(e);
         }
         self.used.store(used, Ordering::SeqCst);
+        if let Some((q, stale)) = freed {
+            // The slot is healthy again: its quarantined copy has served its purpose.
+            let _ = fs::remove_file(stale);
+            self.quarantined.store(q, Ordering::SeqCst);
+        }
         Ok((Committed::Stored, record))
     }
 
@@ -383,9 +465,10 @@ impl Store {
     }
 
     /// Removes a shard from the index and moves its payload to `quarantine/` (kept for
-    /// inspection, no longer served or counted), so repair rebuilds it like a lost one.
+    /// inspection and still counted as used, no longer served), so repair rebuilds it like a
+    /// lost one; the copy is freed when the slot is stored here again or it expires.
     pub fn quarantine(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
-        let dest = self.quarantine_dir.join(format!("{}.corrupted", id.file_name()));
+        let dest = self.quarantined_path(id);
         self.remove_to(id, partition, Some(dest))
     }
 
@@ -408,12 +491,28 @@ impl Store {
         if !self.segment_has_other_shards(id, partition)? {
             batch.delete_cf(self.cf(CF_HEADERS), id.header_key());
         }
+        let path = self.shard_path(id);
+        // A quarantined copy stays counted until it is freed; a second quarantine of the same
+        // slot replaces the first copy, whose bytes are given back.
+        let mut quarantined = None;
+        if let Some(dest) = &keep {
+            let prev = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+            let q = self
+                .quarantined_bytes()
+                .saturating_sub(prev)
+                .checked_add(old.length)
+                .ok_or_else(overflow)?;
+            batch.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
+            quarantined = Some(q);
+        }
         self.sync_write(batch)?;
         self.used.store(used, Ordering::SeqCst);
-        let path = self.shard_path(id);
+        if let Some(q) = quarantined {
+            self.quarantined.store(q, Ordering::SeqCst);
+        }
         match keep {
             Some(dest) => {
-                let _ = fs::rename(&path, dest);
+                let _ = fs::rename(&path, &dest);
             }
             None => {
                 let _ = fs::remove_file(&path);
