@@ -108,6 +108,11 @@ pub struct AgentArgs {
     /// Repair write rate, bytes per second (e.g. `100MiB`). [default: 100MiB]
     #[arg(long, env = "SHARDFARM_REPAIR_RATE")]
     pub repair_rate: Option<String>,
+
+    /// Seconds after its creation a segment that never became readable (fewer than k shards
+    /// in the whole pool, every holder answering) is garbage-collected. [default: 86400]
+    #[arg(long, env = "SHARDFARM_GC_GRACE")]
+    pub gc_grace: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -155,6 +160,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Repair write rate, bytes per second.
     pub repair_rate: u64,
+    /// Grace period before an unreadable segment is collected.
+    pub gc_grace: std::time::Duration,
 }
 
 /// Parses `10GiB`, `500MB`, `4096`, `1.5TiB`.
@@ -225,7 +232,8 @@ impl AgentArgs {
             log_format,
             coordinator,
             advertise,
-            repair_rate
+            repair_rate,
+            gc_grace
         );
         Ok(self)
     }
@@ -284,6 +292,7 @@ impl AgentArgs {
             coordinator: a.coordinator,
             advertise: a.advertise,
             repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),
+            gc_grace: std::time::Duration::from_secs(a.gc_grace.unwrap_or(86_400)),
         })
     }
 }

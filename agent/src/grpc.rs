@@ -39,6 +39,8 @@ pub fn to_status(e: &Error) -> Status {
         Error::NotFound(m) => Status::not_found(m),
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::DataLoss(m) => Status::data_loss(m),
+        Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        Error::Unavailable(m) => Status::unavailable(m),
         Error::Store(s) if s.is_disk_full() => {
             Status::resource_exhausted(format!("node's disk is full: {s}; store it elsewhere"))
         }
@@ -183,6 +185,38 @@ impl Agent for AgentService {
     }
 
     type ListShardsStream = Stream2<proto::ShardEntry>;
+
+    async fn delete_object(
+        &self,
+        request: Request<proto::DeleteObjectRequest>,
+    ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::DELETE_OBJECT, request.get_ref())?;
+        let tombstone = request.into_inner().tombstone.to_vec();
+        let r = self.node.delete_object(tombstone).await;
+        let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
+        Ok(Response::new(proto::DeleteObjectResponse { deleted_shards }))
+    }
+
+    async fn list_tombstones(
+        &self,
+        request: Request<proto::ListTombstonesRequest>,
+    ) -> Result<Response<proto::ListTombstonesResponse>, Status> {
+        let start = Instant::now();
+        self.authenticate(request.metadata(), methods::LIST_TOMBSTONES, request.get_ref())?;
+        let req = request.into_inner();
+        let after = match req.start_after.len() {
+            0 => None,
+            32 => Some(req.start_after[..].try_into().expect("32 bytes")),
+            n => return Err(Status::invalid_argument(format!("start_after is {n} bytes, not 32"))),
+        };
+        let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
+        let r = self.node.list_tombstones(after, limit).await;
+        let list = self.observe(methods::LIST_TOMBSTONES, start, r)?;
+        Ok(Response::new(proto::ListTombstonesResponse {
+            tombstones: list.into_iter().map(Bytes::from).collect(),
+        }))
+    }
 
     async fn list_shards(
         &self,

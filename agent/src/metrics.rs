@@ -54,6 +54,17 @@ pub struct Metrics {
     pub layout_version: IntGauge,
     /// Newest layout version this node has fully repaired for.
     pub synced_version: IntGauge,
+    /// Shard reads that failed for another reason than corruption (not quarantined).
+    pub read_errors: IntCounter,
+    /// Tombstones kept.
+    pub tombstones: IntGauge,
+    /// Repair sources refused, by reason (`forged_header`, `corrupt`, `wrong_segment`).
+    pub bad_sources: IntCounterVec,
+    /// Segments this node holds a slot of that have fewer than k verified shards anywhere.
+    pub lost_segments: IntGauge,
+    /// Shards deleted because no layout slot accounts for them or their segment never became
+    /// readable (garbage collection), and because of tombstones, by reason.
+    pub collected: IntCounterVec,
 }
 
 impl Metrics {
@@ -152,8 +163,41 @@ impl Metrics {
             "newest layout version fully repaired for",
         )
         .unwrap();
+        let read_errors = IntCounter::new(
+            "shardfarm_agent_read_errors_total",
+            "shard reads that failed without proving corruption (retried, never quarantined)",
+        )
+        .unwrap();
+        let tombstones =
+            IntGauge::new("shardfarm_agent_tombstones", "uploader-signed deletions kept").unwrap();
+        let bad_sources = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_repair_bad_sources_total",
+                "peers' shards refused as repair sources, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let lost_segments = IntGauge::new(
+            "shardfarm_agent_lost_segments",
+            "segments of this node's slots with fewer than k verified shards in the pool",
+        )
+        .unwrap();
+        let collected = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_collected_shards_total",
+                "shards deleted by garbage collection or tombstones, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
         for c in [
-            Box::new(repair_backlog.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(read_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tombstones.clone()),
+            Box::new(bad_sources.clone()),
+            Box::new(lost_segments.clone()),
+            Box::new(collected.clone()),
+            Box::new(repair_backlog.clone()),
             Box::new(repaired.clone()),
             Box::new(repair_bytes.clone()),
             Box::new(repair_failures.clone()),
@@ -186,6 +230,12 @@ impl Metrics {
         for m in ["copy", "rebuild"] {
             repaired.with_label_values(&[m]);
         }
+        for r in ["forged_header", "corrupt", "wrong_segment"] {
+            bad_sources.with_label_values(&[r]);
+        }
+        for r in ["tombstone", "unreadable_segment"] {
+            collected.with_label_values(&[r]);
+        }
         for f in ["get", "audit", "scrub"] {
             corrupt_shards.with_label_values(&[f]);
         }
@@ -196,6 +246,11 @@ impl Metrics {
             auth_failures.with_label_values(&[r]);
         }
         Metrics {
+            read_errors,
+            tombstones,
+            bad_sources,
+            lost_segments,
+            collected,
             repair_backlog,
             repaired,
             repair_bytes,

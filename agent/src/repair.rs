@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
+use shardfarm_core::audit::{ProvenLeaf, verify_answer};
 use shardfarm_core::codec::Decoder;
 use shardfarm_core::identity::NodeId;
 use shardfarm_core::shard::SegmentHeader;
@@ -38,7 +39,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::shard::Node;
+use crate::shard::{Node, Slots};
 use crate::store::ShardId;
 
 /// A full repair pass runs at least this often, even without a new layout: it retries failed
@@ -46,6 +47,14 @@ use crate::store::ShardId;
 pub const PASS_INTERVAL: Duration = Duration::from_secs(30);
 /// Entries per ListShards page.
 const PAGE: u32 = 1000;
+/// Peers whose tombstones are copied per pass (a different few each pass).
+const TOMBSTONE_PEERS: usize = 3;
+/// Tombstones per ListTombstones page (the protocol's maximum).
+const TOMBSTONE_PAGE: u32 = 1000;
+/// Pages read per peer and pass: bounds the work one peer's listing can cause.
+const TOMBSTONE_PAGES: usize = 100;
+/// Leaves a new holder proves before a handoff deletes the old copy.
+const HANDOFF_LEAVES: u32 = 4;
 /// Wait between attempts to reach the coordinator.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -60,6 +69,8 @@ pub struct Membership {
     pub advertise_http: String,
     /// Repair write rate, bytes per second.
     pub repair_rate: u64,
+    /// How old an unreadable segment must be before it is collected.
+    pub gc_grace: Duration,
 }
 
 /// Shared progress between the worker and the heartbeat.
@@ -67,6 +78,9 @@ pub struct Membership {
 struct Progress {
     synced: AtomicU64,
     backlog: AtomicU64,
+    lost: AtomicU64,
+    /// Peers whose repair sources did not verify, reported with the next heartbeat.
+    suspects: std::sync::Mutex<BTreeSet<NodeId>>,
 }
 
 /// Joins the pool, then heartbeats, follows layouts and repairs until `stop`.
@@ -85,7 +99,8 @@ pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
     ));
     let watch =
         tokio::spawn(follow_layouts(node.clone(), m.clone(), signer.clone(), tx, stop.clone()));
-    let worker = RepairWorker { node, signer, rate: m.repair_rate.max(1), progress };
+    let worker =
+        RepairWorker { node, signer, rate: m.repair_rate.max(1), gc_grace: m.gc_grace, progress };
     worker.run(rx, stop).await;
     let _ = hb.await;
     let _ = watch.await;
@@ -179,6 +194,11 @@ async fn heartbeats(
             scrub_errors,
             repair_backlog: progress.backlog.load(Ordering::Relaxed),
             synced_version: progress.synced.load(Ordering::Relaxed),
+            lost_segments: progress.lost.load(Ordering::Relaxed),
+            suspect_peers: std::mem::take(&mut *progress.suspects.lock().unwrap())
+                .into_iter()
+                .map(|id| id.0.to_vec().into())
+                .collect(),
         };
         match c.report(req).await {
             Ok(r) if r.standing != "active" => {
@@ -215,6 +235,10 @@ async fn follow_layouts(
             while let Some(msg) = stream.message().await.map_err(|s| s.to_string())? {
                 let l = PublishedLayout::try_from(msg).map_err(|s| s.to_string())?;
                 node.metrics.layout_version.set(l.layout.version as i64);
+                node.set_slots(Slots::Known {
+                    current: l.layout.clone(),
+                    previous: l.previous.clone(),
+                });
                 tracing::info!(version = l.layout.version, previous = ?l.previous.as_ref().map(|p| p.version), "layout received");
                 tx.send_replace(Some(Arc::new(l)));
             }
@@ -239,7 +263,27 @@ pub struct RepairWorker {
     signer: Arc<Signer>,
     /// Bytes per second.
     rate: u64,
+    /// Age before an unreadable segment is collected.
+    gc_grace: Duration,
     progress: Arc<Progress>,
+}
+
+/// Why one shard could not be repaired.
+enum RepairError {
+    /// Fewer than k verified shards exist among the holders that answered: waiting cannot
+    /// help unless a holder that did not answer comes back. Does not block "synced".
+    Lost(String),
+    /// Anything else (a peer unreachable, a write failed): retried next pass, blocks "synced".
+    Failed(String),
+}
+
+impl std::fmt::Display for RepairError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RepairError::Lost(m) => write!(f, "segment is lost: {m}"),
+            RepairError::Failed(m) => f.write_str(m),
+        }
+    }
 }
 
 /// What one segment's shards look like across the peers: shard index → nodes that list it.
@@ -251,6 +295,8 @@ struct PassReport {
     missing: u64,
     repaired: u64,
     failed: u64,
+    lost: u64,
+    collected: u64,
     handed_off: u64,
     interrupted: bool,
 }
@@ -280,11 +326,17 @@ impl RepairWorker {
                     missing = report.missing,
                     repaired = report.repaired,
                     failed = report.failed,
+                    lost = report.lost,
+                    collected = report.collected,
                     handed_off = report.handed_off,
                     seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
                     "repair pass"
                 );
             }
+            // Synced means everything repairable is repaired: lost segments are reported (metric,
+            // heartbeat, `stat` says LOST) but do not hold the layout back forever.
+            self.progress.lost.store(report.lost, Ordering::Relaxed);
+            self.node.metrics.lost_segments.set(report.lost as i64);
             if !report.interrupted && report.failed == 0 {
                 self.progress.synced.fetch_max(version, Ordering::Relaxed);
                 self.node
@@ -344,6 +396,58 @@ impl RepairWorker {
         }
     }
 
+    /// Copies the tombstones this node lacks from a few peers and applies them, so a holder
+    /// that was down during an `rm` deletes the object when it returns instead of handing
+    /// it back. Bounded: at most [`TOMBSTONE_PAGES`] pages per peer and pass.
+    async fn sync_tombstones(
+        &self,
+        clients: &mut HashMap<NodeId, Option<AgentClient>>,
+        published: &PublishedLayout,
+    ) {
+        let me = self.node.identity.id();
+        let mut peers: Vec<NodeId> =
+            published.addresses.keys().filter(|id| **id != me).copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        // A different few peers each pass.
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("OS randomness");
+        let turn = u64::from_le_bytes(r) as usize % peers.len();
+        peers.rotate_left(turn);
+        for peer in peers.iter().take(TOMBSTONE_PEERS) {
+            let Some(c) = self.client(clients, published, peer).await else { continue };
+            let mut after: Option<[u8; 32]> = None;
+            for _ in 0..TOMBSTONE_PAGES {
+                let Ok(page) = c.list_tombstones(after, TOMBSTONE_PAGE).await else { break };
+                let full = page.len() == TOMBSTONE_PAGE as usize;
+                for t in page {
+                    let Some(id) = t.get(4..36).and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
+                        continue;
+                    };
+                    after = Some(id);
+                    if self.node.is_deleted(&id) {
+                        continue;
+                    }
+                    match self.node.delete_object(t.to_vec()).await {
+                        Ok(n) => self
+                            .node
+                            .metrics
+                            .collected
+                            .with_label_values(&["tombstone"])
+                            .inc_by(u64::from(n)),
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.short(), error = %e, "peer listed a tombstone that does not verify")
+                        }
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
     async fn pass(
         &self,
         published: &PublishedLayout,
@@ -353,14 +457,17 @@ impl RepairWorker {
         let layout = &published.layout;
         let mut report = PassReport::default();
         let mut clients: HashMap<NodeId, Option<AgentClient>> = HashMap::new();
+        // ---- Tombstones first: nothing deleted is rebuilt or handed back ----
+        self.sync_tombstones(&mut clients, published).await;
         let mut mine: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (p, s) in layout.slots_of(&me) {
             mine.entry(p).or_default().push(s);
         }
         let started = Instant::now();
         let mut written = 0u64;
+        let now_s = shardfarm_core::auth::now_ms() / 1000;
         // ---- Repair: every slot this node holds ----
-        let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders)> = Vec::new();
+        let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders, bool)> = Vec::new();
         for (&p, slots) in &mine {
             let mut peers: BTreeSet<NodeId> =
                 layout.partitions[p as usize].iter().copied().collect();
@@ -371,9 +478,18 @@ impl RepairWorker {
             }
             peers.remove(&me);
             let mut segments: BTreeMap<([u8; 32], u32), Holders> = BTreeMap::new();
+            // Whether every holder of the partition (current and fallback) answered: only
+            // then can a segment be called lost or collected.
+            let mut all_answered = true;
             for peer in &peers {
-                let Some(c) = self.client(&mut clients, published, peer).await else { continue };
-                let Ok(list) = Self::list_all(c, p).await else { continue };
+                let listed = match self.client(&mut clients, published, peer).await {
+                    Some(c) => Self::list_all(c, p).await.ok(),
+                    None => None,
+                };
+                let Some(list) = listed else {
+                    all_answered = false;
+                    continue;
+                };
                 for id in list {
                     segments
                         .entry((id.object_id, id.segment))
@@ -384,11 +500,39 @@ impl RepairWorker {
                 }
             }
             let local: BTreeSet<ShardId> = self.list_local(p).await.into_iter().collect();
-            for ((obj, seg), holders) in segments {
+            for ((obj, seg), holders) in &segments {
+                if self.node.is_deleted(obj) {
+                    continue;
+                }
                 for &s in slots {
-                    let id = ShardId { object_id: obj, segment: seg, shard: s as u32 };
+                    let id = ShardId { object_id: *obj, segment: *seg, shard: s as u32 };
                     if !local.contains(&id) {
-                        backlog.push((p, obj, seg, s, holders.clone()));
+                        backlog.push((p, *obj, *seg, s, holders.clone(), all_answered));
+                    }
+                }
+            }
+            // ---- Garbage: local shards of segments that never became readable ----
+            if all_answered {
+                for id in &local {
+                    let listed = segments.get(&(id.object_id, id.segment));
+                    let mut present: BTreeSet<u32> =
+                        listed.map(|h| h.keys().copied().collect()).unwrap_or_default();
+                    present.extend(
+                        local
+                            .iter()
+                            .filter(|l| l.object_id == id.object_id && l.segment == id.segment)
+                            .map(|l| l.shard),
+                    );
+                    if self.collectible(id, present.len(), now_s)
+                        && self.node.hand_off(*id).await.is_ok()
+                    {
+                        report.collected += 1;
+                        self.node
+                            .metrics
+                            .collected
+                            .with_label_values(&["unreadable_segment"])
+                            .inc();
+                        tracing::info!(shard = %id.file_name(), shards_in_pool = present.len(), "collected a shard of a segment that never became readable");
                     }
                 }
             }
@@ -396,12 +540,14 @@ impl RepairWorker {
         report.missing = backlog.len() as u64;
         self.progress.backlog.store(report.missing, Ordering::Relaxed);
         self.node.metrics.repair_backlog.set(report.missing as i64);
-        for (p, obj, seg, slot, holders) in backlog {
+        let mut lost_segments: BTreeSet<([u8; 32], u32)> = BTreeSet::new();
+        for (p, obj, seg, slot, holders, all_answered) in backlog {
             if rx.has_changed().unwrap_or(false) {
                 report.interrupted = true;
                 return report;
             }
-            match self.repair_one(&mut clients, published, obj, seg, slot, &holders).await {
+            let r = self.repair_one(&mut clients, published, obj, seg, slot, &holders).await;
+            match r {
                 Ok((bytes, method)) => {
                     report.repaired += 1;
                     written += bytes;
@@ -415,6 +561,12 @@ impl RepairWorker {
                         tokio::time::sleep(wait).await;
                     }
                 }
+                Err(RepairError::Lost(why)) if all_answered => {
+                    if lost_segments.insert((obj, seg)) {
+                        report.lost += 1;
+                        tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, reason = %why, "segment is lost: fewer than k shards in the pool");
+                    }
+                }
                 Err(e) => {
                     report.failed += 1;
                     self.node.metrics.repair_failures.inc();
@@ -426,7 +578,9 @@ impl RepairWorker {
             return report;
         }
         // ---- Handoff: shards of slots this node no longer holds ----
-        let mut confirmed: HashMap<(u32, NodeId), BTreeSet<ShardId>> = HashMap::new();
+        // Deleted only once the new holder has *proven* it holds the same shard (an audit
+        // with a nonce of ours against our own verified header), and only while this layout
+        // is still the newest.
         for p in 0..layout.partitions.len() as u32 {
             let local = self.list_local(p).await;
             for id in local {
@@ -436,16 +590,13 @@ impl RepairWorker {
                 if holder == me {
                     continue;
                 }
-                if let std::collections::hash_map::Entry::Vacant(slot) =
-                    confirmed.entry((p, holder))
-                {
-                    let listed = match self.client(&mut clients, published, &holder).await {
-                        Some(c) => Self::list_all(c, p).await.unwrap_or_default(),
-                        None => Vec::new(),
-                    };
-                    slot.insert(listed.into_iter().collect());
+                if rx.has_changed().unwrap_or(false) {
+                    report.interrupted = true;
+                    return report;
                 }
-                if confirmed[&(p, holder)].contains(&id) && self.node.hand_off(id).await.is_ok() {
+                if self.proven_by(&mut clients, published, &holder, id).await
+                    && self.node.hand_off(id).await.is_ok()
+                {
                     report.handed_off += 1;
                     self.node.metrics.handed_off.inc();
                 }
@@ -454,7 +605,53 @@ impl RepairWorker {
         report
     }
 
+    /// A local shard may be collected when, with every holder answering, fewer than k shards
+    /// of its segment exist in the pool and the segment is older than the grace period.
+    fn collectible(&self, id: &ShardId, present: usize, now_s: u64) -> bool {
+        let Ok(Some(bytes)) = self.node.store.header(id) else { return false };
+        let Ok(h) = SegmentHeader::decode_unverified(&bytes) else { return false };
+        present < usize::from(h.k) && h.created.saturating_add(self.gc_grace.as_secs()) <= now_s
+    }
+
+    /// Whether `holder` proves it stores the same shard as ours: the leaves our nonce picks,
+    /// with Merkle proofs up to the root in our verified copy of the header.
+    async fn proven_by(
+        &self,
+        clients: &mut HashMap<NodeId, Option<AgentClient>>,
+        published: &PublishedLayout,
+        holder: &NodeId,
+        id: ShardId,
+    ) -> bool {
+        let Ok(Some(bytes)) = self.node.store.header(&id) else { return false };
+        let Ok(header) = SegmentHeader::decode(&bytes) else { return false };
+        let Some(c) = self.client(clients, published, holder).await else { return false };
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce).expect("OS randomness");
+        let Ok(resp) = c.audit(id, &nonce, HANDOFF_LEAVES).await else { return false };
+        let leaves: Vec<ProvenLeaf> = resp
+            .leaves
+            .into_iter()
+            .map(|l| ProvenLeaf {
+                index: l.index as usize,
+                data: l.data.to_vec(),
+                proof: l.proof.iter().filter_map(|h| h[..].try_into().ok()).collect(),
+            })
+            .collect();
+        verify_answer(&header, id.shard as usize, &nonce, HANDOFF_LEAVES, &leaves).is_ok()
+    }
+
+    /// Counts and reports a peer whose repair source did not verify.
+    fn bad_source(&self, peer: &NodeId, reason: &'static str, detail: &str) {
+        self.node.metrics.bad_sources.with_label_values(&[reason]).inc();
+        tracing::warn!(peer = %peer.short(), reason, detail, "refused a repair source");
+        let mut s = self.progress.suspects.lock().unwrap();
+        if s.len() < 64 {
+            s.insert(*peer);
+        }
+    }
+
     /// Repairs one shard: copies it from a peer that has it, else rebuilds it from k others.
+    /// Every source is checked against a header whose object id and signature verify.
     async fn repair_one(
         &self,
         clients: &mut HashMap<NodeId, Option<AgentClient>>,
@@ -463,20 +660,29 @@ impl RepairWorker {
         seg: u32,
         slot: usize,
         holders: &Holders,
-    ) -> Result<(u64, &'static str), String> {
+    ) -> Result<(u64, &'static str), RepairError> {
         let want = ShardId { object_id: obj, segment: seg, shard: slot as u32 };
+        let mut unreachable = false;
         for src in holders.get(&(slot as u32)).into_iter().flatten() {
-            let Some(c) = self.client(clients, published, src).await else { continue };
-            let Ok(got) = c.get_shard(want, 0, 0).await else { continue };
-            let Ok(header) = SegmentHeader::decode(&got.header) else { continue };
-            if header.object_id != obj || header.segment_index != seg {
+            let Some(c) = self.client(clients, published, src).await else {
+                unreachable = true;
+                continue;
+            };
+            let got = match c.get_shard(want, 0, 0).await {
+                Ok(g) => g,
+                Err(_) => {
+                    unreachable = true;
+                    continue;
+                }
+            };
+            let Some(header) = self.check_source(src, &got.header, obj, seg) else { continue };
+            if let Err(e) = header.verify_shard(slot, &got.data) {
+                self.bad_source(src, "corrupt", &e.to_string());
                 continue;
             }
-            if header.verify_shard(slot, &got.data).is_ok() {
-                let n = got.data.len() as u64;
-                self.store(got.header, slot, got.data).await?;
-                return Ok((n, "copy"));
-            }
+            let n = got.data.len() as u64;
+            self.store(got.header, slot, got.data).await.map_err(RepairError::Failed)?;
+            return Ok((n, "copy"));
         }
         let mut header: Option<(SegmentHeader, Vec<u8>)> = None;
         let mut shards: Vec<Option<Vec<u8>>> = Vec::new();
@@ -492,25 +698,27 @@ impl RepairWorker {
                 break;
             }
             for src in srcs {
-                let Some(c) = self.client(clients, published, src).await else { continue };
+                let Some(c) = self.client(clients, published, src).await else {
+                    unreachable = true;
+                    continue;
+                };
                 let id = ShardId { object_id: obj, segment: seg, shard: idx };
                 let got = match c.get_shard(id, 0, 0).await {
                     Ok(g) => g,
                     Err(s) => {
+                        unreachable = true;
                         failures.push(format!("shard {idx}: {}", s.message()));
                         continue;
                     }
                 };
-                let h = match SegmentHeader::decode(&got.header) {
-                    Ok(h) if h.object_id == obj && h.segment_index == seg => h,
-                    _ => continue,
-                };
+                let Some(h) = self.check_source(src, &got.header, obj, seg) else { continue };
                 if let Some((first, _)) = &header
                     && first.uploader != h.uploader
                 {
                     continue;
                 }
-                if h.verify_shard(idx as usize, &got.data).is_err() {
+                if let Err(e) = h.verify_shard(idx as usize, &got.data) {
+                    self.bad_source(src, "corrupt", &e.to_string());
                     failures.push(format!("shard {idx} from {} is corrupt", src.short()));
                     continue;
                 }
@@ -525,21 +733,52 @@ impl RepairWorker {
                 break;
             }
         }
+        // Too few verified sources: lost, unless a source failed to answer (then retry).
+        let short = |msg: String| {
+            if unreachable { RepairError::Failed(msg) } else { RepairError::Lost(msg) }
+        };
         let Some((h, header_bytes)) = header else {
-            return Err(format!("no peer served a shard ({})", failures.join("; ")));
+            return Err(short(format!("no peer served a shard ({})", failures.join("; "))));
         };
         if have < usize::from(h.k) {
-            return Err(format!("have {have} shards, need {} ({})", h.k, failures.join("; ")));
+            return Err(short(format!(
+                "have {have} shards, need {} ({})",
+                h.k,
+                failures.join("; ")
+            )));
         }
         let rebuilt = tokio::task::spawn_blocking(move || {
             let refs: Vec<Option<&[u8]>> = shards.iter().map(|s| s.as_deref()).collect();
             Decoder::default().rebuild_shard(&h, &refs, slot).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| RepairError::Failed(e.to_string()))?
+        .map_err(RepairError::Failed)?;
         let n = rebuilt.len() as u64;
-        self.store(header_bytes, slot, rebuilt).await?;
+        self.store(header_bytes, slot, rebuilt).await.map_err(RepairError::Failed)?;
         Ok((n, "rebuild"))
+    }
+
+    /// Decodes a peer's header for (`obj`, `seg`): its object id must derive from its signer
+    /// and its signature verify. Anything else is counted against the peer.
+    fn check_source(
+        &self,
+        src: &NodeId,
+        bytes: &[u8],
+        obj: [u8; 32],
+        seg: u32,
+    ) -> Option<SegmentHeader> {
+        match SegmentHeader::decode(bytes) {
+            Ok(h) if h.object_id == obj && h.segment_index == seg => Some(h),
+            Ok(_) => {
+                self.bad_source(src, "wrong_segment", "header names another segment");
+                None
+            }
+            Err(e) => {
+                self.bad_source(src, "forged_header", &e.to_string());
+                None
+            }
+        }
     }
 
     async fn store(&self, header: Vec<u8>, slot: usize, data: Vec<u8>) -> Result<(), String> {

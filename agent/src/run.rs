@@ -155,7 +155,9 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             advertise_grpc: cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string()),
             advertise_http: http_addr.to_string(),
             repair_rate: cfg.repair_rate,
+            gc_grace: cfg.gc_grace,
         };
+        node.set_slots(crate::shard::Slots::Waiting);
         tokio::spawn(crate::repair::run(node.clone(), m, stop.clone()))
     });
 

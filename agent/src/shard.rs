@@ -5,14 +5,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use shardfarm_core::audit::{self, MAX_AUDIT_LEAVES, ProvenLeaf};
 use shardfarm_core::auth::{AuthError, Caller, now_ms};
 use shardfarm_core::capacity::{CapacityReport, Machine};
 use shardfarm_core::identity::{Identity, NodeId};
+use shardfarm_core::placement::Layout;
 use shardfarm_core::shard::{SegmentHeader, partition};
+use shardfarm_core::tombstone::Tombstone;
 
 use crate::metrics::Metrics;
 use crate::store::{Committed, PendingShard, ShardId, ShardRecord, Store, StoreError};
@@ -41,6 +43,13 @@ pub enum Error {
     /// The stored shard is corrupt (it has been quarantined).
     #[error("{0}")]
     DataLoss(String),
+    /// The request is valid but not here or not now: a slot this node does not hold, a
+    /// deleted object.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The node cannot answer this now (a read error that may pass, no layout yet): retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -60,6 +69,8 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::AlreadyExists(_) => "already_exists",
             Error::DataLoss(_) => "data_loss",
+            Error::FailedPrecondition(_) => "failed_precondition",
+            Error::Unavailable(_) => "unavailable",
             Error::Store(e) if e.is_disk_full() => "resource_exhausted",
             Error::Store(_) | Error::Internal(_) => "internal",
         }
@@ -103,6 +114,24 @@ pub struct Node {
     /// Uploads in flight per owner root (for the quota).
     reserved_by_owner: Mutex<HashMap<[u8; 32], u64>>,
     latest_proof: Mutex<Option<Vec<u8>>>,
+    /// Which slots this node holds, for deciding which puts it accepts.
+    slots: RwLock<Slots>,
+}
+
+/// What a node knows of the pool's layouts when a put arrives.
+#[derive(Clone, Debug)]
+pub enum Slots {
+    /// Not in a pool (a standalone agent): every slot is its own.
+    Standalone,
+    /// In a pool, before the first layout arrived: no put is accepted yet.
+    Waiting,
+    /// The coordinator's current layout and the readers' fallback.
+    Known {
+        /// The current layout.
+        current: Layout,
+        /// The previous in-sync layout, while the current one is not yet.
+        previous: Option<Layout>,
+    },
 }
 
 /// A reservation of capacity for one upload, released on drop.
@@ -177,6 +206,38 @@ impl Node {
             reserved: AtomicU64::new(0),
             reserved_by_owner: Mutex::new(HashMap::new()),
             latest_proof: Mutex::new(None),
+            slots: RwLock::new(Slots::Standalone),
+        }
+    }
+
+    /// Sets what the node knows of the pool's layouts (the membership worker calls this).
+    pub fn set_slots(&self, slots: Slots) {
+        *self.slots.write().unwrap() = slots;
+    }
+
+    /// Refuses a put for slot `shard` of partition `p` unless the current or the fallback
+    /// layout gives it to this node.
+    fn check_slot(&self, p: u32, shard: u32) -> Result<()> {
+        let me = self.identity.id();
+        match &*self.slots.read().unwrap() {
+            Slots::Standalone => Ok(()),
+            Slots::Waiting => Err(Error::Unavailable(
+                "this node has not received the pool's layout yet: retry shortly".into(),
+            )),
+            Slots::Known { current, previous } => {
+                let holder = |l: &Layout| {
+                    l.partitions.get(p as usize).and_then(|h| h.get(shard as usize)).copied()
+                };
+                if holder(current) == Some(me) || previous.as_ref().and_then(holder) == Some(me) {
+                    return Ok(());
+                }
+                Err(Error::FailedPrecondition(format!(
+                    "slot {shard} of partition {p} is held by node {} in layout {}, not by this \
+                     node: send it there",
+                    holder(current).map_or_else(|| "none".into(), |h| h.to_hex()),
+                    current.version
+                )))
+            }
         }
     }
 
@@ -191,10 +252,11 @@ impl Node {
         let r = Reservation { node: self, bytes, owner };
         {
             let mut m = self.reserved_by_owner.lock().unwrap();
-            *m.entry(owner).or_default() += bytes;
+            let v = m.entry(owner).or_default();
+            *v = v.saturating_add(bytes);
         }
         let used = self.store.used_bytes();
-        if used + prev + bytes > cap {
+        if used.saturating_add(prev).saturating_add(bytes) > cap {
             return Err(Error::ResourceExhausted(format!(
                 "node is full: {used} of {cap} bytes used, {prev} promised to uploads in flight, \
                  this shard needs {bytes}: store it on another node"
@@ -203,7 +265,7 @@ impl Node {
         if self.settings.quota > 0 {
             let in_flight = self.reserved_by_owner.lock().unwrap()[&owner];
             let stored = self.store.quota_used(&owner)?;
-            if stored + in_flight > self.settings.quota {
+            if stored.saturating_add(in_flight) > self.settings.quota {
                 return Err(Error::ResourceExhausted(format!(
                     "quota exceeded: your owner root stores {stored} of {} bytes on this node",
                     self.settings.quota
@@ -221,7 +283,9 @@ impl Node {
         header_bytes: Vec<u8>,
         shard_index: u32,
     ) -> Result<Upload<'_>> {
-        self.begin(caller.root.0, header_bytes, shard_index)
+        let upload = self.begin(caller.root.0, header_bytes, shard_index)?;
+        self.check_slot(upload.partition, shard_index)?;
+        Ok(upload)
     }
 
     /// Starts storing a shard this node rebuilt or copied for its slot (repair). The same
@@ -247,8 +311,14 @@ impl Node {
                 header.n()
             )));
         }
-        if header.expires != 0 && header.expires * 1000 <= now_ms() {
+        if header.expires != 0 && header.expires.saturating_mul(1000) <= now_ms() {
             return Err(Error::InvalidArgument("segment header has expired".into()));
+        }
+        if self.store.is_tombstoned(&header.object_id)? {
+            return Err(Error::FailedPrecondition(format!(
+                "object {} was deleted by its uploader; its shards are not accepted again",
+                hex::encode(&header.object_id[..8])
+            )));
         }
         let reservation = self.reserve(header.shard_length, owner)?;
         let id = ShardId {
@@ -331,7 +401,29 @@ impl Node {
                     Ok(()) => "index record disagrees with the header".to_string(),
                     Err(e) => e.to_string(),
                 },
-                Err(e) => e.to_string(),
+                // A payload of the wrong length is corrupt. A missing payload is corrupt only if
+                // the index still names it after the failed open (else a delete raced us: not
+                // found). Any other failure to read it (EMFILE, ENOMEM from mmap, EIO that may
+                // pass) says nothing about the bytes: it is reported and retried, never
+                // quarantined.
+                Err(e @ StoreError::Record { .. }) => e.to_string(),
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    if me.store.record(&id, p)?.is_none() {
+                        return Err(not_found());
+                    }
+                    "payload file is missing".to_string()
+                }
+                Err(e) => {
+                    me.metrics.read_errors.inc();
+                    tracing::warn!(shard = %id.file_name(), found_by, error = %e, "shard could not be read");
+                    return Err(Error::Unavailable(format!(
+                        "shard {} could not be read on this node ({e}): retry, or read it from \
+                         other holders",
+                        id.file_name()
+                    )));
+                }
             };
             me.quarantine(&id, p, found_by, &reason)?;
             Err(Error::DataLoss(format!(
@@ -381,6 +473,50 @@ impl Node {
             Ok(existed)
         })
         .await
+    }
+
+    /// Applies an uploader's tombstone: verifies it, keeps it, and deletes every shard of the
+    /// object held here. Anyone may deliver one (it verifies on its own), so peers forward
+    /// them. Returns the shards deleted.
+    pub async fn delete_object(self: &Arc<Self>, encoded: Vec<u8>) -> Result<u32> {
+        let t = Tombstone::decode(&encoded, now_ms())
+            .map_err(|e| Error::InvalidArgument(format!("tombstone refused: {e}")))?;
+        if t.expires_ms() < now_ms() {
+            return Err(Error::InvalidArgument("tombstone has expired".into()));
+        }
+        let me = self.clone();
+        let n = blocking(move || {
+            let fresh = me.store.put_tombstone(&t.object_id, &encoded, t.expires_ms())?;
+            let mut n = 0;
+            for (p, id) in me.store.shards_of_object(&t.object_id, me.settings.partitions)? {
+                if me.store.remove(&id, p)?.is_some() {
+                    n += 1;
+                }
+            }
+            if fresh {
+                tracing::info!(object = %hex::encode(&t.object_id[..8]), deleted = n, "object deleted by its uploader");
+            }
+            me.refresh_gauges();
+            Ok(n)
+        })
+        .await?;
+        self.metrics.tombstones.set(self.store.tombstone_count() as i64);
+        Ok(n)
+    }
+
+    /// True when the object was deleted (a tombstone is kept here).
+    pub fn is_deleted(&self, object_id: &[u8; 32]) -> bool {
+        self.store.is_tombstoned(object_id).unwrap_or(false)
+    }
+
+    /// Up to `limit` (≤ 1000) tombstones after object id `after`.
+    pub async fn list_tombstones(
+        self: &Arc<Self>,
+        after: Option<[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let me = self.clone();
+        blocking(move || Ok(me.store.list_tombstones(after, limit.clamp(1, 1000))?)).await
     }
 
     /// Drops a shard this node no longer holds a slot for, once its new holder has it (the

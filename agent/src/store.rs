@@ -87,6 +87,8 @@ const CF_HEADERS: &str = "headers";
 const CF_INDEX: &str = "index";
 const CF_QUOTA: &str = "quota";
 const CF_STATE: &str = "state";
+/// Tombstones by object id: `deleted_ms ‖ expires_ms` (LE) ‖ the encoded tombstone.
+const CF_TOMBSTONES: &str = "tombstones";
 const STATE_USED: &[u8] = b"used_bytes";
 const STATE_QUARANTINED: &[u8] = b"quarantined_bytes";
 
@@ -220,7 +222,7 @@ impl Store {
         // Small records only: a modest write buffer keeps memory low on edge boxes.
         opts.set_write_buffer_size(16 << 20);
         opts.set_max_open_files(512);
-        let cfs = [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE]
+        let cfs = [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE, CF_TOMBSTONES]
             .map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
         let db_path = dir.join("db");
         let db = DB::open_cf_descriptors(&opts, &db_path, cfs)?;
@@ -317,7 +319,8 @@ impl Store {
         for e in fs::read_dir(&self.quarantine_dir).map_err(io("list", &self.quarantine_dir))? {
             let Ok(e) = e else { continue };
             let Ok(meta) = e.metadata() else { continue };
-            let old = meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max_age);
+            let old =
+                meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max_age);
             if old && fs::remove_file(e.path()).is_ok() {
                 let _guard = self.commit.lock().unwrap();
                 let q = self.quarantined_bytes().saturating_sub(meta.len());
@@ -538,6 +541,106 @@ impl Store {
         Ok(false)
     }
 
+    // ---- Tombstones ----
+
+    /// Keeps the tombstone of `object_id` (encoded; verified by the caller) until
+    /// `expires_ms`. An existing one is kept (the first deletion stands).
+    pub fn put_tombstone(
+        &self,
+        object_id: &[u8; 32],
+        encoded: &[u8],
+        expires_ms: u64,
+    ) -> Result<bool> {
+        let _guard = self.commit.lock().unwrap();
+        if self.db.get_cf(self.cf(CF_TOMBSTONES), object_id)?.is_some() {
+            return Ok(false);
+        }
+        let mut v = expires_ms.to_le_bytes().to_vec();
+        v.extend_from_slice(encoded);
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_TOMBSTONES), object_id, v);
+        self.sync_write(b)?;
+        Ok(true)
+    }
+
+    /// True when the object has a tombstone here.
+    pub fn is_tombstoned(&self, object_id: &[u8; 32]) -> Result<bool> {
+        Ok(self.db.get_cf(self.cf(CF_TOMBSTONES), object_id)?.is_some())
+    }
+
+    /// Up to `limit` encoded tombstones after object id `after`, in object id order.
+    pub fn list_tombstones(&self, after: Option<[u8; 32]>, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let start = after.unwrap_or([0; 32]);
+        let mode = IteratorMode::From(&start, Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_TOMBSTONES), mode) {
+            let (k, v) = item?;
+            if after.is_some_and(|a| a[..] == k[..]) {
+                continue;
+            }
+            if out.len() >= limit {
+                break;
+            }
+            if v.len() > 8 {
+                out.push(v[8..].to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets tombstones that expired before `now_ms`. Returns how many.
+    pub fn expire_tombstones(&self, now_ms: u64) -> Result<usize> {
+        let mut b = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.cf(CF_TOMBSTONES), IteratorMode::Start) {
+            let (k, v) = item?;
+            let expires = v.get(..8).map_or(0, |e| u64::from_le_bytes(e.try_into().unwrap()));
+            if expires < now_ms {
+                b.delete_cf(self.cf(CF_TOMBSTONES), k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.sync_write(b)?;
+        }
+        Ok(n)
+    }
+
+    /// Every shard of `object_id` held here (any segment, any partition), found through the
+    /// segment headers kept for it.
+    pub fn shards_of_object(
+        &self,
+        object_id: &[u8; 32],
+        partitions: u32,
+    ) -> Result<Vec<(u32, ShardId)>> {
+        let mut segments = Vec::new();
+        let mode = IteratorMode::From(object_id, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_HEADERS), mode) {
+            let (k, _) = item?;
+            if !k.starts_with(object_id) || k.len() != 36 {
+                break;
+            }
+            segments.push(u32::from_be_bytes(k[32..36].try_into().unwrap()));
+        }
+        let mut out = Vec::new();
+        for seg in segments {
+            let p = shardfarm_core::shard::partition(object_id, seg, partitions);
+            let probe = ShardId { object_id: *object_id, segment: seg, shard: 0 };
+            let prefix = probe.index_key(p)[..40].to_vec();
+            let mode = IteratorMode::From(&prefix, Direction::Forward);
+            for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
+                let (k, _) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                if let Some((p, id)) = ShardId::from_index_key(&k) {
+                    out.push((p, id));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes stored for an owner root.
     pub fn quota_used(&self, owner: &[u8; 32]) -> Result<u64> {
         Ok(self
@@ -585,6 +688,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Number of tombstones kept (an estimate from RocksDB for large stores).
+    pub fn tombstone_count(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(CF_TOMBSTONES), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Number of shards indexed (an estimate from RocksDB for large stores).
     pub fn shard_count(&self) -> u64 {
         self.db
@@ -616,7 +728,7 @@ impl Store {
     /// Flushes memtables and the WAL (graceful shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
-        for cf in [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE] {
+        for cf in [CF_HEADERS, CF_INDEX, CF_QUOTA, CF_STATE, CF_TOMBSTONES] {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())

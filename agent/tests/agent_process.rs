@@ -12,7 +12,7 @@ use ed25519_dalek::Signature;
 use shardfarm_core::audit::{self, ProvenLeaf};
 use shardfarm_core::auth::Envelope;
 use shardfarm_core::identity::{Identity, random_signing_key};
-use shardfarm_core::shard::{Cipher, FORMAT_VERSION, SegmentHeader, merkle_root};
+use shardfarm_core::shard::{Cipher, FORMAT_VERSION, SegmentHeader, merkle_root, object_id_for};
 use shardfarm_proto::pb as proto;
 use shardfarm_proto::{Signer, methods};
 use tonic::Code;
@@ -28,30 +28,33 @@ async fn put_get_range_list_delete_round_trips() {
     let (me, signer) = signer();
     let mut c = agent.client(&signer).await;
 
-    // A 0-byte shard (hand-made header) and multi-MiB shards from the codec.
+    // The smallest shard the format allows (an empty object: its 16-byte tag, k = 1), from a
+    // hand-made header, and multi-MiB shards from the codec.
+    let tiny = Bytes::from(vec![7u8; 16]);
     let mut zero = SegmentHeader {
         version: FORMAT_VERSION,
         cipher: Cipher::Aes256Gcm,
-        object_id: [42; 32],
+        object_id: object_id_for(&me.public_key(), &[42; 32]),
         segment_index: 0,
         segment_count: 1,
         object_length: 0,
         segment_size: 1 << 20,
         k: 1,
         m: 1,
-        shard_length: 0,
+        shard_length: 16,
         created: 1,
         expires: 0,
         uploader: me.public_key(),
-        shard_roots: vec![merkle_root(&[]); 2],
+        salt: [42; 32],
+        shard_roots: vec![merkle_root(&tiny); 2],
         signature: Signature::from_bytes(&[0; 64]),
     };
     zero.sign(me.signing_key());
-    let r = c.put_shard(&zero.encode(), 0, Bytes::new()).await.unwrap();
-    assert_eq!(r.stored_bytes, 0);
-    let zid = shardfarm_core::shard::ShardId { object_id: [42; 32], segment: 0, shard: 0 };
+    let r = c.put_shard(&zero.encode(), 0, tiny.clone()).await.unwrap();
+    assert_eq!(r.stored_bytes, 16);
+    let zid = shardfarm_core::shard::ShardId { object_id: zero.object_id, segment: 0, shard: 0 };
     let got = c.get_shard(zid, 0, 0).await.unwrap();
-    assert!(got.data.is_empty());
+    assert_eq!(got.data, tiny);
     assert_eq!(got.header, zero.encode());
 
     let seg = segment(&me, 6 << 20, 2, 1); // 3 MiB shards
@@ -91,7 +94,7 @@ async fn put_get_range_list_delete_round_trips() {
     let after = shardfarm_core::shard::ShardId::try_from(p1[0].key.clone().unwrap()).unwrap();
     let p2 = c.list_shards(partition, Some(after), 1).await.unwrap();
     assert_ne!(p2.first().map(|e| e.key.clone()), Some(p1[0].key.clone()));
-    let total: u64 = seg.shards.iter().map(|s| s.len() as u64).sum();
+    let total: u64 = seg.shards.iter().map(|s| s.len() as u64).sum::<u64>() + 16;
     assert_eq!(info.used_bytes, total);
 
     assert!(c.delete_shard(seg.id(1)).await.unwrap());
@@ -106,7 +109,7 @@ async fn put_get_range_list_delete_round_trips() {
             >= 4.0,
         "{m}"
     );
-    let left = (seg.shards[0].len() + seg.shards[2].len()) as f64;
+    let left = (seg.shards[0].len() + seg.shards[2].len() + tiny.len()) as f64;
     assert_eq!(metric(&m, "shardfarm_agent_stored_bytes").unwrap(), left);
 }
 

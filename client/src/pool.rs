@@ -12,7 +12,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use shardfarm_core::cap::ReadCap;
 use shardfarm_core::codec::{CodecParams, Decoder, Encoder};
-use shardfarm_core::shard::{Cipher, SegmentHeader, ShardId, partition};
+use shardfarm_core::shard::{Cipher, SegmentHeader, ShardId, partition, salt_for};
+use shardfarm_core::tombstone::Tombstone;
 use shardfarm_proto::{AgentClient, Signer};
 
 use crate::farm::{CLIENT_KEY, ClientKey, Farm};
@@ -524,31 +525,50 @@ impl FarmClient {
 
     /// Deletes every shard of the object (only its uploader may). Returns shards deleted.
     pub async fn rm(self: &Arc<Self>, cap: &ReadCap) -> anyhow::Result<usize> {
-        let stat = self.stat(cap).await?;
-        let mut deleted = 0;
-        let mut refused = Vec::new();
-        for seg in &stat.segments {
-            let p = partition(&cap.object_id, seg.index, self.farm.partitions);
-            for (i, &node) in self.farm.layout[p as usize].iter().enumerate() {
-                let id = ShardId { object_id: cap.object_id, segment: seg.index, shard: i as u32 };
-                match self.conn(node).await {
-                    Ok(mut c) => match c.delete_shard(id).await {
-                        Ok(true) => deleted += 1,
-                        Ok(false) => {}
-                        Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                            bail!("only the uploader may delete this object: {}", s.message())
-                        }
-                        Err(s) => refused.push(format!("node {node}: {}", s.message())),
-                    },
-                    Err(e) => refused.push(format!("{e:#}")),
+        self.check_cap(cap)?;
+        if self.signer.key().verifying_key().to_bytes() != cap.uploader {
+            bail!("only the uploader may delete this object (it was stored by another key)");
+        }
+        // One uploader-signed tombstone for the whole object, to every node of the pool: the
+        // holders of every segment (whatever the layout, even with segment 0 lost) delete
+        // their shards, and every node refuses the object from now on. A node that does not
+        // answer learns of it from its peers' tombstones when it is back.
+        let now = shardfarm_core::auth::now_ms();
+        let t = Tombstone::sign(self.signer.key(), salt_for(&cap.key), now);
+        if t.object_id != cap.object_id {
+            bail!("this capability's object id does not derive from its key and uploader");
+        }
+        let tombstone = t.encode();
+        let mut tasks = FuturesUnordered::new();
+        for node in 0..self.farm.nodes.len() {
+            let tombstone = &tombstone;
+            tasks.push(async move {
+                let mut c = self.conn(node).await?;
+                c.delete_object(tombstone).await.map_err(|s| {
+                    anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                })
+            });
+        }
+        let (mut deleted, mut answered, mut silent) = (0usize, 0usize, Vec::new());
+        while let Some(r) = tasks.next().await {
+            match r {
+                Ok(n) => {
+                    deleted += n as usize;
+                    answered += 1;
                 }
+                Err(e) => silent.push(format!("{e:#}")),
             }
         }
-        if !refused.is_empty() {
-            bail!(
-                "deleted {deleted} shards, but some nodes could not be reached: {}",
-                refused.join("; ")
-            );
+        if answered == 0 {
+            bail!("no node accepted the deletion: {}", silent.join("; "));
+        }
+        if !silent.is_empty() {
+            self.progress.warn(&format!(
+                "{} of {} nodes did not answer; they delete the object when they are back ({})",
+                silent.len(),
+                self.farm.nodes.len(),
+                silent.join("; ")
+            ));
         }
         Ok(deleted)
     }

@@ -208,7 +208,7 @@ pub struct JoinInput {
 }
 
 /// What a node sends with each heartbeat.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ReportInput {
     /// Bytes stored.
     pub used_bytes: u64,
@@ -220,6 +220,10 @@ pub struct ReportInput {
     pub repair_backlog: u64,
     /// Newest layout fully repaired for.
     pub synced_version: u64,
+    /// Segments of its slots that cannot be repaired (fewer than k shards anywhere).
+    pub lost_segments: u64,
+    /// Peers that served it repair sources that did not verify (at most 64 are read).
+    pub suspect_peers: Vec<NodeId>,
 }
 
 /// The coordinator of one pool.
@@ -413,6 +417,11 @@ impl Coordinator {
         m.shards = r.shards;
         m.scrub_errors = r.scrub_errors;
         m.repair_backlog = r.repair_backlog;
+        m.lost_segments = r.lost_segments;
+        for peer in &r.suspect_peers {
+            tracing::warn!(reporter = %caller.id, suspect = %peer, "a node served a repair source that did not verify");
+            self.metrics.peer_complaints.with_label_values(&[&peer.to_hex()]).inc();
+        }
         m.synced_version = r.synced_version;
         let standing = m.standing;
         if !was_up {
@@ -658,6 +667,8 @@ impl Coordinator {
         m.layout_in_sync.set(i64::from(st.in_sync()));
         m.repair_backlog
             .set(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog).sum::<u64>() as i64);
+        m.lost_segments
+            .set(st.nodes.values().filter(|x| x.up).map(|x| x.lost_segments).sum::<u64>() as i64);
         for x in st.nodes.values() {
             let id = x.id.short();
             m.audit_score.with_label_values(&[&id]).set(x.audit.score());

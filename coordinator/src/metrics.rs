@@ -32,6 +32,10 @@ pub struct CoordinatorMetrics {
     pub joins: IntCounterVec,
     /// Authentication failures by reason.
     pub auth_failures: IntCounterVec,
+    /// Segments nodes report as lost (sum of reports).
+    pub lost_segments: IntGauge,
+    /// Reports by other nodes that a node served a repair source that did not verify.
+    pub peer_complaints: IntCounterVec,
 }
 
 impl CoordinatorMetrics {
@@ -102,6 +106,19 @@ impl CoordinatorMetrics {
                 &["reason"],
             )
             .unwrap(),
+            lost_segments: IntGauge::with_opts(o(
+                "shardfarm_coordinator_lost_segments",
+                "Segments with fewer than k shards in the pool (sum of node reports)",
+            ))
+            .unwrap(),
+            peer_complaints: IntCounterVec::new(
+                o(
+                    "shardfarm_coordinator_peer_complaints_total",
+                    "Repair sources a node served that did not verify, as reported by its peers",
+                ),
+                &["node"],
+            )
+            .unwrap(),
             registry: r,
         };
         // Known label values start at zero, so dashboards and alerts see 0 rather than no data.
@@ -128,6 +145,8 @@ impl CoordinatorMetrics {
         reg.register(Box::new(m.farm_rewards.clone())).unwrap();
         reg.register(Box::new(m.joins.clone())).unwrap();
         reg.register(Box::new(m.auth_failures.clone())).unwrap();
+        reg.register(Box::new(m.lost_segments.clone())).unwrap();
+        reg.register(Box::new(m.peer_complaints.clone())).unwrap();
         m
     }
 

@@ -128,6 +128,13 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             scrub_errors: r.scrub_errors,
             repair_backlog: r.repair_backlog,
             synced_version: r.synced_version,
+            lost_segments: r.lost_segments,
+            suspect_peers: r
+                .suspect_peers
+                .iter()
+                .take(64)
+                .filter_map(|b| Some(shardfarm_core::identity::NodeId(b[..].try_into().ok()?)))
+                .collect(),
         };
         let (standing, layout_version) =
             self.c.report(&caller, input, now_ms()).map_err(to_status)?;

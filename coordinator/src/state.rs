@@ -67,6 +67,9 @@ pub struct Member {
     pub epoch_passed: u64,
     /// Audits asked this epoch.
     pub epoch_total: u64,
+    /// Segments of its slots it reports as lost (fewer than k shards anywhere).
+    #[serde(default)]
+    pub lost_segments: u64,
     /// Handing its slots away (scale down, drain list).
     #[serde(default)]
     pub draining: bool,
@@ -89,6 +92,7 @@ impl Member {
             shards: 0,
             scrub_errors: 0,
             repair_backlog: 0,
+            lost_segments: 0,
             synced_version: 0,
             joined_ms: now_ms,
             last_seen_ms: now_ms,

@@ -178,6 +178,36 @@ impl AgentClient {
             .existed)
     }
 
+    /// Delivers a tombstone: the agent deletes the object's shards it holds and keeps the
+    /// tombstone. Returns the shards deleted.
+    pub async fn delete_object(&mut self, tombstone: &[u8]) -> Result<u32, Status> {
+        let req = proto::DeleteObjectRequest { tombstone: Bytes::copy_from_slice(tombstone) };
+        Ok(self
+            .raw
+            .delete_object(self.signer.request(methods::DELETE_OBJECT, req))
+            .await?
+            .into_inner()
+            .deleted_shards)
+    }
+
+    /// One page of the agent's tombstones after object id `start_after`.
+    pub async fn list_tombstones(
+        &mut self,
+        start_after: Option<[u8; 32]>,
+        limit: u32,
+    ) -> Result<Vec<Bytes>, Status> {
+        let req = proto::ListTombstonesRequest {
+            start_after: start_after.map(|a| Bytes::copy_from_slice(&a)).unwrap_or_default(),
+            limit,
+        };
+        Ok(self
+            .raw
+            .list_tombstones(self.signer.request(methods::LIST_TOMBSTONES, req))
+            .await?
+            .into_inner()
+            .tombstones)
+    }
+
     /// Lists one page of a partition.
     pub async fn list_shards(
         &mut self,

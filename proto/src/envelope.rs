@@ -28,6 +28,10 @@ pub mod methods {
     pub const GET: &str = "/shardfarm.v1.Agent/GetShard";
     /// DeleteShard.
     pub const DELETE: &str = "/shardfarm.v1.Agent/DeleteShard";
+    /// DeleteObject.
+    pub const DELETE_OBJECT: &str = "/shardfarm.v1.Agent/DeleteObject";
+    /// ListTombstones.
+    pub const LIST_TOMBSTONES: &str = "/shardfarm.v1.Agent/ListTombstones";
     /// ListShards.
     pub const LIST: &str = "/shardfarm.v1.Agent/ListShards";
     /// Audit.
