@@ -113,6 +113,11 @@ pub struct AgentArgs {
     /// in the whole pool, every holder answering) is garbage-collected. [default: 86400]
     #[arg(long, env = "SHARDFARM_GC_GRACE")]
     pub gc_grace: Option<u64>,
+
+    /// Seconds between repair passes when no new layout arrives (a pass retries failed
+    /// repairs, copies peers' tombstones and collects garbage). [default: 30]
+    #[arg(long, env = "SHARDFARM_REPAIR_INTERVAL")]
+    pub repair_interval: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -162,6 +167,8 @@ pub struct Config {
     pub repair_rate: u64,
     /// Grace period before an unreadable segment is collected.
     pub gc_grace: std::time::Duration,
+    /// Repair pass interval.
+    pub repair_interval: std::time::Duration,
 }
 
 /// Parses `10GiB`, `500MB`, `4096`, `1.5TiB`.
@@ -233,7 +240,8 @@ impl AgentArgs {
             coordinator,
             advertise,
             repair_rate,
-            gc_grace
+            gc_grace,
+            repair_interval
         );
         Ok(self)
     }
@@ -293,6 +301,7 @@ impl AgentArgs {
             advertise: a.advertise,
             repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),
             gc_grace: std::time::Duration::from_secs(a.gc_grace.unwrap_or(86_400)),
+            repair_interval: std::time::Duration::from_secs(a.repair_interval.unwrap_or(30).max(1)),
         })
     }
 }

@@ -20,7 +20,7 @@
 //! the slot's new holder lists it — so at every moment each shard is on its old holder, its
 //! new holder, or both.
 //!
-//! The worker runs a pass whenever a new layout arrives and every [`PASS_INTERVAL`] otherwise
+//! The worker runs a pass whenever a new layout arrives and every `--repair-interval` otherwise
 //! (which also rebuilds shards that scrub quarantined), throttled to `repair_rate` bytes/s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,9 +42,6 @@ use tonic::Code;
 use crate::shard::{Node, Slots};
 use crate::store::ShardId;
 
-/// A full repair pass runs at least this often, even without a new layout: it retries failed
-/// repairs and rebuilds what scrub quarantined.
-pub const PASS_INTERVAL: Duration = Duration::from_secs(30);
 /// Entries per ListShards page.
 const PAGE: u32 = 1000;
 /// Peers whose tombstones are copied per pass (a different few each pass).
@@ -71,6 +68,9 @@ pub struct Membership {
     pub repair_rate: u64,
     /// How old an unreadable segment must be before it is collected.
     pub gc_grace: Duration,
+    /// A full repair pass runs at least this often, even without a new layout: it retries
+    /// failed repairs, rebuilds what scrub quarantined, copies tombstones, collects garbage.
+    pub pass_interval: Duration,
 }
 
 /// Shared progress between the worker and the heartbeat.
@@ -99,8 +99,14 @@ pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
     ));
     let watch =
         tokio::spawn(follow_layouts(node.clone(), m.clone(), signer.clone(), tx, stop.clone()));
-    let worker =
-        RepairWorker { node, signer, rate: m.repair_rate.max(1), gc_grace: m.gc_grace, progress };
+    let worker = RepairWorker {
+        node,
+        signer,
+        rate: m.repair_rate.max(1),
+        gc_grace: m.gc_grace,
+        pass_interval: m.pass_interval,
+        progress,
+    };
     worker.run(rx, stop).await;
     let _ = hb.await;
     let _ = watch.await;
@@ -265,6 +271,8 @@ pub struct RepairWorker {
     rate: u64,
     /// Age before an unreadable segment is collected.
     gc_grace: Duration,
+    /// Longest wait between passes.
+    pass_interval: Duration,
     progress: Arc<Progress>,
 }
 
@@ -311,7 +319,7 @@ impl RepairWorker {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(PASS_INTERVAL) => {}
+                _ = tokio::time::sleep(self.pass_interval) => {}
             }
             let Some(published) = rx.borrow_and_update().clone() else { continue };
             let version = published.layout.version;

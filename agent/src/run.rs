@@ -156,6 +156,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             advertise_http: http_addr.to_string(),
             repair_rate: cfg.repair_rate,
             gc_grace: cfg.gc_grace,
+            pass_interval: cfg.repair_interval,
         };
         node.set_slots(crate::shard::Slots::Waiting);
         tokio::spawn(crate::repair::run(node.clone(), m, stop.clone()))

@@ -71,6 +71,12 @@ pub struct UpArgs {
     /// Rewards epoch, seconds.
     #[arg(long, default_value_t = 3600)]
     pub epoch_seconds: u64,
+    /// Agents: seconds between repair passes without a new layout.
+    #[arg(long, default_value_t = 30)]
+    pub repair_interval: u64,
+    /// Agents: seconds before a segment that never became readable is collected.
+    #[arg(long, default_value_t = 86_400)]
+    pub gc_grace: u64,
     /// Coordinator gRPC port (its /metrics is on the next port). [default: BASE-2]
     #[arg(long)]
     pub coordinator_port: Option<u16>,
@@ -124,6 +130,8 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs) -> anyhow::Result<Child
         .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
         .args(["--coordinator", &format!("127.0.0.1:{}", args.coordinator_port())])
+        .args(["--repair-interval", &args.repair_interval.to_string()])
+        .args(["--gc-grace", &args.gc_grace.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -137,7 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stat { cap } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open(&dir)?;
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
             let st = client.stat(&cap).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
@@ -177,7 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rm { cap } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open(&dir)?;
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
             let n = client.rm(&cap).await?;
             if cli.json {
                 println!("{}", serde_json::json!({ "deleted_shards": n }));
@@ -186,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Nodes => {
-            let client = FarmClient::open(&dir)?;
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
             let nodes = client.nodes().await;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
@@ -227,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Rewards => {
-            let client = FarmClient::open(&dir)?;
+            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
             let members = client.members().await.ok_or_else(|| {
                 anyhow::anyhow!(
                     "the farm's coordinator does not answer: is `shardfarm local up` running?"

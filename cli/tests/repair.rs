@@ -6,9 +6,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
-use common::{BIN, Farm, free_base_port, metric, same, write_random};
+use common::{Farm, free_base_port, metric, same, start_outsider, write_random};
 
 /// Fast timings for tests: heartbeats every 300 ms, down after 3 s, audits every second,
 /// 256 KiB segments so a few MiB spread over many partitions.
@@ -134,40 +133,13 @@ fn a_put_with_one_holder_down_succeeds_and_repair_completes_it() {
     farm.wait_for(90, "every segment at n of n", || fully_placed(&farm, &files, &excluded));
 }
 
-/// An agent started by hand that joins the running farm through its coordinator.
-struct Outsider(Child);
-
-impl Drop for Outsider {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_outsider(farm: &Farm, dir: &Path, zone: &str) -> (Outsider, String) {
-    let port = free_base_port();
-    let child = Command::new(BIN)
-        .arg("agent")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", &format!("127.0.0.1:{}", port + 1)])
-        .args(["--zone", zone, "--identity-difficulty", "8", "--pool-difficulty", "8"])
-        .args(["--coordinator", &format!("127.0.0.1:{}", farm.base_port - 2)])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
-        .spawn()
-        .unwrap();
-    (Outsider(child), format!("127.0.0.1:{}", port + 1))
-}
-
 #[test]
 fn a_joining_node_takes_its_share_and_every_file_stays_readable_during_the_move() {
     let tmp = tempfile::tempdir().unwrap();
     let farm = start(&tmp.path().join("farm"), 6);
     let files = store_files(&farm, tmp.path());
     let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
-    let (_new, http) = start_outsider(&farm, &tmp.path().join("outsider"), "zone-1");
+    let (_new, http) = start_outsider(&farm, &tmp.path().join("outsider"), "zone-1", &[]);
     farm.wait_for(30, "a layout with the new node", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
     });

@@ -21,6 +21,26 @@ use crate::farm::{CLIENT_KEY, ClientKey, Farm};
 /// How long to wait for a node to accept a connection before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a small call (stat's audit, rm's delete) may take before its node counts as not
+/// answering: a stalled node (SIGSTOPped, black-holed) accepts connections and never answers.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A shard transfer's deadline: [`CALL_TIMEOUT`] plus one second per MiB (a 1 MiB/s floor).
+fn transfer_deadline(bytes: u64) -> Duration {
+    CALL_TIMEOUT + Duration::from_secs(bytes >> 20)
+}
+
+/// Runs `f` against `node` within `d`.
+async fn within<T>(
+    d: Duration,
+    node: usize,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("node {node} did not answer within {} s", d.as_secs()))?
+}
+
 /// A client bound to one farm.
 pub struct FarmClient {
     /// The farm description.
@@ -219,12 +239,12 @@ impl FarmClient {
             tasks.push(async move {
                 let mut last = None;
                 for _attempt in 0..2 {
-                    let r = async {
+                    let r = within(transfer_deadline(shard.len() as u64), node, async {
                         let mut c = self.conn(node).await?;
                         c.put_shard(&hb, i as u32, shard.clone()).await.map_err(|s| {
                             anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
                         })
-                    }
+                    })
                     .await;
                     match r {
                         Ok(_) => return Ok(()),
@@ -303,12 +323,13 @@ impl FarmClient {
             let me = self.clone();
             let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
             tasks.push(async move {
-                let r = async {
+                let d = transfer_deadline(me.farm.segment_size / u64::from(me.farm.k.max(1)));
+                let r = within(d, node, async {
                     let mut c = me.conn(node).await?;
                     c.get_shard(id, 0, 0).await.map_err(|s| {
                         anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
                     })
-                }
+                })
                 .await;
                 (i, r)
             });
@@ -490,8 +511,11 @@ impl FarmClient {
             let me = self.clone();
             let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
             async move {
-                let mut c = me.conn(node).await.ok()?;
-                let ans = c.audit(id, &nonce, 1).await.ok()?;
+                let call = async {
+                    let mut c = me.conn(node).await?;
+                    c.audit(id, &nonce, 1).await.map_err(anyhow::Error::from)
+                };
+                let ans = within(CALL_TIMEOUT, node, call).await.ok()?;
                 let h = SegmentHeader::decode(&ans.segment_header).ok()?;
                 if h.uploader.to_bytes() != cap.uploader || h.object_id != cap.object_id {
                     return None;
@@ -542,12 +566,12 @@ impl FarmClient {
         let mut tasks = FuturesUnordered::new();
         for node in 0..self.farm.nodes.len() {
             let tombstone = &tombstone;
-            tasks.push(async move {
+            tasks.push(within(CALL_TIMEOUT, node, async move {
                 let mut c = self.conn(node).await?;
                 c.delete_object(tombstone).await.map_err(|s| {
                     anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
                 })
-            });
+            }));
         }
         let (mut deleted, mut answered, mut silent) = (0usize, 0usize, Vec::new());
         while let Some(r) = tasks.next().await {

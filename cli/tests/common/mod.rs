@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod hostile;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");
 
@@ -212,4 +214,32 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// An agent started by hand that joins the running farm through its coordinator.
+pub struct Outsider(pub Child);
+
+impl Drop for Outsider {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_outsider(farm: &Farm, dir: &Path, zone: &str, extra: &[&str]) -> (Outsider, String) {
+    let port = free_base_port();
+    let child = Command::new(BIN)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{}", port + 1)])
+        .args(["--zone", zone, "--identity-difficulty", "8", "--pool-difficulty", "8"])
+        .args(["--coordinator", &format!("127.0.0.1:{}", farm.base_port - 2)])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    (Outsider(child), format!("127.0.0.1:{}", port + 1))
 }

@@ -1,0 +1,217 @@
+//! A stranger with a one-second identity against a running farm: it cannot plant shards
+//! under other people's object ids, cannot put where the layout does not say, cannot make a
+//! handoff delete real data, and cannot bring back what its uploader deleted.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::hostile::{Hostile, farm_file};
+use common::{Farm, free_base_port, metric, same, start_outsider, write_random};
+use tonic::Code;
+
+fn start(dir: &Path, extra: &[&str]) -> Farm {
+    let mut args = vec!["--nodes", "7", "--grace", "5", "--repair-interval", "2"];
+    args.extend_from_slice(extra);
+    Farm::start_with(dir, free_base_port(), &args)
+}
+
+fn store_files(farm: &Farm, dir: &Path) -> Vec<(PathBuf, String)> {
+    [300 * 1024, 1 << 20, 5 << 20]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let p = dir.join(format!("honest-{i}.bin"));
+            write_random(&p, len, 100 + i as u64);
+            let cap = farm.put(&p);
+            (p, cap)
+        })
+        .collect()
+}
+
+fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path) {
+    for (i, (p, cap)) in files.iter().enumerate() {
+        let out = dir.join(format!("back-{i}.bin"));
+        let r = farm.get(cap, &out);
+        assert!(r.status.success(), "get {i}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(same(p, &out), "file {i} changed");
+    }
+}
+
+fn fully_present(farm: &Farm, cap: &str) -> bool {
+    farm.stat(cap)["segments"].as_array().unwrap().iter().all(|s| s["present"] == s["total"])
+}
+
+/// The farm file once the coordinator's layout is in sync and the file shows that layout.
+fn settled(farm: &Farm) -> shardfarm_client::farm::Farm {
+    let mut f = farm_file(&farm.dir);
+    farm.wait_for(60, "the first layout in sync", || {
+        let text = farm.coordinator_metrics();
+        f = farm_file(&farm.dir);
+        metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
+            && metric(&text, "shardfarm_coordinator_layout_version") == f.layout_version as f64
+    });
+    f
+}
+
+#[test]
+fn a_stranger_cannot_plant_shards_under_honest_ids_nor_outside_the_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), &[]);
+    let files = store_files(&farm, tmp.path());
+    let f = settled(&farm);
+    let evil = Hostile::new();
+
+    // 1. It lists partitions and learns the honest object ids (listing stays open).
+    let mut victims: BTreeSet<([u8; 32], u32, u32)> = BTreeSet::new();
+    for p in 0..f.partitions {
+        let holder = &f.nodes[f.layout[p as usize][0]];
+        for e in evil.list(&holder.grpc, p) {
+            let k = e.key.unwrap();
+            victims.insert((k.object_id[..].try_into().unwrap(), k.segment_index, p));
+        }
+    }
+    assert!(victims.len() >= 3, "the stranger should see the honest segments: {victims:?}");
+
+    // 2. It sends its own 18-byte junk under each victim's (object, segment), k = 1, m = 5,
+    //    signed with its own key, to every node, every slot: all refused, each saying why.
+    let mut refused = 0;
+    for &(obj, seg, _) in &victims {
+        let (header, junk) = evil.forged_header(obj, seg);
+        for node in &f.nodes {
+            for slot in 0..6 {
+                let err = evil.put(&node.grpc, &header, slot, junk.clone()).unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+                assert!(err.message().contains("does not derive"), "{}", err.message());
+                refused += 1;
+            }
+        }
+    }
+    // Its own, validly signed object, sent to nodes the layout does not name for the slot.
+    let own = evil.own_segment(&f, 4096);
+    let p = shardfarm_core::shard::partition(&own.header.object_id, 0, f.partitions);
+    let holders = &f.layout[p as usize];
+    let fallback = f.previous_layout.as_ref().map(|l| l[p as usize].clone()).unwrap_or_default();
+    for (slot, shard) in own.shards.iter().enumerate() {
+        let outsider = (0..f.nodes.len())
+            .find(|n| !holders.contains(n) && fallback.get(slot) != Some(n))
+            .unwrap();
+        let err = evil
+            .put(&f.nodes[outsider].grpc, &own.header_bytes, slot as u32, shard.clone())
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let holder = &f.nodes[holders[slot]].id;
+        assert!(err.message().contains(holder.as_str()), "{}", err.message());
+        refused += 1;
+    }
+    let refused_by_agents = farm.agent_metric_sum(
+        7,
+        "shardfarm_agent_requests_total{method=\"PutShard\",result=\"invalid_argument\"}",
+    ) + farm.agent_metric_sum(
+        7,
+        "shardfarm_agent_requests_total{method=\"PutShard\",result=\"failed_precondition\"}",
+    );
+    assert_eq!(refused_by_agents, f64::from(refused));
+
+    // 3. A layout change and a full repair and handoff round: a new node joins.
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let (_new, _http) =
+        start_outsider(&farm, &tmp.path().join("outsider"), "zone-1", &["--repair-interval", "2"]);
+    farm.wait_for(120, "a new layout, fully synced", || {
+        let text = farm.coordinator_metrics();
+        metric(&text, "shardfarm_coordinator_layout_version") > v0
+            && metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    farm.wait_for(60, "every shard handed off with a proof", || {
+        farm.agent_metric_sum(7, "shardfarm_agent_handed_off_shards_total") > 0.0
+    });
+
+    // 4. Every honest file reads back identical; no honest shard was deleted.
+    read_all_back(&farm, &files, tmp.path());
+    for (_, cap) in &files {
+        farm.wait_for(60, "every honest segment whole", || fully_present(&farm, cap));
+    }
+}
+
+#[test]
+fn rm_while_a_holder_is_stalled_is_not_resurrected_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), &[]);
+    let file = tmp.path().join("doomed.bin");
+    write_random(&file, 1 << 20, 7);
+    let cap = farm.put(&file);
+    let f = farm_file(&farm.dir);
+    let holder0 = farm.stat(&cap)["segments"][0]["holders"][0].as_str().unwrap().to_string();
+    let node = f.nodes.iter().find(|n| n.id == holder0).unwrap().index;
+    let pid = farm.agent_pid(node).to_string();
+
+    // The holder of shard 0 hangs (accepts connections, never answers) during the rm.
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let r = farm.sf(&["rm", &cap]);
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr).to_string();
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("deleted 5 shards"), "{stderr}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
+
+    // It comes back with its shard; its next repair pass copies the tombstone and deletes
+    // it; nobody rebuilds the object; the layout stays in sync.
+    let http = &f.nodes[node].http;
+    farm.wait_for(60, "the returning holder to apply the tombstone", || {
+        let m = common::http_get(http, "/metrics");
+        metric(&m, "shardfarm_agent_collected_shards_total{reason=\"tombstone\"}") >= 1.0
+    });
+    let st = farm.sf(&["stat", &cap]);
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success() && err.contains("0 of 6 present"), "resurrected? {err}");
+    // The stall outlasted the 5 s grace, so the holder was also marked down and its slots
+    // re-placed meanwhile: the new holders must not rebuild the deleted object either.
+    farm.wait_for(60, "the layout in sync again", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    assert_eq!(farm.agent_metric_sum(7, "shardfarm_agent_shards"), 0.0);
+    // A later put of the same object (say, a replayed upload) is refused everywhere.
+    assert_eq!(farm.get(&cap, &tmp.path().join("gone.bin")).status.code(), Some(1));
+}
+
+#[test]
+fn a_segment_that_never_became_readable_is_collected_and_does_not_block_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), &["--gc-grace", "3"]);
+    let f = settled(&farm);
+    let evil = Hostile::new();
+    // Only shard 0 of a segment, to the node the layout names for it.
+    let own = evil.own_segment(&f, 10_000);
+    let p = shardfarm_core::shard::partition(&own.header.object_id, 0, f.partitions);
+    let holder = &f.nodes[f.layout[p as usize][0]];
+    evil.put(&holder.grpc, &own.header_bytes, 0, own.shards[0].clone()).unwrap();
+    assert_eq!(evil.list(&holder.grpc, p).len(), 1);
+
+    // The other holders cannot rebuild their slots (1 shard < k): they report the segment
+    // lost and still reach sync; after the grace period the lone shard is collected.
+    farm.wait_for(60, "the lone shard to be collected", || evil.list(&holder.grpc, p).is_empty());
+    assert!(
+        farm.agent_metric_sum(
+            7,
+            "shardfarm_agent_collected_shards_total{reason=\"unreadable_segment\"}"
+        ) >= 1.0
+    );
+    // A layout change completes: nothing is stuck on the unreadable segment.
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let (_new, _http) =
+        start_outsider(&farm, &tmp.path().join("outsider"), "zone-1", &["--repair-interval", "2"]);
+    farm.wait_for(120, "the new layout in sync", || {
+        let text = farm.coordinator_metrics();
+        metric(&text, "shardfarm_coordinator_layout_version") > v0
+            && metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    for n in &f.nodes {
+        assert!(
+            evil.list(&n.grpc, p)
+                .iter()
+                .all(|e| { e.key.as_ref().unwrap().object_id[..] != own.header.object_id })
+        );
+    }
+}
