@@ -734,3 +734,104 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One step of the accounting property test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Store (or overwrite) slot `slot` with `len` bytes of `fill`, charged to `owner`.
+        Put {
+            slot: u8,
+            len: u16,
+            fill: u8,
+            owner: u8,
+        },
+        Remove {
+            slot: u8,
+        },
+        Quarantine {
+            slot: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..6u8, 0..3000u16, any::<u8>(), 0..3u8)
+                .prop_map(|(slot, len, fill, owner)| Op::Put { slot, len, fill, owner }),
+            1 => (0..6u8).prop_map(|slot| Op::Remove { slot }),
+            1 => (0..6u8).prop_map(|slot| Op::Quarantine { slot }),
+        ]
+    }
+
+    fn id(slot: u8) -> ShardId {
+        ShardId { object_id: [9; 32], segment: u32::from(slot / 3), shard: u32::from(slot % 3) }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// After any sequence of overwrites, repairs (re-stores), removals and quarantines,
+        /// `used_bytes` is what is on disk (indexed payloads plus quarantined copies) and each
+        /// owner's quota is the sum of what it stores: nothing is counted twice or lost.
+        #[test]
+        fn accounting_equals_what_is_stored(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            for op in &ops {
+                match *op {
+                    Op::Put { slot, len, fill, owner } => {
+                        let data = vec![fill; usize::from(len)];
+                        let mut p = store.begin().unwrap();
+                        p.write(&data).unwrap();
+                        let root = p.root();
+                        store.commit(p, root, &id(slot), 0, b"header", [owner; 32], 1).unwrap();
+                    }
+                    Op::Remove { slot } => {
+                        store.remove(&id(slot), 0).unwrap();
+                    }
+                    Op::Quarantine { slot } => {
+                        store.quarantine(&id(slot), 0).unwrap();
+                    }
+                }
+                let listed = store.list(0, None, 100).unwrap();
+                let mut by_owner: HashMap<[u8; 32], u64> = HashMap::new();
+                for (_, r) in &listed {
+                    *by_owner.entry(r.owner).or_default() += r.length;
+                }
+                let indexed: u64 = listed.iter().map(|(_, r)| r.length).sum();
+                let on_disk: u64 = fs::read_dir(&store.shards_dir)
+                    .unwrap()
+                    .flatten()
+                    .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+                    .map(|f| f.metadata().unwrap().len())
+                    .sum();
+                let quarantined: u64 = fs::read_dir(&store.quarantine_dir)
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.metadata().unwrap().len())
+                    .sum();
+                prop_assert_eq!(store.indexed_bytes(), indexed, "after {:?}", op);
+                prop_assert_eq!(on_disk, indexed, "payload files after {:?}", op);
+                prop_assert_eq!(store.quarantined_bytes(), quarantined, "after {:?}", op);
+                prop_assert_eq!(store.used_bytes(), indexed + quarantined);
+                for owner in 0..3u8 {
+                    let want = by_owner.get(&[owner; 32]).copied().unwrap_or(0);
+                    prop_assert_eq!(store.quota_used(&[owner; 32]).unwrap(), want, "owner {} after {:?}", owner, op);
+                }
+            }
+            // The figures survive a restart.
+            let (used, q) = (store.used_bytes(), store.quarantined_bytes());
+            drop(store);
+            let store = Store::open(dir.path()).unwrap();
+            prop_assert_eq!(store.used_bytes(), used);
+            prop_assert_eq!(store.quarantined_bytes(), q);
+        }
+    }
+}

@@ -492,3 +492,50 @@ async fn a_world_readable_identity_key_stops_the_agent_with_a_hint() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_error_that_proves_nothing_is_retried_not_quarantined() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let seg = segment(&me, 1 << 20, 2, 1);
+    c.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+
+    // The agent runs out of file descriptors (EMFILE): its soft RLIMIT_NOFILE drops to 3, so
+    // any new descriptor fails while those it has stay open (the connection included).
+    let pid = agent.child.id().to_string();
+    let limit = |n: String| {
+        let s = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}")])
+            .status()
+            .unwrap();
+        assert!(s.success(), "prlimit failed");
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (soft, hard) = (row[3], row[4]);
+    limit(format!("3:{hard}"));
+    let r = c.get_shard(seg.id(0), 0, 0).await;
+    limit(format!("{soft}:{hard}"));
+    let Err(err) = r else { panic!("the read succeeded without file descriptors") };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("could not be read"), "{}", err.message());
+    let quarantined = std::fs::read_dir(dir.path().join("a/quarantine")).unwrap().count();
+    assert_eq!(quarantined, 0, "a healthy shard was quarantined");
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "shardfarm_agent_read_errors_total"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "shardfarm_agent_corrupt_shards_total{found_by=\"get\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    // With descriptors back, the same shard reads and verifies.
+    let got = c.get_shard(seg.id(0), 0, 0).await.unwrap();
+    assert_eq!(got.data, seg.shards[0]);
+}
