@@ -215,3 +215,53 @@ fn a_segment_that_never_became_readable_is_collected_and_does_not_block_sync() {
         );
     }
 }
+
+#[test]
+fn a_member_serving_junk_is_not_copied_from_is_reported_and_fails_its_audits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = start(&tmp.path().join("farm"), &["--audit-interval", "2"]);
+    // Eight one-segment files: partitions enough that the junk server and the node that
+    // dies share some.
+    let files: Vec<(PathBuf, String)> = (0..8)
+        .map(|i| {
+            let p = tmp.path().join(format!("small-{i}.bin"));
+            write_random(&p, 64 * 1024 + i, 500 + i as u64);
+            let cap = farm.put(&p);
+            (p, cap)
+        })
+        .collect();
+    let f = settled(&farm);
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let honest: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    let fake = common::fake_agent::FakeAgent::join(&coordinator, honest, f.partitions, "zone-9");
+    farm.wait_for(60, "a layout that gives the junk server slots", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
+    });
+
+    // An honest node dies for good: the new holders of its slots repair, and the junk server
+    // lists a copy of every shard. Forged headers and corrupt bytes are refused and counted;
+    // the shards are rebuilt from honest peers instead.
+    farm.kill9(1);
+    let refused = |reason: &str| {
+        farm.agent_metric_sum(
+            7,
+            &format!("shardfarm_agent_repair_bad_sources_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    farm.wait_for(120, "repairers to refuse the junk server's forged headers", || {
+        refused("forged_header") > 0.0
+    });
+    farm.wait_for(60, "…and its corrupt bytes", || refused("corrupt") > 0.0);
+    farm.wait_for(60, "peers to report it to the coordinator", || {
+        farm.coordinator_metric(&format!(
+            "shardfarm_coordinator_peer_complaints_total{{node=\"{}\"}}",
+            fake.id
+        )) > 0.0
+    });
+    // The auditor checks the id against the signer of the header it is given: it fails.
+    farm.wait_for(60, "the junk server to fail audits", || {
+        farm.coordinator_metric("shardfarm_coordinator_audits_total{result=\"fail\"}") > 0.0
+    });
+    read_all_back(&farm, &files, tmp.path());
+}

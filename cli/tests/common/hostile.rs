@@ -64,33 +64,9 @@ impl Hostile {
     }
 
     /// A header for someone else's (`object_id`, `segment`), signed with the attacker's own
-    /// key, structurally valid in every other way (k = 1, m = 5, a 2-byte segment).
+    /// key (see [`forged_header`]).
     pub fn forged_header(&self, object_id: [u8; 32], segment: u32) -> (Vec<u8>, Bytes) {
-        let size = 1u64 << 20;
-        let object_length = u64::from(segment) * size + 2;
-        let shard_length = coded_shard_length(2, 1);
-        let junk = Bytes::from(vec![0xAA; shard_length as usize]);
-        let mut h = SegmentHeader {
-            version: FORMAT_VERSION,
-            cipher: Cipher::Aes256Gcm,
-            object_id,
-            segment_index: segment,
-            segment_count: segment + 1,
-            object_length,
-            segment_size: size,
-            k: 1,
-            m: 5,
-            shard_length,
-            created: shardfarm_core::auth::now_ms() / 1000,
-            expires: 0,
-            uploader: self.id.public_key(),
-            salt: [0x55; 32],
-            shard_roots: vec![merkle_root(&junk); 6],
-            signature: Signature::from_bytes(&[0; 64]),
-        };
-        h.sign(self.id.signing_key());
-        assert_ne!(object_id_for(&h.uploader, &h.salt), object_id);
-        (h.encode(), junk)
+        forged_header(&self.id, object_id, segment)
     }
 
     /// One segment of the attacker's own object, coded with the farm's profile.
@@ -112,6 +88,36 @@ impl Hostile {
             shards: seg.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect(),
         }
     }
+}
+
+/// A header for someone else's (`object_id`, `segment`), signed with the attacker's own
+/// key, structurally valid in every other way (k = 1, m = 5, a 2-byte segment).
+pub fn forged_header(id: &Identity, object_id: [u8; 32], segment: u32) -> (Vec<u8>, Bytes) {
+    let size = 1u64 << 20;
+    let object_length = u64::from(segment) * size + 2;
+    let shard_length = coded_shard_length(2, 1);
+    let junk = Bytes::from(vec![0xAA; shard_length as usize]);
+    let mut h = SegmentHeader {
+        version: FORMAT_VERSION,
+        cipher: Cipher::Aes256Gcm,
+        object_id,
+        segment_index: segment,
+        segment_count: segment + 1,
+        object_length,
+        segment_size: size,
+        k: 1,
+        m: 5,
+        shard_length,
+        created: shardfarm_core::auth::now_ms() / 1000,
+        expires: 0,
+        uploader: id.public_key(),
+        salt: [0x55; 32],
+        shard_roots: vec![merkle_root(&junk); 6],
+        signature: Signature::from_bytes(&[0; 64]),
+    };
+    h.sign(id.signing_key());
+    assert_ne!(object_id_for(&h.uploader, &h.salt), object_id);
+    (h.encode(), junk)
 }
 
 impl OwnSegment {

@@ -1,0 +1,261 @@
+//! A malicious pool member: it joins the farm's coordinator with its own mined identity and a
+//! capacity proof like any agent, heartbeats claiming to be synced, lists every honest segment
+//! it can learn under every slot, and serves junk: alternately headers it signed itself for
+//! honest object ids and honest headers with bytes that do not match their roots, and audit
+//! answers under forged headers. It never stores a byte.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use shardfarm_core::capacity::{CapacityReport, Machine};
+use shardfarm_core::identity::Identity;
+use shardfarm_core::shard::ShardId;
+use shardfarm_proto::pb::agent_server::{Agent, AgentServer};
+use shardfarm_proto::pb::{self as proto, get_shard_response::Part};
+use shardfarm_proto::{AgentClient, CoordinatorClient, Signer};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::hostile::forged_header;
+
+type Known = Arc<Mutex<BTreeMap<u32, BTreeSet<([u8; 32], u32)>>>>;
+
+/// The running fake member.
+pub struct FakeAgent {
+    pub id: String,
+    pub grpc: String,
+    rt: tokio::runtime::Runtime,
+}
+
+#[derive(Clone)]
+struct Service {
+    evil: Identity,
+    /// Partition → honest (object, segment) pairs, learned from honest nodes' listings.
+    known: Known,
+    /// Where it fetches real headers from (any honest node answers GetShard).
+    honest: Vec<String>,
+    signer: Arc<Signer>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl Service {
+    async fn real_shard(&self, id: ShardId) -> Option<(Vec<u8>, Vec<u8>)> {
+        for addr in &self.honest {
+            let Ok(mut c) = AgentClient::connect(addr, self.signer.clone()).await else { continue };
+            if let Ok(got) = c.get_shard(id, 0, 0).await {
+                return Some((got.header, got.data));
+            }
+        }
+        None
+    }
+
+    /// Junk for `id`, alternately: a header it signed itself for the honest id, or the honest
+    /// header with bytes that do not match its root (some shard of the segment, flipped).
+    async fn junk(&self, id: ShardId) -> (Vec<u8>, Vec<u8>) {
+        let turn = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if turn % 2 == 1 {
+            for shard in (0..6).map(|i| (id.shard + i) % 6) {
+                let Some((header, mut data)) = self.real_shard(ShardId { shard, ..id }).await
+                else {
+                    continue;
+                };
+                for b in data.iter_mut().step_by(97) {
+                    *b ^= 0xFF;
+                }
+                return (header, data);
+            }
+        }
+        let (header, junk) = forged_header(&self.evil, id.object_id, id.segment);
+        (header, junk.to_vec())
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for Service {
+    type GetShardStream = Stream2<proto::GetShardResponse>;
+    type ListShardsStream = Stream2<proto::ShardEntry>;
+
+    async fn put_shard(
+        &self,
+        _: Request<Streaming<proto::PutShardRequest>>,
+    ) -> Result<Response<proto::PutShardResponse>, Status> {
+        Err(Status::unavailable("busy"))
+    }
+
+    async fn get_shard(
+        &self,
+        request: Request<proto::GetShardRequest>,
+    ) -> Result<Response<Self::GetShardStream>, Status> {
+        let id = shardfarm_proto::convert::shard_id(request.into_inner().key)?;
+        let (header, data) = self.junk(id).await;
+        let parts = vec![
+            Ok(proto::GetShardResponse { part: Some(Part::SegmentHeader(header.into())) }),
+            Ok(proto::GetShardResponse { part: Some(Part::Chunk(data.into())) }),
+        ];
+        Ok(Response::new(Box::pin(tokio_stream::iter(parts))))
+    }
+
+    async fn delete_shard(
+        &self,
+        _: Request<proto::DeleteShardRequest>,
+    ) -> Result<Response<proto::DeleteShardResponse>, Status> {
+        Ok(Response::new(proto::DeleteShardResponse { existed: true }))
+    }
+
+    async fn delete_object(
+        &self,
+        _: Request<proto::DeleteObjectRequest>,
+    ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
+        Ok(Response::new(proto::DeleteObjectResponse { deleted_shards: 0 }))
+    }
+
+    async fn list_tombstones(
+        &self,
+        _: Request<proto::ListTombstonesRequest>,
+    ) -> Result<Response<proto::ListTombstonesResponse>, Status> {
+        Ok(Response::new(proto::ListTombstonesResponse { tombstones: vec![] }))
+    }
+
+    async fn list_shards(
+        &self,
+        request: Request<proto::ListShardsRequest>,
+    ) -> Result<Response<Self::ListShardsStream>, Status> {
+        let p = request.into_inner().partition;
+        let known = self.known.lock().unwrap().get(&p).cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        for (obj, seg) in known {
+            for shard in 0..6 {
+                let id = ShardId { object_id: obj, segment: seg, shard };
+                out.push(Ok(proto::ShardEntry {
+                    key: Some(id.into()),
+                    partition: p,
+                    shard_length: 1,
+                    merkle_root: Bytes::from_static(&[0; 32]),
+                }));
+            }
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<proto::AuditRequest>,
+    ) -> Result<Response<proto::AuditResponse>, Status> {
+        let id = shardfarm_proto::convert::shard_id(request.into_inner().key)?;
+        let (header, _) = forged_header(&self.evil, id.object_id, id.segment);
+        Ok(Response::new(proto::AuditResponse { segment_header: header.into(), leaves: vec![] }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        Ok(Response::new(proto::InfoResponse::default()))
+    }
+
+    async fn prove_capacity(
+        &self,
+        _: Request<proto::CapacityChallenge>,
+    ) -> Result<Response<proto::CapacityReport>, Status> {
+        Err(Status::unavailable("busy"))
+    }
+}
+
+impl FakeAgent {
+    /// Joins the farm whose coordinator is at `coordinator`, learning honest segments from
+    /// `honest` (addresses) over `partitions`.
+    pub fn join(coordinator: &str, honest: Vec<String>, partitions: u32, zone: &str) -> FakeAgent {
+        let (evil, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let signer = Arc::new(Signer::identity(&evil));
+        let known: Known = Arc::default();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let grpc = listener.local_addr().unwrap().to_string();
+        let svc = Service {
+            evil: evil.clone(),
+            known: known.clone(),
+            honest: honest.clone(),
+            signer: signer.clone(),
+            calls: Arc::default(),
+        };
+        rt.spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            tonic::transport::Server::builder()
+                .add_service(AgentServer::new(svc))
+                .serve_with_incoming(incoming)
+                .await
+        });
+        // Learns what honest nodes list, keeps learning.
+        let (learn_signer, learn_known) = (signer.clone(), known.clone());
+        rt.spawn(async move {
+            loop {
+                for addr in &honest {
+                    let Ok(mut c) = AgentClient::connect(addr, learn_signer.clone()).await else {
+                        continue;
+                    };
+                    for p in 0..partitions {
+                        for e in c.list_shards(p, None, 10_000).await.unwrap_or_default() {
+                            let k = e.key.unwrap();
+                            learn_known
+                                .lock()
+                                .unwrap()
+                                .entry(p)
+                                .or_default()
+                                .insert((k.object_id[..].try_into().unwrap(), k.segment_index));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        // Joins with a real capacity proof, then heartbeats claiming to be synced.
+        let coordinator = coordinator.to_string();
+        let (id, zone, addr) = (evil.clone(), zone.to_string(), grpc.clone());
+        rt.block_on(async {
+            let mut c = CoordinatorClient::connect(&coordinator, signer.clone()).await.unwrap();
+            let ch = c.challenge().await.unwrap();
+            let machine = Machine {
+                processors: 1,
+                cores_per_processor: 2,
+                overhead: 1.0,
+                space_reported: 10 << 30,
+                space_taken: 0,
+            };
+            let report =
+                CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine).unwrap();
+            let req = proto::JoinRequest {
+                grpc_address: addr.clone(),
+                http_address: addr,
+                labels: [("zone".to_string(), zone)].into(),
+                capacity_report: report.encode().into(),
+            };
+            c.join(req).await.unwrap();
+        });
+        let hb_signer = signer.clone();
+        rt.spawn(async move {
+            let mut c = CoordinatorClient::connect(&coordinator, hb_signer).await.unwrap();
+            loop {
+                let version = c.get_layout().await.map(|l| l.layout.version).unwrap_or(0);
+                let _ = c
+                    .report(proto::ReportRequest {
+                        used_bytes: 1 << 30,
+                        shards: 1000,
+                        synced_version: version,
+                        ..Default::default()
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        FakeAgent { id: evil.id().to_hex(), grpc, rt }
+    }
+}
