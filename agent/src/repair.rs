@@ -50,6 +50,9 @@ const TOMBSTONE_PEERS: usize = 3;
 const TOMBSTONE_PAGE: u32 = 1000;
 /// Pages read per peer and pass: bounds the work one peer's listing can cause.
 const TOMBSTONE_PAGES: usize = 100;
+/// How long a quarantined copy is kept for inspection once its slot was not stored here again
+/// (repair rebuilds a quarantined slot on its next pass, so this is ample).
+const QUARANTINE_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Leaves a new holder proves before a handoff deletes the old copy.
 const HANDOFF_LEAVES: u32 = 4;
 /// Wait between attempts to reach the coordinator.
@@ -456,6 +459,26 @@ impl RepairWorker {
         }
     }
 
+    /// Forgets expired tombstones and frees quarantined copies older than
+    /// [`QUARANTINE_KEEP`] (their slot has long been rebuilt, here or elsewhere).
+    async fn expire(&self) {
+        let node = self.node.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let t = node.store.expire_tombstones(shardfarm_core::auth::now_ms())?;
+            let q = node.store.expire_quarantine(QUARANTINE_KEEP)?;
+            Ok::<_, crate::store::StoreError>((t, q))
+        })
+        .await;
+        match r {
+            Ok(Ok((t, q))) if t + q > 0 => {
+                tracing::info!(tombstones = t, quarantined = q, "expired")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "expiry failed"),
+            _ => {}
+        }
+        self.node.metrics.tombstones.set(self.node.store.tombstone_count() as i64);
+    }
+
     async fn pass(
         &self,
         published: &PublishedLayout,
@@ -467,6 +490,7 @@ impl RepairWorker {
         let mut clients: HashMap<NodeId, Option<AgentClient>> = HashMap::new();
         // ---- Tombstones first: nothing deleted is rebuilt or handed back ----
         self.sync_tombstones(&mut clients, published).await;
+        self.expire().await;
         let mut mine: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (p, s) in layout.slots_of(&me) {
             mine.entry(p).or_default().push(s);

@@ -17,7 +17,7 @@
 //! refuses new requests ([`AuthError::ReplayCacheFull`]) rather than forget nonces that a
 //! replay could then reuse.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +54,9 @@ pub enum AuthError {
     /// Too many requests are in the replay window to remember another.
     #[error("replay cache is full ({0} nonces in the window); retry later")]
     ReplayCacheFull(usize),
+    /// This identity alone has as many requests in the window as one identity may.
+    #[error("this identity has {0} requests in the replay window, its share: slow down and retry")]
+    IdentityReplayShare(usize),
     /// The identity has not done enough proof of work.
     #[error("identity is mined to {have} bits but this pool requires {need}: mine a new identity")]
     InsufficientDifficulty {
@@ -79,12 +82,13 @@ pub enum AuthError {
 
 impl AuthError {
     /// Every label [`AuthError::metric_label`] can return (metrics start them at zero).
-    pub const METRIC_LABELS: [&'static str; 8] = [
+    pub const METRIC_LABELS: [&'static str; 9] = [
         "malformed",
         "bad_signature",
         "stale_timestamp",
         "replay",
         "replay_cache_full",
+        "identity_replay_share",
         "insufficient_difficulty",
         "delegation_signature",
         "delegation_expired",
@@ -98,6 +102,7 @@ impl AuthError {
             AuthError::StaleTimestamp { .. } => "stale_timestamp",
             AuthError::Replay => "replay",
             AuthError::ReplayCacheFull(_) => "replay_cache_full",
+            AuthError::IdentityReplayShare(_) => "identity_replay_share",
             AuthError::InsufficientDifficulty { .. } => "insufficient_difficulty",
             AuthError::DelegationSignature => "delegation_signature",
             AuthError::DelegationExpired { .. } => "delegation_expired",
@@ -212,20 +217,15 @@ impl Verifier {
                 env.method
             )));
         }
-        if env.body_hash != blake2b256(&[body]) {
-            return Err(AuthError::BadSignature);
-        }
-        req.credential
-            .signing_key()
-            .verify_strict(&env.signed_bytes(), &req.signature)
-            .map_err(|_| AuthError::BadSignature)?;
+        // Cheapest first, and nothing is remembered for a stranger: the timestamp (a
+        // comparison), the identity's proof of work (one hash; a delegation also checks its
+        // certificate), the request signature, and only then the replay cache, so unmined or
+        // unsigned floods cannot fill it.
         let window_ms = self.window.as_millis() as u64;
         let skew_ms = env.timestamp_ms.abs_diff(now_ms);
         if skew_ms > window_ms {
             return Err(AuthError::StaleTimestamp { skew_ms, window_ms });
         }
-        let id = req.credential.id();
-        self.replay.check_and_insert(id, env.nonce, env.timestamp_ms, now_ms)?;
         match &req.credential {
             Credential::Mined { key, nonce } => {
                 let have = pow_difficulty(key, *nonce);
@@ -238,6 +238,15 @@ impl Verifier {
             }
             Credential::Delegated(d) => d.verify(self.min_difficulty, now_ms / 1000)?,
         }
+        if env.body_hash != blake2b256(&[body]) {
+            return Err(AuthError::BadSignature);
+        }
+        req.credential
+            .signing_key()
+            .verify_strict(&env.signed_bytes(), &req.signature)
+            .map_err(|_| AuthError::BadSignature)?;
+        let id = req.credential.id();
+        self.replay.check_and_insert(id, env.nonce, env.timestamp_ms, now_ms)?;
         Ok(Caller { root: req.credential.root(), credential: req.credential.clone(), id })
     }
 }
@@ -246,6 +255,8 @@ impl Verifier {
 pub struct ReplayCache {
     window_ms: u64,
     max: usize,
+    /// Most nonces one identity may hold: one key cannot fill the cache for everyone.
+    per_identity: usize,
     inner: Mutex<ReplayInner>,
 }
 
@@ -255,6 +266,8 @@ type NonceKey = ([u8; 32], [u8; 16]);
 #[derive(Default)]
 struct ReplayInner {
     seen: HashSet<NonceKey>,
+    /// Nonces remembered per identity.
+    per: HashMap<[u8; 32], usize>,
     // (expiry in server ms, key) in insertion order. Expiries are not strictly monotonic
     // (timestamps vary within the window), so pruning stops at the first live entry; an entry
     // may thus live up to one window longer than needed, which only costs memory.
@@ -262,11 +275,13 @@ struct ReplayInner {
 }
 
 impl ReplayCache {
-    /// A cache for `window` that holds at most `max` nonces.
+    /// A cache for `window` that holds at most `max` nonces, and at most an eighth of them
+    /// (but at least `min(max, 1024)`) for any one identity.
     pub fn new(window: Duration, max: usize) -> Self {
         ReplayCache {
             window_ms: window.as_millis() as u64,
             max,
+            per_identity: (max / 8).max(max.min(1024)),
             inner: Mutex::new(ReplayInner::default()),
         }
     }
@@ -296,6 +311,12 @@ impl ReplayCache {
             }
             inner.order.pop_front();
             inner.seen.remove(&key);
+            if let Some(n) = inner.per.get_mut(&key.0) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.per.remove(&key.0);
+                }
+            }
         }
         let key = (caller.0, nonce);
         if inner.seen.contains(&key) {
@@ -304,7 +325,12 @@ impl ReplayCache {
         if inner.seen.len() >= self.max {
             return Err(AuthError::ReplayCacheFull(self.max));
         }
+        let mine = inner.per.get(&caller.0).copied().unwrap_or(0);
+        if mine >= self.per_identity {
+            return Err(AuthError::IdentityReplayShare(mine));
+        }
         inner.seen.insert(key);
+        *inner.per.entry(caller.0).or_default() += 1;
         // A nonce must be remembered until its timestamp leaves the window.
         inner.order.push_back((timestamp_ms.max(now_ms) + self.window_ms, key));
         Ok(())
@@ -323,6 +349,7 @@ mod label_tests {
             AuthError::StaleTimestamp { skew_ms: 0, window_ms: 0 },
             AuthError::Replay,
             AuthError::ReplayCacheFull(0),
+            AuthError::IdentityReplayShare(0),
             AuthError::InsufficientDifficulty { have: 0, need: 0 },
             AuthError::DelegationSignature,
             AuthError::DelegationExpired { expired: 0, now: 0 },
@@ -445,6 +472,50 @@ mod tests {
             strict.verify(&req, METHOD, b"", now),
             Err(AuthError::InsufficientDifficulty { .. })
         ));
+    }
+
+    #[test]
+    fn strangers_spend_nothing_of_the_replay_cache() {
+        let v = Verifier::new(8, WINDOW, 1000);
+        // Unmined, stale, or badly signed: refused before a nonce is remembered.
+        let unmined = std::iter::repeat_with(|| Identity::from_parts(random_signing_key(), 0))
+            .find(|i| i.difficulty() < 8)
+            .unwrap();
+        for _ in 0..50 {
+            let err = v.verify(&signed(&unmined, b""), METHOD, b"", now_ms()).unwrap_err();
+            assert!(matches!(err, AuthError::InsufficientDifficulty { .. }));
+        }
+        let id = mined(8);
+        let forged = Envelope::new(METHOD, b"").sign(id.credential(), &random_signing_key());
+        assert_eq!(v.verify(&forged, METHOD, b"", now_ms()), Err(AuthError::BadSignature));
+        let mut old = Envelope::new(METHOD, b"");
+        old.timestamp_ms -= 400_000;
+        let old = old.sign(id.credential(), id.signing_key());
+        assert!(matches!(
+            v.verify(&old, METHOD, b"", now_ms()),
+            Err(AuthError::StaleTimestamp { .. })
+        ));
+        assert!(v.replay.is_empty(), "a refused request was remembered");
+    }
+
+    #[test]
+    fn one_identity_cannot_fill_the_replay_cache_for_others() {
+        let cache = ReplayCache::new(Duration::from_secs(60), 16_384);
+        let (flood, honest) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut n = 0u32;
+        let refused = loop {
+            let mut nonce = [0; 16];
+            nonce[..4].copy_from_slice(&n.to_le_bytes());
+            if let Err(e) = cache.check_and_insert(flood, nonce, 1000, 1000) {
+                break e;
+            }
+            n += 1;
+        };
+        assert_eq!(refused, AuthError::IdentityReplayShare(2048));
+        assert_eq!(n, 2048);
+        cache.check_and_insert(honest, [7; 16], 1000, 1000).unwrap();
+        // Its share comes back as its nonces leave the window.
+        cache.check_and_insert(flood, [9; 16], 1000, 70_000).unwrap();
     }
 
     #[test]

@@ -64,7 +64,9 @@ pub fn auth_status(a: &AuthError) -> Status {
             Status::unauthenticated(msg)
         }
         AuthError::Replay => Status::already_exists(msg),
-        AuthError::ReplayCacheFull(_) => Status::resource_exhausted(msg),
+        AuthError::ReplayCacheFull(_) | AuthError::IdentityReplayShare(_) => {
+            Status::resource_exhausted(msg)
+        }
         AuthError::InsufficientDifficulty { .. } => Status::failed_precondition(msg),
     }
 }
