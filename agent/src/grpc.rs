@@ -41,6 +41,9 @@ pub fn to_status(e: &Error) -> Status {
         Error::DataLoss(m) => Status::data_loss(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::Unavailable(m) => Status::unavailable(m),
+        Error::Store(s @ crate::store::StoreError::Deleted) => {
+            Status::failed_precondition(format!("{s}; its shards are not accepted again"))
+        }
         Error::Store(s) if s.is_disk_full() => {
             Status::resource_exhausted(format!("node's disk is full: {s}; store it elsewhere"))
         }
@@ -191,9 +194,10 @@ impl Agent for AgentService {
         request: Request<proto::DeleteObjectRequest>,
     ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::DELETE_OBJECT, request.get_ref())?;
+        let caller =
+            self.authenticate(request.metadata(), methods::DELETE_OBJECT, request.get_ref())?;
         let tombstone = request.into_inner().tombstone.to_vec();
-        let r = self.node.delete_object(tombstone).await;
+        let r = self.node.delete_object(tombstone, Some(&caller)).await;
         let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
         Ok(Response::new(proto::DeleteObjectResponse { deleted_shards }))
     }

@@ -32,7 +32,7 @@ use prometheus::core::Collector;
 use shardfarm_core::audit::{ProvenLeaf, verify_answer};
 use shardfarm_core::codec::Decoder;
 use shardfarm_core::identity::NodeId;
-use shardfarm_core::shard::SegmentHeader;
+use shardfarm_core::shard::{SegmentHeader, partition};
 use shardfarm_proto::pb as proto;
 use shardfarm_proto::{AgentClient, CoordinatorClient, PublishedLayout, Signer};
 use tokio::sync::watch;
@@ -53,6 +53,14 @@ const TOMBSTONE_PAGES: usize = 100;
 /// How long a quarantined copy is kept for inspection once its slot was not stored here again
 /// (repair rebuilds a quarantined slot on its next pass, so this is ample).
 const QUARANTINE_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Deadline of a small peer call (a listing page, an audit): a stalled peer costs this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one shard fetch (a 64 MiB segment's shard is 16 MiB at k = 4).
+const SHARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pages of one partition's listing read from one peer (bounds what a peer can make us hold).
+const MAX_LIST_PAGES: usize = 100;
+/// Failed passes after which a slot's repair is given up as lost (not blocking sync).
+const LOST_AFTER_FAILURES: u32 = 5;
 /// Leaves a new holder proves before a handoff deletes the old copy.
 const HANDOFF_LEAVES: u32 = 4;
 /// Wait between attempts to reach the coordinator.
@@ -109,6 +117,8 @@ pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
         gc_grace: m.gc_grace,
         pass_interval: m.pass_interval,
         progress,
+        tombstone_cursors: Default::default(),
+        failures: Default::default(),
     };
     worker.run(rx, stop).await;
     let _ = hb.await;
@@ -277,6 +287,10 @@ pub struct RepairWorker {
     /// Longest wait between passes.
     pass_interval: Duration,
     progress: Arc<Progress>,
+    /// Where each peer's tombstone listing resumes.
+    tombstone_cursors: std::sync::Mutex<HashMap<NodeId, Option<[u8; 32]>>>,
+    /// Passes each (object, segment, slot) has failed in a row.
+    failures: std::sync::Mutex<HashMap<SlotKey, u32>>,
 }
 
 /// Why one shard could not be repaired.
@@ -296,6 +310,9 @@ impl std::fmt::Display for RepairError {
         }
     }
 }
+
+/// One slot of one segment: (object, segment, slot).
+type SlotKey = ([u8; 32], u32, usize);
 
 /// What one segment's shards look like across the peers: shard index → nodes that list it.
 type Holders = BTreeMap<u32, Vec<NodeId>>;
@@ -378,8 +395,10 @@ impl RepairWorker {
     async fn list_all(client: &mut AgentClient, p: u32) -> Result<Vec<ShardId>, tonic::Status> {
         let mut out = Vec::new();
         let mut after = None;
-        loop {
-            let page = client.list_shards(p, after, PAGE).await?;
+        for _ in 0..MAX_LIST_PAGES {
+            let page = tokio::time::timeout(CALL_TIMEOUT, client.list_shards(p, after, PAGE))
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("listing timed out"))??;
             let full = page.len() == PAGE as usize;
             for e in page {
                 if let Some(k) = e.key {
@@ -391,6 +410,7 @@ impl RepairWorker {
                 _ => return Ok(out),
             }
         }
+        Ok(out)
     }
 
     async fn list_local(&self, p: u32) -> Vec<ShardId> {
@@ -428,11 +448,14 @@ impl RepairWorker {
         peers.rotate_left(turn);
         for peer in peers.iter().take(TOMBSTONE_PEERS) {
             let Some(c) = self.client(clients, published, peer).await else { continue };
-            let mut after: Option<[u8; 32]> = None;
+            // Each pass resumes where the last one stopped with this peer, so every tombstone
+            // is seen within a few passes however many there are.
+            let mut after = self.tombstone_cursors.lock().unwrap().get(peer).copied().flatten();
             for _ in 0..TOMBSTONE_PAGES {
-                let Ok(page) = c.list_tombstones(after, TOMBSTONE_PAGE).await else { break };
-                let full = page.len() == TOMBSTONE_PAGE as usize;
-                for t in page {
+                let call = c.list_tombstones(after, TOMBSTONE_PAGE);
+                let Ok(Ok(page)) = tokio::time::timeout(CALL_TIMEOUT, call).await else { break };
+                let full = page.len() >= TOMBSTONE_PAGE as usize;
+                for t in page.into_iter().take(TOMBSTONE_PAGE as usize) {
                     let Some(id) = t.get(4..36).and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
                         continue;
                     };
@@ -440,7 +463,7 @@ impl RepairWorker {
                     if self.node.is_deleted(&id) {
                         continue;
                     }
-                    match self.node.delete_object(t.to_vec()).await {
+                    match self.node.delete_object(t.to_vec(), None).await {
                         Ok(n) => self
                             .node
                             .metrics
@@ -453,9 +476,11 @@ impl RepairWorker {
                     }
                 }
                 if !full {
+                    after = None;
                     break;
                 }
             }
+            self.tombstone_cursors.lock().unwrap().insert(*peer, after);
         }
     }
 
@@ -523,6 +548,10 @@ impl RepairWorker {
                     continue;
                 };
                 for id in list {
+                    // A peer may list anything: only ids of this partition count.
+                    if partition(&id.object_id, id.segment, self.node.settings.partitions) != p {
+                        continue;
+                    }
                     segments
                         .entry((id.object_id, id.segment))
                         .or_default()
@@ -544,18 +573,23 @@ impl RepairWorker {
                 }
             }
             // ---- Garbage: local shards of segments that never became readable ----
-            if all_answered {
+            // Only while no fallback layout is published (no move in flight whose holders are
+            // out of sight) and with every holder answering.
+            if all_answered && published.previous.is_none() {
+                let mut local_by_segment: BTreeMap<([u8; 32], u32), BTreeSet<u32>> =
+                    BTreeMap::new();
+                for id in &local {
+                    local_by_segment
+                        .entry((id.object_id, id.segment))
+                        .or_default()
+                        .insert(id.shard);
+                }
                 for id in &local {
                     let listed = segments.get(&(id.object_id, id.segment));
                     let mut present: BTreeSet<u32> =
                         listed.map(|h| h.keys().copied().collect()).unwrap_or_default();
-                    present.extend(
-                        local
-                            .iter()
-                            .filter(|l| l.object_id == id.object_id && l.segment == id.segment)
-                            .map(|l| l.shard),
-                    );
-                    if self.collectible(id, present.len(), now_s)
+                    present.extend(&local_by_segment[&(id.object_id, id.segment)]);
+                    if self.collectible(id, p, present.len(), now_s)
                         && self.node.hand_off(*id).await.is_ok()
                     {
                         report.collected += 1;
@@ -581,6 +615,7 @@ impl RepairWorker {
             let r = self.repair_one(&mut clients, published, obj, seg, slot, &holders).await;
             match r {
                 Ok((bytes, method)) => {
+                    self.failures.lock().unwrap().remove(&(obj, seg, slot));
                     report.repaired += 1;
                     written += bytes;
                     self.node.metrics.repaired.with_label_values(&[method]).inc();
@@ -591,6 +626,16 @@ impl RepairWorker {
                     let due = Duration::from_secs_f64(written as f64 / self.rate as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         tokio::time::sleep(wait).await;
+                    }
+                }
+                Err(RepairError::Failed(why))
+                    if self.failed_again((obj, seg, slot)) >= LOST_AFTER_FAILURES =>
+                {
+                    // A source that keeps failing (a listed shard nobody can serve, shards
+                    // that verify but do not decode) cannot hold this node back forever.
+                    if lost_segments.insert((obj, seg)) {
+                        report.lost += 1;
+                        tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, reason = %why, "segment given up after repeated failed passes");
                     }
                 }
                 Err(RepairError::Lost(why)) if all_answered => {
@@ -605,9 +650,6 @@ impl RepairWorker {
                     tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, slot, error = %e, "repair failed");
                 }
             }
-        }
-        if report.failed > 0 {
-            return report;
         }
         // ---- Handoff: shards of slots this node no longer holds ----
         // Deleted only once the new holder has *proven* it holds the same shard (an audit
@@ -639,10 +681,25 @@ impl RepairWorker {
 
     /// A local shard may be collected when, with every holder answering, fewer than k shards
     /// of its segment exist in the pool and the segment is older than the grace period.
-    fn collectible(&self, id: &ShardId, present: usize, now_s: u64) -> bool {
+    fn collectible(&self, id: &ShardId, p: u32, present: usize, now_s: u64) -> bool {
         let Ok(Some(bytes)) = self.node.store.header(id) else { return false };
         let Ok(h) = SegmentHeader::decode_unverified(&bytes) else { return false };
-        present < usize::from(h.k) && h.created.saturating_add(self.gc_grace.as_secs()) <= now_s
+        let Ok(Some(record)) = self.node.store.record(id, p) else { return false };
+        // The grace runs from when this node stored it (an upload may take longer than the
+        // grace from the header's creation time).
+        let since = h.created.max(record.stored_ms / 1000);
+        present < usize::from(h.k) && since.saturating_add(self.gc_grace.as_secs()) <= now_s
+    }
+
+    /// Counts one more failed pass for a slot; returns the count.
+    fn failed_again(&self, key: SlotKey) -> u32 {
+        let mut f = self.failures.lock().unwrap();
+        if f.len() > 100_000 {
+            f.clear();
+        }
+        let n = f.entry(key).or_default();
+        *n += 1;
+        *n
     }
 
     /// Whether `holder` proves it stores the same shard as ours: the leaves our nonce picks,
@@ -659,7 +716,8 @@ impl RepairWorker {
         let Some(c) = self.client(clients, published, holder).await else { return false };
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce).expect("OS randomness");
-        let Ok(resp) = c.audit(id, &nonce, HANDOFF_LEAVES).await else { return false };
+        let call = c.audit(id, &nonce, HANDOFF_LEAVES);
+        let Ok(Ok(resp)) = tokio::time::timeout(CALL_TIMEOUT, call).await else { return false };
         let leaves: Vec<ProvenLeaf> = resp
             .leaves
             .into_iter()
@@ -700,9 +758,9 @@ impl RepairWorker {
                 unreachable = true;
                 continue;
             };
-            let got = match c.get_shard(want, 0, 0).await {
-                Ok(g) => g,
-                Err(_) => {
+            let got = match tokio::time::timeout(SHARD_TIMEOUT, c.get_shard(want, 0, 0)).await {
+                Ok(Ok(g)) => g,
+                _ => {
                     unreachable = true;
                     continue;
                 }
@@ -735,11 +793,16 @@ impl RepairWorker {
                     continue;
                 };
                 let id = ShardId { object_id: obj, segment: seg, shard: idx };
-                let got = match c.get_shard(id, 0, 0).await {
-                    Ok(g) => g,
-                    Err(s) => {
+                let got = match tokio::time::timeout(SHARD_TIMEOUT, c.get_shard(id, 0, 0)).await {
+                    Ok(Ok(g)) => g,
+                    Ok(Err(s)) => {
                         unreachable = true;
                         failures.push(format!("shard {idx}: {}", s.message()));
+                        continue;
+                    }
+                    Err(_) => {
+                        unreachable = true;
+                        failures.push(format!("shard {idx}: {} did not answer", src.short()));
                         continue;
                     }
                 };

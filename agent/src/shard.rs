@@ -72,6 +72,7 @@ impl Error {
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::Unavailable(_) => "unavailable",
             Error::Store(e) if e.is_disk_full() => "resource_exhausted",
+            Error::Store(StoreError::Deleted) => "failed_precondition",
             Error::Store(_) | Error::Internal(_) => "internal",
         }
     }
@@ -294,7 +295,9 @@ impl Node {
         let uploader = SegmentHeader::decode_unverified(&header_bytes)
             .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?
             .uploader;
-        self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)
+        let upload = self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)?;
+        self.check_slot(upload.partition, shard_index)?;
+        Ok(upload)
     }
 
     fn begin(
@@ -478,17 +481,31 @@ impl Node {
     /// Applies an uploader's tombstone: verifies it, keeps it, and deletes every shard of the
     /// object held here. Anyone may deliver one (it verifies on its own), so peers forward
     /// them. Returns the shards deleted.
-    pub async fn delete_object(self: &Arc<Self>, encoded: Vec<u8>) -> Result<u32> {
+    ///
+    /// A tombstone costs a synced write and is kept for 30 days, so a node keeps one only when
+    /// it holds shards of the object or when the uploader itself delivers it (`by_uploader`,
+    /// `rm`'s own call): a stranger cannot fill nodes with tombstones for objects that never
+    /// existed, and a forwarded one matters only where the object is.
+    pub async fn delete_object(
+        self: &Arc<Self>,
+        encoded: Vec<u8>,
+        by_uploader: Option<&Caller>,
+    ) -> Result<u32> {
         let t = Tombstone::decode(&encoded, now_ms())
             .map_err(|e| Error::InvalidArgument(format!("tombstone refused: {e}")))?;
         if t.expires_ms() < now_ms() {
             return Err(Error::InvalidArgument("tombstone has expired".into()));
         }
+        let uploader = by_uploader.is_some_and(|c| c.credential.signing_key() == &t.uploader);
         let me = self.clone();
         let n = blocking(move || {
+            let held = me.store.shards_of_object(&t.object_id, me.settings.partitions)?;
+            if held.is_empty() && !uploader {
+                return Ok(0);
+            }
             let fresh = me.store.put_tombstone(&t.object_id, &encoded, t.expires_ms())?;
             let mut n = 0;
-            for (p, id) in me.store.shards_of_object(&t.object_id, me.settings.partitions)? {
+            for (p, id) in held {
                 if me.store.remove(&id, p)?.is_some() {
                     n += 1;
                 }
@@ -559,6 +576,12 @@ impl Node {
         if !(16..=32).contains(&nonce.len()) || !(1..=MAX_AUDIT_LEAVES).contains(&leaves) {
             return Err(Error::InvalidArgument(format!(
                 "audit needs a 16-32 byte nonce and 1-{MAX_AUDIT_LEAVES} leaves"
+            )));
+        }
+        if self.is_deleted(&id.object_id) {
+            return Err(Error::FailedPrecondition(format!(
+                "object {} was deleted by its uploader (a tombstone is kept here)",
+                hex::encode(&id.object_id[..8])
             )));
         }
         let r = self.read_verified(id, "audit").await;

@@ -58,6 +58,9 @@ pub enum StoreError {
     /// RocksDB failed.
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
+    /// The object was deleted by its uploader (a tombstone is kept).
+    #[error("the object was deleted by its uploader")]
+    Deleted,
     /// A stored record does not parse.
     #[error("corrupt record in {cf}: {reason}")]
     Record {
@@ -321,8 +324,13 @@ impl Store {
             let Ok(meta) = e.metadata() else { continue };
             let old =
                 meta.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max_age);
-            if old && fs::remove_file(e.path()).is_ok() {
-                let _guard = self.commit.lock().unwrap();
+            if !old {
+                continue;
+            }
+            // Under the lock commit and quarantine take, so the count cannot race them.
+            let _guard = self.commit.lock().unwrap();
+            let Ok(meta) = fs::metadata(e.path()) else { continue };
+            if fs::remove_file(e.path()).is_ok() {
                 let q = self.quarantined_bytes().saturating_sub(meta.len());
                 let mut b = WriteBatch::default();
                 b.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
@@ -359,6 +367,11 @@ impl Store {
         let record = ShardRecord { length: pending.len(), root, stored_ms: now_ms, owner };
         pending.file.sync_all().map_err(io("fsync", &pending.path))?;
         let _guard = self.commit.lock().unwrap();
+        // Checked again under the lock a tombstone write takes: an upload that began before
+        // an `rm` cannot land after it.
+        if self.db.get_cf(self.cf(CF_TOMBSTONES), id.object_id)?.is_some() {
+            return Err(StoreError::Deleted);
+        }
         let key = id.index_key(partition);
         let mut replaced = None;
         if let Some(old) = self.db.get_cf(self.cf(CF_INDEX), key)? {
@@ -401,7 +414,7 @@ impl Store {
         let used = used.checked_add(record.length).ok_or_else(overflow)?;
         batch.put_cf(self.cf(CF_STATE), STATE_USED, used.to_le_bytes());
         let stale = self.quarantined_path(id);
-        let freed = match fs::metadata(&stale) {
+        let freed = match fs::symlink_metadata(&stale) {
             Ok(m) => {
                 let q = self.quarantined_bytes().saturating_sub(m.len());
                 batch.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
@@ -495,15 +508,18 @@ impl Store {
             batch.delete_cf(self.cf(CF_HEADERS), id.header_key());
         }
         let path = self.shard_path(id);
-        // A quarantined copy stays counted until it is freed; a second quarantine of the same
-        // slot replaces the first copy, whose bytes are given back.
+        // A quarantined copy stays counted (its real size, if it could be moved) until it is
+        // freed; a second quarantine of the same slot replaces the first copy, whose bytes are
+        // given back.
         let mut quarantined = None;
         if let Some(dest) = &keep {
             let prev = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+            let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let moved = fs::rename(&path, dest).is_ok();
             let q = self
                 .quarantined_bytes()
-                .saturating_sub(prev)
-                .checked_add(old.length)
+                .saturating_sub(if moved { prev } else { 0 })
+                .checked_add(if moved { size } else { 0 })
                 .ok_or_else(overflow)?;
             batch.put_cf(self.cf(CF_STATE), STATE_QUARANTINED, q.to_le_bytes());
             quarantined = Some(q);
@@ -513,13 +529,8 @@ impl Store {
         if let Some(q) = quarantined {
             self.quarantined.store(q, Ordering::SeqCst);
         }
-        match keep {
-            Some(dest) => {
-                let _ = fs::rename(&path, &dest);
-            }
-            None => {
-                let _ = fs::remove_file(&path);
-            }
+        if keep.is_none() {
+            let _ = fs::remove_file(&path);
         }
         Ok(Some(old))
     }

@@ -141,6 +141,11 @@ impl Auditor {
         };
         let resp = match client.audit(id, &nonce, LEAVES).await {
             Ok(r) => r,
+            // A deleted object (the node keeps its uploader's tombstone) is not the node's
+            // fault; peers that still list it are the ones to doubt.
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                return Outcome::Skip(format!("shard {slot} of partition {p}: {}", s.message()));
+            }
             Err(s) if matches!(s.code(), Code::NotFound | Code::DataLoss) => {
                 return Outcome::Fail(format!("shard {slot} of partition {p}: {}", s.message()));
             }

@@ -408,6 +408,8 @@ impl Coordinator {
     ) -> Result<(Standing, u64), Refusal> {
         let mut st = self.state.lock().unwrap();
         let version = st.layout.as_ref().map_or(0, |l| l.version);
+        // Only members can be suspects (bounded metric labels, no made-up ids).
+        let members: std::collections::BTreeSet<NodeId> = st.nodes.values().map(|m| m.id).collect();
         let m = st.nodes.get_mut(&caller.id.to_hex()).ok_or_else(|| {
             Refusal::NotFound(format!("node {} has not joined: call Join first", caller.id))
         })?;
@@ -418,7 +420,7 @@ impl Coordinator {
         m.scrub_errors = r.scrub_errors;
         m.repair_backlog = r.repair_backlog;
         m.lost_segments = r.lost_segments;
-        for peer in &r.suspect_peers {
+        for peer in r.suspect_peers.iter().filter(|p| members.contains(p)) {
             tracing::warn!(reporter = %caller.id, suspect = %peer, "a node served a repair source that did not verify");
             self.metrics.peer_complaints.with_label_values(&[&peer.to_hex()]).inc();
         }

@@ -60,6 +60,10 @@ pub const LEAF_SIZE: usize = 64 * 1024;
 pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: &[u8; 4] = b"SFH1";
 const FIXED_LEN: usize = 154;
+/// Largest segment the format accepts (the codec's default is 64 MiB): every length a header
+/// announces is bounded by it, so a signed but hostile header cannot make anyone reserve more
+/// than `⌈(MAX_SEGMENT_SIZE + 16)/k⌉` bytes for one shard.
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 /// Domain separator of object ids.
 const OBJECT_ID_DOMAIN: &[u8] = b"shardfarm object id v2";
 /// AEAD tag bytes appended to every segment's ciphertext (both ciphers).
@@ -304,6 +308,12 @@ impl SegmentHeader {
                 .collect(),
             signature: Signature::from_bytes(b[FIXED_LEN + 32 * n..].try_into().unwrap()),
         };
+        if h.segment_size > MAX_SEGMENT_SIZE {
+            return Err(bad(format!(
+                "segment size {} exceeds the format's {MAX_SEGMENT_SIZE}",
+                h.segment_size
+            )));
+        }
         if h.segment_size == 0 || h.segment_index >= h.segment_count.max(1) {
             return Err(bad(format!(
                 "segment {} of {} with segment size {} is inconsistent",

@@ -153,7 +153,13 @@ impl AgentClient {
                         } else {
                             length
                         };
-                        out.data.reserve(want.min(hd.shard_length) as usize);
+                        // The header is not verified yet: never reserve more than one
+                        // maximal shard, whatever it says.
+                        let cap = shardfarm_core::shard::coded_shard_length(
+                            shardfarm_core::shard::MAX_SEGMENT_SIZE,
+                            1,
+                        );
+                        out.data.reserve(want.min(hd.shard_length).min(cap) as usize);
                     }
                     out.header = h.to_vec();
                 }
