@@ -718,15 +718,7 @@ impl RepairWorker {
         getrandom::fill(&mut nonce).expect("OS randomness");
         let call = c.audit(id, &nonce, HANDOFF_LEAVES);
         let Ok(Ok(resp)) = tokio::time::timeout(CALL_TIMEOUT, call).await else { return false };
-        let leaves: Vec<ProvenLeaf> = resp
-            .leaves
-            .into_iter()
-            .map(|l| ProvenLeaf {
-                index: l.index as usize,
-                data: l.data.to_vec(),
-                proof: l.proof.iter().filter_map(|h| h[..].try_into().ok()).collect(),
-            })
-            .collect();
+        let leaves: Vec<ProvenLeaf> = resp.leaves.into_iter().map(ProvenLeaf::from).collect();
         verify_answer(&header, id.shard as usize, &nonce, HANDOFF_LEAVES, &leaves).is_ok()
     }
 

@@ -156,15 +156,7 @@ impl Auditor {
             Ok(_) => return Outcome::Fail("answered with another segment's header".into()),
             Err(e) => return Outcome::Fail(format!("header does not verify: {e}")),
         };
-        let leaves: Vec<ProvenLeaf> = resp
-            .leaves
-            .into_iter()
-            .map(|l| ProvenLeaf {
-                index: l.index as usize,
-                data: l.data.to_vec(),
-                proof: l.proof.iter().filter_map(|h| h[..].try_into().ok()).collect(),
-            })
-            .collect();
+        let leaves: Vec<ProvenLeaf> = resp.leaves.into_iter().map(ProvenLeaf::from).collect();
         match verify_answer(&header, slot, &nonce, LEAVES, &leaves) {
             Ok(()) => Outcome::Pass,
             Err(e) => Outcome::Fail(e.to_string()),

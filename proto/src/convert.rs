@@ -2,6 +2,7 @@
 //! [`crate::coordinator`]).
 
 use bytes::Bytes;
+use shardfarm_core::audit::ProvenLeaf;
 use shardfarm_core::shard::ShardId;
 use tonic::Status;
 
@@ -32,6 +33,18 @@ impl From<ShardId> for proto::ShardKey {
             object_id: Bytes::copy_from_slice(&id.object_id),
             segment_index: id.segment,
             shard_index: id.shard,
+        }
+    }
+}
+
+impl From<proto::AuditLeaf> for ProvenLeaf {
+    /// A leaf as the auditor checks it; proof hashes that are not 32 bytes are dropped, so
+    /// the proof fails to verify rather than the conversion panicking.
+    fn from(l: proto::AuditLeaf) -> Self {
+        ProvenLeaf {
+            index: l.index as usize,
+            data: l.data.to_vec(),
+            proof: l.proof.iter().filter_map(|h| h[..].try_into().ok()).collect(),
         }
     }
 }
