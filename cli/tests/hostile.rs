@@ -265,3 +265,62 @@ fn a_member_serving_junk_is_not_copied_from_is_reported_and_fails_its_audits() {
     });
     read_all_back(&farm, &files, tmp.path());
 }
+
+#[test]
+fn a_stalled_node_costs_each_call_at_most_its_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A long grace: the frozen node stays in the layout for the whole test, as a hung edge
+    // box that still accepts connections would until it is declared down.
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "7", "--grace", "600", "--repair-interval", "2"],
+    );
+    let f = settled(&farm);
+    let before = tmp.path().join("before.bin");
+    write_random(&before, 3 << 20, 11);
+    let cap_before = farm.put(&before);
+    // The frozen node holds a shard of `before` (so stat and rm meet it).
+    let holder0 = farm.stat(&cap_before)["segments"][0]["holders"][0].as_str().unwrap().to_string();
+    let frozen = f.nodes.iter().find(|n| n.id == holder0).unwrap().index;
+    let pid = farm.agent_pid(frozen).to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+
+    // put: the shard for the frozen node times out, the segment lands on n - 1.
+    let during = tmp.path().join("during.bin");
+    write_random(&during, 3 << 20, 12);
+    let started = std::time::Instant::now();
+    let out = farm.sf(&["put", during.to_str().unwrap()]);
+    let put_took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let cap_during = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let parsed: shardfarm_core::cap::ReadCap = cap_during.parse().unwrap();
+    let p = shardfarm_core::shard::partition(&parsed.object_id, 0, f.partitions);
+    if f.layout[p as usize].contains(&frozen) {
+        assert!(stderr.contains("repair will rebuild the rest"), "{stderr}");
+    }
+    // get, stat and rm answer with the frozen node silent.
+    read_all_back(
+        &farm,
+        &[(before.clone(), cap_before.clone()), (during.clone(), cap_during.clone())],
+        tmp.path(),
+    );
+    let st = farm.stat(&cap_before);
+    assert_eq!(st["segments"][0]["present"], 5, "{st}");
+    let r = farm.sf(&["rm", &cap_before]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("did not answer"));
+    // Bounded: two 10 s attempts for the frozen node's shard, not forever.
+    assert!(put_took < std::time::Duration::from_secs(60), "put took {put_took:?}");
+
+    // Back: repair completes the segment put meanwhile, and the rm reaches it too.
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    farm.wait_for(90, "the segment put meanwhile to be whole", || {
+        fully_present(&farm, &cap_during)
+    });
+    farm.wait_for(60, "the deleted object gone from the frozen node too", || {
+        let m = common::http_get(&f.nodes[frozen].http, "/metrics");
+        metric(&m, "shardfarm_agent_collected_shards_total{reason=\"tombstone\"}") >= 1.0
+    });
+}
