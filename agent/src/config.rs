@@ -92,6 +92,11 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_OVERHEAD")]
     pub overhead: Option<f64>,
 
+    /// Most leading zero bits a capacity challenge may ask for (each bit doubles the work a
+    /// caller can make this node do; the pool's own challenge must fit). [default: 20]
+    #[arg(long, env = "SHARDFARM_MAX_CAPACITY_DIFFICULTY")]
+    pub max_capacity_difficulty: Option<u32>,
+
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -157,6 +162,8 @@ pub struct Config {
     pub max_message: usize,
     /// Capacity-proof overhead factor.
     pub overhead: f64,
+    /// Hardest capacity challenge answered.
+    pub max_capacity_difficulty: u32,
     /// JSON logs.
     pub json_logs: bool,
     /// Coordinator to join.
@@ -236,6 +243,7 @@ impl AgentArgs {
             scrub_rate,
             max_message,
             overhead,
+            max_capacity_difficulty,
             log_format,
             coordinator,
             advertise,
@@ -296,6 +304,7 @@ impl AgentArgs {
             scrub_rate: parse_size(a.scrub_rate.as_deref().unwrap_or("50MiB"))?.max(1),
             max_message,
             overhead: a.overhead.unwrap_or(1.0),
+            max_capacity_difficulty: a.max_capacity_difficulty.unwrap_or(20).clamp(8, 32),
             json_logs,
             coordinator: a.coordinator,
             advertise: a.advertise,

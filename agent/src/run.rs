@@ -110,6 +110,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         quota: cfg.quota,
         labels: cfg.labels.clone(),
         overhead: cfg.overhead,
+        max_capacity_difficulty: cfg.max_capacity_difficulty,
     };
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
     let verifier = Arc::new(Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES));

@@ -98,6 +98,8 @@ pub struct NodeSettings {
     pub labels: BTreeMap<String, String>,
     /// Overhead factor for capacity proofs.
     pub overhead: f64,
+    /// Hardest capacity challenge answered (work a caller can ask of this node).
+    pub max_capacity_difficulty: u32,
 }
 
 /// One node: its identity, store and settings.
@@ -601,10 +603,12 @@ impl Node {
         challenge: Vec<u8>,
         difficulty: u32,
     ) -> Result<Vec<u8>> {
-        if !(8..=32).contains(&difficulty) || !(16..=64).contains(&challenge.len()) {
-            return Err(Error::InvalidArgument(
-                "capacity challenge needs 16-64 bytes and a difficulty of 8-32 bits".into(),
-            ));
+        let max = self.settings.max_capacity_difficulty;
+        if !(8..=max).contains(&difficulty) || !(16..=64).contains(&challenge.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "capacity challenge needs 16-64 bytes and a difficulty of 8-{max} bits \
+                 (--max-capacity-difficulty)"
+            )));
         }
         let me = self.clone();
         let report = blocking(move || {

@@ -462,6 +462,10 @@ async fn sigterm_exits_cleanly_and_restart_keeps_identity_and_data() {
     assert_eq!(agent.node_id, before, "identity must be reused");
     let mut c = agent.client(&s).await;
     assert_eq!(c.get_shard(seg.id(2), 0, 0).await.unwrap().data, seg.shards[2]);
+    // A stranger asking for 2^32 hashes gets a refusal, not free CPU.
+    let err = c.prove_capacity(&[9; 32], 32).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("8-20 bits"), "{}", err.message());
     let report = c.prove_capacity(&[9; 32], 8).await.unwrap();
     let r =
         shardfarm_core::capacity::CapacityReport::decode_verified(&report, Some(&[9; 32])).unwrap();
