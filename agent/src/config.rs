@@ -97,6 +97,11 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_MAX_CAPACITY_DIFFICULTY")]
     pub max_capacity_difficulty: Option<u32>,
 
+    /// Seconds an upload may go without a byte before it is aborted and its reserved
+    /// capacity released (a stalled client cannot hold space). [default: 30]
+    #[arg(long, env = "SHARDFARM_UPLOAD_IDLE_TIMEOUT")]
+    pub upload_idle_timeout: Option<u64>,
+
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -164,6 +169,8 @@ pub struct Config {
     pub overhead: f64,
     /// Hardest capacity challenge answered.
     pub max_capacity_difficulty: u32,
+    /// Longest silence within an upload.
+    pub upload_idle_timeout: std::time::Duration,
     /// JSON logs.
     pub json_logs: bool,
     /// Coordinator to join.
@@ -244,6 +251,7 @@ impl AgentArgs {
             max_message,
             overhead,
             max_capacity_difficulty,
+            upload_idle_timeout,
             log_format,
             coordinator,
             advertise,
@@ -305,6 +313,9 @@ impl AgentArgs {
             max_message,
             overhead: a.overhead.unwrap_or(1.0),
             max_capacity_difficulty: a.max_capacity_difficulty.unwrap_or(20).clamp(8, 32),
+            upload_idle_timeout: std::time::Duration::from_secs(
+                a.upload_idle_timeout.unwrap_or(30).max(1),
+            ),
             json_logs,
             coordinator: a.coordinator,
             advertise: a.advertise,

@@ -40,6 +40,7 @@ pub fn to_status(e: &Error) -> Status {
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::DataLoss(m) => Status::data_loss(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         Error::Unavailable(m) => Status::unavailable(m),
         Error::Store(s @ crate::store::StoreError::Deleted) => {
             Status::failed_precondition(format!("{s}; its shards are not accepted again"))
@@ -60,6 +61,8 @@ pub struct AgentService {
     verifier: Arc<Verifier>,
     policy: Arc<Policy>,
     version: &'static str,
+    /// Longest silence within an upload stream.
+    upload_idle: std::time::Duration,
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -67,7 +70,19 @@ type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl AgentService {
     /// A service for `node`, checking requests with `verifier` and `policy`.
     pub fn new(node: Arc<Node>, verifier: Arc<Verifier>, policy: Arc<Policy>) -> Self {
-        AgentService { node, verifier, policy, version: env!("CARGO_PKG_VERSION") }
+        AgentService {
+            node,
+            verifier,
+            policy,
+            version: env!("CARGO_PKG_VERSION"),
+            upload_idle: std::time::Duration::from_secs(30),
+        }
+    }
+
+    /// Aborts uploads that send nothing for `idle` (their reservation is released).
+    pub fn with_upload_idle(mut self, idle: std::time::Duration) -> Self {
+        self.upload_idle = idle;
+        self
     }
 
     /// Authenticates `msg` on `method` and applies the policy.
@@ -111,9 +126,10 @@ impl Agent for AgentService {
         let start = Instant::now();
         let md = request.metadata().clone();
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
+        let idle = self.upload_idle;
+        let first = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no header within the idle timeout"))??
             .ok_or_else(|| Status::invalid_argument("empty stream: send the header first"))?;
         let caller = self.authenticate(&md, methods::PUT, &first)?;
         let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
@@ -122,7 +138,16 @@ impl Agent for AgentService {
         let r = async {
             let mut upload =
                 self.node.begin_put(&caller, h.segment_header.to_vec(), h.shard_index)?;
-            while let Some(msg) = stream.next().await {
+            // A stream that goes quiet is aborted; dropping the upload releases its
+            // reservation and its temp file at once.
+            loop {
+                let next = tokio::time::timeout(idle, stream.next()).await.map_err(|_| {
+                    Error::DeadlineExceeded(format!(
+                        "upload sent nothing for {} s: aborted, its reserved capacity released",
+                        idle.as_secs()
+                    ))
+                })?;
+                let Some(msg) = next else { break };
                 let msg = msg.map_err(|s| Error::InvalidArgument(format!("stream broke: {s}")))?;
                 match msg.part {
                     Some(proto::put_shard_request::Part::Chunk(c)) => upload.write(c).await?,

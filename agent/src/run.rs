@@ -24,6 +24,10 @@ use crate::store::Store;
 const MAX_NONCES: usize = 100_000;
 /// How long background workers get to stop after the servers have drained (Garage: 8 s).
 const WORKER_EXIT_DEADLINE: Duration = Duration::from_secs(8);
+/// Concurrent requests per connection (uploads, reads, listings): generous for a client that
+/// pipelines every shard of several segments, small enough that one socket cannot pin the
+/// node's memory and file descriptors.
+const CONCURRENT_STREAMS: usize = 256;
 
 /// Sets up logging: text or JSON, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {
@@ -115,9 +119,11 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
     let verifier = Arc::new(Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES));
     let policy = Arc::new(Policy::new(cfg.allow.clone(), cfg.deny.clone(), cfg.rate_limit));
-    let service = AgentServer::new(AgentService::new(node.clone(), verifier, policy))
-        .max_decoding_message_size(cfg.max_message)
-        .max_encoding_message_size(cfg.max_message);
+    let service = AgentServer::new(
+        AgentService::new(node.clone(), verifier, policy).with_upload_idle(cfg.upload_idle_timeout),
+    )
+    .max_decoding_message_size(cfg.max_message)
+    .max_encoding_message_size(cfg.max_message);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
 
@@ -171,6 +177,11 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let grpc_stop = stop.clone();
     let ready_flag = ready.clone();
     Server::builder()
+        // A peer that stops answering is dropped: pings every 30 s, 10 s to answer.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Streams per connection: one client cannot open unbounded uploads on one socket.
+        .concurrency_limit_per_connection(CONCURRENT_STREAMS)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(32 << 20)
         // 1 MiB HTTP/2 frames instead of 16 KiB: shard chunks are 1 MiB (LIMITS.md).

@@ -47,6 +47,9 @@ pub enum Error {
     /// deleted object.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A stream went quiet for longer than allowed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The node cannot answer this now (a read error that may pass, no layout yet): retry.
     #[error("{0}")]
     Unavailable(String),
@@ -71,6 +74,7 @@ impl Error {
             Error::DataLoss(_) => "data_loss",
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::Unavailable(_) => "unavailable",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
             Error::Store(e) if e.is_disk_full() => "resource_exhausted",
             Error::Store(StoreError::Deleted) => "failed_precondition",
             Error::Store(_) | Error::Internal(_) => "internal",

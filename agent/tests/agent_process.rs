@@ -543,3 +543,68 @@ async fn a_read_error_that_proves_nothing_is_retried_not_quarantined() {
     let got = c.get_shard(seg.id(0), 0, 0).await.unwrap();
     assert_eq!(got.data, seg.shards[0]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_cannot_hold_the_nodes_capacity() {
+    use proto::put_shard_request::Part;
+    let dir = tmp();
+    let agent = AgentProc::start(
+        &dir.path().join("a"),
+        &["--capacity", "4MiB", "--upload-idle-timeout", "8"],
+    );
+    let (me, signer) = signer();
+    let seg = segment(&me, 6 << 20, 2, 1); // 3 MiB shards: one fits, two do not
+
+    // The stranger opens an upload of shard 0, sends the header, and then nothing.
+    let first = proto::PutShardRequest {
+        part: Some(Part::Header(proto::PutShardHeader {
+            segment_header: seg.header_bytes.clone().into(),
+            shard_index: 0,
+        })),
+    };
+    let mut md = tonic::metadata::MetadataMap::new();
+    shardfarm_proto::sign_into(&mut md, methods::PUT, &first, &me.credential(), me.signing_key());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(first).await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    *req.metadata_mut() = md;
+    let mut raw =
+        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let stalled = tokio::spawn(async move { raw.put_shard(req).await });
+
+    // While it holds its reservation, an honest upload of another 3 MiB does not fit…
+    let mut c = agent.client(&signer).await;
+    let mut refused = None;
+    for _ in 0..50 {
+        match c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                refused = Some(e);
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => {
+                // The stalled stream had not reached the node yet; undo and retry.
+                assert!(c.delete_shard(seg.id(1)).await.unwrap());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let refused = refused.expect("the stalled upload never reserved its space");
+    assert!(refused.message().contains("promised to uploads in flight"), "{}", refused.message());
+
+    // …until the idle timeout aborts it and releases the reservation.
+    let err = stalled.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let r = c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await.unwrap();
+    assert_eq!(r.stored_bytes, seg.shards[1].len() as u64);
+    drop(tx);
+    let m = agent.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "shardfarm_agent_requests_total{method=\"PutShard\",result=\"deadline_exceeded\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
