@@ -512,11 +512,44 @@ pub fn all() -> Vec<(
     k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 )> {
     vec![
-        ("storagepools.yaml", StoragePool::crd()),
-        ("miningfarms.yaml", MiningFarm::crd()),
-        ("nodesyndications.yaml", NodeSyndication::crd()),
-        ("shardplacements.yaml", ShardPlacement::crd()),
+        ("storagepools.yaml", openapi_formats(StoragePool::crd())),
+        ("miningfarms.yaml", openapi_formats(MiningFarm::crd())),
+        ("nodesyndications.yaml", openapi_formats(NodeSyndication::crd())),
+        ("shardplacements.yaml", openapi_formats(ShardPlacement::crd())),
     ]
+}
+
+/// Integer formats OpenAPI and the API server know. schemars names Rust's unsigned types
+/// (`uint8` … `uint64`), which kube-apiserver warns about as `unrecognized format`; they become
+/// `int32` (8/16 bits) or `int64` (32/64 bits), with the `minimum: 0` schemars already sets.
+pub const KNOWN_FORMATS: [&str; 9] =
+    ["int32", "int64", "float", "double", "byte", "binary", "date", "date-time", "password"];
+
+fn openapi_formats(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(f)) = map.get_mut("format") {
+                    let mapped = match f.as_str() {
+                        "uint8" | "uint16" | "int8" | "int16" => Some("int32"),
+                        "uint32" | "uint64" | "uint" | "int" => Some("int64"),
+                        _ => None,
+                    };
+                    if let Some(m) = mapped {
+                        *f = m.to_string();
+                    }
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(&crd).expect("serialisable");
+    walk(&mut v);
+    serde_json::from_value(v).expect("same shape")
 }
 
 /// The YAML of one CRD, as committed.
@@ -532,6 +565,29 @@ pub fn to_yaml(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_format_is_one_the_api_server_knows() {
+        fn formats(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::String(f)) = m.get("format") {
+                        out.push(f.clone());
+                    }
+                    m.values().for_each(|x| formats(x, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| formats(x, out)),
+                _ => {}
+            }
+        }
+        for (file, crd) in all() {
+            let mut found = Vec::new();
+            formats(&serde_json::to_value(&crd).unwrap(), &mut found);
+            for f in found {
+                assert!(KNOWN_FORMATS.contains(&f.as_str()), "{file}: format {f}");
+            }
+        }
+    }
 
     #[test]
     fn committed_yaml_matches_the_types() {
