@@ -61,6 +61,8 @@ const SHARD_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_LIST_PAGES: usize = 100;
 /// Failed passes after which a slot's repair is given up as lost (not blocking sync).
 const LOST_AFTER_FAILURES: u32 = 5;
+/// Expiry scans every tombstone and the quarantine dir: at most this often, not every pass.
+const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 /// Leaves a new holder proves before a handoff deletes the old copy.
 const HANDOFF_LEAVES: u32 = 4;
 /// Wait between attempts to reach the coordinator.
@@ -118,6 +120,7 @@ pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
         pass_interval: m.pass_interval,
         progress,
         tombstone_cursors: Default::default(),
+        last_expiry: Default::default(),
         failures: Default::default(),
     };
     worker.run(rx, stop).await;
@@ -289,6 +292,8 @@ pub struct RepairWorker {
     progress: Arc<Progress>,
     /// Where each peer's tombstone listing resumes.
     tombstone_cursors: std::sync::Mutex<HashMap<NodeId, Option<[u8; 32]>>>,
+    /// When tombstones and quarantine were last expired.
+    last_expiry: std::sync::Mutex<Option<Instant>>,
     /// Passes each (object, segment, slot) has failed in a row.
     failures: std::sync::Mutex<HashMap<SlotKey, u32>>,
 }
@@ -515,7 +520,10 @@ impl RepairWorker {
         let mut clients: HashMap<NodeId, Option<AgentClient>> = HashMap::new();
         // ---- Tombstones first: nothing deleted is rebuilt or handed back ----
         self.sync_tombstones(&mut clients, published).await;
-        self.expire().await;
+        if self.last_expiry.lock().unwrap().is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
+            *self.last_expiry.lock().unwrap() = Some(Instant::now());
+            self.expire().await;
+        }
         let mut mine: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (p, s) in layout.slots_of(&me) {
             mine.entry(p).or_default().push(s);

@@ -701,17 +701,17 @@ impl Store {
 
     /// Number of tombstones kept (an estimate from RocksDB for large stores).
     pub fn tombstone_count(&self) -> u64 {
-        self.db
-            .property_int_value_cf(self.cf(CF_TOMBSTONES), "rocksdb.estimate-num-keys")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        self.estimate_keys(CF_TOMBSTONES)
     }
 
     /// Number of shards indexed (an estimate from RocksDB for large stores).
     pub fn shard_count(&self) -> u64 {
+        self.estimate_keys(CF_INDEX)
+    }
+
+    fn estimate_keys(&self, cf: &str) -> u64 {
         self.db
-            .property_int_value_cf(self.cf(CF_INDEX), "rocksdb.estimate-num-keys")
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
             .ok()
             .flatten()
             .unwrap_or(0)

@@ -135,23 +135,16 @@ impl Progress for Silent {}
 impl FarmClient {
     /// Opens the farm in `dir` with the local user's delegated key.
     pub fn open(dir: &Path) -> anyhow::Result<Arc<Self>> {
-        let farm = Farm::load(dir)?;
-        let ck = ClientKey::load(&dir.join(CLIENT_KEY))
-            .with_context(|| format!("reading the client key in {}", dir.display()))?;
-        let signer = Arc::new(Signer::delegated(ck.cert, ck.key));
-        Ok(Arc::new(FarmClient {
-            farm,
-            signer,
-            conns: Mutex::new(HashMap::new()),
-            progress: Arc::new(Silent),
-        }))
+        Self::open_with(dir, Arc::new(Silent))
     }
 
     /// Opens the farm in `dir`, reporting long work to `progress`.
     pub fn open_with(dir: &Path, progress: Arc<dyn Progress>) -> anyhow::Result<Arc<Self>> {
-        let c = Self::open(dir)?;
-        let c = Arc::into_inner(c).expect("just made");
-        Ok(Arc::new(FarmClient { progress, ..c }))
+        let farm = Farm::load(dir)?;
+        let ck = ClientKey::load(&dir.join(CLIENT_KEY))
+            .with_context(|| format!("reading the client key in {}", dir.display()))?;
+        let signer = Arc::new(Signer::delegated(ck.cert, ck.key));
+        Ok(Arc::new(FarmClient { farm, signer, conns: Mutex::new(HashMap::new()), progress }))
     }
 
     async fn conn(&self, node: usize) -> anyhow::Result<AgentClient> {
