@@ -1,14 +1,19 @@
 //! Signed request envelopes and the replay cache, independent of any transport.
 //!
 //! Every call carries the caller's [`Credential`], a random nonce, a timestamp and an ed25519
-//! signature over `method ‖ nonce ‖ timestamp ‖ blake2b-256(message)`. A server checks, in this
-//! order, and stops at the first failure:
+//! signature over `method ‖ nonce ‖ timestamp ‖ blake2b-256(message)`. A server checks the
+//! cheapest things first, spends nothing on strangers, and stops at the first failure:
 //!
-//! 1. the signature (by the credential's signing key) — [`AuthError::BadSignature`];
-//! 2. the timestamp inside the window — [`AuthError::StaleTimestamp`];
-//! 3. the nonce not seen inside the window — [`AuthError::Replay`];
-//! 4. the identity mined to the pool's difficulty, or a valid unexpired delegation.
+//! 0. the peer address has not failed too often lately — [`AuthError::PeerThrottled`] (a map
+//!    lookup; see [`Verifier::admit_peer`]);
+//! 1. the timestamp inside the window — [`AuthError::StaleTimestamp`];
+//! 2. the identity mined to the pool's difficulty (one hash), or a valid unexpired delegation;
+//! 3. the signature (by the credential's signing key) — [`AuthError::BadSignature`];
+//! 4. only then the replay cache: the nonce not seen inside the window — [`AuthError::Replay`],
+//!    with a share per identity so one key cannot fill it for others.
 //!
+//! Every failure but a full cache costs the peer address a token ([`Verifier::record_failure`]);
+//! an address out of tokens is refused before anything else is looked at, until it refills.
 //! Policy (allow/deny, rate limits, quotas) is the server's business and comes after.
 //!
 //! The replay cache only has to remember nonces for as long as their timestamps are inside the
@@ -18,12 +23,21 @@
 //! replay could then reuse.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signature, Signer, SigningKey};
 
 use crate::identity::{Credential, NodeId, blake2b256, pow_difficulty};
+use crate::limit::{KeyedBuckets, peer_key};
+
+/// Failed authentications a peer address may cause in a burst before it is refused outright.
+pub const FAILED_AUTH_BURST: f64 = 100.0;
+/// Failed authentications per second a peer address is allowed after its burst.
+pub const FAILED_AUTH_RATE: f64 = 20.0;
+/// Peer addresses whose failures are remembered (≈ 3 MB); beyond it they share one bucket.
+const MAX_THROTTLED_PEERS: usize = 65_536;
 
 const ENVELOPE_DOMAIN: &[u8] = b"shardfarm-request-v1";
 
@@ -78,11 +92,20 @@ pub enum AuthError {
         /// Server time (unix seconds).
         now: u64,
     },
+    /// Requests from this address failed authentication too often; it is refused unheard.
+    #[error(
+        "too many failed authentications from your address: refused for {wait_ms} ms; fix the \
+         client's identity, clock or signatures"
+    )]
+    PeerThrottled {
+        /// How long until the address is heard again.
+        wait_ms: u64,
+    },
 }
 
 impl AuthError {
     /// Every label [`AuthError::metric_label`] can return (metrics start them at zero).
-    pub const METRIC_LABELS: [&'static str; 9] = [
+    pub const METRIC_LABELS: [&'static str; 10] = [
         "malformed",
         "bad_signature",
         "stale_timestamp",
@@ -92,6 +115,7 @@ impl AuthError {
         "insufficient_difficulty",
         "delegation_signature",
         "delegation_expired",
+        "peer_throttled",
     ];
 
     /// A short, bounded label for metrics.
@@ -106,7 +130,19 @@ impl AuthError {
             AuthError::InsufficientDifficulty { .. } => "insufficient_difficulty",
             AuthError::DelegationSignature => "delegation_signature",
             AuthError::DelegationExpired { .. } => "delegation_expired",
+            AuthError::PeerThrottled { .. } => "peer_throttled",
         }
+    }
+
+    /// True for failures that say something about the peer (a bad or replayed request), as
+    /// opposed to the server being busy.
+    pub fn is_peer_fault(&self) -> bool {
+        !matches!(
+            self,
+            AuthError::ReplayCacheFull(_)
+                | AuthError::IdentityReplayShare(_)
+                | AuthError::PeerThrottled { .. }
+        )
     }
 }
 
@@ -182,18 +218,54 @@ pub struct Caller {
     pub root: NodeId,
 }
 
-/// Verifies signed requests for one server: difficulty, clock window and replay cache.
+/// Verifies signed requests for one server: peer throttle, difficulty, clock window and replay
+/// cache.
 pub struct Verifier {
     min_difficulty: u8,
     window: Duration,
     replay: ReplayCache,
+    failures: KeyedBuckets<IpAddr>,
 }
 
 impl Verifier {
     /// A verifier for a pool that requires `min_difficulty` bits and accepts timestamps within
-    /// `window` of the server's clock, remembering at most `max_nonces` nonces.
+    /// `window` of the server's clock, remembering at most `max_nonces` nonces. A peer address
+    /// may fail [`FAILED_AUTH_BURST`] times, then [`FAILED_AUTH_RATE`] times a second.
     pub fn new(min_difficulty: u8, window: Duration, max_nonces: usize) -> Self {
-        Verifier { min_difficulty, window, replay: ReplayCache::new(window, max_nonces) }
+        Verifier {
+            min_difficulty,
+            window,
+            replay: ReplayCache::new(window, max_nonces),
+            failures: KeyedBuckets::new(FAILED_AUTH_RATE, FAILED_AUTH_BURST, MAX_THROTTLED_PEERS),
+        }
+    }
+
+    /// The same verifier allowing each peer address `burst` failures, then `rate` a second.
+    pub fn with_peer_throttle(mut self, rate: f64, burst: f64) -> Self {
+        self.failures = KeyedBuckets::new(rate, burst, MAX_THROTTLED_PEERS);
+        self
+    }
+
+    /// Refuses a peer address that has used up its failures (step 0: before anything of the
+    /// request is decoded). `None` (no address known, e.g. an in-process transport) passes.
+    pub fn admit_peer(&self, peer: Option<IpAddr>) -> Result<(), AuthError> {
+        let Some(ip) = peer else { return Ok(()) };
+        let wait = self.failures.wait(&peer_key(ip), Instant::now());
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            Err(AuthError::PeerThrottled { wait_ms: wait.as_millis().max(1) as u64 })
+        }
+    }
+
+    /// Charges a failed authentication to the peer's address (only failures that are the
+    /// peer's fault: a full cache is not).
+    pub fn record_failure(&self, peer: Option<IpAddr>, error: &AuthError) {
+        if let Some(ip) = peer
+            && error.is_peer_fault()
+        {
+            self.failures.spend(&peer_key(ip), Instant::now());
+        }
     }
 
     /// The pool's minimum identity difficulty.
@@ -353,6 +425,7 @@ mod label_tests {
             AuthError::InsufficientDifficulty { have: 0, need: 0 },
             AuthError::DelegationSignature,
             AuthError::DelegationExpired { expired: 0, now: 0 },
+            AuthError::PeerThrottled { wait_ms: 0 },
         ];
         let labels: Vec<&str> = all.iter().map(AuthError::metric_label).collect();
         assert_eq!(labels, AuthError::METRIC_LABELS);
@@ -533,5 +606,31 @@ mod tests {
         // verifier, so the cache may forget it.
         cache.check_and_insert(who, [3; 16], 1200, 1200).unwrap();
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn a_peer_that_keeps_failing_is_refused_unheard_and_others_are_not() {
+        let v = Verifier::new(8, WINDOW, 1000).with_peer_throttle(1.0, 5.0);
+        let (bad, good): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let id = mined(8);
+        for _ in 0..5 {
+            v.admit_peer(Some(bad)).unwrap();
+            let forged = Envelope::new(METHOD, b"").sign(id.credential(), &random_signing_key());
+            let err = v.verify(&forged, METHOD, b"", now_ms()).unwrap_err();
+            v.record_failure(Some(bad), &err);
+        }
+        let err = v.admit_peer(Some(bad)).unwrap_err();
+        assert!(
+            matches!(err, AuthError::PeerThrottled { wait_ms } if wait_ms > 0 && wait_ms <= 1000)
+        );
+        assert_eq!(err.metric_label(), "peer_throttled");
+        v.admit_peer(Some(good)).unwrap();
+        v.admit_peer(None).unwrap();
+        // Busy-server refusals are not the peer's fault and cost it nothing.
+        for _ in 0..10 {
+            v.record_failure(Some(good), &AuthError::ReplayCacheFull(1));
+        }
+        v.admit_peer(Some(good)).unwrap();
     }
 }

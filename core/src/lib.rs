@@ -18,6 +18,7 @@ pub mod cap;
 pub mod capacity;
 pub mod codec;
 pub mod identity;
+pub mod limit;
 pub mod placement;
 pub mod shard;
 pub mod tombstone;

@@ -86,9 +86,10 @@ pub fn object_id_for(uploader: &VerifyingKey, salt: &[u8; 32]) -> [u8; 32] {
 
 /// The shard length the codec produces for a segment of `plaintext_len` bytes coded with `k`
 /// data shards: the ciphertext and its tag split into k equal, even-length pieces.
-pub fn coded_shard_length(plaintext_len: u64, k: u16) -> u64 {
-    let s = (plaintext_len + TAG_LEN).div_ceil(u64::from(k.max(1)));
-    s + (s & 1)
+pub const fn coded_shard_length(plaintext_len: u64, k: u16) -> u64 {
+    let k = if k == 0 { 1 } else { k as u64 };
+    let s = plaintext_len.saturating_add(TAG_LEN).div_ceil(k);
+    s.saturating_add(s & 1)
 }
 /// BLAKE3 key for leaves.
 pub const LEAF_KEY: [u8; 32] = *b"shardfarm merkle leaf key v1 ...";

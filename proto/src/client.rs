@@ -21,6 +21,12 @@ use crate::pb::agent_client::AgentClient as Raw;
 pub const PUT_CHUNK: usize = 1 << 20;
 /// Default message size limit on both sides.
 pub const MAX_MESSAGE: usize = 8 << 20;
+/// The longest shard any valid header can describe (a maximal segment at k = 1).
+const MAX_SHARD: u64 =
+    shardfarm_core::shard::coded_shard_length(shardfarm_core::shard::MAX_SEGMENT_SIZE, 1);
+/// What an agent lists when asked for 0 entries, and the most it lists at once.
+const LIST_DEFAULT: u32 = 1000;
+const LIST_MAX: u32 = 10_000;
 
 /// Who signs requests: a credential and the key that matches it.
 #[derive(Clone)]
@@ -144,26 +150,38 @@ impl AgentClient {
         let mut stream =
             self.raw.get_shard(self.signer.request(methods::GET, req)).await?.into_inner();
         let mut out = FetchedShard { header: Vec::new(), data: Vec::new() };
+        // Nothing the agent says is trusted yet: the header bounds what may follow, and no
+        // header can promise more than one maximal shard.
+        let mut room: Option<usize> = None;
         while let Some(msg) = stream.next().await {
             match msg?.part {
                 Some(Part::SegmentHeader(h)) => {
-                    if let Ok(hd) = shardfarm_core::shard::SegmentHeader::decode_unverified(&h) {
-                        let want = if length == 0 {
-                            hd.shard_length.saturating_sub(offset)
-                        } else {
-                            length
-                        };
-                        // The header is not verified yet: never reserve more than one
-                        // maximal shard, whatever it says.
-                        let cap = shardfarm_core::shard::coded_shard_length(
-                            shardfarm_core::shard::MAX_SEGMENT_SIZE,
-                            1,
-                        );
-                        out.data.reserve(want.min(hd.shard_length).min(cap) as usize);
+                    if room.is_some() {
+                        return Err(Status::internal("agent sent a second segment header"));
                     }
+                    let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(&h).map_err(
+                        |e| {
+                            Status::internal(format!(
+                                "agent sent a header that does not parse: {e}"
+                            ))
+                        },
+                    )?;
+                    let shard = hd.shard_length.min(MAX_SHARD);
+                    let left = shard.saturating_sub(offset);
+                    let want = if length == 0 { left } else { length.min(left) };
+                    room = Some(want as usize);
+                    out.data.reserve(want as usize);
                     out.header = h.to_vec();
                 }
-                Some(Part::Chunk(c)) => out.data.extend_from_slice(&c),
+                Some(Part::Chunk(c)) => {
+                    let Some(left) = room.as_mut() else {
+                        return Err(Status::internal("agent sent bytes before the segment header"));
+                    };
+                    *left = left.checked_sub(c.len()).ok_or_else(|| {
+                        Status::internal("agent sent more bytes than the shard or range holds")
+                    })?;
+                    out.data.extend_from_slice(&c);
+                }
                 None => {}
             }
         }
@@ -206,12 +224,20 @@ impl AgentClient {
             start_after: start_after.map(|a| Bytes::copy_from_slice(&a)).unwrap_or_default(),
             limit,
         };
-        Ok(self
+        let most = if limit == 0 { LIST_DEFAULT } else { limit.min(LIST_MAX) } as usize;
+        let list = self
             .raw
             .list_tombstones(self.signer.request(methods::LIST_TOMBSTONES, req))
             .await?
             .into_inner()
-            .tombstones)
+            .tombstones;
+        if list.len() > most {
+            return Err(Status::internal(format!(
+                "agent sent {} tombstones for a page of {most}",
+                list.len()
+            )));
+        }
+        Ok(list)
     }
 
     /// Lists one page of a partition.
@@ -225,8 +251,14 @@ impl AgentClient {
             proto::ListShardsRequest { partition, start_after: start_after.map(Into::into), limit };
         let mut s =
             self.raw.list_shards(self.signer.request(methods::LIST, req)).await?.into_inner();
+        let most = if limit == 0 { LIST_DEFAULT } else { limit.min(LIST_MAX) } as usize;
         let mut out = Vec::new();
         while let Some(e) = s.next().await {
+            if out.len() == most {
+                return Err(Status::internal(format!(
+                    "agent listed more than the {most} entries asked for"
+                )));
+            }
             out.push(e?);
         }
         Ok(out)

@@ -64,9 +64,9 @@ pub fn auth_status(a: &AuthError) -> Status {
             Status::unauthenticated(msg)
         }
         AuthError::Replay => Status::already_exists(msg),
-        AuthError::ReplayCacheFull(_) | AuthError::IdentityReplayShare(_) => {
-            Status::resource_exhausted(msg)
-        }
+        AuthError::ReplayCacheFull(_)
+        | AuthError::IdentityReplayShare(_)
+        | AuthError::PeerThrottled { .. } => Status::resource_exhausted(msg),
         AuthError::InsufficientDifficulty { .. } => Status::failed_precondition(msg),
     }
 }
@@ -88,18 +88,28 @@ pub fn sign_into<M: Message>(
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
 }
 
-/// Verifies the signed envelope in `md` for `msg` on `method` (server side). The body hash is
-/// recomputed from the message received, never taken on trust.
+/// Verifies the signed envelope in `md` for `msg` on `method`, sent from `peer` (server side).
+/// A peer address that has failed too often is refused before anything is decoded; every
+/// failure that is the peer's fault is charged to its address. The body hash is recomputed
+/// from the message received, never taken on trust.
 pub fn verify_request<M: Message>(
     verifier: &Verifier,
     md: &MetadataMap,
+    peer: Option<std::net::SocketAddr>,
     method: &str,
     msg: &M,
 ) -> Result<Caller, AuthError> {
-    let mut req = read_envelope(md, method)?;
-    let body = msg.encode_to_vec();
-    req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
-    verifier.verify(&req, method, &body, now_ms())
+    let ip = peer.map(|p| p.ip());
+    verifier.admit_peer(ip)?;
+    let r = read_envelope(md, method).and_then(|mut req| {
+        let body = msg.encode_to_vec();
+        req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
+        verifier.verify(&req, method, &body, now_ms())
+    });
+    if let Err(e) = &r {
+        verifier.record_failure(ip, e);
+    }
+    r
 }
 
 fn read_envelope(md: &MetadataMap, method: &str) -> Result<SignedRequest, AuthError> {
