@@ -102,6 +102,16 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_UPLOAD_IDLE_TIMEOUT")]
     pub upload_idle_timeout: Option<u64>,
 
+    /// Uploads in flight on this node, from everyone (each holds a temp file and a
+    /// reservation; more are refused with RESOURCE_EXHAUSTED). [default: 1024]
+    #[arg(long, env = "SHARDFARM_MAX_UPLOADS")]
+    pub max_uploads: Option<u32>,
+
+    /// Uploads in flight for one owner root (an identity and its delegated ids): one client
+    /// cannot take every upload slot. [default: 128]
+    #[arg(long, env = "SHARDFARM_MAX_UPLOADS_PER_IDENTITY")]
+    pub max_uploads_per_identity: Option<u32>,
+
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -171,6 +181,10 @@ pub struct Config {
     pub max_capacity_difficulty: u32,
     /// Longest silence within an upload.
     pub upload_idle_timeout: std::time::Duration,
+    /// Uploads in flight, all callers.
+    pub max_uploads: u32,
+    /// Uploads in flight per owner root.
+    pub max_uploads_per_identity: u32,
     /// JSON logs.
     pub json_logs: bool,
     /// Coordinator to join.
@@ -252,6 +266,8 @@ impl AgentArgs {
             overhead,
             max_capacity_difficulty,
             upload_idle_timeout,
+            max_uploads,
+            max_uploads_per_identity,
             log_format,
             coordinator,
             advertise,
@@ -316,6 +332,8 @@ impl AgentArgs {
             upload_idle_timeout: std::time::Duration::from_secs(
                 a.upload_idle_timeout.unwrap_or(30).max(1),
             ),
+            max_uploads: a.max_uploads.unwrap_or(1024).max(1),
+            max_uploads_per_identity: a.max_uploads_per_identity.unwrap_or(128).max(1),
             json_logs,
             coordinator: a.coordinator,
             advertise: a.advertise,

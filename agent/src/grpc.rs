@@ -4,6 +4,7 @@
 //! Each method authenticates (signed envelope over its opening message), converts the proto
 //! message into domain types, calls the domain and converts the answer back.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,10 +90,11 @@ impl AgentService {
     fn authenticate<M: Message>(
         &self,
         md: &MetadataMap,
+        peer: Option<SocketAddr>,
         method: &str,
         msg: &M,
     ) -> Result<Caller, Status> {
-        let caller = verify_request(&self.verifier, md, method, msg).map_err(|e| {
+        let caller = verify_request(&self.verifier, md, peer, method, msg).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })?;
@@ -125,13 +127,14 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::PutShardResponse>, Status> {
         let start = Instant::now();
         let md = request.metadata().clone();
+        let peer = request.remote_addr();
         let mut stream = request.into_inner();
         let idle = self.upload_idle;
         let first = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no header within the idle timeout"))??
             .ok_or_else(|| Status::invalid_argument("empty stream: send the header first"))?;
-        let caller = self.authenticate(&md, methods::PUT, &first)?;
+        let caller = self.authenticate(&md, peer, methods::PUT, &first)?;
         let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
             return Err(Status::invalid_argument("the first message must be the header"));
         };
@@ -176,7 +179,12 @@ impl Agent for AgentService {
         request: Request<proto::GetShardRequest>,
     ) -> Result<Response<Self::GetShardStream>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::GET, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::GET,
+            request.get_ref(),
+        )?;
         let req = request.into_inner();
         let id = shard_id(req.key)?;
         let out =
@@ -206,7 +214,12 @@ impl Agent for AgentService {
         request: Request<proto::DeleteShardRequest>,
     ) -> Result<Response<proto::DeleteShardResponse>, Status> {
         let start = Instant::now();
-        let caller = self.authenticate(request.metadata(), methods::DELETE, request.get_ref())?;
+        let caller = self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::DELETE,
+            request.get_ref(),
+        )?;
         let id = shard_id(request.into_inner().key)?;
         let existed = self.observe(methods::DELETE, start, self.node.delete(caller, id).await)?;
         Ok(Response::new(proto::DeleteShardResponse { existed }))
@@ -219,8 +232,12 @@ impl Agent for AgentService {
         request: Request<proto::DeleteObjectRequest>,
     ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
         let start = Instant::now();
-        let caller =
-            self.authenticate(request.metadata(), methods::DELETE_OBJECT, request.get_ref())?;
+        let caller = self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::DELETE_OBJECT,
+            request.get_ref(),
+        )?;
         let tombstone = request.into_inner().tombstone.to_vec();
         let r = self.node.delete_object(tombstone, Some(&caller)).await;
         let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
@@ -232,7 +249,12 @@ impl Agent for AgentService {
         request: Request<proto::ListTombstonesRequest>,
     ) -> Result<Response<proto::ListTombstonesResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::LIST_TOMBSTONES, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::LIST_TOMBSTONES,
+            request.get_ref(),
+        )?;
         let req = request.into_inner();
         let after = match req.start_after.len() {
             0 => None,
@@ -252,7 +274,12 @@ impl Agent for AgentService {
         request: Request<proto::ListShardsRequest>,
     ) -> Result<Response<Self::ListShardsStream>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::LIST, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::LIST,
+            request.get_ref(),
+        )?;
         let req = request.into_inner();
         let after = req.start_after.map(ShardId::try_from).transpose()?;
         let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
@@ -275,7 +302,12 @@ impl Agent for AgentService {
         request: Request<proto::AuditRequest>,
     ) -> Result<Response<proto::AuditResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::AUDIT, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::AUDIT,
+            request.get_ref(),
+        )?;
         let req = request.into_inner();
         let id = shard_id(req.key)?;
         let r = self.node.audit(id, req.nonce.to_vec(), req.leaves).await;
@@ -298,7 +330,12 @@ impl Agent for AgentService {
         request: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::INFO, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::INFO,
+            request.get_ref(),
+        )?;
         let n = &self.node;
         let resp = proto::InfoResponse {
             node_id: Bytes::copy_from_slice(&n.identity.id().0),
@@ -321,7 +358,12 @@ impl Agent for AgentService {
         request: Request<proto::CapacityChallenge>,
     ) -> Result<Response<proto::CapacityReport>, Status> {
         let start = Instant::now();
-        self.authenticate(request.metadata(), methods::PROVE, request.get_ref())?;
+        self.authenticate(
+            request.metadata(),
+            request.remote_addr(),
+            methods::PROVE,
+            request.get_ref(),
+        )?;
         let req = request.into_inner();
         let r = self.node.prove_capacity(req.challenge.to_vec(), req.difficulty).await;
         let report = self.observe(methods::PROVE, start, r)?;

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     /// Refused requests by auth reason.
     pub auth_failures: IntCounterVec,
+    /// Uploads refused because too many were in flight (`per_identity`, `node_busy`).
+    pub uploads_refused: IntCounterVec,
     /// Payload bytes received in PutShard.
     pub bytes_in: IntCounter,
     /// Payload bytes sent in GetShard.
@@ -84,6 +86,14 @@ impl Metrics {
         .unwrap();
         let auth_failures = IntCounterVec::new(
             Opts::new("shardfarm_agent_auth_failures_total", "requests refused by the auth layer"),
+            &["reason"],
+        )
+        .unwrap();
+        let uploads_refused = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_uploads_refused_total",
+                "uploads refused because too many were in flight, by limit",
+            ),
             &["reason"],
         )
         .unwrap();
@@ -211,6 +221,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_seconds.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(uploads_refused.clone()),
             Box::new(bytes_in.clone()),
             Box::new(bytes_out.clone()),
             Box::new(shards.clone()),
@@ -242,6 +253,9 @@ impl Metrics {
         for r in ["answered", "corrupt", "missing"] {
             audits.with_label_values(&[r]);
         }
+        for r in ["per_identity", "node_busy"] {
+            uploads_refused.with_label_values(&[r]);
+        }
         for r in shardfarm_core::auth::AuthError::METRIC_LABELS {
             auth_failures.with_label_values(&[r]);
         }
@@ -262,6 +276,7 @@ impl Metrics {
             requests,
             request_seconds,
             auth_failures,
+            uploads_refused,
             bytes_in,
             bytes_out,
             shards,

@@ -115,6 +115,8 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         labels: cfg.labels.clone(),
         overhead: cfg.overhead,
         max_capacity_difficulty: cfg.max_capacity_difficulty,
+        max_uploads: cfg.max_uploads,
+        max_uploads_per_owner: cfg.max_uploads_per_identity,
     };
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
     let verifier = Arc::new(Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES));

@@ -104,6 +104,10 @@ pub struct NodeSettings {
     pub overhead: f64,
     /// Hardest capacity challenge answered (work a caller can ask of this node).
     pub max_capacity_difficulty: u32,
+    /// Uploads in flight, all owners.
+    pub max_uploads: u32,
+    /// Uploads in flight per owner root.
+    pub max_uploads_per_owner: u32,
 }
 
 /// One node: its identity, store and settings.
@@ -118,8 +122,10 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Bytes promised to uploads in flight, so parallel uploads cannot overfill the disk.
     reserved: AtomicU64,
+    /// Uploads in flight (reservations held).
+    uploads: AtomicU64,
     /// Uploads in flight per owner root (for the quota).
-    reserved_by_owner: Mutex<HashMap<[u8; 32], u64>>,
+    reserved_by_owner: Mutex<HashMap<[u8; 32], InFlight>>,
     latest_proof: Mutex<Option<Vec<u8>>>,
     /// Which slots this node holds, for deciding which puts it accepts.
     slots: RwLock<Slots>,
@@ -148,13 +154,22 @@ pub struct Reservation<'a> {
     owner: [u8; 32],
 }
 
+/// What one owner root has in flight on this node.
+#[derive(Clone, Copy, Debug, Default)]
+struct InFlight {
+    bytes: u64,
+    uploads: u32,
+}
+
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.node.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
-        let mut m = self.node.reserved_by_owner.lock().unwrap();
+        self.node.uploads.fetch_sub(1, Ordering::SeqCst);
+        let mut m = self.node.reserved_by_owner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = m.get_mut(&self.owner) {
-            *v -= self.bytes;
-            if *v == 0 {
+            v.bytes = v.bytes.saturating_sub(self.bytes);
+            v.uploads = v.uploads.saturating_sub(1);
+            if v.uploads == 0 {
                 m.remove(&self.owner);
             }
         }
@@ -211,6 +226,7 @@ impl Node {
             settings,
             metrics,
             reserved: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
             reserved_by_owner: Mutex::new(HashMap::new()),
             latest_proof: Mutex::new(None),
             slots: RwLock::new(Slots::Standalone),
@@ -255,12 +271,32 @@ impl Node {
 
     fn reserve(&self, bytes: u64, owner: [u8; 32]) -> Result<Reservation<'_>> {
         let cap = self.settings.capacity;
+        // `bytes` is bounded by the header decoder (≤ one maximal shard), so these sums of at
+        // most a few thousand in-flight uploads cannot wrap; the checks below saturate anyway.
         let prev = self.reserved.fetch_add(bytes, Ordering::SeqCst);
+        let uploads = self.uploads.fetch_add(1, Ordering::SeqCst) + 1;
         let r = Reservation { node: self, bytes, owner };
-        {
+        let mine = {
             let mut m = self.reserved_by_owner.lock().unwrap();
             let v = m.entry(owner).or_default();
-            *v = v.saturating_add(bytes);
+            v.bytes = v.bytes.saturating_add(bytes);
+            v.uploads = v.uploads.saturating_add(1);
+            *v
+        };
+        if mine.uploads > self.settings.max_uploads_per_owner {
+            self.metrics.uploads_refused.with_label_values(&["per_identity"]).inc();
+            return Err(Error::ResourceExhausted(format!(
+                "your owner root has {} uploads in flight on this node, its limit: wait for some \
+                 to finish",
+                mine.uploads - 1
+            )));
+        }
+        if uploads > u64::from(self.settings.max_uploads) {
+            self.metrics.uploads_refused.with_label_values(&["node_busy"]).inc();
+            return Err(Error::Unavailable(format!(
+                "node has {} uploads in flight, its limit: retry shortly or store elsewhere",
+                uploads - 1
+            )));
         }
         let used = self.store.used_bytes();
         if used.saturating_add(prev).saturating_add(bytes) > cap {
@@ -270,7 +306,7 @@ impl Node {
             )));
         }
         if self.settings.quota > 0 {
-            let in_flight = self.reserved_by_owner.lock().unwrap()[&owner];
+            let in_flight = mine.bytes;
             let stored = self.store.quota_used(&owner)?;
             if stored.saturating_add(in_flight) > self.settings.quota {
                 return Err(Error::ResourceExhausted(format!(
