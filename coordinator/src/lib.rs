@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use shardfarm_core::auth::{Caller, Verifier};
 use shardfarm_core::capacity::CapacityReport;
 use shardfarm_core::identity::{Credential, Identity, NodeId};
+use shardfarm_core::limit::KeyedBuckets;
 use shardfarm_core::placement::{self, Options, Profile};
 use shardfarm_proto::PublishedLayout;
 use tokio::sync::watch;
@@ -64,6 +65,14 @@ pub const SAVE_EVERY: Duration = Duration::from_secs(10);
 const CHALLENGE_TTL_MS: u64 = 60_000;
 /// Most outstanding challenges (each is 32 bytes; joins beyond this wait a minute).
 const MAX_CHALLENGES: usize = 10_000;
+/// Joins one identity may make in a burst, then one every [`JOIN_EVERY_IDENTITY`] seconds (an
+/// agent joins once per start, and again only if the coordinator forgot it).
+const JOIN_BURST_IDENTITY: f64 = 10.0;
+const JOIN_EVERY_IDENTITY: f64 = 2.0;
+/// Joins the whole pool accepts in a burst, then per second (a farm of hundreds of agents
+/// starting at once is admitted within seconds; a flood of fresh identities is not).
+const JOIN_BURST_POOL: f64 = 200.0;
+const JOIN_RATE_POOL: f64 = 50.0;
 
 // ---- Public interface ----
 
@@ -180,6 +189,9 @@ pub enum Refusal {
     /// Nothing to serve yet.
     #[error("{0}")]
     Unavailable(String),
+    /// A rate limit was reached: retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The state could not be saved.
     #[error("{0}")]
     Internal(String),
@@ -237,6 +249,14 @@ pub struct Coordinator {
     verifier: Verifier,
     ledger: Mutex<Ledger>,
     admission: Mutex<Admission>,
+    /// Joins per identity and for the whole pool.
+    joins_by_id: KeyedBuckets<NodeId>,
+    joins_pool: KeyedBuckets<()>,
+    /// Wakes the housekeeping loop when membership changed (a join): the layout is recomputed
+    /// and the state written there, never on a request's path.
+    wake: tokio::sync::Notify,
+    /// Orders state writes: each one snapshots the state after the previous one finished.
+    save_order: Mutex<()>,
     /// The coordinator's metrics.
     pub metrics: crate::metrics::CoordinatorMetrics,
 }
@@ -271,6 +291,14 @@ impl Coordinator {
             verifier,
             ledger: Mutex::new(ledger),
             admission: Mutex::new(Admission::default()),
+            joins_by_id: KeyedBuckets::new(
+                1.0 / JOIN_EVERY_IDENTITY,
+                JOIN_BURST_IDENTITY,
+                MAX_CHALLENGES,
+            ),
+            joins_pool: KeyedBuckets::new(JOIN_RATE_POOL, JOIN_BURST_POOL, 1),
+            wake: tokio::sync::Notify::new(),
+            save_order: Mutex::new(()),
             metrics: crate::metrics::CoordinatorMetrics::new(),
         };
         c.publish_current();
@@ -301,8 +329,24 @@ impl Coordinator {
         Ok((c, self.config.capacity_difficulty))
     }
 
-    /// Admits (or re-admits) the caller.
+    /// Admits (or re-admits) the caller. The membership changes at once; the state file and
+    /// the layout follow within a housekeeping step (a join that is lost in a crash before it
+    /// is written is repeated by the agent, whose heartbeat then gets NotFound).
     pub fn join(&self, caller: &Caller, input: JoinInput, now_ms: u64) -> Result<Member, Refusal> {
+        let now = std::time::Instant::now();
+        if !self.joins_by_id.try_take(&caller.id, now) {
+            let wait = self.joins_by_id.wait(&caller.id, now);
+            return Err(Refusal::ResourceExhausted(format!(
+                "node {} joined {JOIN_BURST_IDENTITY} times in quick succession: retry in {} ms",
+                caller.id,
+                wait.as_millis().max(1)
+            )));
+        }
+        if !self.joins_pool.try_take(&(), now) {
+            return Err(Refusal::ResourceExhausted(format!(
+                "the pool admits at most {JOIN_RATE_POOL} joins a second: retry in a second"
+            )));
+        }
         let report = CapacityReport::decode_verified(&input.capacity_report, None)
             .map_err(|e| Refusal::InvalidArgument(format!("capacity proof refused: {e}")))?;
         if report.node != *caller.credential.signing_key() {
@@ -393,9 +437,8 @@ impl Coordinator {
         let out = m.clone();
         tracing::info!(node = %caller.id, domain = %out.domain, capacity = out.capacity, "node joined");
         st.dirty = true;
-        self.save(&mut st)?;
         drop(st);
-        self.relayout(now_ms);
+        self.wake.notify_one();
         Ok(out)
     }
 
@@ -491,8 +534,8 @@ impl Coordinator {
             return;
         }
         install(&mut st, layout, now_ms);
-        let _ = self.save(&mut st);
         drop(st);
+        let _ = self.persist();
         self.publish_current();
     }
 
@@ -548,9 +591,8 @@ impl Coordinator {
             self.close_epoch(&mut st, e);
             st.epoch = Some(epoch);
         }
-        if now_ms.saturating_sub(st.saved_ms) >= SAVE_EVERY.as_millis() as u64 || st.dirty {
-            let _ = self.save(&mut st);
-        }
+        let save_now =
+            now_ms.saturating_sub(st.saved_ms) >= SAVE_EVERY.as_millis() as u64 || st.dirty;
         let in_sync = st.in_sync();
         if in_sync && st.previous.is_some() {
             tracing::info!(version = st.layout.as_ref().map_or(0, |l| l.version), "layout in sync");
@@ -561,6 +603,9 @@ impl Coordinator {
         }
         let pending = st.dirty || (in_sync && st.deferred > 0);
         drop(st);
+        if save_now {
+            let _ = self.persist();
+        }
         if pending {
             self.relayout(now_ms);
         }
@@ -594,35 +639,47 @@ impl Coordinator {
         }
     }
 
-    /// Recomputes the layout if the eligible nodes changed, and publishes it.
+    /// Recomputes the layout if the eligible nodes changed, and publishes it. Placement runs
+    /// on a snapshot without the state lock; if membership or the layout changed meanwhile,
+    /// the result is dropped and the next step starts over.
     fn relayout(&self, now_ms: u64) {
-        let mut st = self.state.lock().unwrap();
-        st.dirty = false;
-        let nodes: Vec<placement::Node> = st
-            .nodes
-            .values()
-            .filter(|m| m.up && m.standing != Standing::Disqualified)
-            .map(|m| placement::Node {
-                id: m.id,
-                root: m.root,
-                domain: m.domain.clone(),
-                capacity: m.capacity.max(0.0) as u64,
-                draining: m.draining,
-                frozen: m.standing == Standing::Suspended,
-            })
-            .collect();
+        let eligible = |st: &Persisted| -> Vec<placement::Node> {
+            st.nodes
+                .values()
+                .filter(|m| m.up && m.standing != Standing::Disqualified)
+                .map(|m| placement::Node {
+                    id: m.id,
+                    root: m.root,
+                    domain: m.domain.clone(),
+                    capacity: m.capacity.max(0.0) as u64,
+                    draining: m.draining,
+                    frozen: m.standing == Standing::Suspended,
+                })
+                .collect()
+        };
+        let (nodes, current) = {
+            let mut st = self.state.lock().unwrap();
+            st.dirty = false;
+            (eligible(&st), st.layout.clone())
+        };
         let opts = Options { max_transfers: self.config.max_transfers_per_round };
-        let plan =
-            match placement::compute(&nodes, &self.config.profile(), st.layout.as_ref(), &opts) {
-                Ok(p) => p,
-                Err(e) => {
-                    if st.problem.as_deref() != Some(&e.to_string()) {
-                        tracing::warn!(error = %e, "no layout can be computed");
-                    }
-                    st.problem = Some(e.to_string());
-                    return;
+        let plan = placement::compute(&nodes, &self.config.profile(), current.as_ref(), &opts);
+        let mut st = self.state.lock().unwrap();
+        let version = |l: &Option<placement::Layout>| l.as_ref().map(|l| l.version);
+        if version(&st.layout) != version(&current) || eligible(&st) != nodes {
+            st.dirty = true;
+            return;
+        }
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                if st.problem.as_deref() != Some(&e.to_string()) {
+                    tracing::warn!(error = %e, "no layout can be computed");
                 }
-            };
+                st.problem = Some(e.to_string());
+                return;
+            }
+        };
         st.problem = None;
         st.deferred = plan.quality.deferred;
         if st.layout.as_ref().is_some_and(|l| l.partitions == plan.layout.partitions) {
@@ -632,8 +689,8 @@ impl Coordinator {
         self.metrics.layout_moved.set(plan.quality.moved as i64);
         self.metrics.layout_balance.set(plan.quality.balance);
         install(&mut st, plan.layout, now_ms);
-        let _ = self.save(&mut st);
         drop(st);
+        let _ = self.persist();
         self.publish_current();
     }
 
@@ -647,8 +704,16 @@ impl Coordinator {
         self.layout_tx.send_replace(Some(Arc::new(published)));
     }
 
-    fn save(&self, st: &mut Persisted) -> Result<(), Refusal> {
-        st.save(self.store.as_ref()).map_err(|e| {
+    /// Writes the state. The state lock is held only to serialise it, never across the write
+    /// and its fsync; writes are ordered, so an older snapshot never overwrites a newer one.
+    fn persist(&self) -> Result<(), Refusal> {
+        let _order = self.save_order.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = {
+            let mut st = self.state.lock().unwrap();
+            st.saved_ms = shardfarm_core::auth::now_ms();
+            serde_json::to_vec(&*st).expect("the state serialises")
+        };
+        self.store.save(&bytes).map_err(|e| {
             tracing::error!(error = %e, "could not save the coordinator state");
             Refusal::Internal(format!("could not save the coordinator state: {e}"))
         })
@@ -716,24 +781,38 @@ impl Coordinator {
         self.metrics.audits.with_label_values(&[result]).inc();
     }
 
-    /// Runs housekeeping and audits until `stop`.
+    /// Runs housekeeping (on a timer, and at once after a join) and audits (on their own
+    /// timer, so a slow audit round never delays a layout) until `stop`. Housekeeping runs on
+    /// the blocking pool: placement and the state write never hold up request handlers.
     pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let tick = Duration::from_millis((self.config.heartbeat_ms / 2).clamp(100, 1000));
         let audit_every = Duration::from_millis(self.config.audit_interval_ms.max(100));
         let auditor = auditor::Auditor::new(self.clone());
-        let mut next_audit = tokio::time::Instant::now() + audit_every;
+        let audit_stop = stop.clone();
+        let audits = tokio::spawn(async move {
+            let mut next = tokio::time::interval(audit_every);
+            next.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            next.tick().await;
+            loop {
+                tokio::select! {
+                    _ = audit_stop.cancelled() => break,
+                    _ = next.tick() => auditor.round().await,
+                }
+            }
+        });
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(tick) => {}
+                _ = self.wake.notified() => {}
             }
-            self.tick(shardfarm_core::auth::now_ms());
-            if tokio::time::Instant::now() >= next_audit {
-                next_audit += audit_every;
-                auditor.round().await;
+            let me = self.clone();
+            let step = tokio::task::spawn_blocking(move || me.tick(shardfarm_core::auth::now_ms()));
+            if let Err(e) = step.await {
+                tracing::error!(error = %e, "housekeeping step failed");
             }
         }
-        let mut st = self.state.lock().unwrap();
-        let _ = self.save(&mut st);
+        let _ = audits.await;
+        let _ = self.persist();
     }
 }

@@ -19,6 +19,7 @@ fn to_status(r: Refusal) -> Status {
         Refusal::FailedPrecondition(m) => Status::failed_precondition(m),
         Refusal::NotFound(m) => Status::not_found(m),
         Refusal::Unavailable(m) => Status::unavailable(m),
+        Refusal::ResourceExhausted(m) => Status::resource_exhausted(m),
         Refusal::Internal(m) => Status::internal(m),
     }
 }
@@ -36,7 +37,8 @@ impl CoordinatorService {
     }
 
     fn auth<M: prost::Message>(&self, r: &Request<M>, method: &str) -> Result<Caller, Status> {
-        verify_request(&self.c.verifier, r.metadata(), method, r.get_ref()).map_err(|e| {
+        let peer = r.remote_addr();
+        verify_request(&self.c.verifier, r.metadata(), peer, method, r.get_ref()).map_err(|e| {
             self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })

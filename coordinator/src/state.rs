@@ -167,14 +167,6 @@ impl Persisted {
         Ok(st)
     }
 
-    /// Writes the state to `store` (atomically: the store's promise).
-    pub fn save(&mut self, store: &dyn StateStore) -> Result<()> {
-        let bytes = serde_json::to_vec(self).expect("serialisable");
-        store.save(&bytes)?;
-        self.saved_ms = shardfarm_core::auth::now_ms();
-        Ok(())
-    }
-
     /// Every holder of the current layout has repaired for it.
     pub fn in_sync(&self) -> bool {
         let Some(l) = &self.layout else { return true };

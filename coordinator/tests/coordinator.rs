@@ -38,6 +38,7 @@ async fn start(cfg: PoolConfig) -> Running {
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
     let svc = CoordinatorServer::new(CoordinatorService::new(c.clone()));
+    tokio::spawn(c.clone().run(stop.clone()));
     let s = stop.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -98,6 +99,32 @@ async fn join(
     let report = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
     let r = c.join(join_req(zone, port, report.encode())).await;
     (id, r)
+}
+
+#[tokio::test]
+async fn joins_are_rate_limited_per_identity() {
+    let r = start(pool()).await;
+    let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let mut c = client(&r.addr, Signer::identity(&id)).await;
+    let ch = c.challenge().await.unwrap();
+    let proof = CapacityReport::prove(&id, &ch.challenge, D, machine()).unwrap();
+    let mut forged = proof.encode();
+    forged[40] ^= 1;
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(c.join(join_req("z0", 9000, forged.clone())).await.unwrap_err().code());
+    }
+    // The burst is spent on refused joins too; then even a valid join must wait.
+    assert_eq!(codes[..10], [Code::InvalidArgument; 10]);
+    assert_eq!(codes[10..], [Code::ResourceExhausted; 2]);
+    let s = c.join(join_req("z0", 9000, proof.encode())).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s}");
+    assert!(s.message().contains("retry in"), "{s}");
+    assert!(r.c.members().is_empty());
+    // Another identity is not affected.
+    let (other, res) = join(&r.addr, "z1", 9010).await;
+    res.unwrap();
+    assert_eq!(r.c.members().iter().map(|m| m.id).collect::<Vec<_>>(), [other.id()]);
 }
 
 #[tokio::test]
@@ -231,9 +258,17 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
         res.unwrap();
         ids.push(id);
     }
-    // Five nodes cannot hold RS(4,2): GetLayout says exactly why.
+    // Five nodes cannot hold RS(4,2): GetLayout says exactly why (once housekeeping has
+    // tried, right after the joins).
     let mut c = client(&r.addr, Signer::identity(&ids[0])).await;
-    let s = c.get_layout().await.unwrap_err();
+    let mut s = c.get_layout().await.unwrap_err();
+    for _ in 0..50 {
+        if s.message().contains("needs") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = c.get_layout().await.unwrap_err();
+    }
     assert_eq!(s.code(), Code::Unavailable);
     assert!(s.message().contains("RS(4,2) needs 6 nodes of distinct owners"), "{s}");
 
