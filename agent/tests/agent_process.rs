@@ -608,3 +608,149 @@ async fn a_stalled_upload_cannot_hold_the_nodes_capacity() {
         "{m}"
     );
 }
+
+/// Opens an upload of slot `index` of `seg` that sends its header and then nothing; returns
+/// the sender that keeps it open and the call's handle.
+async fn stalled_upload(
+    agent: &AgentProc,
+    who: &Identity,
+    seg: &Seg,
+    index: u32,
+) -> (
+    tokio::sync::mpsc::Sender<proto::PutShardRequest>,
+    tokio::task::JoinHandle<Result<tonic::Response<proto::PutShardResponse>, tonic::Status>>,
+) {
+    use proto::put_shard_request::Part;
+    let first = proto::PutShardRequest {
+        part: Some(Part::Header(proto::PutShardHeader {
+            segment_header: seg.header_bytes.clone().into(),
+            shard_index: index,
+        })),
+    };
+    let mut md = tonic::metadata::MetadataMap::new();
+    shardfarm_proto::sign_into(&mut md, methods::PUT, &first, &who.credential(), who.signing_key());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(first).await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    *req.metadata_mut() = md;
+    let mut raw =
+        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    (tx, tokio::spawn(async move { raw.put_shard(req).await }))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_in_flight_are_limited_per_identity_and_freed_when_they_end() {
+    let dir = tmp();
+    let agent = AgentProc::start(
+        &dir.path().join("a"),
+        &["--max-uploads-per-identity", "2", "--upload-idle-timeout", "60"],
+    );
+    let (me, signer) = signer();
+    let seg = segment(&me, 64 * 1024, 2, 2);
+    let mut open = Vec::new();
+    for i in 0..2 {
+        open.push(stalled_upload(&agent, &me, &seg, i).await);
+    }
+    let mut c = agent.client(&signer).await;
+    // The two stalled streams reach the node before a third is refused.
+    let mut refused = None;
+    for _ in 0..100 {
+        match c.put_shard(&seg.header_bytes, 2, seg.shards[2].clone()).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                refused = Some(e);
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => {
+                assert!(c.delete_shard(seg.id(2)).await.unwrap());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let refused = refused.expect("the stalled uploads never counted");
+    assert!(refused.message().contains("uploads in flight"), "{}", refused.message());
+    // Another identity is not held up by this one's uploads.
+    let (other, other_signer) = common::signer();
+    let theirs = segment(&other, 64 * 1024, 2, 2);
+    let mut c2 = agent.client(&other_signer).await;
+    c2.put_shard(&theirs.header_bytes, 0, theirs.shards[0].clone()).await.unwrap();
+    // The moment a stalled stream dies, its place is free again.
+    let (tx, call) = open.pop().unwrap();
+    drop(tx);
+    let _ = call.await.unwrap();
+    let mut stored = None;
+    for _ in 0..100 {
+        match c.put_shard(&seg.header_bytes, 2, seg.shards[2].clone()).await {
+            Ok(r) => {
+                stored = Some(r);
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(stored.is_some(), "the ended upload still counted");
+    let m = agent.metrics();
+    assert!(
+        metric(&m, "shardfarm_agent_uploads_refused_total{reason=\"per_identity\"}") >= Some(1.0),
+        "{m}"
+    );
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn maximal_lengths_and_counts_are_refused_and_change_nothing() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let seg = segment(&me, 64 * 1024, 2, 1);
+    c.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+    let before = agent.metrics();
+
+    // Headers whose lengths and counts are the largest their fields hold, validly signed by
+    // the uploader: refused before anything is reserved or written.
+    type Edit = fn(&mut SegmentHeader);
+    let edits: [(&str, Edit); 6] = [
+        ("shard_length", |h| h.shard_length = u64::MAX),
+        ("object_length", |h| h.object_length = u64::MAX),
+        ("segment_size", |h| h.segment_size = u64::MAX),
+        ("segment_count", |h| h.segment_count = u32::MAX),
+        ("segment_index", |h| h.segment_index = u32::MAX),
+        ("k", |h| h.k = u16::MAX),
+    ];
+    for (what, edit) in edits {
+        let mut h = seg.header.clone();
+        edit(&mut h);
+        h.sign(me.signing_key());
+        let err = c.put_shard(&h.encode(), 1, seg.shards[1].clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    let err = c.put_shard(&seg.header_bytes, u32::MAX, seg.shards[1].clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "shard index: {err:?}");
+    // Reads, audits, listings and capacity challenges with maximal numbers.
+    let err = c.get_shard(seg.id(0), u64::MAX, u64::MAX).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let got = c.get_shard(seg.id(0), 1, u64::MAX).await.unwrap();
+    assert_eq!(got.data, seg.shards[0][1..]);
+    let err = c.audit(seg.id(0), &[1; 16], u32::MAX).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let p = shardfarm_core::shard::partition(&seg.header.object_id, 0, 256);
+    let page = c.list_shards(p, None, u32::MAX).await.unwrap();
+    assert_eq!(page.len(), 1);
+    let err = c.list_shards(u32::MAX, None, 10).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = c.prove_capacity(&[1; 32], u32::MAX).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Nothing changed: one shard, the same bytes used, nothing in flight.
+    let after = agent.metrics();
+    for series in ["shardfarm_agent_shards ", "shardfarm_agent_stored_bytes "] {
+        assert_eq!(metric(&after, series), metric(&before, series), "{series}");
+    }
+    assert_eq!(metric(&after, "shardfarm_agent_shards "), Some(1.0));
+    // And the node still takes an honest upload of the full size.
+    c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await.unwrap();
+}

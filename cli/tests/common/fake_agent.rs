@@ -3,6 +3,10 @@
 //! it can learn under every slot, and serves junk: alternately headers it signed itself for
 //! honest object ids and honest headers with bytes that do not match their roots, and audit
 //! answers under forged headers. It never stores a byte.
+//!
+//! With [`Behaviour::Overflow`] it tries to exhaust its peers instead: every shard it serves
+//! is an honest header followed by an endless stream of 1 MiB chunks, and every listing is an
+//! endless stream of made-up shards claiming 2^62 bytes each.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -10,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use shardfarm_core::capacity::{CapacityReport, Machine};
 use shardfarm_core::identity::Identity;
 use shardfarm_core::shard::ShardId;
@@ -22,6 +26,15 @@ use tonic::{Request, Response, Status, Streaming};
 use super::hostile::forged_header;
 
 type Known = Arc<Mutex<BTreeMap<u32, BTreeSet<([u8; 32], u32)>>>>;
+
+/// What the fake member does with its peers' requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Serves forged headers and corrupt bytes.
+    Junk,
+    /// Never stops sending: endless shards and endless listings.
+    Overflow,
+}
 
 /// The running fake member.
 pub struct FakeAgent {
@@ -39,6 +52,8 @@ struct Service {
     honest: Vec<String>,
     signer: Arc<Signer>,
     calls: Arc<std::sync::atomic::AtomicU64>,
+    behaviour: Behaviour,
+    partitions: u32,
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -92,6 +107,19 @@ impl Agent for Service {
         request: Request<proto::GetShardRequest>,
     ) -> Result<Response<Self::GetShardStream>, Status> {
         let id = shardfarm_proto::convert::shard_id(request.into_inner().key)?;
+        if self.behaviour == Behaviour::Overflow {
+            let header = match self.real_shard(id).await {
+                Some((h, _)) => h,
+                None => forged_header(&self.evil, id.object_id, id.segment).0,
+            };
+            let chunk = Bytes::from(vec![0x5A; 1 << 20]);
+            let head = proto::GetShardResponse { part: Some(Part::SegmentHeader(header.into())) };
+            let endless =
+                futures::stream::iter([Ok(head)]).chain(futures::stream::repeat_with(move || {
+                    Ok(proto::GetShardResponse { part: Some(Part::Chunk(chunk.clone())) })
+                }));
+            return Ok(Response::new(Box::pin(endless)));
+        }
         let (header, data) = self.junk(id).await;
         let parts = vec![
             Ok(proto::GetShardResponse { part: Some(Part::SegmentHeader(header.into())) }),
@@ -126,6 +154,28 @@ impl Agent for Service {
         request: Request<proto::ListShardsRequest>,
     ) -> Result<Response<Self::ListShardsStream>, Status> {
         let p = request.into_inner().partition;
+        if self.behaviour == Behaviour::Overflow {
+            // One made-up object in the partition, listed with ever new shard indexes (the
+            // shard index does not change the partition, so each entry looks plausible).
+            let object_id = loop {
+                let o: [u8; 32] = rand_bytes();
+                if shardfarm_core::shard::partition(&o, 0, self.partitions) == p {
+                    break o;
+                }
+            };
+            let mut shard = 0u32;
+            let endless = futures::stream::repeat_with(move || {
+                shard = shard.wrapping_add(1);
+                let id = ShardId { object_id, segment: 0, shard };
+                Ok(proto::ShardEntry {
+                    key: Some(id.into()),
+                    partition: p,
+                    shard_length: 1 << 62,
+                    merkle_root: Bytes::from_static(&[7; 32]),
+                })
+            });
+            return Ok(Response::new(Box::pin(endless)));
+        }
         let known = self.known.lock().unwrap().get(&p).cloned().unwrap_or_default();
         let mut out = Vec::new();
         for (obj, seg) in known {
@@ -170,6 +220,17 @@ impl FakeAgent {
     /// Joins the farm whose coordinator is at `coordinator`, learning honest segments from
     /// `honest` (addresses) over `partitions`.
     pub fn join(coordinator: &str, honest: Vec<String>, partitions: u32, zone: &str) -> FakeAgent {
+        Self::join_as(coordinator, honest, partitions, zone, Behaviour::Junk)
+    }
+
+    /// The same, behaving as `behaviour` says.
+    pub fn join_as(
+        coordinator: &str,
+        honest: Vec<String>,
+        partitions: u32,
+        zone: &str,
+        behaviour: Behaviour,
+    ) -> FakeAgent {
         let (evil, _) = Identity::generate(8, 1, &|_| {}).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -186,6 +247,8 @@ impl FakeAgent {
             honest: honest.clone(),
             signer: signer.clone(),
             calls: Arc::default(),
+            behaviour,
+            partitions,
         };
         rt.spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -258,4 +321,10 @@ impl FakeAgent {
         });
         FakeAgent { id: evil.id().to_hex(), grpc, rt }
     }
+}
+
+fn rand_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).unwrap();
+    b
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod fake_agent;
+pub mod flood;
 pub mod hostile;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");

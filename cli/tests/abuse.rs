@@ -1,0 +1,162 @@
+//! Abuse that must cost a farm nothing: a flood of requests from a stranger who has not done
+//! the work (unsigned, unmined, replayed, forged), and a member that never stops sending.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::fake_agent::{Behaviour, FakeAgent};
+use common::flood::{FLOOD_FROM, answered, flood};
+use common::hostile::farm_file;
+use common::{Farm, free_base_port, metric, same, write_random};
+use tonic::Code;
+
+/// The farm file once the coordinator's layout is in sync and the file shows that layout.
+fn settled(farm: &Farm) -> shardfarm_client::farm::Farm {
+    let mut f = farm_file(&farm.dir);
+    farm.wait_for(60, "the first layout in sync", || {
+        let text = farm.coordinator_metrics();
+        f = farm_file(&farm.dir);
+        metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
+            && metric(&text, "shardfarm_coordinator_layout_version") == f.layout_version as f64
+    });
+    f
+}
+
+fn put_and_read_back(farm: &Farm, dir: &Path, name: &str, len: usize, seed: u64) {
+    let p = dir.join(format!("{name}.bin"));
+    write_random(&p, len, seed);
+    let cap = farm.put(&p);
+    let back = dir.join(format!("{name}.back"));
+    let r = farm.get(&cap, &back);
+    assert!(r.status.success(), "get {name}: {}", String::from_utf8_lossy(&r.stderr));
+    assert!(same(&p, &back), "{name} changed");
+}
+
+/// Resident memory of a process, in bytes (0 if it is gone).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[test]
+fn an_unmined_flood_leaves_honest_clients_and_heartbeats_unaffected() {
+    // The flood comes from its own loopback address, as from another machine.
+    if std::net::TcpListener::bind((FLOOD_FROM, 0)).is_err() {
+        panic!("{FLOOD_FROM} is not a usable loopback address on this machine");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A 3 s grace: heartbeats held up for 3 s would mark nodes down and churn the layout.
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "6", "--grace", "3"],
+    );
+    let f = settled(&farm);
+    let version = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    let length = Duration::from_secs(15);
+    let flooding = std::thread::spawn(move || flood(&agents, &coordinator, length, 8));
+
+    // Honest work all through the flood: every put and get succeeds.
+    let mut rounds = 0;
+    while !flooding.is_finished() {
+        put_and_read_back(&farm, tmp.path(), &format!("during-{rounds}"), 700 * 1024, rounds);
+        rounds += 1;
+    }
+    let tally = flooding.join().unwrap();
+    println!("honest rounds: {rounds}; flood answers: {:?}", tally.lock().unwrap());
+    assert!(rounds >= 2, "too few honest rounds ran: {rounds}");
+    // Only the first use of the replayed request is answered, once per agent.
+    assert!(answered(&tally, Code::Ok) <= 6, "{tally:?}");
+    // The address is cut off after its failures: most of the flood is refused unheard.
+    let throttled = answered(&tally, Code::ResourceExhausted);
+    let total: u64 = tally.lock().unwrap().values().sum();
+    assert!(throttled * 2 > total, "{throttled} of {total} throttled: {tally:?}");
+    let series =
+        |reason: &str| format!("shardfarm_agent_auth_failures_total{{reason=\"{reason}\"}}");
+    assert!(farm.agent_metric_sum(6, &series("peer_throttled")) > 0.0);
+    assert_eq!(farm.agent_metric_sum(6, &series("replay_cache_full")), 0.0);
+    assert_eq!(farm.agent_metric_sum(6, &series("identity_replay_share")), 0.0);
+    let c = farm.coordinator_metrics();
+    assert!(
+        metric(&c, "shardfarm_coordinator_auth_failures_total{reason=\"peer_throttled\"}") > 0.0,
+        "the coordinator was flooded too"
+    );
+    // Heartbeats went on: nobody was marked down and the layout did not move.
+    assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active_down\"}"), 0.0);
+    assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active\"}"), 6.0);
+    assert_eq!(metric(&c, "shardfarm_coordinator_layout_version"), version);
+}
+
+#[test]
+fn a_member_that_never_stops_sending_cannot_exhaust_its_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "7", "--grace", "5", "--repair-interval", "2"],
+    );
+    let files: Vec<(PathBuf, String)> = (0..8)
+        .map(|i| {
+            let p = tmp.path().join(format!("f-{i}.bin"));
+            write_random(&p, 64 * 1024 + i, 900 + i as u64);
+            (p.clone(), farm.put(&p))
+        })
+        .collect();
+    let f = settled(&farm);
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let honest: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    let fake =
+        FakeAgent::join_as(&coordinator, honest, f.partitions, "zone-9", Behaviour::Overflow);
+    farm.wait_for(60, "a layout that gives the endless member slots", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
+    });
+    // A node dies: its slots are repaired by peers that list and fetch from the endless
+    // member too (it is a holder of the partitions it was given).
+    farm.kill9(1);
+    let survivors: Vec<usize> = (0..7).filter(|&i| i != 1).collect();
+    let pids: Vec<u32> = survivors.iter().map(|&i| farm.agent_pid(i)).collect();
+    farm.wait_for(120, "repair passes that met the endless member", || {
+        farm.agent_metric_sum(7, "shardfarm_agent_repair_failures_total") > 0.0
+            || farm.agent_metric_sum(7, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}")
+                > 0.0
+    });
+    // Several more repair passes (2 s apart) against it.
+    std::thread::sleep(Duration::from_secs(10));
+    for (&i, &pid) in survivors.iter().zip(&pids) {
+        assert_eq!(farm.agent_pid(i), pid, "agent {i} restarted");
+        let r = rss(pid);
+        assert!(r > 0, "agent {i} (pid {pid}) is gone");
+        assert!(r < 1 << 30, "agent {i} holds {} MiB", r >> 20);
+    }
+    // Readers that meet it as a holder get every file back.
+    for (i, (p, cap)) in files.iter().enumerate() {
+        let out = tmp.path().join(format!("back-{i}.bin"));
+        let r = farm.get(cap, &out);
+        assert!(r.status.success(), "get {i}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(same(p, &out), "file {i} changed");
+    }
+    // What bounded them: the client library every reader, repairer and the auditor use
+    // stops at the header's shard length and at the page size asked for.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (me, _) = shardfarm_core::identity::Identity::generate(8, 1, &|_| {}).unwrap();
+    let signer = std::sync::Arc::new(shardfarm_proto::Signer::identity(&me));
+    let cap: shardfarm_core::cap::ReadCap = files[0].1.parse().unwrap();
+    rt.block_on(async {
+        let mut c = shardfarm_proto::AgentClient::connect(&fake.grpc, signer).await.unwrap();
+        let id = shardfarm_core::shard::ShardId { object_id: cap.object_id, segment: 0, shard: 0 };
+        let call = c.get_shard(id, 0, 0);
+        let err = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap_err();
+        assert!(err.message().contains("more bytes than the shard"), "{err}");
+        let err = c.list_shards(0, None, 100).await.unwrap_err();
+        assert!(err.message().contains("listed more than the 100 entries"), "{err}");
+    });
+}
