@@ -16,7 +16,7 @@ use shardfarm_core::identity::Identity;
 use tokio::process::{Child, Command};
 
 use shardfarm_coordinator::economics::RewardConfig;
-use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
+use shardfarm_coordinator::{Coordinator, PoolConfig};
 use tokio_util::sync::CancellationToken;
 
 use shardfarm_client::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
@@ -251,21 +251,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await
         .with_context(|| format!("binding the coordinator's metrics address {metrics_addr}"))?;
-    let server = {
-        let svc = shardfarm_proto::pb::coordinator_server::CoordinatorServer::new(
-            CoordinatorService::new(coordinator.clone()),
-        )
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
-        let stop = stop.clone();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-        })
-    };
+    let server = tokio::spawn(shardfarm_coordinator::service::serve(
+        listener,
+        coordinator.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(shardfarm_coordinator::serve_metrics(
         metrics_listener,
         coordinator.clone(),

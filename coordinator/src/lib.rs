@@ -30,7 +30,7 @@ pub mod economics;
 mod error;
 pub mod ledger;
 pub mod metrics;
-mod service;
+pub mod service;
 mod state;
 pub mod store;
 

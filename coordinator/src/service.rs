@@ -24,6 +24,34 @@ fn to_status(r: Refusal) -> Status {
     }
 }
 
+/// Largest request the coordinator decodes: joins and heartbeats are a few KiB.
+pub const MAX_REQUEST: usize = 1 << 20;
+/// Largest answer it sends: a layout of 65 536 partitions × 14 slots and its fallback.
+pub const MAX_RESPONSE: usize = 64 << 20;
+/// Concurrent calls per connection (an agent needs two: WatchLayout and one more).
+const CONCURRENT_STREAMS: usize = 64;
+
+/// Serves the coordinator's gRPC API on `listener` until `stop`, with explicit message size
+/// limits, HTTP/2 keepalive (a peer that stops answering is dropped: pings every 30 s, 10 s
+/// to answer) and a per-connection stream limit.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    c: Arc<Coordinator>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let svc = proto::coordinator_server::CoordinatorServer::new(CoordinatorService::new(c))
+        .max_decoding_message_size(MAX_REQUEST)
+        .max_encoding_message_size(MAX_RESPONSE);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .concurrency_limit_per_connection(CONCURRENT_STREAMS)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+}
+
 /// The gRPC service over a [`Coordinator`].
 #[derive(Clone)]
 pub struct CoordinatorService {

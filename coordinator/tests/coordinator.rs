@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use shardfarm_coordinator::economics::Standing;
 use shardfarm_coordinator::ledger::Ledger;
-use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
+use shardfarm_coordinator::{Coordinator, PoolConfig};
 use shardfarm_core::capacity::{CapacityReport, Machine};
 use shardfarm_core::identity::{Delegation, Identity, random_signing_key};
 use shardfarm_proto::pb as proto;
-use shardfarm_proto::pb::coordinator_server::CoordinatorServer;
 use shardfarm_proto::{CoordinatorClient, Signer};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -37,18 +36,8 @@ async fn start(cfg: PoolConfig) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
-    let svc = CoordinatorServer::new(CoordinatorService::new(c.clone()));
     tokio::spawn(c.clone().run(stop.clone()));
-    let s = stop.clone();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                s.cancelled_owned(),
-            )
-            .await
-    });
+    tokio::spawn(shardfarm_coordinator::service::serve(listener, c.clone(), stop.clone()));
     Running { c, addr, stop, _dir: dir }
 }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, Context, ControllerMetrics, Error};
 use crate::fabric::Coordinators;
-use shardfarm_coordinator::{Coordinator, CoordinatorService, PoolConfig};
+use shardfarm_coordinator::{Coordinator, PoolConfig};
 
 /// How long a leader's lease lasts without renewal.
 const LEASE_SECONDS: i32 = 15;
@@ -108,19 +108,11 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let coordinator = Coordinator::open(config, &args.state_dir, identity)?;
     pools.insert(&args.pool, coordinator.clone());
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;
-    let svc = shardfarm_proto::pb::coordinator_server::CoordinatorServer::new(
-        CoordinatorService::new(coordinator.clone()),
-    );
-    let grpc_stop = stop.clone();
-    let grpc = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                grpc_stop.cancelled_owned(),
-            )
-            .await
-    });
+    let grpc = tokio::spawn(shardfarm_coordinator::service::serve(
+        listener,
+        coordinator.clone(),
+        stop.clone(),
+    ));
     let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
     let metrics = Arc::new(ControllerMetrics::new(&coordinator.metrics.registry));
     tokio::spawn(shardfarm_coordinator::serve_metrics(
