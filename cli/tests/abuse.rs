@@ -62,7 +62,7 @@ fn an_unmined_flood_leaves_honest_clients_and_heartbeats_unaffected() {
     let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
     let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
     let length = Duration::from_secs(15);
-    let flooding = std::thread::spawn(move || flood(&agents, &coordinator, length, 8));
+    let flooding = std::thread::spawn(move || flood(FLOOD_FROM, &agents, &coordinator, length, 8));
 
     // Honest work all through the flood: every put and get succeeds.
     let mut rounds = 0;
@@ -92,6 +92,37 @@ fn an_unmined_flood_leaves_honest_clients_and_heartbeats_unaffected() {
     // Heartbeats went on: nobody was marked down and the layout did not move.
     assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active_down\"}"), 0.0);
     assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active\"}"), 6.0);
+    assert_eq!(metric(&c, "shardfarm_coordinator_layout_version"), version);
+}
+
+#[test]
+fn a_flood_from_the_same_address_does_not_lock_out_callers_known_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "6", "--grace", "3"],
+    );
+    let f = settled(&farm);
+    // The farm's client has worked with every node before the flood starts.
+    put_and_read_back(&farm, tmp.path(), "before", 700 * 1024, 1);
+    let version = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    // From 127.0.0.1, like the honest client and every agent's heartbeat.
+    let length = Duration::from_secs(10);
+    let flooding = std::thread::spawn(move || flood("127.0.0.1", &agents, &coordinator, length, 8));
+    let mut rounds = 0;
+    while !flooding.is_finished() {
+        put_and_read_back(&farm, tmp.path(), &format!("during-{rounds}"), 300 * 1024, rounds);
+        rounds += 1;
+    }
+    let tally = flooding.join().unwrap();
+    println!("honest rounds: {rounds}; flood answers: {:?}", tally.lock().unwrap());
+    assert!(rounds >= 2, "too few honest rounds ran: {rounds}");
+    assert!(answered(&tally, Code::ResourceExhausted) > 0, "{tally:?}");
+    let c = farm.coordinator_metrics();
+    assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active_down\"}"), 0.0);
     assert_eq!(metric(&c, "shardfarm_coordinator_layout_version"), version);
 }
 

@@ -13,7 +13,9 @@
 //!    with a share per identity so one key cannot fill it for others.
 //!
 //! Every failure but a full cache costs the peer address a token ([`Verifier::record_failure`]);
-//! an address out of tokens is refused before anything else is looked at, until it refills.
+//! an address out of tokens is refused before anything else is looked at, until it refills —
+//! except for identities that have authenticated from that address before, which are charged
+//! for their own failures only (a stranger behind the same NAT cannot lock them out).
 //! Policy (allow/deny, rate limits, quotas) is the server's business and comes after.
 //!
 //! The replay cache only has to remember nonces for as long as their timestamps are inside the
@@ -224,8 +226,18 @@ pub struct Verifier {
     min_difficulty: u8,
     window: Duration,
     replay: ReplayCache,
+    /// Failures per peer address, for callers not known there.
     failures: KeyedBuckets<IpAddr>,
+    /// Failures per (address, identity) for identities that have authenticated from that
+    /// address: a stranger flooding from a shared address (a NAT, the same host) cannot lock
+    /// out the honest callers behind it.
+    known_failures: KeyedBuckets<(IpAddr, NodeId)>,
+    /// (address, identity) pairs that authenticated lately, and when.
+    known: Mutex<HashMap<(IpAddr, NodeId), Instant>>,
 }
+
+/// How long an identity stays known at an address after its last good request.
+const KNOWN_FOR: Duration = Duration::from_secs(3600);
 
 impl Verifier {
     /// A verifier for a pool that requires `min_difficulty` bits and accepts timestamps within
@@ -237,20 +249,42 @@ impl Verifier {
             window,
             replay: ReplayCache::new(window, max_nonces),
             failures: KeyedBuckets::new(FAILED_AUTH_RATE, FAILED_AUTH_BURST, MAX_THROTTLED_PEERS),
+            known_failures: KeyedBuckets::new(
+                FAILED_AUTH_RATE,
+                FAILED_AUTH_BURST,
+                MAX_THROTTLED_PEERS,
+            ),
+            known: Mutex::new(HashMap::new()),
         }
     }
 
     /// The same verifier allowing each peer address `burst` failures, then `rate` a second.
     pub fn with_peer_throttle(mut self, rate: f64, burst: f64) -> Self {
         self.failures = KeyedBuckets::new(rate, burst, MAX_THROTTLED_PEERS);
+        self.known_failures = KeyedBuckets::new(rate, burst, MAX_THROTTLED_PEERS);
         self
     }
 
-    /// Refuses a peer address that has used up its failures (step 0: before anything of the
-    /// request is decoded). `None` (no address known, e.g. an in-process transport) passes.
-    pub fn admit_peer(&self, peer: Option<IpAddr>) -> Result<(), AuthError> {
+    fn is_known(&self, key: (IpAddr, NodeId), now: Instant) -> bool {
+        let known = self.known.lock().unwrap();
+        known.get(&key).is_some_and(|t| now.saturating_duration_since(*t) < KNOWN_FOR)
+    }
+
+    /// Refuses a peer that has used up its failures (step 0: before the request is verified).
+    /// `claimed` is the identity the request's credential names, unverified: an identity that
+    /// has authenticated from this address before is throttled on its own failures only.
+    /// `None` for the address (an in-process transport) passes.
+    pub fn admit_peer(
+        &self,
+        peer: Option<IpAddr>,
+        claimed: Option<NodeId>,
+    ) -> Result<(), AuthError> {
         let Some(ip) = peer else { return Ok(()) };
-        let wait = self.failures.wait(&peer_key(ip), Instant::now());
+        let (key, now) = (peer_key(ip), Instant::now());
+        let wait = match claimed {
+            Some(id) if self.is_known((key, id), now) => self.known_failures.wait(&(key, id), now),
+            _ => self.failures.wait(&key, now),
+        };
         if wait.is_zero() {
             Ok(())
         } else {
@@ -258,14 +292,33 @@ impl Verifier {
         }
     }
 
-    /// Charges a failed authentication to the peer's address (only failures that are the
-    /// peer's fault: a full cache is not).
-    pub fn record_failure(&self, peer: Option<IpAddr>, error: &AuthError) {
-        if let Some(ip) = peer
-            && error.is_peer_fault()
-        {
-            self.failures.spend(&peer_key(ip), Instant::now());
+    /// Charges a failed authentication to the peer (its address, or its known identity there);
+    /// only failures that are the peer's fault count: a full cache does not.
+    pub fn record_failure(&self, peer: Option<IpAddr>, claimed: Option<NodeId>, error: &AuthError) {
+        let Some(ip) = peer else { return };
+        if !error.is_peer_fault() {
+            return;
         }
+        let (key, now) = (peer_key(ip), Instant::now());
+        match claimed {
+            Some(id) if self.is_known((key, id), now) => self.known_failures.spend(&(key, id), now),
+            _ => self.failures.spend(&key, now),
+        }
+    }
+
+    /// Remembers that `caller` authenticated from `peer`. Bounded: when full, pairs not seen
+    /// for [`KNOWN_FOR`] are forgotten, and if none are, the new pair is not remembered.
+    pub fn record_success(&self, peer: Option<IpAddr>, caller: NodeId) {
+        let Some(ip) = peer else { return };
+        let (key, now) = ((peer_key(ip), caller), Instant::now());
+        let mut known = self.known.lock().unwrap();
+        if known.len() >= MAX_THROTTLED_PEERS && !known.contains_key(&key) {
+            known.retain(|_, t| now.saturating_duration_since(*t) < KNOWN_FOR);
+            if known.len() >= MAX_THROTTLED_PEERS {
+                return;
+            }
+        }
+        known.insert(key, now);
     }
 
     /// The pool's minimum identity difficulty.
@@ -611,26 +664,38 @@ mod tests {
     #[test]
     fn a_peer_that_keeps_failing_is_refused_unheard_and_others_are_not() {
         let v = Verifier::new(8, WINDOW, 1000).with_peer_throttle(1.0, 5.0);
-        let (bad, good): (IpAddr, IpAddr) =
-            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let bad: IpAddr = "192.0.2.1".parse().unwrap();
+        let good: IpAddr = "192.0.2.2".parse().unwrap();
         let id = mined(8);
+        // An honest caller behind the same address authenticated before the flood.
+        let honest = mined(8);
+        let ok = v.verify(&signed(&honest, b""), METHOD, b"", now_ms()).unwrap();
+        v.record_success(Some(bad), ok.id);
         for _ in 0..5 {
-            v.admit_peer(Some(bad)).unwrap();
+            v.admit_peer(Some(bad), Some(id.id())).unwrap();
             let forged = Envelope::new(METHOD, b"").sign(id.credential(), &random_signing_key());
             let err = v.verify(&forged, METHOD, b"", now_ms()).unwrap_err();
-            v.record_failure(Some(bad), &err);
+            v.record_failure(Some(bad), Some(id.id()), &err);
         }
-        let err = v.admit_peer(Some(bad)).unwrap_err();
+        let err = v.admit_peer(Some(bad), Some(id.id())).unwrap_err();
         assert!(
             matches!(err, AuthError::PeerThrottled { wait_ms } if wait_ms > 0 && wait_ms <= 1000)
         );
         assert_eq!(err.metric_label(), "peer_throttled");
-        v.admit_peer(Some(good)).unwrap();
-        v.admit_peer(None).unwrap();
+        v.admit_peer(Some(bad), None).unwrap_err();
+        // The known caller at that address, and everyone elsewhere, are still heard.
+        v.admit_peer(Some(bad), Some(honest.id())).unwrap();
+        v.admit_peer(Some(good), Some(id.id())).unwrap();
+        v.admit_peer(None, None).unwrap();
+        // A stranger claiming the known identity pays from that identity's own bucket there.
+        for _ in 0..5 {
+            v.record_failure(Some(bad), Some(honest.id()), &AuthError::BadSignature);
+        }
+        v.admit_peer(Some(bad), Some(honest.id())).unwrap_err();
         // Busy-server refusals are not the peer's fault and cost it nothing.
         for _ in 0..10 {
-            v.record_failure(Some(good), &AuthError::ReplayCacheFull(1));
+            v.record_failure(Some(good), None, &AuthError::ReplayCacheFull(1));
         }
-        v.admit_peer(Some(good)).unwrap();
+        v.admit_peer(Some(good), None).unwrap();
     }
 }

@@ -89,7 +89,7 @@ pub fn sign_into<M: Message>(
 }
 
 /// Verifies the signed envelope in `md` for `msg` on `method`, sent from `peer` (server side).
-/// A peer address that has failed too often is refused before anything is decoded; every
+/// A peer that has failed too often is refused before its request is verified; every
 /// failure that is the peer's fault is charged to its address. The body hash is recomputed
 /// from the message received, never taken on trust.
 pub fn verify_request<M: Message>(
@@ -100,14 +100,17 @@ pub fn verify_request<M: Message>(
     msg: &M,
 ) -> Result<Caller, AuthError> {
     let ip = peer.map(|p| p.ip());
-    verifier.admit_peer(ip)?;
-    let r = read_envelope(md, method).and_then(|mut req| {
+    let req = read_envelope(md, method);
+    let claimed = req.as_ref().ok().map(|r| r.credential.id());
+    verifier.admit_peer(ip, claimed)?;
+    let r = req.and_then(|mut req| {
         let body = msg.encode_to_vec();
         req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
         verifier.verify(&req, method, &body, now_ms())
     });
-    if let Err(e) = &r {
-        verifier.record_failure(ip, e);
+    match &r {
+        Ok(caller) => verifier.record_success(ip, caller.id),
+        Err(e) => verifier.record_failure(ip, claimed, e),
     }
     r
 }

@@ -19,8 +19,7 @@ pub const FLOOD_FROM: &str = "127.0.0.2";
 /// What the flood got back, by status code.
 pub type Tally = Arc<Mutex<BTreeMap<String, u64>>>;
 
-async fn channel(addr: &str) -> Channel {
-    let from: IpAddr = FLOOD_FROM.parse().unwrap();
+async fn channel(addr: &str, from: IpAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .local_address(Some(from))
@@ -39,8 +38,16 @@ fn count(tally: &Tally, r: Result<(), tonic::Status>) {
 }
 
 /// Floods every agent in `agents` and the coordinator at `coordinator` for `length`, with
-/// `per_target` concurrent request loops each. Returns what the servers answered.
-pub fn flood(agents: &[String], coordinator: &str, length: Duration, per_target: usize) -> Tally {
+/// `per_target` concurrent request loops each, from address `from`. Returns what the servers
+/// answered.
+pub fn flood(
+    from: &str,
+    agents: &[String],
+    coordinator: &str,
+    length: Duration,
+    per_target: usize,
+) -> Tally {
+    let from: IpAddr = from.parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let rt = rt.unwrap();
     let tally: Tally = Arc::default();
@@ -61,7 +68,7 @@ pub fn flood(agents: &[String], coordinator: &str, length: Duration, per_target:
     rt.block_on(async {
         let mut tasks = Vec::new();
         for addr in agents {
-            let ch = channel(addr).await;
+            let ch = channel(addr, from).await;
             for i in 0..per_target {
                 let (ch, tally) = (ch.clone(), tally.clone());
                 let (unmined, forged, replayed) =
@@ -86,7 +93,7 @@ pub fn flood(agents: &[String], coordinator: &str, length: Duration, per_target:
                 }));
             }
         }
-        let ch = channel(coordinator).await;
+        let ch = channel(coordinator, from).await;
         for i in 0..per_target {
             let (ch, tally, unmined) = (ch.clone(), tally.clone(), unmined.clone());
             tasks.push(tokio::spawn(async move {
