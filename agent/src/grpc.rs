@@ -11,12 +11,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::Stream;
-use prost::Message;
 use shardfarm_core::auth::{Caller, Verifier};
 use shardfarm_core::shard::ShardId;
 use shardfarm_proto::convert::shard_id;
 use shardfarm_proto::pb as proto;
-use shardfarm_proto::{auth_status, methods, verify_request};
+use shardfarm_proto::{FirstMessageHash, auth_status, methods, verify_request};
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
@@ -87,14 +86,20 @@ impl AgentService {
     }
 
     /// Authenticates `msg` on `method` and applies the policy.
-    fn authenticate<M: Message>(
+    fn authenticate<M>(&self, request: &Request<M>, method: &str) -> Result<Caller, Status> {
+        let first = request.extensions().get::<FirstMessageHash>();
+        self.authenticate_parts(request.metadata(), first, request.remote_addr(), method)
+    }
+
+    /// [`Self::authenticate`] from a request's parts (a stream's opening message).
+    fn authenticate_parts(
         &self,
         md: &MetadataMap,
+        first: Option<&FirstMessageHash>,
         peer: Option<SocketAddr>,
         method: &str,
-        msg: &M,
     ) -> Result<Caller, Status> {
-        let caller = verify_request(&self.verifier, md, peer, method, msg).map_err(|e| {
+        let caller = verify_request(&self.verifier, md, first, peer, method).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })?;
@@ -128,13 +133,14 @@ impl Agent for AgentService {
         let start = Instant::now();
         let md = request.metadata().clone();
         let peer = request.remote_addr();
+        let first_hash = request.extensions().get::<FirstMessageHash>().cloned();
         let mut stream = request.into_inner();
         let idle = self.upload_idle;
         let first = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no header within the idle timeout"))??
             .ok_or_else(|| Status::invalid_argument("empty stream: send the header first"))?;
-        let caller = self.authenticate(&md, peer, methods::PUT, &first)?;
+        let caller = self.authenticate_parts(&md, first_hash.as_ref(), peer, methods::PUT)?;
         let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
             return Err(Status::invalid_argument("the first message must be the header"));
         };
@@ -179,12 +185,7 @@ impl Agent for AgentService {
         request: Request<proto::GetShardRequest>,
     ) -> Result<Response<Self::GetShardStream>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::GET,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::GET)?;
         let req = request.into_inner();
         let id = shard_id(req.key)?;
         let out =
@@ -214,12 +215,7 @@ impl Agent for AgentService {
         request: Request<proto::DeleteShardRequest>,
     ) -> Result<Response<proto::DeleteShardResponse>, Status> {
         let start = Instant::now();
-        let caller = self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::DELETE,
-            request.get_ref(),
-        )?;
+        let caller = self.authenticate(&request, methods::DELETE)?;
         let id = shard_id(request.into_inner().key)?;
         let existed = self.observe(methods::DELETE, start, self.node.delete(caller, id).await)?;
         Ok(Response::new(proto::DeleteShardResponse { existed }))
@@ -232,12 +228,7 @@ impl Agent for AgentService {
         request: Request<proto::DeleteObjectRequest>,
     ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
         let start = Instant::now();
-        let caller = self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::DELETE_OBJECT,
-            request.get_ref(),
-        )?;
+        let caller = self.authenticate(&request, methods::DELETE_OBJECT)?;
         let tombstone = request.into_inner().tombstone.to_vec();
         let r = self.node.delete_object(tombstone, Some(&caller)).await;
         let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
@@ -249,12 +240,7 @@ impl Agent for AgentService {
         request: Request<proto::ListTombstonesRequest>,
     ) -> Result<Response<proto::ListTombstonesResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::LIST_TOMBSTONES,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::LIST_TOMBSTONES)?;
         let req = request.into_inner();
         let after = match req.start_after.len() {
             0 => None,
@@ -274,12 +260,7 @@ impl Agent for AgentService {
         request: Request<proto::ListShardsRequest>,
     ) -> Result<Response<Self::ListShardsStream>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::LIST,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::LIST)?;
         let req = request.into_inner();
         let after = req.start_after.map(ShardId::try_from).transpose()?;
         let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
@@ -302,12 +283,7 @@ impl Agent for AgentService {
         request: Request<proto::AuditRequest>,
     ) -> Result<Response<proto::AuditResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::AUDIT,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::AUDIT)?;
         let req = request.into_inner();
         let id = shard_id(req.key)?;
         let r = self.node.audit(id, req.nonce.to_vec(), req.leaves).await;
@@ -330,12 +306,7 @@ impl Agent for AgentService {
         request: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::INFO,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::INFO)?;
         let n = &self.node;
         let resp = proto::InfoResponse {
             node_id: Bytes::copy_from_slice(&n.identity.id().0),
@@ -358,12 +329,7 @@ impl Agent for AgentService {
         request: Request<proto::CapacityChallenge>,
     ) -> Result<Response<proto::CapacityReport>, Status> {
         let start = Instant::now();
-        self.authenticate(
-            request.metadata(),
-            request.remote_addr(),
-            methods::PROVE,
-            request.get_ref(),
-        )?;
+        self.authenticate(&request, methods::PROVE)?;
         let req = request.into_inner();
         let r = self.node.prove_capacity(req.challenge.to_vec(), req.difficulty).await;
         let report = self.observe(methods::PROVE, start, r)?;

@@ -179,6 +179,8 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let grpc_stop = stop.clone();
     let ready_flag = ready.clone();
     Server::builder()
+        // Signatures are checked over the first message's bytes as they arrived.
+        .layer(shardfarm_proto::HashFirstMessage)
         // A peer that stops answering is dropped: pings every 30 s, 10 s to answer.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

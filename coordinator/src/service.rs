@@ -44,6 +44,7 @@ pub async fn serve(
         .max_encoding_message_size(MAX_RESPONSE);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .layer(shardfarm_proto::HashFirstMessage)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .concurrency_limit_per_connection(CONCURRENT_STREAMS)
@@ -65,8 +66,9 @@ impl CoordinatorService {
     }
 
     fn auth<M: prost::Message>(&self, r: &Request<M>, method: &str) -> Result<Caller, Status> {
+        let first = r.extensions().get::<shardfarm_proto::FirstMessageHash>();
         let peer = r.remote_addr();
-        verify_request(&self.c.verifier, r.metadata(), peer, method, r.get_ref()).map_err(|e| {
+        verify_request(&self.c.verifier, r.metadata(), first, peer, method).map_err(|e| {
             self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })

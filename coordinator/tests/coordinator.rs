@@ -337,3 +337,28 @@ async fn each_epoch_records_rewards_in_the_signed_ledger() {
     let l = Ledger::open(&dir.join("ledger.jsonl"), &r.c.identity().public_key()).unwrap();
     assert_eq!(l.entries().len(), 2);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// A join's labels travel as a protobuf map, which has no fixed order: the client's
+    /// `HashMap` encodes in one order and a re-encoding on the server in another. Signatures
+    /// cover the bytes as sent, so every join with any label map verifies.
+    #[test]
+    fn joins_with_any_labels_verify_on_the_server_path(
+        labels in proptest::collection::hash_map("[a-z0-9./-]{1,24}", "[ -~]{0,40}", 0..24)
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let r = start(pool()).await;
+            let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+            let mut c = client(&r.addr, Signer::identity(&id)).await;
+            let ch = c.challenge().await.unwrap();
+            let report = CapacityReport::prove(&id, &ch.challenge, D, machine()).unwrap();
+            let mut req = join_req("z0", 9000, report.encode());
+            req.labels.extend(labels.into_iter().filter(|(k, _)| k != "zone"));
+            let joined = c.join(req).await;
+            assert!(joined.is_ok(), "{joined:?}");
+        });
+    }
+}

@@ -5,6 +5,8 @@
 use prost::Message;
 use shardfarm_core::auth::{AuthError, Caller, Envelope, SignedRequest, Verifier, now_ms};
 use shardfarm_core::identity::Credential;
+
+use crate::signed_body::FirstMessageHash;
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -88,25 +90,34 @@ pub fn sign_into<M: Message>(
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
 }
 
-/// Verifies the signed envelope in `md` for `msg` on `method`, sent from `peer` (server side).
-/// A peer that has failed too often is refused before its request is verified; every
-/// failure that is the peer's fault is charged to its address. The body hash is recomputed
-/// from the message received, never taken on trust.
-pub fn verify_request<M: Message>(
+/// Verifies the signed envelope in `md` on `method`, sent from `peer` (server side), over the
+/// first message's bytes as they arrived (`first`, from the [`HashFirstMessage`] layer in the
+/// request's extensions; never a re-encoding). A peer that has failed too often is refused
+/// before its request is verified; every failure that is the peer's fault is charged to it.
+///
+/// [`HashFirstMessage`]: crate::signed_body::HashFirstMessage
+pub fn verify_request(
     verifier: &Verifier,
     md: &MetadataMap,
+    first: Option<&FirstMessageHash>,
     peer: Option<std::net::SocketAddr>,
     method: &str,
-    msg: &M,
 ) -> Result<Caller, AuthError> {
     let ip = peer.map(|p| p.ip());
     let req = read_envelope(md, method);
     let claimed = req.as_ref().ok().map(|r| r.credential.id());
     verifier.admit_peer(ip, claimed)?;
     let r = req.and_then(|mut req| {
-        let body = msg.encode_to_vec();
-        req.envelope.body_hash = shardfarm_core::identity::blake2b256(&[&body]);
-        verifier.verify(&req, method, &body, now_ms())
+        req.envelope.body_hash = match first.and_then(FirstMessageHash::get) {
+            Some(Ok(hash)) => hash,
+            Some(Err(why)) => return Err(AuthError::Malformed(why.into())),
+            None => {
+                return Err(AuthError::Malformed(
+                    "the request's first message was not seen whole by the server".into(),
+                ));
+            }
+        };
+        verifier.verify_hashed(&req, method, now_ms())
     });
     match &r {
         Ok(caller) => verifier.record_success(ip, caller.id),

@@ -12,6 +12,7 @@ pub mod client;
 pub mod convert;
 pub mod coordinator;
 pub mod envelope;
+pub mod signed_body;
 
 /// Generated protocol types (`shardfarm.v1`).
 #[allow(missing_docs, clippy::all)]
@@ -22,3 +23,4 @@ pub mod pb {
 pub use client::{AgentClient, Signer};
 pub use coordinator::{CoordinatorClient, PublishedLayout};
 pub use envelope::{auth_status, keys, methods, sign_into, verify_request};
+pub use signed_body::{FirstMessageHash, HashFirstMessage};
