@@ -229,6 +229,7 @@ pub struct MiningFarmSpec {
     #[schemars(range(min = 0, max = 10_000))]
     pub replicas: i32,
     /// The zone label of every agent of this farm.
+    #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 63").message("zone must be 1-63 characters"))]
     pub zone: String,
     /// Node selector for the agent pods.
@@ -248,9 +249,11 @@ pub struct MiningFarmSpec {
 pub struct PoolRef {
     /// A StoragePool in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub name: Option<String>,
     /// `host:port` of a remote pool's coordinator (the pool's home cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 261))]
     pub coordinator_endpoint: Option<String>,
 }
 
@@ -277,12 +280,15 @@ pub struct AgentSpec {
 pub struct StorageSpec {
     /// Volume size (e.g. `1Ti`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub size: Option<String>,
     /// Storage class of the claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// A host directory instead of a claim (bare metal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub host_path: Option<String>,
 }
 
@@ -345,8 +351,9 @@ pub struct NodeSyndicationSpec {
     pub pool_ref: String,
     /// Who is admitted.
     pub admission: SyndicationAdmission,
-    /// Nodes listed ahead of time (edge boxes, bare metal).
+    /// Nodes listed ahead of time (edge boxes, bare metal); at most 1000.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
     pub static_members: Vec<StaticMember>,
     /// Other clusters whose MiningFarms join this pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -363,13 +370,15 @@ pub struct SyndicationAdmission {
     /// Least identity difficulty, bits (the pool's, if higher, wins).
     #[schemars(range(min = 8, max = 40))]
     pub min_identity_difficulty: u8,
-    /// Node ids (64 hex digits) admitted in `AllowList` mode.
+    /// Node ids (64 lowercase hex digits) admitted in `AllowList` mode.
     #[serde(default)]
+    #[schemars(length(max = 1000), inner(length(min = 64, max = 64), pattern(r"^[0-9a-f]{64}$")))]
     pub allow: Vec<String>,
 }
 
 /// Admission mode.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[schemars(extend("maxLength" = 16))]
 pub enum AdmissionMode {
     /// Any node mined to the difficulty.
     Open,
@@ -382,6 +391,7 @@ pub enum AdmissionMode {
 #[serde(rename_all = "camelCase")]
 pub struct StaticMember {
     /// Node id, 64 hex digits.
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("nodeId must be 64 lowercase hex digits"))]
     pub node_id: String,
     /// Proof-of-work difficulty of its identity, bits (as it reports it).
@@ -587,6 +597,60 @@ mod tests {
                 assert!(KNOWN_FORMATS.contains(&f.as_str()), "{file}: format {f}");
             }
         }
+    }
+
+    /// Every string, list and map a CEL rule can touch is bounded, and so is every list or
+    /// map a rule sits inside (the API server multiplies a rule's cost by how many times it
+    /// may run): unbounded, the rule is refused as over its cost budget.
+    #[test]
+    fn every_cel_rule_touches_only_bounded_values() {
+        use serde_json::Value;
+        fn walk(v: &Value, path: &str, inside: Option<&str>, ruled: bool, errs: &mut Vec<String>) {
+            let Value::Object(m) = v else { return };
+            let has_rule = m.contains_key("x-kubernetes-validations");
+            if has_rule && let Some(list) = inside {
+                errs.push(format!("rule at {path} runs once per item of unbounded {list}"));
+            }
+            let ruled = ruled || has_rule;
+            let ty = m.get("type").and_then(Value::as_str);
+            let map = matches!(m.get("additionalProperties"), Some(Value::Object(_)));
+            if ruled {
+                let need = match ty {
+                    Some("string") => Some("maxLength"),
+                    Some("array") => Some("maxItems"),
+                    Some("object") if map => Some("maxProperties"),
+                    _ => None,
+                };
+                if let Some(need) = need
+                    && !m.contains_key(need)
+                {
+                    errs.push(format!("{path} is touched by a rule but has no {need}"));
+                }
+            }
+            if let Some(Value::Object(props)) = m.get("properties") {
+                for (k, child) in props {
+                    walk(child, &format!("{path}.{k}"), inside, ruled, errs);
+                }
+            }
+            if let Some(items) = m.get("items") {
+                let bounded = m.contains_key("maxItems");
+                let here = format!("{path}[]");
+                walk(items, &here, if bounded { inside } else { Some(path) }, ruled, errs);
+            }
+            if let Some(add @ Value::Object(_)) = m.get("additionalProperties") {
+                let bounded = m.contains_key("maxProperties");
+                let here = format!("{path}{{}}");
+                walk(add, &here, if bounded { inside } else { Some(path) }, ruled, errs);
+            }
+        }
+        let mut errs = Vec::new();
+        for (file, crd) in all() {
+            for v in &crd.spec.versions {
+                let schema = serde_json::to_value(&v.schema).unwrap();
+                walk(&schema["openAPIV3Schema"], file, None, false, &mut errs);
+            }
+        }
+        assert!(errs.is_empty(), "{}", errs.join("\n"));
     }
 
     #[test]
