@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Checks the Helm chart, the alerts and the dashboards with the real tools, offline.
 
-- helm lint --strict and helm template, with the default values and with
-  charts/shardfarm/ci/all-features-values.yaml;
+- helm lint --strict and helm template of both charts (charts/shardfarm: operator and CRDs;
+  charts/shardfarm-pool: a pool and its farms), with the default values and with each chart's
+  ci/all-features-values.yaml; no release contains a kind defined by a CRD of the same release
+  (helm cannot install that on a fresh cluster);
 - every rendered manifest against the Kubernetes schemas (kubernetes-validate --strict), every
   rendered custom resource against its CRD (check-jsonschema), every rendered PrometheusRule
   with promtool check rules; the chart's CRDs identical to crds/*.yaml;
@@ -77,35 +79,50 @@ def main():
         c = yaml.safe_load(open(f))
         for v in c["spec"]["versions"]:
             crd_schemas[(f"{c['spec']['group']}/{v['name']}", c["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
-    for values in [None, os.path.join(chart, "ci", "all-features-values.yaml")]:
-        extra = ["-f", values] if values else []
-        label = "all features" if values else "defaults"
-        run([helm, "lint", "--strict", chart, *extra])
-        out = run([helm, "template", "sf", chart, "--namespace", "shardfarm", *extra])
-        docs = [d for d in yaml.safe_load_all(out) if d]
-        with tempfile.TemporaryDirectory() as tmp:
-            builtin, n = [], 0
-            for d in docs:
-                n += 1
-                key = (d["apiVersion"], d["kind"])
-                path = os.path.join(tmp, f"{n:03}-{d['kind']}.yaml")
-                with open(path, "w") as fh:
-                    yaml.safe_dump(d, fh)
-                if key in crd_schemas:
-                    schema = os.path.join(tmp, f"{n:03}-schema.json")
-                    json.dump(crd_schemas[key], open(schema, "w"))
-                    run([os.path.join(BIN, "check-jsonschema"), "--schemafile", schema, path])
-                elif d["apiVersion"].startswith("monitoring.coreos.com/"):
-                    if d["kind"] == "PrometheusRule":
-                        rules_path = os.path.join(tmp, f"{n:03}-rules.yaml")
-                        yaml.safe_dump({"groups": d["spec"]["groups"]}, open(rules_path, "w"))
-                        run(["promtool", "check", "rules", rules_path])
-                    # ServiceMonitor/PodMonitor: no schema offline; rendered and linted only.
-                else:
-                    builtin.append(path)
+    # Both charts, in install order: the operator chart (CRDs, operator) and the pool chart
+    # (a StoragePool and its MiningFarms). Helm maps every manifest of a release before it
+    # creates any, so no release may contain a kind that a CRD of the same release defines.
+    for chart in [os.path.join(root, "charts", "shardfarm"), os.path.join(root, "charts", "shardfarm-pool")]:
+        for values in [None, os.path.join(chart, "ci", "all-features-values.yaml")]:
+            check_release(helm, chart, values, crd_schemas)
+
+
+def check_release(helm, chart, values, crd_schemas):
+    name = os.path.basename(chart)
+    extra = ["-f", values] if values else []
+    label = "all features" if values else "defaults"
+    run([helm, "lint", "--strict", chart, *extra])
+    out = run([helm, "template", "sf", chart, "--namespace", "shardfarm", *extra])
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    own_crds = {d["spec"]["names"]["kind"] for d in docs if d["kind"] == "CustomResourceDefinition"}
+    clash = sorted({d["kind"] for d in docs if d["kind"] in own_crds})
+    if clash:
+        sys.exit(f"{name} ({label}) creates {clash} and the CRDs defining them in one release: "
+                 "helm install fails with 'no matches for kind' on a fresh cluster")
+    with tempfile.TemporaryDirectory() as tmp:
+        builtin, n = [], 0
+        for d in docs:
+            n += 1
+            key = (d["apiVersion"], d["kind"])
+            path = os.path.join(tmp, f"{n:03}-{d['kind']}.yaml")
+            with open(path, "w") as fh:
+                yaml.safe_dump(d, fh)
+            if key in crd_schemas:
+                schema = os.path.join(tmp, f"{n:03}-schema.json")
+                json.dump(crd_schemas[key], open(schema, "w"))
+                run([os.path.join(BIN, "check-jsonschema"), "--schemafile", schema, path])
+            elif d["apiVersion"].startswith("monitoring.coreos.com/"):
+                if d["kind"] == "PrometheusRule":
+                    rules_path = os.path.join(tmp, f"{n:03}-rules.yaml")
+                    yaml.safe_dump({"groups": d["spec"]["groups"]}, open(rules_path, "w"))
+                    run(["promtool", "check", "rules", rules_path])
+                # ServiceMonitor/PodMonitor: no schema offline; rendered and linted only.
+            else:
+                builtin.append(path)
+        if builtin:
             run([os.path.join(BIN, "kubernetes-validate"), "--strict", "--quiet", *builtin])
-        kinds = sorted({d["kind"] for d in docs})
-        print(f"ok  helm lint --strict + template ({label}): {len(docs)} manifests valid ({', '.join(kinds)})")
+    kinds = sorted({d["kind"] for d in docs})
+    print(f"ok  {name}: helm lint --strict + template ({label}): {len(docs)} manifests valid ({', '.join(kinds)})")
 
 
 if __name__ == "__main__":
