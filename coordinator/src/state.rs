@@ -158,6 +158,11 @@ impl Persisted {
                 st.version
             )));
         }
+        for (what, layout) in [("layout", &st.layout), ("previous layout", &st.previous)] {
+            if let Some(l) = layout {
+                check_layout(l).map_err(|e| Error::State(format!("{where_}: {what}: {e}")))?;
+            }
+        }
         // Everyone is presumed up again after a restart of the coordinator; the grace period
         // runs from now.
         let now = shardfarm_core::auth::now_ms();
@@ -174,5 +179,71 @@ impl Persisted {
         holders
             .into_iter()
             .all(|id| self.nodes.get(&id.to_hex()).is_some_and(|m| m.synced_version >= l.version))
+    }
+}
+
+/// What the layout engine relies on of a layout it continues from (`placement::compute` reuses
+/// the previous layout's slots by index): n = k + m holders in every partition, and a version
+/// that can still be incremented. A document that breaks this was not written by a coordinator
+/// (found by the `coordinator_state` fuzz target: an extra holder made the next relayout index
+/// out of bounds).
+fn check_layout(l: &Layout) -> std::result::Result<(), String> {
+    if let Some((p, h)) = l.partitions.iter().enumerate().find(|(_, h)| h.len() != l.n()) {
+        return Err(format!(
+            "partition {p} has {} holders, not k + m = {} (the file is damaged)",
+            h.len(),
+            l.n()
+        ));
+    }
+    if l.version == u64::MAX {
+        return Err("version is u64::MAX: no later layout can follow (the file is damaged)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Doc(Vec<u8>);
+
+    impl StateStore for Doc {
+        fn load(&self) -> Result<Option<Vec<u8>>> {
+            Ok(Some(self.0.clone()))
+        }
+        fn save(&self, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "doc".into()
+        }
+    }
+
+    fn with_layout(partitions: Vec<Vec<NodeId>>, version: u64) -> Doc {
+        let st = Persisted {
+            version: VERSION,
+            layout: Some(Layout { version, k: 2, m: 1, partitions }),
+            ..Default::default()
+        };
+        Doc(serde_json::to_vec(&st).unwrap())
+    }
+
+    /// Found by the `coordinator_state` fuzz target: a partition with k + m + 1 holders loaded
+    /// fine and the next relayout panicked (index out of bounds in `placement::compute`).
+    #[test]
+    fn damaged_layouts_are_refused_on_load() {
+        let ids: Vec<NodeId> = (1..=4u8).map(|i| NodeId([i; 32])).collect();
+        let good = vec![ids[..3].to_vec(), ids[1..].to_vec()];
+        assert!(Persisted::load(&with_layout(good.clone(), 7)).is_ok());
+
+        let extra = vec![ids[..3].to_vec(), ids.clone()];
+        let err = Persisted::load(&with_layout(extra, 7)).unwrap_err().to_string();
+        assert!(err.contains("partition 1 has 4 holders, not k + m = 3"), "{err}");
+
+        let short = vec![ids[..2].to_vec(), ids[1..].to_vec()];
+        assert!(Persisted::load(&with_layout(short, 7)).is_err());
+
+        let err = Persisted::load(&with_layout(good, u64::MAX)).unwrap_err().to_string();
+        assert!(err.contains("u64::MAX"), "{err}");
     }
 }

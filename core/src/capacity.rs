@@ -192,6 +192,16 @@ impl CapacityReport {
         };
         node.verify_strict(&r.unsigned_bytes(), &r.signature)
             .map_err(|_| bad("signature does not verify for the node key"))?;
+        // A NaN or infinite overhead, or inputs whose C overflows, make a figure nobody can
+        // rank nodes or share rewards by; and a coordinator that stored it could not read its
+        // state back (JSON has no NaN: it is written as `null`).
+        if !r.overhead.is_finite() || !r.capacity().is_finite() {
+            return Err(bad(&format!(
+                "overhead {} gives the capacity figure {}: it must be a finite number",
+                r.overhead,
+                r.capacity()
+            )));
+        }
         if !pow_ok(&r.challenge, &r.node, r.solution, r.difficulty) {
             return Err(bad("the solution does not meet the challenge's difficulty"));
         }
@@ -240,5 +250,36 @@ mod tests {
         lazy.difficulty = 30;
         lazy.signature = id.sign(&lazy.unsigned_bytes());
         assert!(CapacityReport::decode_verified(&lazy.encode(), None).is_err());
+    }
+
+    /// Found by the `capacity_report` fuzz target: a validly signed report whose overhead is
+    /// NaN (or whose figure overflows to infinity) was accepted; the coordinator then saved a
+    /// state document with `"capacity":null` that it could not load again.
+    #[test]
+    fn non_finite_capacity_figures_are_refused() {
+        let (id, _) = Identity::generate(0, 1, &|_| {}).unwrap();
+        let m = Machine {
+            processors: 1,
+            cores_per_processor: 1,
+            overhead: 1.0,
+            space_reported: 1,
+            space_taken: 0,
+        };
+        for (overhead, solve_ms) in
+            [(f64::NAN, 1), (f64::INFINITY, 1), (f64::NEG_INFINITY, 1), (f64::MAX, u64::MAX)]
+        {
+            let mut r = CapacityReport::prove(&id, b"c", 0, m).unwrap();
+            r.overhead = overhead;
+            r.solve_ms = solve_ms;
+            r.signature = id.sign(&r.unsigned_bytes());
+            let err = CapacityReport::decode_verified(&r.encode(), None).unwrap_err();
+            assert!(err.to_string().contains("finite"), "{overhead}: {err}");
+        }
+        // Large but finite figures, and negative ones (taken above reported), stay valid.
+        let mut r = CapacityReport::prove(&id, b"c", 0, m).unwrap();
+        r.overhead = 1e300;
+        r.space_taken = u64::MAX;
+        r.signature = id.sign(&r.unsigned_bytes());
+        assert!(CapacityReport::decode_verified(&r.encode(), None).is_ok());
     }
 }
