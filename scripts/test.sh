@@ -26,4 +26,7 @@ PY=$(bash scripts/manifest-tools.sh)
 echo "==> chart, alerts and dashboards: helm lint/template, kubernetes-validate, promtool"
 HELM=$(bash scripts/chart-tools.sh)
 "$PY" scripts/check-chart.py "$HELM" .
+echo "==> fuzz: every decoder 30 s from the committed seeds (cargo-fuzz on stable; the long campaign is"
+echo "    bash scripts/fuzz.sh --runs 10000000)"
+bash scripts/fuzz.sh --seconds 30
 echo "==> all tests passed in $(( $(date +%s) - start )) s"
