@@ -76,6 +76,13 @@ const JOIN_RATE_POOL: f64 = 50.0;
 
 // ---- Public interface ----
 
+/// A sum of figures nodes report about themselves, for a gauge: it saturates instead of
+/// wrapping or panicking (under the state lock) when a node reports `u64::MAX`.
+fn saturating_sum(xs: impl IntoIterator<Item = u64>) -> i64 {
+    let sum = xs.into_iter().fold(0u64, u64::saturating_add);
+    i64::try_from(sum).unwrap_or(i64::MAX)
+}
+
 /// Makes `layout` current. The current one becomes the readers' fallback if it was in sync (or
 /// there is no fallback yet); otherwise the older, in-sync fallback stays.
 fn install(st: &mut Persisted, layout: placement::Layout, now_ms: u64) {
@@ -733,9 +740,9 @@ impl Coordinator {
         m.layout_version.set(st.layout.as_ref().map_or(0, |l| l.version) as i64);
         m.layout_in_sync.set(i64::from(st.in_sync()));
         m.repair_backlog
-            .set(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog).sum::<u64>() as i64);
+            .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog)));
         m.lost_segments
-            .set(st.nodes.values().filter(|x| x.up).map(|x| x.lost_segments).sum::<u64>() as i64);
+            .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.lost_segments)));
         for x in st.nodes.values() {
             let id = x.id.short();
             m.audit_score.with_label_values(&[&id]).set(x.audit.score());
@@ -752,7 +759,7 @@ impl Coordinator {
             m.rewards.with_label_values(&[short, &farm, "rw2"]).set(t.rw2 as i64);
         }
         for (farm, t) in by_farm {
-            m.farm_rewards.with_label_values(&[&farm]).set((t.rw1 + t.rw2) as i64);
+            m.farm_rewards.with_label_values(&[&farm]).set(saturating_sum([t.rw1, t.rw2]));
         }
     }
 

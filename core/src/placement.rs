@@ -271,8 +271,12 @@ pub fn compute(
         sorted.into_iter().filter(|x| x.capacity > 0 && !x.draining).collect();
     let pool = Pool::new(&eligible, profile)?;
 
-    let version = previous.map_or(1, |l| l.version + 1);
-    let reusable = previous.filter(|l| l.n() == n && l.partitions.len() == parts);
+    let version = previous.map_or(1, |l| l.version.saturating_add(1));
+    // A previous layout is only built on if every partition has exactly n holders (one adopted
+    // from outside, a ShardPlacement, may not).
+    let reusable = previous.filter(|l| {
+        l.n() == n && l.partitions.len() == parts && l.partitions.iter().all(|h| h.len() == n)
+    });
     let mut state = State::new(&pool, parts, n);
     let mut prev_load = vec![0usize; pool.len()];
     if let Some(prev) = reusable {

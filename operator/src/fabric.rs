@@ -65,7 +65,9 @@ impl Fabric for Coordinators {
 
     fn earnings(&self, pool: &str, node: &NodeId) -> u64 {
         self.get(pool)
-            .and_then(|c| c.reward_totals().0.get(&node.to_hex()).map(|t| t.rw1 + t.rw2))
+            .and_then(|c| {
+                c.reward_totals().0.get(&node.to_hex()).map(|t| t.rw1.saturating_add(t.rw2))
+            })
             .unwrap_or(0)
     }
 }
