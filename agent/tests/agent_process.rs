@@ -546,7 +546,6 @@ async fn a_read_error_that_proves_nothing_is_retried_not_quarantined() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_upload_cannot_hold_the_nodes_capacity() {
-    use proto::put_shard_request::Part;
     let dir = tmp();
     let agent = AgentProc::start(
         &dir.path().join("a"),
@@ -556,21 +555,7 @@ async fn a_stalled_upload_cannot_hold_the_nodes_capacity() {
     let seg = segment(&me, 6 << 20, 2, 1); // 3 MiB shards: one fits, two do not
 
     // The stranger opens an upload of shard 0, sends the header, and then nothing.
-    let first = proto::PutShardRequest {
-        part: Some(Part::Header(proto::PutShardHeader {
-            segment_header: seg.header_bytes.clone().into(),
-            shard_index: 0,
-        })),
-    };
-    let mut md = tonic::metadata::MetadataMap::new();
-    shardfarm_proto::sign_into(&mut md, methods::PUT, &first, &me.credential(), me.signing_key());
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(first).await.unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    *req.metadata_mut() = md;
-    let mut raw =
-        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
-    let stalled = tokio::spawn(async move { raw.put_shard(req).await });
+    let (tx, stalled) = stalled_upload(&agent, &me, &seg, 0).await;
 
     // While it holds its reservation, an honest upload of another 3 MiB does not fit…
     let mut c = agent.client(&signer).await;

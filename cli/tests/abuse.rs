@@ -8,21 +8,8 @@ use std::time::Duration;
 
 use common::fake_agent::{Behaviour, FakeAgent};
 use common::flood::{FLOOD_FROM, answered, flood};
-use common::hostile::farm_file;
-use common::{Farm, free_base_port, metric, same, write_random};
+use common::{Farm, free_base_port, metric, same, settled, write_random};
 use tonic::Code;
-
-/// The farm file once the coordinator's layout is in sync and the file shows that layout.
-fn settled(farm: &Farm) -> shardfarm_client::farm::Farm {
-    let mut f = farm_file(&farm.dir);
-    farm.wait_for(60, "the first layout in sync", || {
-        let text = farm.coordinator_metrics();
-        f = farm_file(&farm.dir);
-        metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
-            && metric(&text, "shardfarm_coordinator_layout_version") == f.layout_version as f64
-    });
-    f
-}
 
 fn put_and_read_back(farm: &Farm, dir: &Path, name: &str, len: usize, seed: u64) {
     let p = dir.join(format!("{name}.bin"));
@@ -32,6 +19,32 @@ fn put_and_read_back(farm: &Farm, dir: &Path, name: &str, len: usize, seed: u64)
     let r = farm.get(&cap, &back);
     assert!(r.status.success(), "get {name}: {}", String::from_utf8_lossy(&r.stderr));
     assert!(same(&p, &back), "{name} changed");
+}
+
+/// Floods the farm's agents and coordinator from `from` for `secs` while the farm's client
+/// puts and reads back files of `len` bytes; returns the flood's tally.
+fn flood_during_honest_work(
+    farm: &Farm,
+    dir: &Path,
+    from: &'static str,
+    secs: u64,
+    len: usize,
+) -> common::flood::Tally {
+    let f = common::hostile::farm_file(&farm.dir);
+    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    let length = Duration::from_secs(secs);
+    let flooding = std::thread::spawn(move || flood(from, &agents, &coordinator, length, 8));
+    // Honest work all through the flood: every put and get succeeds.
+    let mut rounds = 0;
+    while !flooding.is_finished() {
+        put_and_read_back(farm, dir, &format!("during-{rounds}"), len, rounds);
+        rounds += 1;
+    }
+    let tally = flooding.join().unwrap();
+    println!("honest rounds: {rounds}; flood answers: {:?}", tally.lock().unwrap());
+    assert!(rounds >= 2, "too few honest rounds ran: {rounds}");
+    tally
 }
 
 /// Resident memory of a process, in bytes (0 if it is gone).
@@ -57,22 +70,9 @@ fn an_unmined_flood_leaves_honest_clients_and_heartbeats_unaffected() {
         free_base_port(),
         &["--nodes", "6", "--grace", "3"],
     );
-    let f = settled(&farm);
+    settled(&farm);
     let version = farm.coordinator_metric("shardfarm_coordinator_layout_version");
-    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
-    let length = Duration::from_secs(15);
-    let flooding = std::thread::spawn(move || flood(FLOOD_FROM, &agents, &coordinator, length, 8));
-
-    // Honest work all through the flood: every put and get succeeds.
-    let mut rounds = 0;
-    while !flooding.is_finished() {
-        put_and_read_back(&farm, tmp.path(), &format!("during-{rounds}"), 700 * 1024, rounds);
-        rounds += 1;
-    }
-    let tally = flooding.join().unwrap();
-    println!("honest rounds: {rounds}; flood answers: {:?}", tally.lock().unwrap());
-    assert!(rounds >= 2, "too few honest rounds ran: {rounds}");
+    let tally = flood_during_honest_work(&farm, tmp.path(), FLOOD_FROM, 15, 700 * 1024);
     // Only the first use of the replayed request is answered, once per agent.
     assert!(answered(&tally, Code::Ok) <= 6, "{tally:?}");
     // The address is cut off after its failures: most of the flood is refused unheard.
@@ -103,23 +103,12 @@ fn a_flood_from_the_same_address_does_not_lock_out_callers_known_there() {
         free_base_port(),
         &["--nodes", "6", "--grace", "3"],
     );
-    let f = settled(&farm);
+    settled(&farm);
     // The farm's client has worked with every node before the flood starts.
     put_and_read_back(&farm, tmp.path(), "before", 700 * 1024, 1);
     let version = farm.coordinator_metric("shardfarm_coordinator_layout_version");
-    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
     // From 127.0.0.1, like the honest client and every agent's heartbeat.
-    let length = Duration::from_secs(10);
-    let flooding = std::thread::spawn(move || flood("127.0.0.1", &agents, &coordinator, length, 8));
-    let mut rounds = 0;
-    while !flooding.is_finished() {
-        put_and_read_back(&farm, tmp.path(), &format!("during-{rounds}"), 300 * 1024, rounds);
-        rounds += 1;
-    }
-    let tally = flooding.join().unwrap();
-    println!("honest rounds: {rounds}; flood answers: {:?}", tally.lock().unwrap());
-    assert!(rounds >= 2, "too few honest rounds ran: {rounds}");
+    let tally = flood_during_honest_work(&farm, tmp.path(), "127.0.0.1", 10, 300 * 1024);
     assert!(answered(&tally, Code::ResourceExhausted) > 0, "{tally:?}");
     let c = farm.coordinator_metrics();
     assert_eq!(metric(&c, "shardfarm_coordinator_nodes{state=\"active_down\"}"), 0.0);

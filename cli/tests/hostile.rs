@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::hostile::{Hostile, farm_file};
-use common::{Farm, free_base_port, metric, same, start_outsider, write_random};
+use common::{Farm, free_base_port, metric, same, settled, start_outsider, write_random};
 use tonic::Code;
 
 fn start(dir: &Path, extra: &[&str]) -> Farm {
@@ -42,18 +42,6 @@ fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path) {
 
 fn fully_present(farm: &Farm, cap: &str) -> bool {
     farm.stat(cap)["segments"].as_array().unwrap().iter().all(|s| s["present"] == s["total"])
-}
-
-/// The farm file once the coordinator's layout is in sync and the file shows that layout.
-fn settled(farm: &Farm) -> shardfarm_client::farm::Farm {
-    let mut f = farm_file(&farm.dir);
-    farm.wait_for(60, "the first layout in sync", || {
-        let text = farm.coordinator_metrics();
-        f = farm_file(&farm.dir);
-        metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
-            && metric(&text, "shardfarm_coordinator_layout_version") == f.layout_version as f64
-    });
-    f
 }
 
 #[test]

@@ -245,3 +245,15 @@ pub fn start_outsider(farm: &Farm, dir: &Path, zone: &str, extra: &[&str]) -> (O
         .unwrap();
     (Outsider(child), format!("127.0.0.1:{}", port + 1))
 }
+
+/// The farm file once the coordinator's layout is in sync and the file shows that layout.
+pub fn settled(farm: &Farm) -> shardfarm_client::farm::Farm {
+    let mut f = hostile::farm_file(&farm.dir);
+    farm.wait_for(60, "the first layout in sync", || {
+        let text = farm.coordinator_metrics();
+        f = hostile::farm_file(&farm.dir);
+        metric(&text, "shardfarm_coordinator_layout_in_sync") == 1.0
+            && metric(&text, "shardfarm_coordinator_layout_version") == f.layout_version as f64
+    });
+    f
+}
