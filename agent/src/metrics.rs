@@ -17,6 +17,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Uploads refused because too many were in flight (`per_identity`, `node_busy`).
     pub uploads_refused: IntCounterVec,
+    /// Uploads in flight (each holds a reservation and a temp file).
+    pub uploads_in_flight: IntGauge,
     /// Payload bytes received in PutShard.
     pub bytes_in: IntCounter,
     /// Payload bytes sent in GetShard.
@@ -95,6 +97,11 @@ impl Metrics {
                 "uploads refused because too many were in flight, by limit",
             ),
             &["reason"],
+        )
+        .unwrap();
+        let uploads_in_flight = IntGauge::new(
+            "shardfarm_agent_uploads_in_flight",
+            "uploads in flight (each holds a reservation and a temp file)",
         )
         .unwrap();
         let bytes_in =
@@ -222,6 +229,7 @@ impl Metrics {
             Box::new(request_seconds.clone()),
             Box::new(auth_failures.clone()),
             Box::new(uploads_refused.clone()),
+            Box::new(uploads_in_flight.clone()),
             Box::new(bytes_in.clone()),
             Box::new(bytes_out.clone()),
             Box::new(shards.clone()),
@@ -277,6 +285,7 @@ impl Metrics {
             request_seconds,
             auth_failures,
             uploads_refused,
+            uploads_in_flight,
             bytes_in,
             bytes_out,
             shards,

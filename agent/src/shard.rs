@@ -165,6 +165,7 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.node.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
         self.node.uploads.fetch_sub(1, Ordering::SeqCst);
+        self.node.metrics.uploads_in_flight.dec();
         let mut m = self.node.reserved_by_owner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = m.get_mut(&self.owner) {
             v.bytes = v.bytes.saturating_sub(self.bytes);
@@ -275,6 +276,7 @@ impl Node {
         // most a few thousand in-flight uploads cannot wrap; the checks below saturate anyway.
         let prev = self.reserved.fetch_add(bytes, Ordering::SeqCst);
         let uploads = self.uploads.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metrics.uploads_in_flight.inc();
         let r = Reservation { node: self, bytes, owner };
         let mine = {
             let mut m = self.reserved_by_owner.lock().unwrap();

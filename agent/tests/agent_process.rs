@@ -637,22 +637,19 @@ async fn uploads_in_flight_are_limited_per_identity_and_freed_when_they_end() {
         open.push(stalled_upload(&agent, &me, &seg, i).await);
     }
     let mut c = agent.client(&signer).await;
-    // The two stalled streams reach the node before a third is refused.
-    let mut refused = None;
-    for _ in 0..100 {
-        match c.put_shard(&seg.header_bytes, 2, seg.shards[2].clone()).await {
-            Err(e) if e.code() == Code::ResourceExhausted => {
-                refused = Some(e);
-                break;
-            }
-            Err(e) => panic!("{e:?}"),
-            Ok(_) => {
-                assert!(c.delete_shard(seg.id(2)).await.unwrap());
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    // Once both stalled streams hold their places (a third upload racing them would take
+    // one), the next upload of this owner is refused.
+    let in_flight =
+        |n: f64| metric(&agent.metrics(), "shardfarm_agent_uploads_in_flight") == Some(n);
+    for _ in 0..200 {
+        if in_flight(2.0) {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let refused = refused.expect("the stalled uploads never counted");
+    assert!(in_flight(2.0), "{}", agent.metrics());
+    let refused = c.put_shard(&seg.header_bytes, 2, seg.shards[2].clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("uploads in flight"), "{}", refused.message());
     // Another identity is not held up by this one's uploads.
     let (other, other_signer) = common::signer();
