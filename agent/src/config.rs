@@ -121,6 +121,13 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_COORDINATOR")]
     pub coordinator: Option<String>,
 
+    /// Id (64 hex digits) of the pool key: the coordinator's identity, which signs every
+    /// layout. Required with --coordinator; layouts signed by any other key are refused. Find
+    /// it in the farm dir's `farm.json` (`pool_id`), the coordinator's first log line, or the
+    /// StoragePool's status (`kubectl get storagepool -o jsonpath='{.status.poolId}'`).
+    #[arg(long, env = "SHARDFARM_POOL_ID")]
+    pub pool_id: Option<String>,
+
     /// gRPC address to advertise to the pool (`host:port`). [default: the --listen address]
     #[arg(long, env = "SHARDFARM_ADVERTISE")]
     pub advertise: Option<String>,
@@ -187,8 +194,8 @@ pub struct Config {
     pub max_uploads_per_identity: u32,
     /// JSON logs.
     pub json_logs: bool,
-    /// Coordinator to join.
-    pub coordinator: Option<String>,
+    /// Coordinator to join, and the id of the pool key it signs layouts with.
+    pub coordinator: Option<(String, shardfarm_core::identity::NodeId)>,
     /// gRPC address to advertise (None: the bound address).
     pub advertise: Option<String>,
     /// Repair write rate, bytes per second.
@@ -270,6 +277,7 @@ impl AgentArgs {
             max_uploads_per_identity,
             log_format,
             coordinator,
+            pool_id,
             advertise,
             repair_rate,
             gc_grace,
@@ -335,7 +343,19 @@ impl AgentArgs {
             max_uploads: a.max_uploads.unwrap_or(1024).max(1),
             max_uploads_per_identity: a.max_uploads_per_identity.unwrap_or(128).max(1),
             json_logs,
-            coordinator: a.coordinator,
+            coordinator: match (a.coordinator, a.pool_id) {
+                (Some(c), Some(p)) => Some((
+                    c,
+                    shardfarm_core::identity::NodeId::from_hex(p.trim())
+                        .map_err(|e| anyhow::anyhow!("--pool-id {p}: {e}"))?,
+                )),
+                (Some(_), None) => anyhow::bail!(
+                    "--pool-id is required with --coordinator: layouts are only believed when \
+                     the pool key signs them (see --help for where to find the id)"
+                ),
+                (None, Some(_)) => anyhow::bail!("--pool-id needs --coordinator"),
+                (None, None) => None,
+            },
             advertise: a.advertise,
             repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),
             gc_grace: std::time::Duration::from_secs(a.gc_grace.unwrap_or(86_400)),

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod layouts;
 pub mod metrics;
 pub mod repair;
 pub mod run;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub handed_off: IntCounter,
     /// Newest layout version received from the coordinator.
     pub layout_version: IntGauge,
+    /// Layout publications refused, by reason (`LayoutRefusal::METRIC_LABELS`).
+    pub layouts_refused: IntCounterVec,
     /// Newest layout version this node has fully repaired for.
     pub synced_version: IntGauge,
     /// Shard reads that failed for another reason than corruption (not quarantined).
@@ -175,6 +177,14 @@ impl Metrics {
         let layout_version =
             IntGauge::new("shardfarm_agent_layout_version", "newest layout version received")
                 .unwrap();
+        let layouts_refused = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_layouts_refused_total",
+                "layout publications refused (unsigned, wrong pool, bad signature, older, forked)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
         let synced_version = IntGauge::new(
             "shardfarm_agent_synced_layout_version",
             "newest layout version fully repaired for",
@@ -220,6 +230,7 @@ impl Metrics {
             Box::new(repair_failures.clone()),
             Box::new(handed_off.clone()),
             Box::new(layout_version.clone()),
+            Box::new(layouts_refused.clone()),
             Box::new(synced_version.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -261,6 +272,9 @@ impl Metrics {
         for r in ["answered", "corrupt", "missing"] {
             audits.with_label_values(&[r]);
         }
+        for r in shardfarm_proto::LayoutRefusal::METRIC_LABELS {
+            layouts_refused.with_label_values(&[r]);
+        }
         for r in ["per_identity", "node_busy"] {
             uploads_refused.with_label_values(&[r]);
         }
@@ -279,6 +293,7 @@ impl Metrics {
             repair_failures,
             handed_off,
             layout_version,
+            layouts_refused,
             synced_version,
             registry,
             requests,

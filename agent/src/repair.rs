@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+use crate::layouts::LayoutKeeper;
 use crate::shard::{Node, Slots};
 use crate::store::ShardId;
 
@@ -73,6 +74,8 @@ const RETRY: Duration = Duration::from_secs(2);
 pub struct Membership {
     /// The coordinator's `host:port`.
     pub coordinator: String,
+    /// The pool key's id: only layouts it signs are believed.
+    pub pool: NodeId,
     /// The gRPC address peers and clients reach this node on.
     pub advertise_grpc: String,
     /// The HTTP (metrics) address.
@@ -97,21 +100,41 @@ struct Progress {
 }
 
 /// Joins the pool, then heartbeats, follows layouts and repairs until `stop`.
-pub async fn run(node: Arc<Node>, m: Membership, stop: CancellationToken) {
+pub async fn run(
+    node: Arc<Node>,
+    m: Membership,
+    keeper: Arc<LayoutKeeper>,
+    stop: CancellationToken,
+) {
     let signer = Arc::new(Signer::identity(&node.identity));
     let progress = Arc::new(Progress::default());
-    let Some(heartbeat) = join_until_admitted(&node, &m, &signer, &stop).await else { return };
+    // The last layout accepted before a restart is served (and repaired for) until a newer
+    // one arrives: the coordinator may be unreachable, or may be recovering it from us.
     let (tx, rx) = watch::channel::<Option<Arc<PublishedLayout>>>(None);
+    if let Some(l) = keeper.last() {
+        install(&node, &l);
+        tx.send_replace(Some(l));
+    }
+    let Some(heartbeat) = join_until_admitted(&node, &m, &signer, &keeper, &stop).await else {
+        return;
+    };
     let hb = tokio::spawn(heartbeats(
         node.clone(),
         m.clone(),
         signer.clone(),
+        keeper.clone(),
         progress.clone(),
         heartbeat,
         stop.clone(),
     ));
-    let watch =
-        tokio::spawn(follow_layouts(node.clone(), m.clone(), signer.clone(), tx, stop.clone()));
+    let watch = tokio::spawn(follow_layouts(
+        node.clone(),
+        m.clone(),
+        signer.clone(),
+        keeper,
+        tx,
+        stop.clone(),
+    ));
     let worker = RepairWorker {
         node,
         signer,
@@ -132,8 +155,9 @@ async fn join_once(
     node: &Arc<Node>,
     m: &Membership,
     signer: &Arc<Signer>,
+    keeper: &LayoutKeeper,
 ) -> Result<proto::JoinResponse, String> {
-    let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone())
+    let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone(), m.pool)
         .await
         .map_err(|e| format!("cannot reach the coordinator at {}: {e}", m.coordinator))?;
     let ch = c.challenge().await.map_err(|s| s.message().to_string())?;
@@ -146,6 +170,7 @@ async fn join_once(
         http_address: m.advertise_http.clone(),
         labels: node.settings.labels.clone().into_iter().collect(),
         capacity_report: report.into(),
+        last_layout: keeper.last().and_then(|l| l.signed.as_deref().cloned()),
     };
     let resp = c.join(req).await.map_err(|s| format!("join refused: {}", s.message()))?;
     if let Some(pool) = &resp.pool
@@ -164,10 +189,11 @@ async fn join_until_admitted(
     node: &Arc<Node>,
     m: &Membership,
     signer: &Arc<Signer>,
+    keeper: &LayoutKeeper,
     stop: &CancellationToken,
 ) -> Option<Duration> {
     loop {
-        match join_once(node, m, signer).await {
+        match join_once(node, m, signer, keeper).await {
             Ok(resp) => {
                 let pool = resp.pool.unwrap_or_default();
                 tracing::info!(
@@ -189,6 +215,7 @@ async fn heartbeats(
     node: Arc<Node>,
     m: Membership,
     signer: Arc<Signer>,
+    keeper: Arc<LayoutKeeper>,
     progress: Arc<Progress>,
     every: Duration,
     stop: CancellationToken,
@@ -200,7 +227,7 @@ async fn heartbeats(
             _ = tokio::time::sleep(every) => {}
         }
         if client.is_none() {
-            client = CoordinatorClient::connect(&m.coordinator, signer.clone()).await.ok();
+            client = CoordinatorClient::connect(&m.coordinator, signer.clone(), m.pool).await.ok();
         }
         let Some(c) = client.as_mut() else { continue };
         let scrub_errors: u64 = node
@@ -229,7 +256,7 @@ async fn heartbeats(
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {
                 tracing::warn!("the coordinator does not know this node; joining again");
-                if let Err(e) = join_once(&node, &m, &signer).await {
+                if let Err(e) = join_once(&node, &m, &signer, &keeper).await {
                     tracing::warn!(error = %e, "rejoin failed");
                 }
             }
@@ -241,28 +268,33 @@ async fn heartbeats(
     }
 }
 
+/// Makes `l` the layout this node serves and repairs for.
+fn install(node: &Node, l: &PublishedLayout) {
+    node.metrics.layout_version.set(l.layout.version as i64);
+    node.set_slots(Slots::Known { current: l.layout.clone(), previous: l.previous.clone() });
+}
+
 async fn follow_layouts(
     node: Arc<Node>,
     m: Membership,
     signer: Arc<Signer>,
+    keeper: Arc<LayoutKeeper>,
     tx: watch::Sender<Option<Arc<PublishedLayout>>>,
     stop: CancellationToken,
 ) {
     loop {
         let r = async {
-            let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone())
+            let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone(), m.pool)
                 .await
                 .map_err(|e| e.to_string())?;
             let mut stream = c.watch_layout().await.map_err(|s| s.to_string())?;
             while let Some(msg) = stream.message().await.map_err(|s| s.to_string())? {
-                let l = PublishedLayout::try_from(msg).map_err(|s| s.to_string())?;
-                node.metrics.layout_version.set(l.layout.version as i64);
-                node.set_slots(Slots::Known {
-                    current: l.layout.clone(),
-                    previous: l.previous.clone(),
-                });
-                tracing::info!(version = l.layout.version, previous = ?l.previous.as_ref().map(|p| p.version), "layout received");
-                tx.send_replace(Some(Arc::new(l)));
+                // A refused publication is logged and counted by the keeper; the last good
+                // layout stays in force.
+                let Ok(Some(l)) = keeper.offer(&msg, &m.coordinator) else { continue };
+                install(&node, &l);
+                tracing::info!(version = l.layout.version, sequence = l.sequence, previous = ?l.previous.as_ref().map(|p| p.version), "layout received");
+                tx.send_replace(Some(l));
             }
             Ok::<_, String>(())
         };

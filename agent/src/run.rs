@@ -158,17 +158,20 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let scrub = tokio::spawn(
         ScrubWorker::new(node.clone(), cfg.scrub_interval, cfg.scrub_rate, stop.clone()).run(),
     );
-    let membership = cfg.coordinator.clone().map(|coordinator| {
+    let membership = cfg.coordinator.clone().map(|(coordinator, pool)| {
         let m = crate::repair::Membership {
             coordinator,
+            pool,
             advertise_grpc: cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string()),
             advertise_http: http_addr.to_string(),
             repair_rate: cfg.repair_rate,
             gc_grace: cfg.gc_grace,
             pass_interval: cfg.repair_interval,
         };
+        let keeper =
+            Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, m.pool, metrics.clone()));
         node.set_slots(crate::shard::Slots::Waiting);
-        tokio::spawn(crate::repair::run(node.clone(), m, stop.clone()))
+        tokio::spawn(crate::repair::run(node.clone(), m, keeper, stop.clone()))
     });
 
     // serve_with_incoming ignores the builder's tcp_nodelay: set it on the incoming stream,

@@ -115,7 +115,7 @@ struct Agent {
     child: Option<Child>,
 }
 
-fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
+fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
     let log =
         std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
@@ -130,6 +130,7 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs) -> anyhow::Result<Child
         .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
         .args(["--coordinator", &format!("127.0.0.1:{}", args.coordinator_port())])
+        .args(["--pool-id", pool])
         .args(["--repair-interval", &args.repair_interval.to_string()])
         .args(["--gc-grace", &args.gc_grace.to_string()])
         .stdin(Stdio::null())
@@ -231,19 +232,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 layout: Vec::new(),
                 previous_layout: None,
                 coordinator: None,
+                pool_id: None,
             }
         }
     };
     let coord_addr = format!("127.0.0.1:{}", args.coordinator_port());
     farm.coordinator = Some(coord_addr.clone());
 
-    // The coordinator, in-process: its state is DIR/coordinator, it signs as the farm root.
+    // The coordinator, in-process: its state is DIR/coordinator, it signs as the farm root,
+    // whose id is the pool id every agent pins.
     let stop = CancellationToken::new();
-    let coordinator = Coordinator::open(
-        args.pool(segment_size),
-        &dir.join("coordinator"),
-        Identity::load(&root_path)?,
-    )?;
+    let root = Identity::load(&root_path)?;
+    let pool_id = root.id().to_hex();
+    farm.pool_id = Some(pool_id.clone());
+    let coordinator = Coordinator::open(args.pool(segment_size), &dir.join("coordinator"), root)?;
     let listener = tokio::net::TcpListener::bind(&coord_addr)
         .await
         .with_context(|| format!("binding the coordinator's address {coord_addr}"))?;
@@ -276,7 +278,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         })
         .collect();
     for a in agents.iter_mut() {
-        a.child = Some(spawn_agent(&a.entry, &a.dir, &args)?);
+        a.child = Some(spawn_agent(&a.entry, &a.dir, &args, &pool_id)?);
     }
     for a in agents.iter_mut() {
         let child = a.child.as_mut().expect("spawned");
@@ -364,7 +366,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 a.child = None;
                 if !args.no_restart {
                     eprintln!("restarting node {}", a.entry.index);
-                    match spawn_agent(&a.entry, &a.dir, &args) {
+                    match spawn_agent(&a.entry, &a.dir, &args, &pool_id) {
                         Ok(c) => a.child = Some(c),
                         Err(e) => eprintln!("could not restart node {}: {e:#}", a.entry.index),
                     }

@@ -136,9 +136,7 @@ fn a_member_that_never_stops_sending_cannot_exhaust_its_peers() {
     let f = settled(&farm);
     let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
     let honest: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
-    let fake =
-        FakeAgent::join_as(&coordinator, honest, f.partitions, "zone-9", Behaviour::Overflow);
+    let fake = FakeAgent::join_as(&f, honest, "zone-9", Behaviour::Overflow);
     farm.wait_for(60, "a layout that gives the endless member slots", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
     });

@@ -221,8 +221,7 @@ fn a_member_serving_junk_is_not_copied_from_is_reported_and_fails_its_audits() {
     let f = settled(&farm);
     let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
     let honest: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
-    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
-    let fake = common::fake_agent::FakeAgent::join(&coordinator, honest, f.partitions, "zone-9");
+    let fake = common::fake_agent::FakeAgent::join(&f, honest, "zone-9");
     farm.wait_for(60, "a layout that gives the junk server slots", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
     });

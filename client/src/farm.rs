@@ -64,6 +64,9 @@ pub struct Farm {
     /// The coordinator's gRPC address.
     #[serde(default)]
     pub coordinator: Option<String>,
+    /// Id of the pool key (hex): the coordinator's identity, which signs every layout.
+    #[serde(default)]
+    pub pool_id: Option<String>,
 }
 
 impl Farm {

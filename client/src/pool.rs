@@ -593,10 +593,12 @@ impl FarmClient {
     /// The coordinator's view of the members (standing, reputation, rewards), if it answers.
     pub async fn members(&self) -> Option<Vec<shardfarm_proto::pb::NodeStatus>> {
         let addr = self.farm.coordinator.as_ref()?;
+        let pool = shardfarm_core::identity::NodeId::from_hex(self.farm.pool_id.as_ref()?).ok()?;
         let r = async {
-            let mut c = shardfarm_proto::CoordinatorClient::connect(addr, self.signer.clone())
-                .await
-                .ok()?;
+            let mut c =
+                shardfarm_proto::CoordinatorClient::connect(addr, self.signer.clone(), pool)
+                    .await
+                    .ok()?;
             c.list_nodes().await.ok()
         };
         tokio::time::timeout(CONNECT_TIMEOUT, r).await.ok().flatten().map(|r| r.nodes)

@@ -701,12 +701,22 @@ impl Coordinator {
         self.publish_current();
     }
 
+    /// Signs the current layout (and fallback) as the pool under the next sequence number
+    /// and hands it to every watcher.
     fn publish_current(&self) {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
         let Some(layout) = st.layout.clone() else { return };
         let addresses =
             st.nodes.values().map(|m| (m.id, m.grpc.clone())).collect::<BTreeMap<NodeId, String>>();
-        let published = PublishedLayout { layout, previous: st.previous.clone(), addresses };
+        let now = shardfarm_core::auth::now_ms();
+        let sequence = st.publication.saturating_add(1).max(now);
+        st.publication = sequence;
+        st.dirty = true;
+        let published = PublishedLayout::new(layout, st.previous.clone(), addresses).sign(
+            &self.identity,
+            sequence,
+            now,
+        );
         drop(st);
         self.layout_tx.send_replace(Some(Arc::new(published)));
     }

@@ -98,7 +98,7 @@ fn node_status(m: &Member, slots: u64, rw: (u64, u64), now: u64) -> proto::NodeS
     }
 }
 
-type LayoutStream = Pin<Box<dyn Stream<Item = Result<proto::LayoutMessage, Status>> + Send>>;
+type LayoutStream = Pin<Box<dyn Stream<Item = Result<proto::SignedLayout, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl proto::coordinator_server::Coordinator for CoordinatorService {
@@ -179,10 +179,10 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
     async fn get_layout(
         &self,
         request: Request<proto::GetLayoutRequest>,
-    ) -> Result<Response<proto::LayoutMessage>, Status> {
+    ) -> Result<Response<proto::SignedLayout>, Status> {
         self.auth(&request, methods::GET_LAYOUT)?;
-        match self.c.layout() {
-            Some(l) => Ok(Response::new(proto::LayoutMessage::from(&*l))),
+        match self.c.layout().and_then(|l| l.signed.clone()) {
+            Some(signed) => Ok(Response::new((*signed).clone())),
             None => Err(Status::unavailable(format!(
                 "no layout yet: {}",
                 self.c.layout_problem().unwrap_or_else(|| "waiting for nodes to join".into())
@@ -199,7 +199,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         self.auth(&request, methods::WATCH_LAYOUT)?;
         let rx = self.c.subscribe();
         let stream = tokio_stream::wrappers::WatchStream::new(rx)
-            .filter_map(|l| l.map(|l| Ok(proto::LayoutMessage::from(&*l))));
+            .filter_map(|l| l.and_then(|l| l.signed.clone()).map(|s| Ok((*s).clone())));
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -133,6 +133,11 @@ pub(super) struct Persisted {
     pub epoch: Option<u64>,
     /// Transfers the last layout round deferred.
     pub deferred: usize,
+    /// Sequence number of the last signed publication: the next one is
+    /// `max(publication + 1, now_ms)`, so it increases across restarts even when the newest
+    /// number was not written before a crash.
+    #[serde(default)]
+    pub publication: u64,
     #[serde(skip)]
     pub dirty: bool,
     #[serde(skip)]

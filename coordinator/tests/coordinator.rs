@@ -63,8 +63,8 @@ fn machine() -> Machine {
     }
 }
 
-async fn client(addr: &str, signer: Signer) -> CoordinatorClient {
-    CoordinatorClient::connect(addr, Arc::new(signer)).await.unwrap()
+async fn client(r: &Running, signer: Signer) -> CoordinatorClient {
+    CoordinatorClient::connect(&r.addr, Arc::new(signer), r.c.identity().id()).await.unwrap()
 }
 
 fn join_req(zone: &str, port: u16, report: Vec<u8>) -> proto::JoinRequest {
@@ -73,17 +73,18 @@ fn join_req(zone: &str, port: u16, report: Vec<u8>) -> proto::JoinRequest {
         http_address: format!("127.0.0.1:{}", port + 1),
         labels: [("zone".to_string(), zone.to_string())].into(),
         capacity_report: report.into(),
+        last_layout: None,
     }
 }
 
 /// Mines a node, proves capacity for a fresh challenge and joins.
 async fn join(
-    addr: &str,
+    r: &Running,
     zone: &str,
     port: u16,
 ) -> (Identity, Result<proto::JoinResponse, tonic::Status>) {
     let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
-    let mut c = client(addr, Signer::identity(&id)).await;
+    let mut c = client(r, Signer::identity(&id)).await;
     let ch = c.challenge().await.unwrap();
     let report = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
     let r = c.join(join_req(zone, port, report.encode())).await;
@@ -94,7 +95,7 @@ async fn join(
 async fn joins_are_rate_limited_per_identity() {
     let r = start(pool()).await;
     let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
-    let mut c = client(&r.addr, Signer::identity(&id)).await;
+    let mut c = client(&r, Signer::identity(&id)).await;
     let ch = c.challenge().await.unwrap();
     let proof = CapacityReport::prove(&id, &ch.challenge, D, machine()).unwrap();
     let mut forged = proof.encode();
@@ -111,7 +112,7 @@ async fn joins_are_rate_limited_per_identity() {
     assert!(s.message().contains("retry in"), "{s}");
     assert!(r.c.members().is_empty());
     // Another identity is not affected.
-    let (other, res) = join(&r.addr, "z1", 9010).await;
+    let (other, res) = join(&r, "z1", 9010).await;
     res.unwrap();
     assert_eq!(r.c.members().iter().map(|m| m.id).collect::<Vec<_>>(), [other.id()]);
 }
@@ -126,12 +127,12 @@ async fn join_refusals_say_why_and_admit_nothing() {
             break id;
         }
     };
-    let mut c = client(&r.addr, Signer::identity(&weak)).await;
+    let mut c = client(&r, Signer::identity(&weak)).await;
     let s = c.challenge().await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
 
     let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
-    let mut c = client(&r.addr, Signer::identity(&id)).await;
+    let mut c = client(&r, Signer::identity(&id)).await;
     let ch = c.challenge().await.unwrap();
     let good = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
 
@@ -181,7 +182,7 @@ async fn join_refusals_say_why_and_admit_nothing() {
     // Only `id` was admitted.
     assert_eq!(r.c.members().len(), 1);
     // Reporting without joining.
-    let mut stranger = client(&r.addr, Signer::identity(&other)).await;
+    let mut stranger = client(&r, Signer::identity(&other)).await;
     let s = stranger.report(proto::ReportRequest::default()).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "{s}");
 }
@@ -194,17 +195,17 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
         min_difficulty: D,
         allow: Some([listed.id()].into()),
     });
-    let (_, res) = join(&r.addr, "edge", 9500).await;
+    let (_, res) = join(&r, "edge", 9500).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s}");
     assert!(s.message().contains("not on the pool's allow list"), "{s}");
-    let mut c = client(&r.addr, Signer::identity(&listed)).await;
+    let mut c = client(&r, Signer::identity(&listed)).await;
     let ch = c.challenge().await.unwrap();
     let p = CapacityReport::prove(&listed, &ch.challenge, D, machine()).unwrap();
     c.join(join_req("edge", 9502, p.encode())).await.unwrap();
     // A higher difficulty than the pool's: an identity mined to exactly 8 bits is refused.
     r.c.set_admission(shardfarm_coordinator::Admission { min_difficulty: 40, allow: None });
-    let (_, res) = join(&r.addr, "edge", 9504).await;
+    let (_, res) = join(&r, "edge", 9504).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
     assert!(s.message().contains("admission requires 40"), "{s}");
@@ -220,7 +221,7 @@ async fn delegated_nodes_are_limited_per_owner_root() {
         let key = random_signing_key();
         let cert = Delegation::issue(&root, key.verifying_key(), u64::MAX / 2000);
         let signer = Signer::delegated(cert, key.clone());
-        let mut c = client(&r.addr, signer).await;
+        let mut c = client(&r, signer).await;
         let ch = c.challenge().await.unwrap();
         // The capacity proof is signed by the delegated key itself.
         let id = Identity::from_parts(key, 0);
@@ -243,13 +244,13 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
     let r = start(pool()).await;
     let mut ids = Vec::new();
     for i in 0..5u16 {
-        let (id, res) = join(&r.addr, &format!("zone-{}", i % 3), 9200 + 2 * i).await;
+        let (id, res) = join(&r, &format!("zone-{}", i % 3), 9200 + 2 * i).await;
         res.unwrap();
         ids.push(id);
     }
     // Five nodes cannot hold RS(4,2): GetLayout says exactly why (once housekeeping has
     // tried, right after the joins).
-    let mut c = client(&r.addr, Signer::identity(&ids[0])).await;
+    let mut c = client(&r, Signer::identity(&ids[0])).await;
     let mut s = c.get_layout().await.unwrap_err();
     for _ in 0..50 {
         if s.message().contains("needs") {
@@ -262,25 +263,30 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
     assert!(s.message().contains("RS(4,2) needs 6 nodes of distinct owners"), "{s}");
 
     let mut watch = c.watch_layout().await.unwrap();
-    let (sixth, res) = join(&r.addr, "zone-2", 9300).await;
+    let (sixth, res) = join(&r, "zone-2", 9300).await;
     res.unwrap();
     ids.push(sixth);
+    // Every publication is signed by the pool key and newer than the last.
+    let mut guard = shardfarm_proto::LayoutGuard::new(r.c.identity().id());
     let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.version, 1);
-    assert_eq!(first.slots.len(), 256 * 6);
+    let first = guard.accept(&first).unwrap().expect("a new publication");
+    assert_eq!(first.layout.version, 1);
+    assert_eq!(first.layout.partitions.len(), 256);
     let layout = c.get_layout().await.unwrap();
     assert_eq!(layout.layout.version, 1);
     assert!(layout.previous.is_none());
 
     // A seventh joins: version 2, with version 1 as the readers' fallback until in sync.
-    let (seventh, res) = join(&r.addr, "zone-0", 9302).await;
+    let (seventh, res) = join(&r, "zone-0", 9302).await;
     res.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(second.version, 2);
+    let second = guard.accept(&second).unwrap().expect("a new publication");
+    assert_eq!(second.layout.version, 2);
+    assert!(second.sequence > first.sequence);
     assert_eq!(second.previous.as_ref().map(|p| p.version), Some(1));
     let l2 = c.get_layout().await.unwrap();
     assert!(!l2.layout.slots_of(&seventh.id()).is_empty());
@@ -288,7 +294,7 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
     // Everyone reports synced for version 2: the fallback is dropped.
     let now = shardfarm_core::auth::now_ms();
     for id in ids.iter().chain([&seventh]) {
-        let mut c = client(&r.addr, Signer::identity(id)).await;
+        let mut c = client(&r, Signer::identity(id)).await;
         c.report(proto::ReportRequest { synced_version: 2, ..Default::default() }).await.unwrap();
     }
     r.c.tick(now);
@@ -297,7 +303,7 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
     // Silence beyond the grace period (1 s): the seventh is down and its slots are re-placed.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     for id in &ids {
-        let mut c = client(&r.addr, Signer::identity(id)).await;
+        let mut c = client(&r, Signer::identity(id)).await;
         c.report(proto::ReportRequest { synced_version: 2, ..Default::default() }).await.unwrap();
     }
     r.c.tick(shardfarm_core::auth::now_ms());
@@ -321,7 +327,7 @@ async fn each_epoch_records_rewards_in_the_signed_ledger() {
     cfg.grace_ms = 1_000_000;
     let r = start(cfg).await;
     for i in 0..2u16 {
-        join(&r.addr, "zone-0", 9400 + 2 * i).await.1.unwrap();
+        join(&r, "zone-0", 9400 + 2 * i).await.1.unwrap();
     }
     let now = shardfarm_core::auth::now_ms();
     r.c.tick(now);
@@ -352,7 +358,7 @@ proptest::proptest! {
         rt.block_on(async {
             let r = start(pool()).await;
             let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
-            let mut c = client(&r.addr, Signer::identity(&id)).await;
+            let mut c = client(&r, Signer::identity(&id)).await;
             let ch = c.challenge().await.unwrap();
             let report = CapacityReport::prove(&id, &ch.challenge, D, machine()).unwrap();
             let mut req = join_req("z0", 9000, report.encode());

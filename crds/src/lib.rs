@@ -172,6 +172,10 @@ pub struct StoragePoolStatus {
     /// `RS(k,m)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// The pool's id (64 hex digits): its coordinator's key, which signs every layout. Agents
+    /// pin it; remote farms put it in `poolRef.poolId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_id: Option<String>,
     /// Conditions (`Ready`, `Degraded`, `Progressing`).
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -246,6 +250,7 @@ pub struct MiningFarmSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.name) != has(self.coordinatorEndpoint)").message("set exactly one of name (a local StoragePool) or coordinatorEndpoint (a remote pool)"))]
+#[x_kube(validation = Rule::new("has(self.coordinatorEndpoint) == has(self.poolId)").message("a remote pool (coordinatorEndpoint) needs its poolId, and only a remote pool takes one"))]
 pub struct PoolRef {
     /// A StoragePool in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +260,11 @@ pub struct PoolRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 261))]
     pub coordinator_endpoint: Option<String>,
+    /// The remote pool's id (64 hex digits): its coordinator's key, which signs every layout
+    /// the agents accept. Ask the pool's operator (`status.poolId` of its StoragePool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub pool_id: Option<String>,
 }
 
 /// The agent container of a farm.

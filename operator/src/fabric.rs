@@ -63,6 +63,10 @@ impl Fabric for Coordinators {
         }
     }
 
+    fn pool_id(&self, pool: &str) -> Option<NodeId> {
+        Some(self.get(pool)?.identity().id())
+    }
+
     fn earnings(&self, pool: &str, node: &NodeId) -> u64 {
         self.get(pool)
             .and_then(|c| {

@@ -21,6 +21,8 @@ pub mod pb {
 }
 
 pub use client::{AgentClient, Signer};
-pub use coordinator::{CoordinatorClient, PublishedLayout};
+pub use coordinator::{
+    CoordinatorClient, LayoutGuard, LayoutRefusal, PublishedLayout, verify_layout,
+};
 pub use envelope::{auth_status, keys, methods, sign_into, verify_request};
 pub use signed_body::{FirstMessageHash, HashFirstMessage};

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use shardfarm_client::farm::Farm;
 use shardfarm_core::capacity::{CapacityReport, Machine};
-use shardfarm_core::identity::Identity;
+use shardfarm_core::identity::{Identity, NodeId};
 use shardfarm_core::shard::ShardId;
 use shardfarm_proto::pb::agent_server::{Agent, AgentServer};
 use shardfarm_proto::pb::{self as proto, get_shard_response::Part};
@@ -219,18 +220,21 @@ impl Agent for Service {
 impl FakeAgent {
     /// Joins the farm whose coordinator is at `coordinator`, learning honest segments from
     /// `honest` (addresses) over `partitions`.
-    pub fn join(coordinator: &str, honest: Vec<String>, partitions: u32, zone: &str) -> FakeAgent {
-        Self::join_as(coordinator, honest, partitions, zone, Behaviour::Junk)
+    pub fn join(farm: &Farm, honest: Vec<String>, zone: &str) -> FakeAgent {
+        Self::join_as(farm, honest, zone, Behaviour::Junk)
     }
 
     /// The same, behaving as `behaviour` says.
     pub fn join_as(
-        coordinator: &str,
+        farm: &Farm,
         honest: Vec<String>,
-        partitions: u32,
         zone: &str,
         behaviour: Behaviour,
     ) -> FakeAgent {
+        let coordinator = farm.coordinator.as_deref().expect("the farm has a coordinator");
+        let pool =
+            NodeId::from_hex(farm.pool_id.as_deref().expect("the farm has a pool id")).unwrap();
+        let partitions = farm.partitions;
         let (evil, _) = Identity::generate(8, 1, &|_| {}).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -284,7 +288,8 @@ impl FakeAgent {
         let coordinator = coordinator.to_string();
         let (id, zone, addr) = (evil.clone(), zone.to_string(), grpc.clone());
         rt.block_on(async {
-            let mut c = CoordinatorClient::connect(&coordinator, signer.clone()).await.unwrap();
+            let mut c =
+                CoordinatorClient::connect(&coordinator, signer.clone(), pool).await.unwrap();
             let ch = c.challenge().await.unwrap();
             let machine = Machine {
                 processors: 1,
@@ -300,12 +305,13 @@ impl FakeAgent {
                 http_address: addr,
                 labels: [("zone".to_string(), zone)].into(),
                 capacity_report: report.encode().into(),
+                last_layout: None,
             };
             c.join(req).await.unwrap();
         });
         let hb_signer = signer.clone();
         rt.spawn(async move {
-            let mut c = CoordinatorClient::connect(&coordinator, hb_signer).await.unwrap();
+            let mut c = CoordinatorClient::connect(&coordinator, hb_signer, pool).await.unwrap();
             loop {
                 let version = c.get_layout().await.map(|l| l.layout.version).unwrap_or(0);
                 let _ = c

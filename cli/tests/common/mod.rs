@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub mod fake_agent;
 pub mod flood;
 pub mod hostile;
+pub mod mitm;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");
 
@@ -229,6 +230,18 @@ impl Drop for Outsider {
 }
 
 pub fn start_outsider(farm: &Farm, dir: &Path, zone: &str, extra: &[&str]) -> (Outsider, String) {
+    let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    start_outsider_via(farm, &coordinator, dir, zone, extra)
+}
+
+/// The same, joining through `coordinator` (say, a man in the middle).
+pub fn start_outsider_via(
+    farm: &Farm,
+    coordinator: &str,
+    dir: &Path,
+    zone: &str,
+    extra: &[&str],
+) -> (Outsider, String) {
     let port = free_base_port();
     let child = Command::new(BIN)
         .arg("agent")
@@ -237,7 +250,8 @@ pub fn start_outsider(farm: &Farm, dir: &Path, zone: &str, extra: &[&str]) -> (O
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--http-listen", &format!("127.0.0.1:{}", port + 1)])
         .args(["--zone", zone, "--identity-difficulty", "8", "--pool-difficulty", "8"])
-        .args(["--coordinator", &format!("127.0.0.1:{}", farm.base_port - 2)])
+        .args(["--coordinator", coordinator])
+        .args(["--pool-id", hostile::farm_file(&farm.dir).pool_id.as_deref().unwrap()])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())

@@ -85,8 +85,17 @@ fn labels(name: &str) -> serde_json::Value {
     })
 }
 
-/// The StatefulSet of a farm with `replicas` agents.
-pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32) -> serde_json::Value {
+/// The id of the pool key the farm's agents pin: the remote pool's `poolId`, or the key of the
+/// local pool's coordinator once it runs.
+pub fn pool_id(ctx: &Context, farm: &MiningFarm) -> Option<String> {
+    match &farm.spec.pool_ref.pool_id {
+        Some(id) => Some(id.clone()),
+        None => ctx.fabric.pool_id(&pool_key(farm)).map(|id| id.to_hex()),
+    }
+}
+
+/// The StatefulSet of a farm with `replicas` agents pinned to the pool key `pool_id`.
+pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) -> serde_json::Value {
     let name = farm.name_any();
     let spec = &farm.spec;
     let selector = json!({ "app.kubernetes.io/instance": name, "shardfarm.io/farm": name });
@@ -97,6 +106,7 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32) -> serde_json::Va
         format!("--http-listen=0.0.0.0:{AGENT_HTTP_PORT}"),
         format!("--zone={}", spec.zone),
         format!("--coordinator={}", coordinator_endpoint(farm, ns)),
+        format!("--pool-id={pool_id}"),
         format!("--advertise=$(POD_NAME).{name}-agents.{ns}.svc:{AGENT_GRPC_PORT}"),
         format!("--label=farm={name}"),
         "--label=pod=$(POD_NAME)".into(),
@@ -173,6 +183,11 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let name = farm.name_any();
     let ns = farm.namespace().unwrap_or_default();
     let pool = pool_key(&farm);
+    let Some(pool_id) = pool_id(&ctx, &farm) else {
+        // The agents must pin the pool key; the local pool's coordinator has not started.
+        tracing::info!(farm = %name, pool = %pool, "waiting for the pool's coordinator");
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
     let pp = PatchParams::apply(MANAGER).force();
     let owner = farm.controller_owner_ref(&()).expect("farm has a uid");
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
@@ -239,7 +254,7 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
             _ => (current - 1, None),
         }
     };
-    sts_api.patch(&name, &pp, &Patch::Apply(statefulset(&farm, &ns, replicas))).await?;
+    sts_api.patch(&name, &pp, &Patch::Apply(statefulset(&farm, &ns, replicas, &pool_id))).await?;
 
     let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
     let previous = farm.status.clone().unwrap_or_default();
@@ -320,7 +335,7 @@ mod tests {
             let mut farm: MiningFarm = serde::Deserialize::deserialize(doc).unwrap();
             farm.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
             let ns = farm.namespace().unwrap();
-            let sts = statefulset(&farm, &ns, farm.spec.replicas);
+            let sts = statefulset(&farm, &ns, farm.spec.replicas, &"0f".repeat(32));
             let yaml = format!(
                 "# Rendered by the operator from examples/miningfarm.yaml (test \
                  rendered_statefulsets_of_the_examples_are_committed): do not edit.\n{}",

@@ -59,6 +59,14 @@ impl Fabric for TestFabric {
     fn set_admission(&self, _pool: &str, admission: shardfarm_coordinator::Admission) {
         *self.admission.lock().unwrap() = Some(admission);
     }
+    fn pool_id(&self, pool: &str) -> Option<NodeId> {
+        Some(pool_id(pool))
+    }
+}
+
+/// The pool id the test fabric reports for `pool`.
+pub fn pool_id(pool: &str) -> NodeId {
+    node(&format!("pool {pool}"))
 }
 
 /// A node id named `name`.

@@ -88,6 +88,8 @@ pub trait Fabric: Send + Sync {
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
     /// Sets the admission rules later joins to `pool` must meet.
     fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission);
+    /// The id of `pool`'s key (its coordinator's identity), once its coordinator runs.
+    fn pool_id(&self, pool: &str) -> Option<NodeId>;
 }
 
 /// Shared state of the controllers.

@@ -124,6 +124,7 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
     let status = StoragePoolStatus {
         phase: Some(phase.into()),
         profile: Some(format!("RS({k},{m})")),
+        pool_id: ctx.fabric.pool_id(&name).map(|id| id.to_hex()),
         conditions: vec![
             condition(
                 &previous.conditions,

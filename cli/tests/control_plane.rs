@@ -1,0 +1,98 @@
+//! A control plane nobody can impersonate: layouts are believed only when the pool key signs
+//! them, and only when newer than the last one accepted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::mitm::{Mitm, Mode};
+use common::{Farm, free_base_port, metric, same, settled, start_outsider_via, write_random};
+use shardfarm_core::identity::NodeId;
+
+fn store_files(farm: &Farm, dir: &Path) -> Vec<(PathBuf, String)> {
+    [200 * 1024, 3 << 20]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let p = dir.join(format!("file-{i}"));
+            write_random(&p, len, 500 + i as u64);
+            let out = farm.sf(&["put", p.to_str().unwrap()]);
+            assert!(out.status.success(), "put: {}", String::from_utf8_lossy(&out.stderr));
+            (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
+        })
+        .collect()
+}
+
+fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path, tag: &str) {
+    for (i, (p, cap)) in files.iter().enumerate() {
+        let out = dir.join(format!("{tag}-{i}"));
+        let r = farm.get(cap, &out);
+        assert!(r.status.success(), "{tag}: get: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(same(p, &out), "{tag}: file {i} differs");
+    }
+}
+
+/// A man in the middle between one agent and the coordinator rewrites the layout it is sent
+/// (every slot to itself) four ways: the pool's signature kept over altered bytes, its own key,
+/// no signature, an older genuine publication replayed. The agent refuses each with its reason,
+/// keeps the last good layout, deletes nothing, and every file still reads back.
+#[test]
+fn an_agent_refuses_layouts_forged_on_the_way_and_deletes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "6", "--grace", "5", "--repair-interval", "1"],
+    );
+    let f = settled(&farm);
+    let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();
+    let files = store_files(&farm, tmp.path());
+
+    // The agent behind the proxy joins and takes its share of the files while the proxy is
+    // honest.
+    let mitm = Mitm::start(f.coordinator.as_deref().unwrap(), pool);
+    let (_agent, http) =
+        start_outsider_via(&farm, &mitm.addr, &tmp.path().join("behind"), "zone-3", &[]);
+    let scrape = || common::http_get(&http, "/metrics");
+    farm.wait_for(90, "the agent behind the proxy holds shards and is in sync", || {
+        let m = scrape();
+        let v = metric(&m, "shardfarm_agent_layout_version");
+        metric(&m, "shardfarm_agent_shards") > 0.0
+            && v > 0.0
+            && metric(&m, "shardfarm_agent_synced_layout_version") == v
+            && farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    let before = scrape();
+    let (shards, version) = (
+        metric(&before, "shardfarm_agent_shards"),
+        metric(&before, "shardfarm_agent_layout_version"),
+    );
+
+    for (mode, reason) in [
+        (Mode::Altered, "bad_signature"),
+        (Mode::Impostor, "wrong_pool"),
+        (Mode::Unsigned, "unsigned"),
+        (Mode::Replay, "older"),
+    ] {
+        mitm.set(mode);
+        let series = format!("shardfarm_agent_layouts_refused_total{{reason=\"{reason}\"}}");
+        farm.wait_for(30, &format!("the agent to refuse the {mode:?} layout"), || {
+            metric(&scrape(), &series) > 0.0
+        });
+    }
+    // Two repair passes under the forgeries: had one been believed, the agent would have
+    // handed its slots to the proxy and deleted its shards.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let after = scrape();
+    assert_eq!(metric(&after, "shardfarm_agent_layout_version"), version, "{after}");
+    assert_eq!(metric(&after, "shardfarm_agent_shards"), shards, "{after}");
+    let handed = "shardfarm_agent_handed_off_shards_total";
+    assert_eq!(metric(&after, handed), metric(&before, handed), "{after}");
+    let log = std::fs::read_to_string(tmp.path().join("behind.log")).unwrap();
+    assert!(log.contains("not by the pool"), "{log}");
+    read_all_back(&farm, &files, tmp.path(), "forged");
+
+    // Honest again: the agent follows the pool's layouts as before.
+    mitm.set(Mode::Honest);
+    read_all_back(&farm, &files, tmp.path(), "honest");
+}
