@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use shardfarm_agent::store::{ShardId, Store};
 use shardfarm_core::codec::{CodecParams, Encoder};
-use shardfarm_core::identity::Identity;
+use shardfarm_core::identity::{Identity, NodeId};
 use shardfarm_core::shard::{Cipher, merkle_root};
 use shardfarm_proto::{AgentClient, Signer};
 
@@ -96,10 +96,11 @@ async fn rpc() {
         .spawn()
         .expect("run `cargo build --workspace --all-targets` first");
     let ep = data.join("endpoints.json");
-    let addr = loop {
+    let (addr, node) = loop {
         if let Ok(t) = std::fs::read_to_string(&ep) {
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            break v["grpc"].as_str().unwrap().to_string();
+            let id = NodeId::from_hex(v["node_id"].as_str().unwrap()).unwrap();
+            break (v["grpc"].as_str().unwrap().to_string(), id);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
@@ -126,7 +127,7 @@ async fn rpc() {
         for clients in [1usize, 8] {
             let mut conns = Vec::new();
             for _ in 0..clients {
-                conns.push(AgentClient::connect(&addr, signer.clone()).await.unwrap());
+                conns.push(AgentClient::connect(&addr, node, signer.clone()).await.unwrap());
             }
             let t = Instant::now();
             let mut tasks = Vec::new();
@@ -166,7 +167,7 @@ async fn rpc() {
                 100.0 * get / tcp
             );
             // Delete so the next round writes fresh shards.
-            let mut c = AgentClient::connect(&addr, signer.clone()).await.unwrap();
+            let mut c = AgentClient::connect(&addr, node, signer.clone()).await.unwrap();
             for (h, _) in set.iter() {
                 let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
                 c.delete_shard(ShardId { object_id: hd.object_id, segment: 0, shard: 0 })
@@ -188,7 +189,7 @@ async fn rpc() {
         let mut tasks = Vec::new();
         for c in 0..8usize {
             let small = small.clone();
-            let mut conn = AgentClient::connect(&addr, signer.clone()).await.unwrap();
+            let mut conn = AgentClient::connect(&addr, node, signer.clone()).await.unwrap();
             let op = op.to_string();
             tasks.push(tokio::spawn(async move {
                 for (h, s) in small.iter().skip(c).step_by(8) {

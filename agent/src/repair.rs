@@ -420,7 +420,7 @@ impl RepairWorker {
     ) -> Option<&'a mut AgentClient> {
         if !clients.contains_key(id) {
             let c = match published.address(id) {
-                Some(addr) => AgentClient::connect(addr, self.signer.clone()).await.ok(),
+                Some(addr) => AgentClient::connect(addr, *id, self.signer.clone()).await.ok(),
                 None => None,
             };
             clients.insert(*id, c);

@@ -119,7 +119,12 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         max_uploads_per_owner: cfg.max_uploads_per_identity,
     };
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
-    let verifier = Arc::new(Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES));
+    // Only requests addressed to this node: one captured on its way to another node cannot
+    // be replayed here.
+    let verifier = Arc::new(
+        Verifier::new(cfg.pool_difficulty, cfg.timestamp_window, MAX_NONCES)
+            .with_audience(node.identity.id()),
+    );
     let policy = Arc::new(Policy::new(cfg.allow.clone(), cfg.deny.clone(), cfg.rate_limit));
     let service = AgentServer::new(
         AgentService::new(node.clone(), verifier, policy).with_upload_idle(cfg.upload_idle_timeout),

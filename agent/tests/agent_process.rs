@@ -11,7 +11,7 @@ use common::*;
 use ed25519_dalek::Signature;
 use shardfarm_core::audit::{self, ProvenLeaf};
 use shardfarm_core::auth::Envelope;
-use shardfarm_core::identity::{Identity, random_signing_key};
+use shardfarm_core::identity::{Identity, NodeId, random_signing_key};
 use shardfarm_core::shard::{Cipher, FORMAT_VERSION, SegmentHeader, merkle_root, object_id_for};
 use shardfarm_proto::pb as proto;
 use shardfarm_proto::{Signer, methods};
@@ -137,7 +137,7 @@ async fn kill9_mid_upload_leaves_nothing_half_written_and_keeps_acknowledged_sha
         })),
     };
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    *req.metadata_mut() = signer.request(methods::PUT, first.clone()).into_parts().0;
+    *req.metadata_mut() = signer.request(agent.id(), methods::PUT, first.clone()).into_parts().0;
     let call = tokio::spawn(async move { raw.put_shard(req).await });
     tx.send(first).await.unwrap();
     for i in 0..12 {
@@ -259,6 +259,7 @@ async fn audits_verify_and_a_node_that_lost_the_shard_cannot_answer() {
 
 /// Sends Info with a hand-built envelope.
 async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::Status {
+    let env = env.to(agent.id());
     let req = env.sign(
         shardfarm_core::identity::Credential::from_bytes(&signer_credential(&signer)).unwrap(),
         signer.key(),
@@ -268,6 +269,7 @@ async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::S
     use tonic::metadata::MetadataValue;
     md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&req.credential.to_bytes()));
     md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
+    md.insert_bin(keys::AUDIENCE, MetadataValue::from_bytes(&req.envelope.audience.0));
     md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().unwrap());
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
     let mut raw =
@@ -279,7 +281,7 @@ async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::S
 
 fn signer_credential(s: &Signer) -> Vec<u8> {
     // The test signer signs Info once to learn its credential bytes from the metadata.
-    let r = s.request(methods::INFO, proto::InfoRequest {});
+    let r = s.request(NodeId([0; 32]), methods::INFO, proto::InfoRequest {});
     r.metadata().get_bin(shardfarm_proto::keys::CREDENTIAL).unwrap().to_bytes().unwrap().to_vec()
 }
 
@@ -301,7 +303,7 @@ async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     // Replayed request: the very same metadata twice.
-    let req = s.request(methods::INFO, proto::InfoRequest {});
+    let req = s.request(agent.id(), methods::INFO, proto::InfoRequest {});
     let md = req.metadata().clone();
     let mut raw =
         proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
@@ -364,7 +366,7 @@ async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
         })),
     };
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    *req.metadata_mut() = s.request(methods::PUT, first.clone()).into_parts().0;
+    *req.metadata_mut() = s.request(agent.id(), methods::PUT, first.clone()).into_parts().0;
     tx.send(first).await.unwrap();
     tx.send(proto::PutShardRequest {
         part: Some(proto::put_shard_request::Part::Chunk(Bytes::from(vec![0u8; 9 << 20]))),
@@ -613,7 +615,14 @@ async fn stalled_upload(
         })),
     };
     let mut md = tonic::metadata::MetadataMap::new();
-    shardfarm_proto::sign_into(&mut md, methods::PUT, &first, &who.credential(), who.signing_key());
+    shardfarm_proto::sign_into(
+        &mut md,
+        agent.id(),
+        methods::PUT,
+        &first,
+        &who.credential(),
+        who.signing_key(),
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(first).await.unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -735,4 +744,54 @@ async fn maximal_lengths_and_counts_are_refused_and_change_nothing() {
     assert_eq!(metric(&after, "shardfarm_agent_shards "), Some(1.0));
     // And the node still takes an honest upload of the full size.
     c.put_shard(&seg.header_bytes, 1, seg.shards[1].clone()).await.unwrap();
+}
+
+/// A request captured on its way to node A and replayed at node B is refused by B, and
+/// counted; at A the same request is answered. Rewriting its audience breaks its signature.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_for_one_node_replayed_at_another_is_refused() {
+    let dir = tmp();
+    let a = AgentProc::start(&dir.path().join("a"), &[]);
+    let b = AgentProc::start(&dir.path().join("b"), &[]);
+    let (me, s) = signer();
+    let seg = segment(&me, 64 * 1024, 2, 1);
+    let mut at_a = a.client(&s).await;
+    at_a.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+    let mut at_b = b.client(&s).await;
+    at_b.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+
+    // A deletion signed for A, captured, and sent to B.
+    let req = proto::DeleteShardRequest { key: Some(seg.id(0).into()) };
+    let captured = s.request(a.id(), methods::DELETE, req.clone()).into_parts().0;
+    let raw = |addr: &str| proto::agent_client::AgentClient::connect(format!("http://{addr}"));
+    let mut rb = raw(&b.grpc).await.unwrap();
+    let mut replayed = tonic::Request::new(req.clone());
+    *replayed.metadata_mut() = captured.clone();
+    let err = rb.delete_shard(replayed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("addressed to node"), "{}", err.message());
+    // With the audience rewritten to B, the signature no longer verifies.
+    let mut redirected = captured.clone();
+    redirected.insert_bin(
+        shardfarm_proto::keys::AUDIENCE,
+        tonic::metadata::MetadataValue::from_bytes(&b.id().0),
+    );
+    let mut r = tonic::Request::new(req.clone());
+    *r.metadata_mut() = redirected;
+    let err = rb.delete_shard(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("signature"), "{}", err.message());
+    // B still holds its shard; A honours the request meant for it.
+    assert!(at_b.get_shard(seg.id(0), 0, 0).await.is_ok());
+    let m = b.metrics();
+    assert_eq!(
+        metric(&m, "shardfarm_agent_auth_failures_total{reason=\"wrong_audience\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    let mut ra = raw(&a.grpc).await.unwrap();
+    let mut to_a = tonic::Request::new(req);
+    *to_a.metadata_mut() = captured;
+    ra.delete_shard(to_a).await.unwrap();
+    assert!(at_a.get_shard(seg.id(0), 0, 0).await.is_err());
 }

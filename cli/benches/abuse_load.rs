@@ -59,7 +59,7 @@ use clap::{Parser, ValueEnum};
 use shardfarm_client::FarmClient;
 use shardfarm_client::farm::{CLIENT_KEY, ClientKey, FARM_FILE, Farm, ROOT_KEY};
 use shardfarm_core::cap::ReadCap;
-use shardfarm_core::identity::{Credential, Identity, random_signing_key};
+use shardfarm_core::identity::{Credential, Identity, NodeId, random_signing_key};
 use shardfarm_core::shard::ShardId;
 use shardfarm_proto::pb;
 use shardfarm_proto::pb::agent_client::AgentClient as RawAgent;
@@ -427,19 +427,25 @@ enum Call {
 }
 
 impl Call {
-    /// Signs `self` into `md` as `id`.
-    fn sign(&self, md: &mut MetadataMap, id: &Identity) {
-        self.sign_as(md, &id.credential(), id.signing_key());
+    /// Signs `self` into `md` as `id`, addressed to `to`.
+    fn sign(&self, md: &mut MetadataMap, to: NodeId, id: &Identity) {
+        self.sign_as(md, to, &id.credential(), id.signing_key());
     }
 
     /// Signs `self` into `md` presenting `c`, with `k` (which need not be `c`'s key).
-    fn sign_as(&self, md: &mut MetadataMap, c: &Credential, k: &ed25519_dalek::SigningKey) {
+    fn sign_as(
+        &self,
+        md: &mut MetadataMap,
+        to: NodeId,
+        c: &Credential,
+        k: &ed25519_dalek::SigningKey,
+    ) {
         match self {
-            Call::Info(m) => sign_into(md, methods::INFO, m, c, k),
-            Call::GetShard(m) => sign_into(md, methods::GET, m, c, k),
-            Call::ListShards(m) => sign_into(md, methods::LIST, m, c, k),
-            Call::GetLayout(m) => sign_into(md, methods::GET_LAYOUT, m, c, k),
-            Call::ListNodes(m) => sign_into(md, methods::LIST_NODES, m, c, k),
+            Call::Info(m) => sign_into(md, to, methods::INFO, m, c, k),
+            Call::GetShard(m) => sign_into(md, to, methods::GET, m, c, k),
+            Call::ListShards(m) => sign_into(md, to, methods::LIST, m, c, k),
+            Call::GetLayout(m) => sign_into(md, to, methods::GET_LAYOUT, m, c, k),
+            Call::ListNodes(m) => sign_into(md, to, methods::LIST_NODES, m, c, k),
         }
     }
 }
@@ -475,9 +481,9 @@ struct Prepared {
     by_kind: HashMap<Kind, Vec<(Call, MetadataMap)>>,
 }
 
-/// Prepares every kind's requests for an agent (`agent`) or the coordinator, signing with
-/// `mined` (at the pool's difficulty) or with identities below `difficulty`.
-fn prepare(agent: bool, mined: &Identity, difficulty: u8) -> Prepared {
+/// Prepares every kind's requests for an agent (`agent`) or the coordinator whose id is `to`,
+/// signing with `mined` (at the pool's difficulty) or with identities below `difficulty`.
+fn prepare(agent: bool, to: NodeId, mined: &Identity, difficulty: u8) -> Prepared {
     let calls: Vec<Call> = if agent {
         let key = ShardId { object_id: random_bytes(), segment: 0, shard: 0 };
         vec![
@@ -502,17 +508,17 @@ fn prepare(agent: bool, mined: &Identity, difficulty: u8) -> Prepared {
     };
     signed(Kind::Unmined, &|c| {
         let mut md = MetadataMap::new();
-        c.sign(&mut md, &unmined());
+        c.sign(&mut md, to, &unmined());
         md
     });
     signed(Kind::BadSignature, &|c| {
         let mut md = MetadataMap::new();
-        c.sign_as(&mut md, &mined.credential(), &random_signing_key());
+        c.sign_as(&mut md, to, &mined.credential(), &random_signing_key());
         md
     });
     // One request, replayed: its first copy is accepted, every other one must be refused.
     let mut md = MetadataMap::new();
-    calls[0].sign(&mut md, mined);
+    calls[0].sign(&mut md, to, mined);
     by_kind.insert(Kind::Replay, vec![(calls[0].clone(), md)]);
     Prepared { by_kind }
 }
@@ -520,6 +526,7 @@ fn prepare(agent: bool, mined: &Identity, difficulty: u8) -> Prepared {
 /// One flood target.
 struct Target {
     agent: bool,
+    node: NodeId,
     addr: String,
     prepared: RwLock<Arc<Prepared>>,
 }
@@ -607,10 +614,13 @@ async fn flood(
 ) -> Flood {
     let (mined, _) = Identity::generate(farm.difficulty, 1, &|_| {}).expect("mining");
     let mut targets: Vec<Arc<Target>> = Vec::new();
-    let addrs = farm.nodes.iter().map(|n| (true, n.grpc.clone()));
-    for (agent, addr) in addrs.chain(farm.coordinator.clone().map(|c| (false, c))) {
-        let prepared = RwLock::new(Arc::new(prepare(agent, &mined, farm.difficulty)));
-        targets.push(Arc::new(Target { agent, addr, prepared }));
+    let id = |hex: &str| NodeId::from_hex(hex).expect("the farm file names every id");
+    let addrs = farm.nodes.iter().map(|n| (true, id(&n.id), n.grpc.clone()));
+    let pool =
+        farm.coordinator.clone().map(|c| (false, id(farm.pool_id.as_deref().unwrap_or("")), c));
+    for (agent, node, addr) in addrs.chain(pool) {
+        let prepared = RwLock::new(Arc::new(prepare(agent, node, &mined, farm.difficulty)));
+        targets.push(Arc::new(Target { agent, node, addr, prepared }));
     }
     let resign = {
         let (targets, mined, difficulty) = (targets.clone(), mined.clone(), farm.difficulty);
@@ -618,7 +628,7 @@ async fn flood(
             loop {
                 tokio::time::sleep(RESIGN_EVERY).await;
                 for t in &targets {
-                    let p = Arc::new(prepare(t.agent, &mined, difficulty));
+                    let p = Arc::new(prepare(t.agent, t.node, &mined, difficulty));
                     *t.prepared.write().unwrap() = p;
                 }
             }

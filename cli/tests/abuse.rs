@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::fake_agent::{Behaviour, FakeAgent};
 use common::flood::{FLOOD_FROM, answered, flood};
 use common::{Farm, free_base_port, metric, same, settled, write_random};
+use shardfarm_core::identity::NodeId;
 use tonic::Code;
 
 fn put_and_read_back(farm: &Farm, dir: &Path, name: &str, len: usize, seed: u64) {
@@ -31,10 +32,12 @@ fn flood_during_honest_work(
     len: usize,
 ) -> common::flood::Tally {
     let f = common::hostile::farm_file(&farm.dir);
-    let agents: Vec<String> = f.nodes.iter().map(|n| n.grpc.clone()).collect();
+    let agents: Vec<(String, NodeId)> =
+        f.nodes.iter().map(|n| (n.grpc.clone(), NodeId::from_hex(&n.id).unwrap())).collect();
     let coordinator = format!("127.0.0.1:{}", farm.base_port - 2);
+    let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();
     let length = Duration::from_secs(secs);
-    let flooding = std::thread::spawn(move || flood(from, &agents, &coordinator, length, 8));
+    let flooding = std::thread::spawn(move || flood(from, &agents, &coordinator, pool, length, 8));
     // Honest work all through the flood: every put and get succeeds.
     let mut rounds = 0;
     while !flooding.is_finished() {
@@ -172,7 +175,13 @@ fn a_member_that_never_stops_sending_cannot_exhaust_its_peers() {
     let signer = std::sync::Arc::new(shardfarm_proto::Signer::identity(&me));
     let cap: shardfarm_core::cap::ReadCap = files[0].1.parse().unwrap();
     rt.block_on(async {
-        let mut c = shardfarm_proto::AgentClient::connect(&fake.grpc, signer).await.unwrap();
+        let mut c = shardfarm_proto::AgentClient::connect(
+            &fake.grpc,
+            NodeId::from_hex(&fake.id).unwrap(),
+            signer,
+        )
+        .await
+        .unwrap();
         let id = shardfarm_core::shard::ShardId { object_id: cap.object_id, segment: 0, shard: 0 };
         let call = c.get_shard(id, 0, 0);
         let err = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap_err();

@@ -56,7 +56,7 @@ fn a_stranger_cannot_plant_shards_under_honest_ids_nor_outside_the_layout() {
     let mut victims: BTreeSet<([u8; 32], u32, u32)> = BTreeSet::new();
     for p in 0..f.partitions {
         let holder = &f.nodes[f.layout[p as usize][0]];
-        for e in evil.list(&holder.grpc, p) {
+        for e in evil.list(holder, p) {
             let k = e.key.unwrap();
             victims.insert((k.object_id[..].try_into().unwrap(), k.segment_index, p));
         }
@@ -70,7 +70,7 @@ fn a_stranger_cannot_plant_shards_under_honest_ids_nor_outside_the_layout() {
         let (header, junk) = evil.forged_header(obj, seg);
         for node in &f.nodes {
             for slot in 0..6 {
-                let err = evil.put(&node.grpc, &header, slot, junk.clone()).unwrap_err();
+                let err = evil.put(node, &header, slot, junk.clone()).unwrap_err();
                 assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
                 assert!(err.message().contains("does not derive"), "{}", err.message());
                 refused += 1;
@@ -87,7 +87,7 @@ fn a_stranger_cannot_plant_shards_under_honest_ids_nor_outside_the_layout() {
             .find(|n| !holders.contains(n) && fallback.get(slot) != Some(n))
             .unwrap();
         let err = evil
-            .put(&f.nodes[outsider].grpc, &own.header_bytes, slot as u32, shard.clone())
+            .put(&f.nodes[outsider], &own.header_bytes, slot as u32, shard.clone())
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         let holder = &f.nodes[holders[slot]].id;
@@ -174,12 +174,12 @@ fn a_segment_that_never_became_readable_is_collected_and_does_not_block_sync() {
     let own = evil.own_segment(&f, 10_000);
     let p = shardfarm_core::shard::partition(&own.header.object_id, 0, f.partitions);
     let holder = &f.nodes[f.layout[p as usize][0]];
-    evil.put(&holder.grpc, &own.header_bytes, 0, own.shards[0].clone()).unwrap();
-    assert_eq!(evil.list(&holder.grpc, p).len(), 1);
+    evil.put(holder, &own.header_bytes, 0, own.shards[0].clone()).unwrap();
+    assert_eq!(evil.list(holder, p).len(), 1);
 
     // The other holders cannot rebuild their slots (1 shard < k): they report the segment
     // lost and still reach sync; after the grace period the lone shard is collected.
-    farm.wait_for(60, "the lone shard to be collected", || evil.list(&holder.grpc, p).is_empty());
+    farm.wait_for(60, "the lone shard to be collected", || evil.list(holder, p).is_empty());
     assert!(
         farm.agent_metric_sum(
             7,
@@ -197,7 +197,7 @@ fn a_segment_that_never_became_readable_is_collected_and_does_not_block_sync() {
     });
     for n in &f.nodes {
         assert!(
-            evil.list(&n.grpc, p)
+            evil.list(n, p)
                 .iter()
                 .all(|e| { e.key.as_ref().unwrap().object_id[..] != own.header.object_id })
         );

@@ -152,11 +152,15 @@ impl FarmClient {
             return Ok(c.clone());
         }
         let addr = &self.farm.nodes[node].grpc;
-        let c =
-            tokio::time::timeout(CONNECT_TIMEOUT, AgentClient::connect(addr, self.signer.clone()))
-                .await
-                .map_err(|_| anyhow::anyhow!("node {node} ({addr}) did not answer in time"))?
-                .map_err(|e| anyhow::anyhow!("node {node} ({addr}) is unreachable: {e}"))?;
+        let id = shardfarm_core::identity::NodeId::from_hex(&self.farm.nodes[node].id)
+            .map_err(|_| anyhow::anyhow!("node {node} ({addr}) has no known id yet"))?;
+        let c = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            AgentClient::connect(addr, id, self.signer.clone()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("node {node} ({addr}) did not answer in time"))?
+        .map_err(|e| anyhow::anyhow!("node {node} ({addr}) is unreachable: {e}"))?;
         self.conns.lock().unwrap().insert(node, c.clone());
         Ok(c)
     }

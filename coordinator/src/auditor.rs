@@ -108,7 +108,9 @@ impl Auditor {
         let mut answered = 0;
         for peer in peers.iter().take(4) {
             let Some(addr) = published.address(peer) else { continue };
-            let Ok(mut c) = AgentClient::connect(addr, self.signer.clone()).await else { continue };
+            let Ok(mut c) = AgentClient::connect(addr, *peer, self.signer.clone()).await else {
+                continue;
+            };
             let Ok(entries) = c.list_shards(p, None, SAMPLE).await else { continue };
             let set: BTreeSet<([u8; 32], u32)> = entries
                 .into_iter()
@@ -135,7 +137,7 @@ impl Auditor {
         };
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce).expect("OS randomness");
-        let mut client = match AgentClient::connect(addr, self.signer.clone()).await {
+        let mut client = match AgentClient::connect(addr, node, self.signer.clone()).await {
             Ok(c) => c,
             Err(e) => return Outcome::Skip(format!("unreachable: {e}")),
         };

@@ -286,7 +286,9 @@ impl Coordinator {
         let state = Persisted::load(store.as_ref())?;
         let ledger = Ledger::open(ledger, &identity.public_key())?;
         // Requests within 5 minutes of our clock; 100 000 nonces ≈ 20 MB.
-        let verifier = Verifier::new(config.min_difficulty, Duration::from_secs(300), 100_000);
+        // Only requests addressed to this pool.
+        let verifier = Verifier::new(config.min_difficulty, Duration::from_secs(300), 100_000)
+            .with_audience(identity.id());
         let (layout_tx, _) = watch::channel(None);
         let c = Coordinator {
             config,

@@ -41,7 +41,7 @@ pub const FAILED_AUTH_RATE: f64 = 20.0;
 /// Peer addresses whose failures are remembered (≈ 3 MB); beyond it they share one bucket.
 const MAX_THROTTLED_PEERS: usize = 65_536;
 
-const ENVELOPE_DOMAIN: &[u8] = b"shardfarm-request-v1";
+const ENVELOPE_DOMAIN: &[u8] = b"shardfarm-request-v2";
 
 /// Why a request was refused. Each reason has its own variant so servers can map them to
 /// precise statuses and clients can say what to do.
@@ -94,6 +94,17 @@ pub enum AuthError {
         /// Server time (unix seconds).
         now: u64,
     },
+    /// The request was signed for another server (captured on its way there and replayed).
+    #[error(
+        "request is addressed to node {to}, not to this server ({this}): refusing it (a request \
+         captured on its way to another node cannot be replayed here)"
+    )]
+    WrongAudience {
+        /// The audience the request names (hex).
+        to: String,
+        /// This server's id (hex).
+        this: String,
+    },
     /// Requests from this address failed authentication too often; it is refused unheard.
     #[error(
         "too many failed authentications from your address: refused for {wait_ms} ms; fix the \
@@ -107,7 +118,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// Every label [`AuthError::metric_label`] can return (metrics start them at zero).
-    pub const METRIC_LABELS: [&'static str; 10] = [
+    pub const METRIC_LABELS: [&'static str; 11] = [
         "malformed",
         "bad_signature",
         "stale_timestamp",
@@ -118,6 +129,7 @@ impl AuthError {
         "delegation_signature",
         "delegation_expired",
         "peer_throttled",
+        "wrong_audience",
     ];
 
     /// A short, bounded label for metrics.
@@ -133,6 +145,7 @@ impl AuthError {
             AuthError::DelegationSignature => "delegation_signature",
             AuthError::DelegationExpired { .. } => "delegation_expired",
             AuthError::PeerThrottled { .. } => "peer_throttled",
+            AuthError::WrongAudience { .. } => "wrong_audience",
         }
     }
 
@@ -156,6 +169,10 @@ pub fn now_ms() -> u64 {
 /// What the caller signs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
+    /// The server the request is for (its node id; the pool id for the coordinator). A server
+    /// that checks audiences refuses any other, so a request captured on its way to one node
+    /// cannot be replayed at another.
+    pub audience: NodeId,
     /// The full method name, e.g. `/shardfarm.v1.Agent/PutShard`.
     pub method: String,
     /// 16 random bytes, never reused.
@@ -167,11 +184,13 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// A fresh envelope for `method` over `body` (the encoded message), timestamped now.
+    /// A fresh envelope for `method` over `body` (the encoded message), timestamped now,
+    /// addressed to no one (see [`Envelope::to`]).
     pub fn new(method: &str, body: &[u8]) -> Self {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).expect("the operating system's random generator failed");
         Envelope {
+            audience: NodeId([0; 32]),
             method: method.to_string(),
             nonce,
             timestamp_ms: now_ms(),
@@ -179,10 +198,17 @@ impl Envelope {
         }
     }
 
+    /// The same envelope addressed to `audience`.
+    pub fn to(mut self, audience: NodeId) -> Self {
+        self.audience = audience;
+        self
+    }
+
     /// The bytes the signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(ENVELOPE_DOMAIN.len() + self.method.len() + 64);
+        let mut b = Vec::with_capacity(ENVELOPE_DOMAIN.len() + self.method.len() + 96);
         b.extend_from_slice(ENVELOPE_DOMAIN);
+        b.extend_from_slice(&self.audience.0);
         b.extend_from_slice(&(self.method.len() as u32).to_le_bytes());
         b.extend_from_slice(self.method.as_bytes());
         b.extend_from_slice(&self.nonce);
@@ -225,6 +251,8 @@ pub struct Caller {
 pub struct Verifier {
     min_difficulty: u8,
     window: Duration,
+    /// This server's id: requests addressed to anyone else are refused.
+    audience: Option<NodeId>,
     replay: ReplayCache,
     /// Failures per peer address, for callers not known there.
     failures: KeyedBuckets<IpAddr>,
@@ -247,6 +275,7 @@ impl Verifier {
         Verifier {
             min_difficulty,
             window,
+            audience: None,
             replay: ReplayCache::new(window, max_nonces),
             failures: KeyedBuckets::new(FAILED_AUTH_RATE, FAILED_AUTH_BURST, MAX_THROTTLED_PEERS),
             known_failures: KeyedBuckets::new(
@@ -256,6 +285,12 @@ impl Verifier {
             ),
             known: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same verifier accepting only requests addressed to `me` (every server sets this).
+    pub fn with_audience(mut self, me: NodeId) -> Self {
+        self.audience = Some(me);
+        self
     }
 
     /// The same verifier allowing each peer address `burst` failures, then `rate` a second.
@@ -364,6 +399,11 @@ impl Verifier {
         let skew_ms = env.timestamp_ms.abs_diff(now_ms);
         if skew_ms > window_ms {
             return Err(AuthError::StaleTimestamp { skew_ms, window_ms });
+        }
+        if let Some(me) = self.audience
+            && env.audience != me
+        {
+            return Err(AuthError::WrongAudience { to: env.audience.to_hex(), this: me.to_hex() });
         }
         match &req.credential {
             Credential::Mined { key, nonce } => {
@@ -490,6 +530,7 @@ mod label_tests {
             AuthError::DelegationSignature,
             AuthError::DelegationExpired { expired: 0, now: 0 },
             AuthError::PeerThrottled { wait_ms: 0 },
+            AuthError::WrongAudience { to: String::new(), this: String::new() },
         ];
         let labels: Vec<&str> = all.iter().map(AuthError::metric_label).collect();
         assert_eq!(labels, AuthError::METRIC_LABELS);
@@ -529,6 +570,28 @@ mod tests {
         let req = Envelope::new(METHOD, b"x").sign(id.credential(), &other);
         let v = Verifier::new(8, WINDOW, 1000);
         assert_eq!(v.verify(&req, METHOD, b"x", now_ms()), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn a_request_for_one_server_is_refused_by_another() {
+        let id = mined(8);
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let for_a = Envelope::new(METHOD, b"x").to(a).sign(id.credential(), id.signing_key());
+        let at_b = Verifier::new(8, WINDOW, 1000).with_audience(b);
+        let err = at_b.verify(&for_a, METHOD, b"x", now_ms()).unwrap_err();
+        assert!(matches!(err, AuthError::WrongAudience { .. }), "{err}");
+        assert!(err.is_peer_fault());
+        // Rewriting the audience breaks the signature.
+        let mut redirected = for_a.clone();
+        redirected.envelope.audience = b;
+        assert_eq!(at_b.verify(&redirected, METHOD, b"x", now_ms()), Err(AuthError::BadSignature));
+        // At A it is accepted (once).
+        let at_a = Verifier::new(8, WINDOW, 1000).with_audience(a);
+        assert!(at_a.verify(&for_a, METHOD, b"x", now_ms()).is_ok());
+        // Unaddressed requests are refused by a server that checks audiences.
+        let unaddressed = signed(&id, b"x");
+        let err = at_a.verify(&unaddressed, METHOD, b"x", now_ms()).unwrap_err();
+        assert!(matches!(err, AuthError::WrongAudience { .. }), "{err}");
     }
 
     #[test]

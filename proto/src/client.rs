@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use prost::Message;
-use shardfarm_core::identity::{Credential, Delegation, Identity};
+use shardfarm_core::identity::{Credential, Delegation, Identity, NodeId};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -57,9 +57,9 @@ impl Signer {
     }
 
     /// Wraps `msg` in a request signed for `method`.
-    pub fn request<M: Message>(&self, method: &str, msg: M) -> Request<M> {
+    pub fn request<M: Message>(&self, audience: NodeId, method: &str, msg: M) -> Request<M> {
         let mut md = tonic::metadata::MetadataMap::new();
-        sign_into(&mut md, method, &msg, &self.credential, &self.key);
+        sign_into(&mut md, audience, method, &msg, &self.credential, &self.key);
         let mut r = Request::new(msg);
         *r.metadata_mut() = md;
         r
@@ -71,6 +71,8 @@ impl Signer {
 pub struct AgentClient {
     raw: Raw<Channel>,
     signer: Arc<Signer>,
+    /// The node this client talks to: every request is addressed to it.
+    node: NodeId,
 }
 
 /// What a shard read returns: the signed header and the bytes.
@@ -84,7 +86,11 @@ pub struct FetchedShard {
 
 impl AgentClient {
     /// Connects to `addr` (`host:port`), signing with `signer`.
-    pub async fn connect(addr: &str, signer: Arc<Signer>) -> Result<Self, tonic::transport::Error> {
+    pub async fn connect(
+        addr: &str,
+        node: NodeId,
+        signer: Arc<Signer>,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
@@ -94,15 +100,15 @@ impl AgentClient {
             .max_frame_size(1 << 20)
             .connect()
             .await?;
-        Ok(Self::with_channel(channel, signer))
+        Ok(Self::with_channel(channel, node, signer))
     }
 
     /// A client over an existing channel.
-    pub fn with_channel(channel: Channel, signer: Arc<Signer>) -> Self {
+    pub fn with_channel(channel: Channel, node: NodeId, signer: Arc<Signer>) -> Self {
         let raw = Raw::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        AgentClient { raw, signer }
+        AgentClient { raw, signer, node }
     }
 
     /// The signer.
@@ -126,7 +132,14 @@ impl AgentClient {
         };
         // Sign the opening message; the payload is bound by the signed header's Merkle root.
         let mut md = tonic::metadata::MetadataMap::new();
-        sign_into(&mut md, methods::PUT, &first, &self.signer.credential, &self.signer.key);
+        sign_into(
+            &mut md,
+            self.node,
+            methods::PUT,
+            &first,
+            &self.signer.credential,
+            &self.signer.key,
+        );
         let chunks = (0..data.len().div_ceil(PUT_CHUNK)).map(move |i| proto::PutShardRequest {
             part: Some(Part::Chunk(
                 data.slice(i * PUT_CHUNK..((i + 1) * PUT_CHUNK).min(data.len())),
@@ -147,8 +160,11 @@ impl AgentClient {
     ) -> Result<FetchedShard, Status> {
         use proto::get_shard_response::Part;
         let req = proto::GetShardRequest { key: Some(id.into()), offset, length };
-        let mut stream =
-            self.raw.get_shard(self.signer.request(methods::GET, req)).await?.into_inner();
+        let mut stream = self
+            .raw
+            .get_shard(self.signer.request(self.node, methods::GET, req))
+            .await?
+            .into_inner();
         let mut out = FetchedShard { header: Vec::new(), data: Vec::new() };
         // Nothing the agent says is trusted yet: the header bounds what may follow, and no
         // header can promise more than one maximal shard.
@@ -196,7 +212,7 @@ impl AgentClient {
         let req = proto::DeleteShardRequest { key: Some(id.into()) };
         Ok(self
             .raw
-            .delete_shard(self.signer.request(methods::DELETE, req))
+            .delete_shard(self.signer.request(self.node, methods::DELETE, req))
             .await?
             .into_inner()
             .existed)
@@ -208,7 +224,7 @@ impl AgentClient {
         let req = proto::DeleteObjectRequest { tombstone: Bytes::copy_from_slice(tombstone) };
         Ok(self
             .raw
-            .delete_object(self.signer.request(methods::DELETE_OBJECT, req))
+            .delete_object(self.signer.request(self.node, methods::DELETE_OBJECT, req))
             .await?
             .into_inner()
             .deleted_shards)
@@ -227,7 +243,7 @@ impl AgentClient {
         let most = if limit == 0 { LIST_DEFAULT } else { limit.min(LIST_MAX) } as usize;
         let list = self
             .raw
-            .list_tombstones(self.signer.request(methods::LIST_TOMBSTONES, req))
+            .list_tombstones(self.signer.request(self.node, methods::LIST_TOMBSTONES, req))
             .await?
             .into_inner()
             .tombstones;
@@ -249,8 +265,11 @@ impl AgentClient {
     ) -> Result<Vec<proto::ShardEntry>, Status> {
         let req =
             proto::ListShardsRequest { partition, start_after: start_after.map(Into::into), limit };
-        let mut s =
-            self.raw.list_shards(self.signer.request(methods::LIST, req)).await?.into_inner();
+        let mut s = self
+            .raw
+            .list_shards(self.signer.request(self.node, methods::LIST, req))
+            .await?
+            .into_inner();
         let most = if limit == 0 { LIST_DEFAULT } else { limit.min(LIST_MAX) } as usize;
         let mut out = Vec::new();
         while let Some(e) = s.next().await {
@@ -276,14 +295,14 @@ impl AgentClient {
             nonce: Bytes::copy_from_slice(nonce),
             leaves,
         };
-        Ok(self.raw.audit(self.signer.request(methods::AUDIT, req)).await?.into_inner())
+        Ok(self.raw.audit(self.signer.request(self.node, methods::AUDIT, req)).await?.into_inner())
     }
 
     /// The agent's identity and state.
     pub async fn info(&mut self) -> Result<proto::InfoResponse, Status> {
         Ok(self
             .raw
-            .info(self.signer.request(methods::INFO, proto::InfoRequest {}))
+            .info(self.signer.request(self.node, methods::INFO, proto::InfoRequest {}))
             .await?
             .into_inner())
     }
@@ -298,7 +317,7 @@ impl AgentClient {
             proto::CapacityChallenge { challenge: Bytes::copy_from_slice(challenge), difficulty };
         Ok(self
             .raw
-            .prove_capacity(self.signer.request(methods::PROVE, req))
+            .prove_capacity(self.signer.request(self.node, methods::PROVE, req))
             .await?
             .into_inner()
             .report

@@ -327,13 +327,13 @@ impl CoordinatorClient {
 
     /// A fresh capacity challenge.
     pub async fn challenge(&mut self) -> Result<proto::ChallengeResponse, Status> {
-        let req = self.signer.request(methods::CHALLENGE, proto::ChallengeRequest {});
+        let req = self.signer.request(self.pool, methods::CHALLENGE, proto::ChallengeRequest {});
         Ok(self.raw.challenge(req).await?.into_inner())
     }
 
     /// Joins the pool.
     pub async fn join(&mut self, msg: proto::JoinRequest) -> Result<proto::JoinResponse, Status> {
-        Ok(self.raw.join(self.signer.request(methods::JOIN, msg)).await?.into_inner())
+        Ok(self.raw.join(self.signer.request(self.pool, methods::JOIN, msg)).await?.into_inner())
     }
 
     /// Sends a heartbeat.
@@ -341,7 +341,11 @@ impl CoordinatorClient {
         &mut self,
         msg: proto::ReportRequest,
     ) -> Result<proto::ReportResponse, Status> {
-        Ok(self.raw.report(self.signer.request(methods::REPORT, msg)).await?.into_inner())
+        Ok(self
+            .raw
+            .report(self.signer.request(self.pool, methods::REPORT, msg))
+            .await?
+            .into_inner())
     }
 
     /// The pinned pool.
@@ -351,7 +355,7 @@ impl CoordinatorClient {
 
     /// The current layout, verified as the pinned pool's (a refusal is `PermissionDenied`).
     pub async fn get_layout(&mut self) -> Result<PublishedLayout, Status> {
-        let req = self.signer.request(methods::GET_LAYOUT, proto::GetLayoutRequest {});
+        let req = self.signer.request(self.pool, methods::GET_LAYOUT, proto::GetLayoutRequest {});
         let signed = self.raw.get_layout(req).await?.into_inner();
         verify_layout(&signed, &self.pool).map_err(|e| Status::permission_denied(e.to_string()))
     }
@@ -359,13 +363,14 @@ impl CoordinatorClient {
     /// Every layout publication from the current one on, as sent: pass each through a
     /// [`LayoutGuard`] for the pool.
     pub async fn watch_layout(&mut self) -> Result<Streaming<proto::SignedLayout>, Status> {
-        let req = self.signer.request(methods::WATCH_LAYOUT, proto::WatchLayoutRequest {});
+        let req =
+            self.signer.request(self.pool, methods::WATCH_LAYOUT, proto::WatchLayoutRequest {});
         Ok(self.raw.watch_layout(req).await?.into_inner())
     }
 
     /// The members.
     pub async fn list_nodes(&mut self) -> Result<proto::ListNodesResponse, Status> {
-        let req = self.signer.request(methods::LIST_NODES, proto::ListNodesRequest {});
+        let req = self.signer.request(self.pool, methods::LIST_NODES, proto::ListNodesRequest {});
         Ok(self.raw.list_nodes(req).await?.into_inner())
     }
 }

@@ -4,7 +4,7 @@
 
 use prost::Message;
 use shardfarm_core::auth::{AuthError, Caller, Envelope, SignedRequest, Verifier, now_ms};
-use shardfarm_core::identity::Credential;
+use shardfarm_core::identity::{Credential, NodeId};
 
 use crate::signed_body::FirstMessageHash;
 use tonic::Status;
@@ -20,6 +20,8 @@ pub mod keys {
     pub const TIMESTAMP: &str = "x-sf-timestamp";
     /// Signature (binary, 64 bytes).
     pub const SIGNATURE: &str = "x-sf-signature-bin";
+    /// The node the request is for (binary, 32 bytes; the pool id for the coordinator).
+    pub const AUDIENCE: &str = "x-sf-audience-bin";
 }
 
 /// Full method names, as signed.
@@ -61,7 +63,9 @@ pub fn auth_status(a: &AuthError) -> Status {
     let msg = a.to_string();
     match a {
         AuthError::Malformed(_) => Status::invalid_argument(msg),
-        AuthError::BadSignature | AuthError::DelegationSignature => Status::unauthenticated(msg),
+        AuthError::BadSignature
+        | AuthError::DelegationSignature
+        | AuthError::WrongAudience { .. } => Status::unauthenticated(msg),
         AuthError::StaleTimestamp { .. } | AuthError::DelegationExpired { .. } => {
             Status::unauthenticated(msg)
         }
@@ -75,16 +79,20 @@ pub fn auth_status(a: &AuthError) -> Status {
 
 // ---- Envelopes in metadata ----
 
-/// Puts a signed envelope for `msg` on `method` into `md` (client side).
+/// Puts a signed envelope for `msg` on `method`, addressed to `audience` (the node called;
+/// the pool id for the coordinator), into `md` (client side).
 pub fn sign_into<M: Message>(
     md: &mut MetadataMap,
+    audience: NodeId,
     method: &str,
     msg: &M,
     credential: &Credential,
     key: &ed25519_dalek::SigningKey,
 ) {
-    let req = Envelope::new(method, &msg.encode_to_vec()).sign(credential.clone(), key);
+    let req =
+        Envelope::new(method, &msg.encode_to_vec()).to(audience).sign(credential.clone(), key);
     md.insert_bin(keys::CREDENTIAL, MetadataValue::from_bytes(&credential.to_bytes()));
+    md.insert_bin(keys::AUDIENCE, MetadataValue::from_bytes(&audience.0));
     md.insert_bin(keys::NONCE, MetadataValue::from_bytes(&req.envelope.nonce));
     md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().expect("digits"));
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
@@ -144,12 +152,21 @@ fn read_envelope(md: &MetadataMap, method: &str) -> Result<SignedRequest, AuthEr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| AuthError::Malformed(format!("missing or bad {}", keys::TIMESTAMP)))?;
+    let audience: [u8; 32] = bin(keys::AUDIENCE)?
+        .try_into()
+        .map_err(|_| AuthError::Malformed("audience must be 32 bytes".into()))?;
     let sig: [u8; 64] = bin(keys::SIGNATURE)?
         .try_into()
         .map_err(|_| AuthError::Malformed("signature must be 64 bytes".into()))?;
     Ok(SignedRequest {
         credential,
-        envelope: Envelope { method: method.into(), nonce, timestamp_ms, body_hash: [0; 32] },
+        envelope: Envelope {
+            audience: NodeId(audience),
+            method: method.into(),
+            nonce,
+            timestamp_ms,
+            body_hash: [0; 32],
+        },
         signature: ed25519_dalek::Signature::from_bytes(&sig),
     })
 }

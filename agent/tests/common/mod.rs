@@ -103,9 +103,14 @@ impl AgentProc {
         self.extra = args.iter().map(|s| s.to_string()).collect();
     }
 
+    /// The agent's node id (every request to it is addressed to it).
+    pub fn id(&self) -> shardfarm_core::identity::NodeId {
+        shardfarm_core::identity::NodeId::from_hex(&self.node_id).unwrap()
+    }
+
     /// A client signing as `signer`.
     pub async fn client(&self, signer: &Arc<Signer>) -> AgentClient {
-        AgentClient::connect(&self.grpc, signer.clone()).await.expect("connect to agent")
+        AgentClient::connect(&self.grpc, self.id(), signer.clone()).await.expect("connect to agent")
     }
 
     /// `/metrics` text.

@@ -49,8 +49,8 @@ struct Service {
     evil: Identity,
     /// Partition → honest (object, segment) pairs, learned from honest nodes' listings.
     known: Known,
-    /// Where it fetches real headers from (any honest node answers GetShard).
-    honest: Vec<String>,
+    /// Where it fetches real headers from (any honest node answers GetShard), with their ids.
+    honest: Vec<(String, NodeId)>,
     signer: Arc<Signer>,
     calls: Arc<std::sync::atomic::AtomicU64>,
     behaviour: Behaviour,
@@ -61,8 +61,10 @@ type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl Service {
     async fn real_shard(&self, id: ShardId) -> Option<(Vec<u8>, Vec<u8>)> {
-        for addr in &self.honest {
-            let Ok(mut c) = AgentClient::connect(addr, self.signer.clone()).await else { continue };
+        for (addr, node) in &self.honest {
+            let Ok(mut c) = AgentClient::connect(addr, *node, self.signer.clone()).await else {
+                continue;
+            };
             if let Ok(got) = c.get_shard(id, 0, 0).await {
                 return Some((got.header, got.data));
             }
@@ -235,6 +237,14 @@ impl FakeAgent {
         let pool =
             NodeId::from_hex(farm.pool_id.as_deref().expect("the farm has a pool id")).unwrap();
         let partitions = farm.partitions;
+        let honest: Vec<(String, NodeId)> = honest
+            .into_iter()
+            .map(|a| {
+                let n =
+                    farm.nodes.iter().find(|n| n.grpc == a).expect("an honest node of the farm");
+                (a, NodeId::from_hex(&n.id).unwrap())
+            })
+            .collect();
         let (evil, _) = Identity::generate(8, 1, &|_| {}).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -265,8 +275,9 @@ impl FakeAgent {
         let (learn_signer, learn_known) = (signer.clone(), known.clone());
         rt.spawn(async move {
             loop {
-                for addr in &honest {
-                    let Ok(mut c) = AgentClient::connect(addr, learn_signer.clone()).await else {
+                for (addr, node) in &honest {
+                    let Ok(mut c) = AgentClient::connect(addr, *node, learn_signer.clone()).await
+                    else {
                         continue;
                     };
                     for p in 0..partitions {

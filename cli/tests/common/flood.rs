@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardfarm_core::identity::{Identity, random_signing_key};
+use shardfarm_core::identity::{Identity, NodeId, random_signing_key};
 use shardfarm_proto::pb::{self as proto, agent_client, coordinator_client};
 use shardfarm_proto::{Signer, methods};
 use tonic::transport::{Channel, Endpoint};
@@ -42,8 +42,9 @@ fn count(tally: &Tally, r: Result<(), tonic::Status>) {
 /// answered.
 pub fn flood(
     from: &str,
-    agents: &[String],
+    agents: &[(String, NodeId)],
     coordinator: &str,
+    pool: NodeId,
     length: Duration,
     per_target: usize,
 ) -> Tally {
@@ -63,11 +64,14 @@ pub fn flood(
         Identity::generate(8, 1, &|_| {}).unwrap().0.credential(),
         random_signing_key(),
     ));
-    let replayed = mined.request(methods::INFO, proto::InfoRequest {}).metadata().clone();
     let until = Instant::now() + length;
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for addr in agents {
+        for (addr, node) in agents {
+            let node = *node;
+            // One valid request for this agent, replayed over and over.
+            let replayed =
+                mined.request(node, methods::INFO, proto::InfoRequest {}).metadata().clone();
             let ch = channel(addr, from).await;
             for i in 0..per_target {
                 let (ch, tally) = (ch.clone(), tally.clone());
@@ -80,8 +84,8 @@ pub fn flood(
                         turn += 1;
                         let req = match turn % 4 {
                             0 => Request::new(proto::InfoRequest {}),
-                            1 => unmined.request(methods::INFO, proto::InfoRequest {}),
-                            2 => forged.request(methods::INFO, proto::InfoRequest {}),
+                            1 => unmined.request(node, methods::INFO, proto::InfoRequest {}),
+                            2 => forged.request(node, methods::INFO, proto::InfoRequest {}),
                             _ => {
                                 let mut r = Request::new(proto::InfoRequest {});
                                 *r.metadata_mut() = replayed.clone();
@@ -105,7 +109,7 @@ pub fn flood(
                     let req = if turn % 2 == 0 {
                         Request::new(req)
                     } else {
-                        unmined.request(methods::REPORT, req)
+                        unmined.request(pool, methods::REPORT, req)
                     };
                     count(&tally, c.report(req).await.map(|_| ()));
                 }

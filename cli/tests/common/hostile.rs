@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ed25519_dalek::Signature;
-use shardfarm_client::farm::Farm as FarmFile;
+use shardfarm_client::farm::{Farm as FarmFile, NodeEntry};
 use shardfarm_core::codec::{CodecParams, Encoder};
-use shardfarm_core::identity::Identity;
+use shardfarm_core::identity::{Identity, NodeId};
 use shardfarm_core::shard::{
     Cipher, FORMAT_VERSION, SegmentHeader, ShardId, coded_shard_length, merkle_root, object_id_for,
 };
@@ -41,25 +41,26 @@ impl Hostile {
         Hostile { id, signer, rt }
     }
 
-    fn client(&self, addr: &str) -> AgentClient {
-        self.rt.block_on(AgentClient::connect(addr, self.signer.clone())).unwrap()
+    fn client(&self, node: &NodeEntry) -> AgentClient {
+        let id = NodeId::from_hex(&node.id).unwrap();
+        self.rt.block_on(AgentClient::connect(&node.grpc, id, self.signer.clone())).unwrap()
     }
 
-    /// PutShard of `data` as slot `index` under `header`, at `addr`.
+    /// PutShard of `data` as slot `index` under `header`, at `node`.
     pub fn put(
         &self,
-        addr: &str,
+        node: &NodeEntry,
         header: &[u8],
         index: u32,
         data: Bytes,
     ) -> Result<(), tonic::Status> {
-        let mut c = self.client(addr);
+        let mut c = self.client(node);
         self.rt.block_on(c.put_shard(header, index, data)).map(|_| ())
     }
 
-    /// Every entry `addr` lists in partition `p`.
-    pub fn list(&self, addr: &str, p: u32) -> Vec<ShardEntry> {
-        let mut c = self.client(addr);
+    /// Every entry `node` lists in partition `p`.
+    pub fn list(&self, node: &NodeEntry, p: u32) -> Vec<ShardEntry> {
+        let mut c = self.client(node);
         self.rt.block_on(c.list_shards(p, None, 10_000)).unwrap_or_default()
     }
 
