@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use shardfarm_core::auth::{Envelope, SignedRequest, Verifier};
-use shardfarm_core::identity::{Credential, Delegation, blake2b256};
+use shardfarm_core::identity::{Credential, Delegation, NodeId, blake2b256};
 use shardfarm_fuzz::Bytes;
 
 fuzz_target!(|data: &[u8]| {
@@ -56,11 +56,16 @@ fn request(data: &[u8]) {
     if flags & 1 != 0 {
         body_hash = blake2b256(&[body]);
     }
-    let envelope = Envelope { method: method.clone(), nonce, timestamp_ms, body_hash };
+    let audience = NodeId([0; 32]);
+    let envelope = Envelope { audience, method: method.clone(), nonce, timestamp_ms, body_hash };
     let _ = envelope.signed_bytes();
     let req = SignedRequest { credential, envelope, signature };
     let called = if flags & 2 != 0 { format!("{method}/other") } else { method };
-    let v = Verifier::new(min_difficulty, std::time::Duration::from_secs(300), 1000);
+    let mut v = Verifier::new(min_difficulty, std::time::Duration::from_secs(300), 1000);
+    if flags & 4 != 0 {
+        // A server that checks audiences, addressed or not by the request.
+        v = v.with_audience(NodeId([flags >> 3 & 1; 32]));
+    }
     let r = v.verify(&req, &called, body, now_ms);
     assert!(r.is_err(), "a request nobody signed was accepted: {r:?}");
     let _ = r.unwrap_err().metric_label();

@@ -14,7 +14,7 @@ use shardfarm_coordinator::{Coordinator, JoinInput};
 use shardfarm_core::auth::{Caller, Envelope};
 use shardfarm_core::cap::ReadCap;
 use shardfarm_core::capacity::CapacityReport;
-use shardfarm_core::identity::{Delegation, blake2b256, leading_zero_bits};
+use shardfarm_core::identity::{Delegation, NodeId, blake2b256, leading_zero_bits};
 use shardfarm_core::shard::{
     Cipher, FORMAT_VERSION, SegmentHeader, ShardId, coded_shard_length, object_id_for,
 };
@@ -149,6 +149,7 @@ fn credential() -> Seeds {
     ] {
         let body = b"hello shard".to_vec();
         let env = Envelope {
+            audience: NodeId([0; 32]),
             method: "/shardfarm.v1.Agent/PutShard".into(),
             nonce: [9; 16],
             timestamp_ms: NOW_MS,
