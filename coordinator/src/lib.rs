@@ -224,6 +224,8 @@ pub struct JoinInput {
     pub labels: BTreeMap<String, String>,
     /// The encoded, signed capacity report.
     pub capacity_report: Vec<u8>,
+    /// The newest layout publication the node accepted, if any.
+    pub last_layout: Option<shardfarm_proto::pb::SignedLayout>,
 }
 
 /// What a node sends with each heartbeat.
@@ -283,7 +285,16 @@ impl Coordinator {
         ledger: &Path,
         identity: Identity,
     ) -> Result<Arc<Self>> {
-        let state = Persisted::load(store.as_ref())?;
+        let mut state = Persisted::load(store.as_ref())?;
+        if state.layout.is_none() && state.nodes.is_empty() {
+            // No state: a new pool, or one whose state was lost. The layout — the only map
+            // from partitions to holders — is recovered from the agents if any present one
+            // this pool key signed; a new pool's first joiners present none.
+            state.recovery = Some(state::Recovery {
+                until_ms: shardfarm_core::auth::now_ms().saturating_add(config.grace_ms),
+                best: None,
+            });
+        }
         let ledger = Ledger::open(ledger, &identity.public_key())?;
         // Requests within 5 minutes of our clock; 100 000 nonces ≈ 20 MB.
         // Only requests addressed to this pool.
@@ -444,6 +455,18 @@ impl Coordinator {
         m.delegated = delegated;
         m.seen(now_ms);
         let out = m.clone();
+        if let (Some(rec), Some(signed)) = (st.recovery.as_mut(), input.last_layout.as_ref()) {
+            match shardfarm_proto::verify_layout(signed, &self.identity.id()) {
+                Ok(l) if rec.best.as_ref().is_none_or(|b| l.sequence > b.sequence) => {
+                    tracing::info!(node = %caller.id, version = l.layout.version, sequence = l.sequence, "a joining node presented a newer layout to recover");
+                    rec.best = Some(l);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = %caller.id, error = %e, "the layout a joining node presented is refused")
+                }
+            }
+        }
         tracing::info!(node = %caller.id, domain = %out.domain, capacity = out.capacity, "node joined");
         st.dirty = true;
         drop(st);
@@ -652,6 +675,9 @@ impl Coordinator {
     /// on a snapshot without the state lock; if membership or the layout changed meanwhile,
     /// the result is dropped and the next step starts over.
     fn relayout(&self, now_ms: u64) {
+        if !self.finish_recovery(now_ms) {
+            return;
+        }
         let eligible = |st: &Persisted| -> Vec<placement::Node> {
             st.nodes
                 .values()
@@ -701,6 +727,41 @@ impl Coordinator {
         drop(st);
         let _ = self.persist();
         self.publish_current();
+    }
+
+    /// While recovering: installs the newest layout the agents presented once every node it
+    /// names has joined again (or the grace period is over; the next round then re-places the
+    /// slots of those that did not come back). Without any presented layout the pool is new
+    /// and recovery ends. True when layouts may be computed.
+    fn finish_recovery(&self, now_ms: u64) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let Some(rec) = &st.recovery else { return true };
+        let Some(best) = &rec.best else {
+            st.recovery = None;
+            return true;
+        };
+        let named =
+            best.layout.partitions.iter().chain(best.previous.iter().flat_map(|l| &l.partitions));
+        let missing = named.flatten().filter(|id| !st.nodes.contains_key(&id.to_hex())).count();
+        if missing > 0 && now_ms < rec.until_ms {
+            return false;
+        }
+        let best = st.recovery.take().and_then(|r| r.best).expect("checked above");
+        tracing::warn!(
+            version = best.layout.version,
+            sequence = best.sequence,
+            missing_slots = missing,
+            "layout recovered from the agents"
+        );
+        st.publication = st.publication.max(best.sequence);
+        st.layout = Some(best.layout);
+        st.previous = best.previous;
+        st.layout_published_ms = now_ms;
+        st.dirty = true;
+        drop(st);
+        let _ = self.persist();
+        self.publish_current();
+        false
     }
 
     /// Signs the current layout (and fallback) as the pool under the next sequence number

@@ -125,6 +125,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             http: r.http_address,
             labels: r.labels.into_iter().collect(),
             capacity_report: r.capacity_report.to_vec(),
+            last_layout: r.last_layout,
         };
         let joined = self.c.join(&caller, input, now_ms());
         let result = if joined.is_ok() { "ok" } else { "refused" };

@@ -146,6 +146,19 @@ pub(super) struct Persisted {
     pub last_tick_ms: Option<u64>,
     #[serde(skip)]
     pub problem: Option<String>,
+    /// Set while a coordinator that started with no state waits for its agents to present
+    /// the newest layout the pool key signed (see `Coordinator::finish_recovery`).
+    #[serde(skip)]
+    pub recovery: Option<Recovery>,
+}
+
+/// A coordinator recovering its layout from its agents.
+#[derive(Debug, Default)]
+pub(super) struct Recovery {
+    /// Give up waiting for the nodes the recovered layout names at this time (unix ms).
+    pub until_ms: u64,
+    /// The newest layout signed by the pool key that a joining node presented.
+    pub best: Option<shardfarm_proto::PublishedLayout>,
 }
 
 impl Persisted {

@@ -30,8 +30,13 @@ impl Drop for Running {
 }
 
 async fn start(cfg: PoolConfig) -> Running {
-    let dir = tempfile::tempdir().unwrap();
     let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    start_as(cfg, root).await
+}
+
+/// A coordinator with an empty state dir, signing as `root`.
+async fn start_as(cfg: PoolConfig, root: Identity) -> Running {
+    let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::open(cfg, dir.path(), root).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -75,6 +80,22 @@ fn join_req(zone: &str, port: u16, report: Vec<u8>) -> proto::JoinRequest {
         capacity_report: report.into(),
         last_layout: None,
     }
+}
+
+/// `id` proves capacity for a fresh challenge and joins, presenting `last` as its layout.
+async fn join_again(
+    r: &Running,
+    id: &Identity,
+    zone: &str,
+    port: u16,
+    last: Option<proto::SignedLayout>,
+) -> Result<proto::JoinResponse, tonic::Status> {
+    let mut c = client(r, Signer::identity(id)).await;
+    let ch = c.challenge().await.unwrap();
+    let report = CapacityReport::prove(id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
+    let mut req = join_req(zone, port, report.encode());
+    req.last_layout = last;
+    c.join(req).await
 }
 
 /// Mines a node, proves capacity for a fresh challenge and joins.
@@ -367,4 +388,114 @@ proptest::proptest! {
             assert!(joined.is_ok(), "{joined:?}");
         });
     }
+}
+
+/// The coordinator's state is lost; restarted with the same pool key, it takes the newest
+/// layout its nodes present (same version, same slots) instead of computing a fresh one, and
+/// publishes nothing until the nodes that layout names are back. Presented layouts signed by
+/// another key, or older ones, are not taken.
+#[tokio::test]
+async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() {
+    let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let cfg = PoolConfig { grace_ms: 60_000, ..pool() };
+    let first = start_as(cfg.clone(), root.clone()).await;
+    let mut ids = Vec::new();
+    for i in 0..7u16 {
+        let (id, res) = join(&first, &format!("zone-{}", i % 3), 9600 + 2 * i).await;
+        res.unwrap();
+        ids.push(id);
+    }
+    let mut c = client(&first, Signer::identity(&ids[0])).await;
+    let mut before = None;
+    for _ in 0..100 {
+        if let Ok(l) = c.get_layout().await {
+            before = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = before.expect("a first layout");
+    let signed = (**before.signed.as_ref().unwrap()).clone();
+    // An impostor's publication with the highest sequence, presented too: it may not win.
+    let impostor = shardfarm_proto::PublishedLayout::new(
+        before.layout.clone(),
+        None,
+        before.addresses.clone(),
+    )
+    .sign(&Identity::generate(D, 0, &|_| {}).unwrap().0, u64::MAX, 0);
+    drop(first);
+
+    // The state dir is gone; the same pool key starts over.
+    let second = start_as(cfg, root.clone()).await;
+    let mut c = client(&second, Signer::identity(&ids[0])).await;
+    // Every node but one the layout names comes back (the first presenting the impostor's
+    // publication, the others the pool's).
+    let held_back = ids.iter().position(|id| !before.layout.slots_of(&id.id()).is_empty()).unwrap();
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != held_back) {
+        let last = match i {
+            0 => Some((**impostor.signed.as_ref().unwrap()).clone()),
+            _ => Some(signed.clone()),
+        };
+        join_again(&second, id, &format!("zone-{}", i % 3), 9600 + 2 * i as u16, last)
+            .await
+            .unwrap();
+    }
+    // A holder is missing: no layout yet, and no fresh one either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = c.get_layout().await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+    let zone = format!("zone-{}", held_back % 3);
+    join_again(&second, &ids[held_back], &zone, 9600 + 2 * held_back as u16, None).await.unwrap();
+    let mut after = None;
+    for _ in 0..100 {
+        if let Ok(l) = c.get_layout().await {
+            after = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = after.expect("the recovered layout");
+    assert!(after.layout == before.layout, "same version, same slots");
+    assert!(after.sequence > before.sequence);
+    // Agents pinned to the pool accept it after the one they hold.
+    let mut guard = shardfarm_proto::LayoutGuard::new(root.id());
+    guard.accept(&signed).unwrap();
+    assert!(guard.accept(after.signed.as_ref().unwrap()).unwrap().is_some());
+    // A coordinator without the pool key: whatever it publishes, pinned agents refuse.
+    let stranger = start(pool()).await;
+    for (i, id) in ids.iter().enumerate().take(6) {
+        join_again(
+            &stranger,
+            id,
+            &format!("zone-{}", i % 3),
+            9700 + 2 * i as u16,
+            Some(signed.clone()),
+        )
+        .await
+        .unwrap();
+    }
+    let mut theirs = None;
+    for _ in 0..100 {
+        let mut raw = shardfarm_proto::pb::coordinator_client::CoordinatorClient::connect(format!(
+            "http://{}",
+            stranger.addr
+        ))
+        .await
+        .unwrap();
+        let req = Signer::identity(&ids[0]).request(
+            stranger.c.identity().id(),
+            shardfarm_proto::methods::GET_LAYOUT,
+            proto::GetLayoutRequest {},
+        );
+        if let Ok(l) = raw.get_layout(req).await {
+            theirs = Some(l.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let theirs = theirs.expect("the stranger publishes its own layout");
+    let Err(e) = guard.accept(&theirs) else {
+        panic!("a layout signed by a stranger was accepted")
+    };
+    assert_eq!(e.metric_label(), "wrong_pool", "{e}");
 }

@@ -63,6 +63,7 @@ fn join(c: &Coordinator, seed: u8, zone: &str, overhead: f64) -> Result<(), Refu
         // P = 1, Q = 2, t = 8 ms, o = 1, sR = 10 GiB, sT = 1 MiB: C = 10736369665.414213, a
         // figure serde_json's default parser reads back as …665.414211.
         capacity_report: report(&id, &challenge, 8, overhead),
+        last_layout: None,
     };
     c.join(&caller, input, NOW).map(|_| ())
 }

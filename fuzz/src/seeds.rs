@@ -322,6 +322,7 @@ fn coordinator_state() -> Seeds {
             http: format!("127.0.0.1:{}", 8000 + i),
             labels,
             capacity_report: r.encode(),
+            last_layout: None,
         };
         c.join(&caller, input, NOW_MS).unwrap();
     }
