@@ -390,6 +390,17 @@ proptest::proptest! {
     }
 }
 
+/// The layout `c`'s coordinator publishes, once it does (within 5 s).
+async fn published(c: &mut CoordinatorClient) -> Option<shardfarm_proto::PublishedLayout> {
+    for _ in 0..100 {
+        if let Ok(l) = c.get_layout().await {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 /// The coordinator's state is lost; restarted with the same pool key, it takes the newest
 /// layout its nodes present (same version, same slots) instead of computing a fresh one, and
 /// publishes nothing until the nodes that layout names are back. Presented layouts signed by
@@ -406,15 +417,7 @@ async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() 
         ids.push(id);
     }
     let mut c = client(&first, Signer::identity(&ids[0])).await;
-    let mut before = None;
-    for _ in 0..100 {
-        if let Ok(l) = c.get_layout().await {
-            before = Some(l);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let before = before.expect("a first layout");
+    let before = published(&mut c).await.expect("a first layout");
     let signed = (**before.signed.as_ref().unwrap()).clone();
     // An impostor's publication with the highest sequence, presented too: it may not win.
     let impostor = shardfarm_proto::PublishedLayout::new(
@@ -446,15 +449,7 @@ async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() 
     assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
     let zone = format!("zone-{}", held_back % 3);
     join_again(&second, &ids[held_back], &zone, 9600 + 2 * held_back as u16, None).await.unwrap();
-    let mut after = None;
-    for _ in 0..100 {
-        if let Ok(l) = c.get_layout().await {
-            after = Some(l);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let after = after.expect("the recovered layout");
+    let after = published(&mut c).await.expect("the recovered layout");
     assert!(after.layout == before.layout, "same version, same slots");
     assert!(after.sequence > before.sequence);
     // Agents pinned to the pool accept it after the one they hold.
