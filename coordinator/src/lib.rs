@@ -457,7 +457,11 @@ impl Coordinator {
         let out = m.clone();
         if let (Some(rec), Some(signed)) = (st.recovery.as_mut(), input.last_layout.as_ref()) {
             match shardfarm_proto::verify_layout(signed, &self.identity.id()) {
-                Ok(l) if rec.best.as_ref().is_none_or(|b| l.sequence > b.sequence) => {
+                Ok(l)
+                    if rec.best.as_ref().is_none_or(|b| {
+                        (l.layout.version, l.sequence) > (b.layout.version, b.sequence)
+                    }) =>
+                {
                     tracing::info!(node = %caller.id, version = l.layout.version, sequence = l.sequence, "a joining node presented a newer layout to recover");
                     rec.best = Some(l);
                 }
@@ -566,6 +570,7 @@ impl Coordinator {
             return;
         }
         install(&mut st, layout, now_ms);
+        st.recovery = None;
         drop(st);
         let _ = self.persist();
         self.publish_current();
@@ -724,22 +729,25 @@ impl Coordinator {
         self.metrics.layout_moved.set(plan.quality.moved as i64);
         self.metrics.layout_balance.set(plan.quality.balance);
         install(&mut st, plan.layout, now_ms);
+        // The first layout computed ends a recovery that nothing was presented to.
+        st.recovery = None;
         drop(st);
         let _ = self.persist();
         self.publish_current();
     }
 
-    /// While recovering: installs the newest layout the agents presented once every node it
-    /// names has joined again (or the grace period is over; the next round then re-places the
-    /// slots of those that did not come back). Without any presented layout the pool is new
-    /// and recovery ends. True when layouts may be computed.
+    /// While recovering: installs the newest layout the agents presented (highest version, then
+    /// sequence) once every node it names has joined again (or the grace period is over; the
+    /// next round then re-places the slots of those that did not come back). Without any
+    /// presented layout placement may run (a new pool); the first layout installed, computed or
+    /// recovered, ends the recovery. True when layouts may be computed.
     fn finish_recovery(&self, now_ms: u64) -> bool {
         let mut st = self.state.lock().unwrap();
         let Some(rec) = &st.recovery else { return true };
-        let Some(best) = &rec.best else {
-            st.recovery = None;
-            return true;
-        };
+        // Nothing presented yet: placement may compute a layout (a new pool), which ends the
+        // recovery when it is installed; until then a presented layout still wins, so a few
+        // layout-less joiners (new nodes, a stranger) cannot make it start over.
+        let Some(best) = &rec.best else { return true };
         let named =
             best.layout.partitions.iter().chain(best.previous.iter().flat_map(|l| &l.partitions));
         let missing = named.flatten().filter(|id| !st.nodes.contains_key(&id.to_hex())).count();

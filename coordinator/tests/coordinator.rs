@@ -431,6 +431,9 @@ async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() 
     // The state dir is gone; the same pool key starts over.
     let second = start_as(cfg, root.clone()).await;
     let mut c = client(&second, Signer::identity(&ids[0])).await;
+    // A stranger gets in first, with no layout, and housekeeping runs: the recovery goes on.
+    join(&second, "zone-1", 9690).await.1.unwrap();
+    second.c.tick(shardfarm_core::auth::now_ms());
     // Every node but one the layout names comes back (the first presenting the impostor's
     // publication, the others the pool's).
     let held_back = ids.iter().position(|id| !before.layout.slots_of(&id.id()).is_empty()).unwrap();
