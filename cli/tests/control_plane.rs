@@ -3,34 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use common::mitm::{Mitm, Mode};
-use common::{Farm, free_base_port, metric, same, settled, start_outsider_via, write_random};
+use common::{
+    Farm, free_base_port, metric, read_all_back, settled, start_outsider_via, store_files,
+};
 use shardfarm_core::identity::NodeId;
-
-fn store_files(farm: &Farm, dir: &Path) -> Vec<(PathBuf, String)> {
-    [200 * 1024, 3 << 20]
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            let p = dir.join(format!("file-{i}"));
-            write_random(&p, len, 500 + i as u64);
-            let out = farm.sf(&["put", p.to_str().unwrap()]);
-            assert!(out.status.success(), "put: {}", String::from_utf8_lossy(&out.stderr));
-            (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
-        })
-        .collect()
-}
-
-fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path, tag: &str) {
-    for (i, (p, cap)) in files.iter().enumerate() {
-        let out = dir.join(format!("{tag}-{i}"));
-        let r = farm.get(cap, &out);
-        assert!(r.status.success(), "{tag}: get: {}", String::from_utf8_lossy(&r.stderr));
-        assert!(same(p, &out), "{tag}: file {i} differs");
-    }
-}
 
 /// A man in the middle between one agent and the coordinator rewrites the layout it is sent
 /// (every slot to itself) four ways: the pool's signature kept over altered bytes, its own key,
@@ -46,7 +23,7 @@ fn an_agent_refuses_layouts_forged_on_the_way_and_deletes_nothing() {
     );
     let f = settled(&farm);
     let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();
-    let files = store_files(&farm, tmp.path());
+    let files = store_files(&farm, tmp.path(), &[200 * 1024, 3 << 20], 500);
 
     // The agent behind the proxy joins and takes its share of the files while the proxy is
     // honest.

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::{Farm, free_base_port, metric, same, start_outsider, write_random};
+use common::{Farm, free_base_port, metric, read_all_back, start_outsider, write_random};
 
 /// Fast timings for tests: heartbeats every 300 ms, down after 3 s, audits every second,
 /// 256 KiB segments so a few MiB spread over many partitions.
@@ -23,26 +23,7 @@ fn start(dir: &Path, nodes: usize) -> Farm {
 
 /// Stores a few files; returns (path, cap).
 fn store_files(farm: &Farm, dir: &Path) -> Vec<(PathBuf, String)> {
-    [0usize, 1, 3 << 20, (5 << 20) + 7]
-        .iter()
-        .enumerate()
-        .map(|(i, len)| {
-            let p = dir.join(format!("in-{i}"));
-            write_random(&p, *len, 100 + i as u64);
-            let cap = farm.put(&p);
-            (p, cap)
-        })
-        .collect()
-}
-
-fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path, tag: &str) {
-    for (i, (p, cap)) in files.iter().enumerate() {
-        let out = dir.join(format!("{tag}-{i}"));
-        let r = farm.get(cap, &out);
-        assert!(r.status.success(), "{tag}: file {i}: {}", String::from_utf8_lossy(&r.stderr));
-        assert!(same(p, &out), "{tag}: file {i} differs");
-        std::fs::remove_file(&out).unwrap();
-    }
+    common::store_files(farm, dir, &[0, 1, 3 << 20, (5 << 20) + 7], 100)
 }
 
 /// Every segment of every file is on n of n holders, none of them in `excluded`.

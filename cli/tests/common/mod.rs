@@ -176,6 +176,32 @@ impl Drop for Farm {
 }
 
 /// Writes `len` deterministic pseudo-random bytes.
+/// Stores one random file per length in `lens` (seeded from `seed`); returns (path, cap).
+#[allow(dead_code)]
+pub fn store_files(farm: &Farm, dir: &Path, lens: &[usize], seed: u64) -> Vec<(PathBuf, String)> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, len)| {
+            let p = dir.join(format!("in-{i}"));
+            write_random(&p, *len, seed + i as u64);
+            let cap = farm.put(&p);
+            (p, cap)
+        })
+        .collect()
+}
+
+/// Reads every file back and compares it with what was stored; `tag` names the round.
+#[allow(dead_code)]
+pub fn read_all_back(farm: &Farm, files: &[(PathBuf, String)], dir: &Path, tag: &str) {
+    for (i, (p, cap)) in files.iter().enumerate() {
+        let out = dir.join(format!("{tag}-{i}"));
+        let r = farm.get(cap, &out);
+        assert!(r.status.success(), "{tag}: file {i}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(same(p, &out), "{tag}: file {i} differs");
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
 pub fn write_random(path: &Path, len: usize, seed: u64) {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
