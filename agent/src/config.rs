@@ -132,6 +132,12 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_ADVERTISE")]
     pub advertise: Option<String>,
 
+    /// DEBUGGING ONLY: serve and dial plaintext HTTP/2 instead of TLS. Nobody's identity is
+    /// then checked on the connection and anyone on the path can read and rewrite traffic
+    /// (layouts stay signed). Every party of the farm must agree. [default: false]
+    #[arg(long, env = "SHARDFARM_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_plaintext: Option<bool>,
+
     /// Repair write rate, bytes per second (e.g. `100MiB`). [default: 100MiB]
     #[arg(long, env = "SHARDFARM_REPAIR_RATE")]
     pub repair_rate: Option<String>,
@@ -198,6 +204,8 @@ pub struct Config {
     pub coordinator: Option<(String, shardfarm_core::identity::NodeId)>,
     /// gRPC address to advertise (None: the bound address).
     pub advertise: Option<String>,
+    /// TLS, or plaintext behind `--insecure-plaintext`.
+    pub security: shardfarm_proto::Security,
     /// Repair write rate, bytes per second.
     pub repair_rate: u64,
     /// Grace period before an unreadable segment is collected.
@@ -279,6 +287,7 @@ impl AgentArgs {
             coordinator,
             pool_id,
             advertise,
+            insecure_plaintext,
             repair_rate,
             gc_grace,
             repair_interval
@@ -357,6 +366,7 @@ impl AgentArgs {
                 (None, None) => None,
             },
             advertise: a.advertise,
+            security: shardfarm_proto::Security::from_flag(a.insecure_plaintext.unwrap_or(false)),
             repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),
             gc_grace: std::time::Duration::from_secs(a.gc_grace.unwrap_or(86_400)),
             repair_interval: std::time::Duration::from_secs(a.repair_interval.unwrap_or(30).max(1)),

@@ -4,7 +4,7 @@
 //! Each method authenticates (signed envelope over its opening message), converts the proto
 //! message into domain types, calls the domain and converts the answer back.
 
-use std::net::SocketAddr;
+use shardfarm_proto::PeerInfo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,7 +88,7 @@ impl AgentService {
     /// Authenticates `msg` on `method` and applies the policy.
     fn authenticate<M>(&self, request: &Request<M>, method: &str) -> Result<Caller, Status> {
         let first = request.extensions().get::<FirstMessageHash>();
-        self.authenticate_parts(request.metadata(), first, request.remote_addr(), method)
+        self.authenticate_parts(request.metadata(), first, &PeerInfo::of(request), method)
     }
 
     /// [`Self::authenticate`] from a request's parts (a stream's opening message).
@@ -96,7 +96,7 @@ impl AgentService {
         &self,
         md: &MetadataMap,
         first: Option<&FirstMessageHash>,
-        peer: Option<SocketAddr>,
+        peer: &PeerInfo,
         method: &str,
     ) -> Result<Caller, Status> {
         let caller = verify_request(&self.verifier, md, first, peer, method).map_err(|e| {
@@ -132,7 +132,7 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::PutShardResponse>, Status> {
         let start = Instant::now();
         let md = request.metadata().clone();
-        let peer = request.remote_addr();
+        let peer = PeerInfo::of(&request);
         let first_hash = request.extensions().get::<FirstMessageHash>().cloned();
         let mut stream = request.into_inner();
         let idle = self.upload_idle;
@@ -140,7 +140,7 @@ impl Agent for AgentService {
             .await
             .map_err(|_| Status::deadline_exceeded("no header within the idle timeout"))??
             .ok_or_else(|| Status::invalid_argument("empty stream: send the header first"))?;
-        let caller = self.authenticate_parts(&md, first_hash.as_ref(), peer, methods::PUT)?;
+        let caller = self.authenticate_parts(&md, first_hash.as_ref(), &peer, methods::PUT)?;
         let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
             return Err(Status::invalid_argument("the first message must be the header"));
         };

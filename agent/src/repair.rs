@@ -87,6 +87,8 @@ pub struct Membership {
     /// A full repair pass runs at least this often, even without a new layout: it retries
     /// failed repairs, rebuilds what scrub quarantined, copies tombstones, collects garbage.
     pub pass_interval: Duration,
+    /// TLS, or plaintext for debugging (`--insecure-plaintext`).
+    pub security: shardfarm_proto::Security,
 }
 
 /// Shared progress between the worker and the heartbeat.
@@ -106,7 +108,7 @@ pub async fn run(
     keeper: Arc<LayoutKeeper>,
     stop: CancellationToken,
 ) {
-    let signer = Arc::new(Signer::identity(&node.identity));
+    let signer = Arc::new(Signer::identity(&node.identity).with_security(m.security));
     let progress = Arc::new(Progress::default());
     // The last layout accepted before a restart is served (and repaired for) until a newer
     // one arrives: the coordinator may be unreachable, or may be recovering it from us.
@@ -157,9 +159,11 @@ async fn join_once(
     signer: &Arc<Signer>,
     keeper: &LayoutKeeper,
 ) -> Result<proto::JoinResponse, String> {
-    let mut c = CoordinatorClient::connect(&m.coordinator, signer.clone(), m.pool)
-        .await
-        .map_err(|e| format!("cannot reach the coordinator at {}: {e}", m.coordinator))?;
+    let mut c =
+        CoordinatorClient::connect(&m.coordinator, signer.clone(), m.pool).await.map_err(|e| {
+            let why = shardfarm_proto::tls::why(&e);
+            format!("cannot reach the coordinator at {}: {why}", m.coordinator)
+        })?;
     let ch = c.challenge().await.map_err(|s| s.message().to_string())?;
     let report = node
         .prove_capacity(ch.challenge.to_vec(), ch.difficulty)

@@ -11,7 +11,6 @@ use shardfarm_core::identity::Identity;
 use shardfarm_proto::pb::agent_server::AgentServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::{AgentArgs, Config};
 use crate::grpc::AgentService;
@@ -172,6 +171,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             repair_rate: cfg.repair_rate,
             gc_grace: cfg.gc_grace,
             pass_interval: cfg.repair_interval,
+            security: cfg.security,
         };
         let keeper =
             Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, m.pool, metrics.clone()));
@@ -179,9 +179,10 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         tokio::spawn(crate::repair::run(node.clone(), m, keeper, stop.clone()))
     });
 
-    // serve_with_incoming ignores the builder's tcp_nodelay: set it on the incoming stream,
-    // or 64 KiB RPCs take 8 ms and 1 MiB RPCs drop to 0.3 GB/s (LIMITS.md).
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    // TLS proving this node's identity key, and learning each caller's (shardfarm_proto::tls).
+    let incoming =
+        shardfarm_proto::tls::incoming(grpc_listener, node.identity.signing_key(), cfg.security)
+            .context("TLS configuration")?;
     tracing::info!(grpc = %grpc_addr, http = %http_addr, node = %node.identity.id(), zone = ?cfg.labels.get("zone"), "agent serving");
     ready.store(true, Ordering::SeqCst);
     let grpc_stop = stop.clone();

@@ -128,8 +128,7 @@ async fn kill9_mid_upload_leaves_nothing_half_written_and_keeps_acknowledged_sha
     // A 24 MiB shard streamed slowly; the agent is killed half way.
     let big = segment(&me, 48 << 20, 2, 1);
     let (tx, rx) = tokio::sync::mpsc::channel::<proto::PutShardRequest>(1);
-    let mut raw =
-        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let mut raw = agent.raw(&signer).await;
     let first = proto::PutShardRequest {
         part: Some(proto::put_shard_request::Part::Header(proto::PutShardHeader {
             segment_header: big.header_bytes.clone().into(),
@@ -272,8 +271,7 @@ async fn info_with(agent: &AgentProc, signer: Signer, env: Envelope) -> tonic::S
     md.insert_bin(keys::AUDIENCE, MetadataValue::from_bytes(&req.envelope.audience.0));
     md.insert(keys::TIMESTAMP, req.envelope.timestamp_ms.to_string().parse().unwrap());
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
-    let mut raw =
-        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let mut raw = agent.raw(&signer).await;
     let mut r = tonic::Request::new(proto::InfoRequest {});
     *r.metadata_mut() = md;
     raw.info(r).await.unwrap_err()
@@ -305,8 +303,7 @@ async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
     // Replayed request: the very same metadata twice.
     let req = s.request(agent.id(), methods::INFO, proto::InfoRequest {});
     let md = req.metadata().clone();
-    let mut raw =
-        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let mut raw = agent.raw(&s).await;
     raw.info(req).await.unwrap();
     let mut again = tonic::Request::new(proto::InfoRequest {});
     *again.metadata_mut() = md;
@@ -374,10 +371,7 @@ async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
     .await
     .unwrap();
     drop(tx);
-    let mut raw_big = proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc))
-        .await
-        .unwrap()
-        .max_encoding_message_size(64 << 20);
+    let mut raw_big = agent.raw(&s).await.max_encoding_message_size(64 << 20);
     let err = raw_big.put_shard(req).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted),
@@ -627,8 +621,7 @@ async fn stalled_upload(
     tx.send(first).await.unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     *req.metadata_mut() = md;
-    let mut raw =
-        proto::agent_client::AgentClient::connect(format!("http://{}", agent.grpc)).await.unwrap();
+    let mut raw = agent.raw(&Signer::identity(who)).await;
     (tx, tokio::spawn(async move { raw.put_shard(req).await }))
 }
 
@@ -760,11 +753,19 @@ async fn a_request_for_one_node_replayed_at_another_is_refused() {
     let mut at_b = b.client(&s).await;
     at_b.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
 
-    // A deletion signed for A, captured, and sent to B.
+    // A deletion signed for A, captured (by A itself, say), and sent to B on the replayer's
+    // own TLS connection: the envelope is not signed by the key the connection proved.
     let req = proto::DeleteShardRequest { key: Some(seg.id(0).into()) };
     let captured = s.request(a.id(), methods::DELETE, req.clone()).into_parts().0;
-    let raw = |addr: &str| proto::agent_client::AgentClient::connect(format!("http://{addr}"));
-    let mut rb = raw(&b.grpc).await.unwrap();
+    let (_, replayer) = signer();
+    let mut replayed = tonic::Request::new(req.clone());
+    *replayed.metadata_mut() = captured.clone();
+    let err = b.raw(&replayer).await.delete_shard(replayed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("signer's own connection"), "{}", err.message());
+    // Even on a connection proving the signer's key (as over --insecure-plaintext, where no
+    // key is proved), the audience names A: B refuses it.
+    let mut rb = b.raw(&s).await;
     let mut replayed = tonic::Request::new(req.clone());
     *replayed.metadata_mut() = captured.clone();
     let err = rb.delete_shard(replayed).await.unwrap_err();
@@ -789,9 +790,39 @@ async fn a_request_for_one_node_replayed_at_another_is_refused() {
         Some(1.0),
         "{m}"
     );
-    let mut ra = raw(&a.grpc).await.unwrap();
+    assert_eq!(
+        metric(&m, "shardfarm_agent_auth_failures_total{reason=\"wrong_channel\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    let mut ra = a.raw(&s).await;
     let mut to_a = tonic::Request::new(req);
     *to_a.metadata_mut() = captured;
     ra.delete_shard(to_a).await.unwrap();
     assert!(at_a.get_shard(seg.id(0), 0, 0).await.is_err());
+}
+
+/// A node answering at another node's address is refused: the caller pins the id it means to
+/// reach, and the TLS handshake fails unless the peer proves that very key; the error names
+/// both. A caller that proves no key gets no answer at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_answering_at_another_nodes_address_is_refused() {
+    let dir = tmp();
+    let a = AgentProc::start(&dir.path().join("a"), &[]);
+    let b = AgentProc::start(&dir.path().join("b"), &[]);
+    let (_, s) = signer();
+    // B's address, A's id: B cannot prove A's key.
+    let err = shardfarm_proto::AgentClient::connect(&b.grpc, a.id(), s.clone()).await.err();
+    let why = shardfarm_proto::tls::why(&err.expect("the impostor is refused"));
+    assert!(why.contains(&format!("is node {}, not node {}", b.id(), a.id())), "{why}");
+    // The right pairing connects and answers.
+    b.client(&s).await.info().await.unwrap();
+    // Plaintext HTTP/2 to a TLS agent: no answer.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", b.grpc)).unwrap();
+    let plain = plain.timeout(Duration::from_secs(5)).connect().await;
+    if let Ok(ch) = plain {
+        let mut raw = proto::agent_client::AgentClient::new(ch);
+        let req = s.request(b.id(), methods::INFO, proto::InfoRequest {});
+        assert!(raw.info(req).await.is_err(), "a plaintext call was answered");
+    }
 }

@@ -561,12 +561,16 @@ fn source_address(first: std::net::IpAddr, i: u32) -> std::net::IpAddr {
     }
 }
 
-async fn connect(addr: &str, from: std::net::IpAddr) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .local_address(Some(from))
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+/// A TLS connection from `from` to `peer` at `addr`, proving the flooder's `key`.
+async fn connect(
+    addr: &str,
+    from: std::net::IpAddr,
+    peer: NodeId,
+    key: &Identity,
+) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+    let security = shardfarm_proto::Security::Tls;
+    shardfarm_proto::tls::connect_from(endpoint, Some(from), peer, key.signing_key(), security)
         .await
 }
 
@@ -639,7 +643,7 @@ async fn flood(
     for t in &targets {
         for c in 0..args.flood_connections {
             let from = source_address(args.flood_from, c as u32 % args.flood_sources.max(1));
-            let channel = match connect(&t.addr, from).await {
+            let channel = match connect(&t.addr, from, t.node, &mined).await {
                 Ok(c) => c,
                 Err(_) => {
                     total.connect_failures += 1;

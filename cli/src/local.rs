@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 
 use shardfarm_coordinator::economics::RewardConfig;
 use shardfarm_coordinator::{Coordinator, PoolConfig};
+use shardfarm_proto::Security;
 use tokio_util::sync::CancellationToken;
 
 use shardfarm_client::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
@@ -80,6 +81,10 @@ pub struct UpArgs {
     /// Coordinator gRPC port (its /metrics is on the next port). [default: BASE-2]
     #[arg(long)]
     pub coordinator_port: Option<u16>,
+    /// DEBUGGING ONLY: run every hop as plaintext HTTP/2 instead of TLS (recorded in the farm
+    /// file, so clients of this farm dial plaintext too).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 impl UpArgs {
@@ -104,6 +109,7 @@ impl UpArgs {
                 epoch_seconds: self.epoch_seconds.max(1),
                 ..Default::default()
             },
+            security: Security::from_flag(self.insecure_plaintext),
             ..PoolConfig::default()
         }
     }
@@ -133,6 +139,7 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::
         .args(["--pool-id", pool])
         .args(["--repair-interval", &args.repair_interval.to_string()])
         .args(["--gc-grace", &args.gc_grace.to_string()])
+        .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -233,6 +240,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 previous_layout: None,
                 coordinator: None,
                 pool_id: None,
+                insecure_plaintext: false,
             }
         }
     };
@@ -245,6 +253,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let root = Identity::load(&root_path)?;
     let pool_id = root.id().to_hex();
     farm.pool_id = Some(pool_id.clone());
+    farm.insecure_plaintext = args.insecure_plaintext;
     let coordinator = Coordinator::open(args.pool(segment_size), &dir.join("coordinator"), root)?;
     let listener = tokio::net::TcpListener::bind(&coord_addr)
         .await

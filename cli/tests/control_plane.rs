@@ -1,5 +1,6 @@
-//! A control plane nobody can impersonate: layouts are believed only when the pool key signs
-//! them, and only when newer than the last one accepted.
+//! A control plane nobody can impersonate: every hop is TLS bound to the identity the caller
+//! pins, and, underneath, layouts are believed only when the pool key signs them and only
+//! when newer than the last one accepted.
 
 mod common;
 
@@ -8,18 +9,44 @@ use common::{
     Farm, free_base_port, metric, read_all_back, settled, start_outsider_via, store_files,
 };
 use shardfarm_core::identity::NodeId;
+use shardfarm_proto::Security;
 
-/// A man in the middle between one agent and the coordinator rewrites the layout it is sent
+/// Under TLS a man in the middle between an agent and the coordinator gets nowhere: it cannot
+/// prove the pool key, so the agent refuses the connection (and says whom it met instead),
+/// never joins, and the farm reads on.
+#[test]
+fn an_agent_refuses_a_man_in_the_middle_that_cannot_prove_the_pool_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &["--nodes", "6"]);
+    let f = settled(&farm);
+    let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();
+    let files = store_files(&farm, tmp.path(), &[300 * 1024], 500);
+    let mitm = Mitm::start(f.coordinator.as_deref().unwrap(), pool, Security::Tls);
+    let (_agent, http) =
+        start_outsider_via(&farm, &mitm.addr, &tmp.path().join("behind"), "zone-3", &[]);
+    let log = || std::fs::read_to_string(tmp.path().join("behind.log")).unwrap_or_default();
+    farm.wait_for(30, "the agent to refuse the proxy's key", || {
+        log().contains(&format!("not node {pool}"))
+    });
+    let m = common::http_get(&http, "/metrics");
+    assert_eq!(metric(&m, "shardfarm_agent_layout_version"), 0.0, "{m}");
+    assert_eq!(metric(&m, "shardfarm_agent_shards"), 0.0, "{m}");
+    assert_eq!(common::hostile::farm_file(&farm.dir).nodes.len(), 6, "the proxy's agent joined");
+    read_all_back(&farm, &files, tmp.path(), "behind-mitm");
+}
+
+/// With TLS switched off (`--insecure-plaintext`, for debugging), the signatures still hold:
+/// a man in the middle between one agent and the coordinator rewrites the layout it is sent
 /// (every slot to itself) four ways: the pool's signature kept over altered bytes, its own key,
 /// no signature, an older genuine publication replayed. The agent refuses each with its reason,
 /// keeps the last good layout, deletes nothing, and every file still reads back.
 #[test]
-fn an_agent_refuses_layouts_forged_on_the_way_and_deletes_nothing() {
+fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let farm = Farm::start_with(
         &tmp.path().join("farm"),
         free_base_port(),
-        &["--nodes", "6", "--grace", "5", "--repair-interval", "1"],
+        &["--nodes", "6", "--grace", "5", "--repair-interval", "1", "--insecure-plaintext"],
     );
     let f = settled(&farm);
     let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();
@@ -27,9 +54,11 @@ fn an_agent_refuses_layouts_forged_on_the_way_and_deletes_nothing() {
 
     // The agent behind the proxy joins and takes its share of the files while the proxy is
     // honest.
-    let mitm = Mitm::start(f.coordinator.as_deref().unwrap(), pool);
+    let plaintext = Security::InsecurePlaintext;
+    let mitm = Mitm::start(f.coordinator.as_deref().unwrap(), pool, plaintext);
+    let behind = tmp.path().join("behind");
     let (_agent, http) =
-        start_outsider_via(&farm, &mitm.addr, &tmp.path().join("behind"), "zone-3", &[]);
+        start_outsider_via(&farm, &mitm.addr, &behind, "zone-3", &["--insecure-plaintext"]);
     let scrape = || common::http_get(&http, "/metrics");
     farm.wait_for(90, "the agent behind the proxy holds shards and is in sync", || {
         let m = scrape();

@@ -67,6 +67,10 @@ pub struct Farm {
     /// Id of the pool key (hex): the coordinator's identity, which signs every layout.
     #[serde(default)]
     pub pool_id: Option<String>,
+    /// The farm runs plaintext HTTP/2 (`local up --insecure-plaintext`, debugging only);
+    /// otherwise every hop is TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_plaintext: bool,
 }
 
 impl Farm {

@@ -143,7 +143,8 @@ impl FarmClient {
         let farm = Farm::load(dir)?;
         let ck = ClientKey::load(&dir.join(CLIENT_KEY))
             .with_context(|| format!("reading the client key in {}", dir.display()))?;
-        let signer = Arc::new(Signer::delegated(ck.cert, ck.key));
+        let security = shardfarm_proto::Security::from_flag(farm.insecure_plaintext);
+        let signer = Arc::new(Signer::delegated(ck.cert, ck.key).with_security(security));
         Ok(Arc::new(FarmClient { farm, signer, conns: Mutex::new(HashMap::new()), progress }))
     }
 
@@ -160,7 +161,10 @@ impl FarmClient {
         )
         .await
         .map_err(|_| anyhow::anyhow!("node {node} ({addr}) did not answer in time"))?
-        .map_err(|e| anyhow::anyhow!("node {node} ({addr}) is unreachable: {e}"))?;
+        .map_err(|e| {
+            let why = shardfarm_proto::tls::why(&e);
+            anyhow::anyhow!("node {node} ({addr}) is unreachable: {why}")
+        })?;
         self.conns.lock().unwrap().insert(node, c.clone());
         Ok(c)
     }

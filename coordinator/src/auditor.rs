@@ -48,7 +48,7 @@ enum Outcome {
 
 impl Auditor {
     pub fn new(c: Arc<Coordinator>) -> Self {
-        let signer = Arc::new(Signer::identity(c.identity()));
+        let signer = Arc::new(Signer::identity(c.identity()).with_security(c.config().security));
         Auditor { c, signer }
     }
 

@@ -143,6 +143,10 @@ pub struct PoolConfig {
     pub reputation: ReputationConfig,
     /// Rewards.
     pub rewards: RewardConfig,
+    /// TLS on every hop (the default), or plaintext behind `--insecure-plaintext`; not part
+    /// of the persisted pool.
+    #[serde(skip)]
+    pub security: shardfarm_proto::Security,
 }
 
 impl Default for PoolConfig {
@@ -163,6 +167,7 @@ impl Default for PoolConfig {
             max_transfers_per_round: None,
             reputation: ReputationConfig::default(),
             rewards: RewardConfig::default(),
+            security: shardfarm_proto::Security::Tls,
         }
     }
 }

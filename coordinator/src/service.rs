@@ -31,18 +31,20 @@ pub const MAX_RESPONSE: usize = 64 << 20;
 /// Concurrent calls per connection (an agent needs two: WatchLayout and one more).
 const CONCURRENT_STREAMS: usize = 64;
 
-/// Serves the coordinator's gRPC API on `listener` until `stop`, with explicit message size
-/// limits, HTTP/2 keepalive (a peer that stops answering is dropped: pings every 30 s, 10 s
-/// to answer) and a per-connection stream limit.
+/// Serves the coordinator's gRPC API on `listener` until `stop`: under TLS proving the pool
+/// key (unless the pool's config says `InsecurePlaintext`), with explicit message size limits,
+/// HTTP/2 keepalive (a peer that stops answering is dropped: pings every 30 s, 10 s to answer)
+/// and a per-connection stream limit.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     c: Arc<Coordinator>,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let svc = proto::coordinator_server::CoordinatorServer::new(CoordinatorService::new(c))
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let svc = proto::coordinator_server::CoordinatorServer::new(CoordinatorService::new(c.clone()))
         .max_decoding_message_size(MAX_REQUEST)
         .max_encoding_message_size(MAX_RESPONSE);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming =
+        shardfarm_proto::tls::incoming(listener, c.identity().signing_key(), c.config().security)?;
     tonic::transport::Server::builder()
         .layer(shardfarm_proto::HashFirstMessage)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -50,7 +52,8 @@ pub async fn serve(
         .concurrency_limit_per_connection(CONCURRENT_STREAMS)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await
+        .await?;
+    Ok(())
 }
 
 /// The gRPC service over a [`Coordinator`].
@@ -67,8 +70,8 @@ impl CoordinatorService {
 
     fn auth<M: prost::Message>(&self, r: &Request<M>, method: &str) -> Result<Caller, Status> {
         let first = r.extensions().get::<shardfarm_proto::FirstMessageHash>();
-        let peer = r.remote_addr();
-        verify_request(&self.c.verifier, r.metadata(), first, peer, method).map_err(|e| {
+        let peer = shardfarm_proto::PeerInfo::of(r);
+        verify_request(&self.c.verifier, r.metadata(), first, &peer, method).map_err(|e| {
             self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             auth_status(&e)
         })

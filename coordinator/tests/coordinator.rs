@@ -474,13 +474,11 @@ async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() 
     }
     let mut theirs = None;
     for _ in 0..100 {
-        let mut raw = shardfarm_proto::pb::coordinator_client::CoordinatorClient::connect(format!(
-            "http://{}",
-            stranger.addr
-        ))
-        .await
-        .unwrap();
-        let req = Signer::identity(&ids[0]).request(
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", stranger.addr));
+        let signer = Signer::identity(&ids[0]);
+        let channel = signer.dial(endpoint.unwrap(), stranger.c.identity().id()).await.unwrap();
+        let mut raw = shardfarm_proto::pb::coordinator_client::CoordinatorClient::new(channel);
+        let req = signer.request(
             stranger.c.identity().id(),
             shardfarm_proto::methods::GET_LAYOUT,
             proto::GetLayoutRequest {},

@@ -105,6 +105,18 @@ pub enum AuthError {
         /// This server's id (hex).
         this: String,
     },
+    /// The request is signed by a key other than the one its connection proved in the TLS
+    /// handshake: somebody else's request, replayed on the sender's own connection.
+    #[error(
+        "request is signed by {signer} but arrived on a connection that proved key {channel}: \
+         a request is only accepted on its signer's own connection"
+    )]
+    WrongChannel {
+        /// The id of the envelope's signing key (hex).
+        signer: String,
+        /// The id of the connection's key (hex).
+        channel: String,
+    },
     /// Requests from this address failed authentication too often; it is refused unheard.
     #[error(
         "too many failed authentications from your address: refused for {wait_ms} ms; fix the \
@@ -118,7 +130,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// Every label [`AuthError::metric_label`] can return (metrics start them at zero).
-    pub const METRIC_LABELS: [&'static str; 11] = [
+    pub const METRIC_LABELS: [&'static str; 12] = [
         "malformed",
         "bad_signature",
         "stale_timestamp",
@@ -130,6 +142,7 @@ impl AuthError {
         "delegation_expired",
         "peer_throttled",
         "wrong_audience",
+        "wrong_channel",
     ];
 
     /// A short, bounded label for metrics.
@@ -146,6 +159,7 @@ impl AuthError {
             AuthError::DelegationExpired { .. } => "delegation_expired",
             AuthError::PeerThrottled { .. } => "peer_throttled",
             AuthError::WrongAudience { .. } => "wrong_audience",
+            AuthError::WrongChannel { .. } => "wrong_channel",
         }
     }
 
@@ -531,6 +545,7 @@ mod label_tests {
             AuthError::DelegationExpired { expired: 0, now: 0 },
             AuthError::PeerThrottled { wait_ms: 0 },
             AuthError::WrongAudience { to: String::new(), this: String::new() },
+            AuthError::WrongChannel { signer: String::new(), channel: String::new() },
         ];
         let labels: Vec<&str> = all.iter().map(AuthError::metric_label).collect();
         assert_eq!(labels, AuthError::METRIC_LABELS);

@@ -1,7 +1,6 @@
 //! A signing client for the agent protocol, used by the CLI, the coordinator, peers and tests.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
@@ -16,6 +15,7 @@ use shardfarm_core::shard::ShardId;
 use crate::envelope::{methods, sign_into};
 use crate::pb as proto;
 use crate::pb::agent_client::AgentClient as Raw;
+use crate::tls::Security;
 
 /// Bytes per PutShard chunk (the protocol allows 1–4 MiB).
 pub const PUT_CHUNK: usize = 1 << 20;
@@ -28,27 +28,54 @@ const MAX_SHARD: u64 =
 const LIST_DEFAULT: u32 = 1000;
 const LIST_MAX: u32 = 10_000;
 
-/// Who signs requests: a credential and the key that matches it.
+/// Who signs requests: a credential and the key that matches it; the same key is proved on
+/// every connection it opens (see [`crate::tls`]).
 #[derive(Clone)]
 pub struct Signer {
     credential: Credential,
     key: SigningKey,
+    security: Security,
 }
 
 impl Signer {
     /// Signs as a mined identity.
     pub fn identity(id: &Identity) -> Self {
-        Signer { credential: id.credential(), key: id.signing_key().clone() }
+        Signer {
+            credential: id.credential(),
+            key: id.signing_key().clone(),
+            security: Security::Tls,
+        }
     }
 
     /// Signs with a delegated key.
     pub fn delegated(cert: Delegation, key: SigningKey) -> Self {
-        Signer { credential: Credential::Delegated(Box::new(cert)), key }
+        Signer { credential: Credential::Delegated(Box::new(cert)), key, security: Security::Tls }
     }
 
     /// A signer with any credential/key pair (tests use mismatched ones on purpose).
     pub fn raw(credential: Credential, key: SigningKey) -> Self {
-        Signer { credential, key }
+        Signer { credential, key, security: Security::Tls }
+    }
+
+    /// The same signer, dialing with `security` (TLS unless a binary's
+    /// `--insecure-plaintext` debugging flag says otherwise).
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// How this signer's connections are protected.
+    pub fn security(&self) -> Security {
+        self.security
+    }
+
+    /// Opens a channel on `endpoint` to the node (or pool) `peer`, proving this signer's key.
+    pub async fn dial(
+        &self,
+        endpoint: Endpoint,
+        peer: NodeId,
+    ) -> Result<Channel, tonic::transport::Error> {
+        crate::tls::connect(endpoint, peer, &self.key, self.security).await
     }
 
     /// The signing key.
@@ -85,21 +112,20 @@ pub struct FetchedShard {
 }
 
 impl AgentClient {
-    /// Connects to `addr` (`host:port`), signing with `signer`.
+    /// Connects to `addr` (`host:port`), where the node `node` must answer, signing with
+    /// `signer`.
     pub async fn connect(
         addr: &str,
         node: NodeId,
         signer: Arc<Signer>,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
             // Larger HTTP/2 windows: 1-4 MiB chunks otherwise stall on flow control.
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20)
-            .max_frame_size(1 << 20)
-            .connect()
-            .await?;
+            .max_frame_size(1 << 20);
+        let channel = signer.dial(endpoint, node).await?;
         Ok(Self::with_channel(channel, node, signer))
     }
 

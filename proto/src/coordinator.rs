@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ed25519_dalek::{Signature, Verifier as _, VerifyingKey};
 use prost::Message;
@@ -314,11 +313,9 @@ impl CoordinatorClient {
         signer: Arc<Signer>,
         pool: NodeId,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+        // The coordinator must prove the pool key.
+        let channel = signer.dial(endpoint, pool).await?;
         let raw = Raw::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

@@ -7,6 +7,7 @@ use shardfarm_core::auth::{AuthError, Caller, Envelope, SignedRequest, Verifier,
 use shardfarm_core::identity::{Credential, NodeId};
 
 use crate::signed_body::FirstMessageHash;
+use crate::tls::PeerInfo;
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -65,7 +66,8 @@ pub fn auth_status(a: &AuthError) -> Status {
         AuthError::Malformed(_) => Status::invalid_argument(msg),
         AuthError::BadSignature
         | AuthError::DelegationSignature
-        | AuthError::WrongAudience { .. } => Status::unauthenticated(msg),
+        | AuthError::WrongAudience { .. }
+        | AuthError::WrongChannel { .. } => Status::unauthenticated(msg),
         AuthError::StaleTimestamp { .. } | AuthError::DelegationExpired { .. } => {
             Status::unauthenticated(msg)
         }
@@ -98,7 +100,8 @@ pub fn sign_into<M: Message>(
     md.insert_bin(keys::SIGNATURE, MetadataValue::from_bytes(&req.signature.to_bytes()));
 }
 
-/// Verifies the signed envelope in `md` on `method`, sent from `peer` (server side), over the
+/// Verifies the signed envelope in `md` on `method`, sent by `peer` (server side; under TLS
+/// the envelope must be signed by the key the connection proved), over the
 /// first message's bytes as they arrived (`first`, from the [`HashFirstMessage`] layer in the
 /// request's extensions; never a re-encoding). A peer that has failed too often is refused
 /// before its request is verified; every failure that is the peer's fault is charged to it.
@@ -108,10 +111,10 @@ pub fn verify_request(
     verifier: &Verifier,
     md: &MetadataMap,
     first: Option<&FirstMessageHash>,
-    peer: Option<std::net::SocketAddr>,
+    peer: &PeerInfo,
     method: &str,
 ) -> Result<Caller, AuthError> {
-    let ip = peer.map(|p| p.ip());
+    let ip = peer.addr.map(|p| p.ip());
     let req = read_envelope(md, method);
     let claimed = req.as_ref().ok().map(|r| r.credential.id());
     verifier.admit_peer(ip, claimed)?;
@@ -125,6 +128,16 @@ pub fn verify_request(
                 ));
             }
         };
+        // Under TLS the connection proved a key: the request must be signed by that key
+        // (checked first, so a misplaced request spends no nonce).
+        if let Some(channel) = &peer.key
+            && channel != req.credential.signing_key()
+        {
+            return Err(AuthError::WrongChannel {
+                signer: NodeId::of(req.credential.signing_key()).to_hex(),
+                channel: NodeId::of(channel).to_hex(),
+            });
+        }
         verifier.verify_hashed(&req, method, now_ms())
     });
     match &r {

@@ -1,7 +1,8 @@
 //! The wire protocol of Shardfarm, in one place: the `.proto` files and their generated code
 //! ([`pb`]), the signed request envelope ([`envelope`]), proto ↔ domain conversions
-//! ([`convert`], and the published layout in [`coordinator`]), and the signing clients every
-//! party dials with ([`client::AgentClient`], [`coordinator::CoordinatorClient`]).
+//! ([`convert`], and the published layout in [`coordinator`]), the signing clients every
+//! party dials with ([`client::AgentClient`], [`coordinator::CoordinatorClient`]), and the
+//! transport security of every hop ([`tls`]: TLS 1.3 bound to identity keys).
 //!
 //! Servers live with their domain (the agent in `shardfarm-agent`, the coordinator in
 //! `shardfarm-coordinator`); what both sides of a hop must agree on lives here.
@@ -13,6 +14,7 @@ pub mod convert;
 pub mod coordinator;
 pub mod envelope;
 pub mod signed_body;
+pub mod tls;
 
 /// Generated protocol types (`shardfarm.v1`).
 #[allow(missing_docs, clippy::all)]
@@ -26,3 +28,4 @@ pub use coordinator::{
 };
 pub use envelope::{auth_status, keys, methods, sign_into, verify_request};
 pub use signed_body::{FirstMessageHash, HashFirstMessage};
+pub use tls::{PeerInfo, Security};

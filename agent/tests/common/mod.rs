@@ -113,6 +113,17 @@ impl AgentProc {
         AgentClient::connect(&self.grpc, self.id(), signer.clone()).await.expect("connect to agent")
     }
 
+    /// A generated-code client for hand-built requests, on a TLS connection that proves
+    /// `signer`'s key (requests it carries must be signed by that key).
+    pub async fn raw(
+        &self,
+        signer: &Signer,
+    ) -> shardfarm_proto::pb::agent_client::AgentClient<tonic::transport::Channel> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc));
+        let channel = signer.dial(endpoint.unwrap(), self.id()).await.expect("TLS to the agent");
+        shardfarm_proto::pb::agent_client::AgentClient::new(channel)
+    }
+
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
         http_get(&self.http, "/metrics")

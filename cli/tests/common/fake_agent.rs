@@ -265,7 +265,12 @@ impl FakeAgent {
             partitions,
         };
         rt.spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let incoming = shardfarm_proto::tls::incoming(
+                listener,
+                svc.evil.signing_key(),
+                shardfarm_proto::Security::Tls,
+            )
+            .unwrap();
             tonic::transport::Server::builder()
                 .add_service(AgentServer::new(svc))
                 .serve_with_incoming(incoming)

@@ -19,12 +19,11 @@ pub const FLOOD_FROM: &str = "127.0.0.2";
 /// What the flood got back, by status code.
 pub type Tally = Arc<Mutex<BTreeMap<String, u64>>>;
 
-async fn channel(addr: &str, from: IpAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .local_address(Some(from))
-        .timeout(Duration::from_secs(5))
-        .connect()
+/// A TLS channel from `from` to `peer` at `addr`, proving `key` (the flooder's own).
+async fn channel(addr: &str, from: IpAddr, peer: NodeId, key: &Signer) -> Channel {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let endpoint = endpoint.timeout(Duration::from_secs(5));
+    shardfarm_proto::tls::connect_from(endpoint, Some(from), peer, key.key(), key.security())
         .await
         .unwrap()
 }
@@ -72,7 +71,7 @@ pub fn flood(
             // One valid request for this agent, replayed over and over.
             let replayed =
                 mined.request(node, methods::INFO, proto::InfoRequest {}).metadata().clone();
-            let ch = channel(addr, from).await;
+            let ch = channel(addr, from, node, &unmined).await;
             for i in 0..per_target {
                 let (ch, tally) = (ch.clone(), tally.clone());
                 let (unmined, forged, replayed) =
@@ -97,7 +96,7 @@ pub fn flood(
                 }));
             }
         }
-        let ch = channel(coordinator, from).await;
+        let ch = channel(coordinator, from, pool, &unmined).await;
         for i in 0..per_target {
             let (ch, tally, unmined) = (ch.clone(), tally.clone(), unmined.clone());
             tasks.push(tokio::spawn(async move {

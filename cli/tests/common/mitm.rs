@@ -15,9 +15,9 @@ use shardfarm_core::identity::{Identity, NodeId};
 use shardfarm_proto::pb::coordinator_client::CoordinatorClient as Raw;
 use shardfarm_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use shardfarm_proto::pb::{self as proto};
-use shardfarm_proto::{PublishedLayout, verify_layout};
+use shardfarm_proto::{PublishedLayout, Security, tls, verify_layout};
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 /// What the man in the middle does to layouts.
@@ -43,8 +43,10 @@ pub struct Mitm {
 }
 
 impl Mitm {
-    /// Starts a proxy in front of the coordinator at `upstream` of the pool `pool`.
-    pub fn start(upstream: &str, pool: NodeId) -> Mitm {
+    /// Starts a proxy in front of the coordinator at `upstream` of the pool `pool`. Under TLS
+    /// it terminates the agents' TLS with its own key (it cannot prove the pool's) and dials
+    /// the coordinator as itself.
+    pub fn start(upstream: &str, pool: NodeId, security: Security) -> Mitm {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -53,10 +55,12 @@ impl Mitm {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (mode, modes) = watch::channel(Mode::Honest);
-        let upstream = rt
-            .block_on(Channel::from_shared(format!("http://{upstream}")).unwrap().connect())
-            .unwrap();
         let (evil, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+        let endpoint = Endpoint::from_shared(format!("http://{upstream}")).unwrap();
+        let upstream = rt
+            .block_on(tls::connect(endpoint, pool, evil.signing_key(), security))
+            .expect("the proxy reaches the coordinator");
+        let incoming = rt.block_on(async { tls::incoming(listener, evil.signing_key(), security) });
         let svc = Proxy {
             raw: Raw::new(upstream),
             modes,
@@ -68,7 +72,7 @@ impl Mitm {
         rt.spawn(
             tonic::transport::Server::builder()
                 .add_service(CoordinatorServer::new(svc))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(incoming.unwrap()),
         );
         Mitm { addr, mode, rt }
     }

@@ -1,0 +1,508 @@
+//! Transport security for every hop, in one place: TLS 1.3 through rustls (ring), where each
+//! side presents its own ed25519 identity key as a raw public key (RFC 7250) instead of a
+//! certificate. No certificate authority is involved:
+//! - a caller pins the id of the node it means to reach (the id the signed layout names for
+//!   that address, or the pool id for the coordinator), and the handshake fails unless the
+//!   peer proves it holds that very key;
+//! - a server learns the caller's key from the handshake ([`PeerInfo`]) and refuses a request
+//!   signed by any other key ([`crate::verify_request`]), so a signed request cannot travel on
+//!   somebody else's connection.
+//!
+//! Plaintext exists only as [`Security::InsecurePlaintext`], behind each binary's
+//! `--insecure-plaintext` debugging flag.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ed25519_dalek::pkcs8::{DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
+    UnixTime,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
+use shardfarm_core::identity::NodeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long a caller may take to connect and finish the handshake before the dial fails.
+pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long an accepted connection may take to finish the handshake before it is dropped:
+/// a peer that connects and stalls holds one of [`MAX_HANDSHAKES`] for at most this long.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Handshakes a server runs at once; further connections wait in the kernel's backlog.
+pub const MAX_HANDSHAKES: usize = 256;
+/// The name a caller sends; nothing checks it (the pinned key is the identity).
+const SERVER_NAME: &str = "node.shardfarm.invalid";
+
+/// Whether a hop is protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Security {
+    /// TLS 1.3, both sides proving their identity keys.
+    #[default]
+    Tls,
+    /// HTTP/2 without TLS: nobody's identity is checked on the connection and anyone on the
+    /// path reads and rewrites everything. For debugging only.
+    InsecurePlaintext,
+}
+
+impl Security {
+    /// `InsecurePlaintext` if `insecure` (a binary's `--insecure-plaintext` flag), else `Tls`.
+    pub fn from_flag(insecure: bool) -> Self {
+        if insecure { Security::InsecurePlaintext } else { Security::Tls }
+    }
+}
+
+/// What a server knows about the other end of a connection (a request extension).
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub addr: Option<SocketAddr>,
+    /// The key the peer proved in the TLS handshake (`None` in plaintext).
+    pub key: Option<VerifyingKey>,
+}
+
+impl PeerInfo {
+    /// The peer of a request served over [`incoming`] (plaintext servers from elsewhere yield
+    /// the address tonic recorded, and no key).
+    pub fn of<T>(request: &tonic::Request<T>) -> PeerInfo {
+        request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or_else(|| PeerInfo { addr: request.remote_addr(), key: None })
+    }
+
+    /// The id of the key the peer proved, if any.
+    pub fn id(&self) -> Option<NodeId> {
+        self.key.as_ref().map(NodeId::of)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    provider().signature_verification_algorithms
+}
+
+/// `key` as what rustls presents: its public half as a raw public key, and a signer.
+fn certified_key(key: &SigningKey) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let encoding = |e: &dyn std::fmt::Display| rustls::Error::General(format!("identity key: {e}"));
+    let spki = key.verifying_key().to_public_key_der().map_err(|e| encoding(&e))?;
+    let pkcs8 = key.to_pkcs8_der().map_err(|e| encoding(&e))?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
+    let signer = provider().key_provider.load_private_key(der)?;
+    Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(spki.as_bytes().to_vec())], signer)))
+}
+
+/// The ed25519 key in a raw public key, refusing anything else.
+fn peer_key(spki: &[u8]) -> Result<VerifyingKey, rustls::Error> {
+    let key = VerifyingKey::from_public_key_der(spki).map_err(|_| {
+        rustls::Error::General("the peer's key is not an ed25519 identity key".into())
+    })?;
+    if key.is_weak() {
+        return Err(rustls::Error::General("the peer's key is a weak ed25519 point".into()));
+    }
+    Ok(key)
+}
+
+fn verify_signature(
+    message: &[u8],
+    key: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let spki = SubjectPublicKeyInfoDer::from(key.as_ref());
+    rustls::crypto::verify_tls13_signature_with_raw_key(message, &spki, dss, &algorithms())
+}
+
+/// Caller side: the server must prove the key of the node the caller pinned.
+#[derive(Debug)]
+struct PinnedPeer {
+    expected: NodeId,
+}
+
+impl ServerCertVerifier for PinnedPeer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = NodeId::of(&peer_key(end_entity.as_ref())?);
+        if got != self.expected {
+            return Err(rustls::Error::General(format!(
+                "the peer at this address is node {got}, not node {}: refusing it (an \
+                 impostor, or a stale address)",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// Server side: every caller proves an ed25519 key; which keys may do what is decided per
+/// request by the envelope policy, which also checks the envelope's key is this one.
+#[derive(Debug)]
+struct AnyIdentity;
+
+impl ClientCertVerifier for AnyIdentity {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        peer_key(end_entity.as_ref())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// A server's TLS configuration: presents `key`, demands an ed25519 key from every caller.
+pub fn server_config(key: &SigningKey) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(AnyIdentity))
+        .with_cert_resolver(Arc::new(rustls::server::AlwaysResolvesServerRawPublicKeys::new(
+            certified_key(key)?,
+        )));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: every connection proves its key afresh.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// A caller's TLS configuration: presents `key`, accepts only the node `peer`.
+pub fn client_config(key: &SigningKey, peer: NodeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedPeer { expected: peer }))
+        .with_client_cert_resolver(Arc::new(
+            rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(key)?),
+        ));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Why a dial failed, with every cause (tonic's own message is only "transport error"; the
+/// reason — a peer that is not the node pinned, a handshake that timed out — is underneath).
+pub fn why(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Opens a channel on `endpoint` (an `http://host:port` endpoint with the caller's HTTP/2
+/// settings) to the node `peer`, proving `key`. Under TLS the dial, handshake included, fails
+/// after [`DIAL_DEADLINE`], and fails at once if the peer is not `peer`.
+pub async fn connect(
+    endpoint: Endpoint,
+    peer: NodeId,
+    key: &SigningKey,
+    security: Security,
+) -> Result<Channel, tonic::transport::Error> {
+    connect_from(endpoint, None, peer, key, security).await
+}
+
+/// [`connect`] from the local address `from` (`None`: the system's choice).
+pub async fn connect_from(
+    endpoint: Endpoint,
+    from: Option<IpAddr>,
+    peer: NodeId,
+    key: &SigningKey,
+    security: Security,
+) -> Result<Channel, tonic::transport::Error> {
+    if security == Security::InsecurePlaintext {
+        return endpoint.local_address(from).connect_timeout(DIAL_DEADLINE).connect().await;
+    }
+    let connector = client_config(key, peer).map(TlsConnector::from);
+    let dial = tower::service_fn(move |uri: Uri| {
+        let connector = connector.clone();
+        async move { dial(&uri, from, connector.map_err(io::Error::other)?).await }
+    });
+    endpoint.connect_with_connector(dial).await
+}
+
+async fn dial(
+    uri: &Uri,
+    from: Option<IpAddr>,
+    connector: TlsConnector,
+) -> io::Result<TokioIo<TlsStream>> {
+    let invalid = || io::Error::new(io::ErrorKind::InvalidInput, format!("bad address {uri}"));
+    let host = uri.host().ok_or_else(invalid)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = uri.port_u16().ok_or_else(invalid)?;
+    let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
+    let handshake = async {
+        let tcp = match from {
+            None => TcpStream::connect((host.as_str(), port)).await?,
+            Some(ip) => {
+                let to = tokio::net::lookup_host((host.as_str(), port)).await?.next();
+                let to = to.ok_or_else(invalid)?;
+                let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(to).await?
+            }
+        };
+        tcp.set_nodelay(true)?;
+        connector.connect(name, tcp).await
+    };
+    let tls = tokio::time::timeout(DIAL_DEADLINE, handshake).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{host}:{port} did not finish a TLS handshake within {DIAL_DEADLINE:?}"),
+        )
+    })??;
+    Ok(TokioIo::new(tls))
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Serves connections accepted on `listener`: under TLS each is handshaken in its own task
+/// (at most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_DEADLINE`]) so a peer that
+/// connects and stalls holds up nobody else. Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    key: &SigningKey,
+    security: Security,
+) -> Result<ReceiverStream<io::Result<Conn>>, rustls::Error> {
+    let acceptor = match security {
+        Security::Tls => Some(TlsAcceptor::from(server_config(key)?)),
+        Security::InsecurePlaintext => None,
+    };
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, acceptor, tx));
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    tx: mpsc::Sender<io::Result<Conn>>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = tx.closed() => return,
+        };
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = tx.closed() => return,
+        };
+        // serve_with_incoming ignores the builder's tcp_nodelay (LIMITS.md: 8 ms per RPC).
+        let _ = tcp.set_nodelay(true);
+        let Some(acceptor) = acceptor.clone() else {
+            let conn =
+                Conn { io: ConnIo::Plain(tcp), info: PeerInfo { addr: Some(addr), key: None } };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let key = key.and_then(|k| peer_key(k.as_ref()).ok());
+                    let info = PeerInfo { addr: Some(addr), key };
+                    let _ = tx.send(Ok(Conn { io: ConnIo::Tls(Box::new(tls)), info })).await;
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// An accepted connection, and who is on the other end.
+pub struct Conn {
+    io: ConnIo,
+    info: PeerInfo,
+}
+
+enum ConnIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            ConnIo::Plain(s) => s.is_write_vectored(),
+            ConnIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardfarm_core::identity::random_signing_key;
+
+    #[test]
+    fn an_identity_key_round_trips_through_its_raw_public_key() {
+        let key = random_signing_key();
+        let ck = certified_key(&key).unwrap();
+        assert_eq!(peer_key(ck.cert[0].as_ref()).unwrap(), key.verifying_key());
+    }
+
+    #[test]
+    fn a_key_that_is_not_ed25519_is_refused() {
+        assert!(peer_key(b"\x30\x03\x02\x01\x00").is_err());
+        assert!(peer_key(&[]).is_err());
+    }
+}
