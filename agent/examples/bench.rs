@@ -7,6 +7,9 @@
 //!   shards with 1 and 8 concurrent clients, beside a plain TCP copy of the same bytes and a raw
 //!   write of the same values into the same store without gRPC; 4 KiB puts/gets per second;
 //!   the agent's peak RSS during 8 concurrent 16 MiB uploads.
+//! - `tls [rounds]`: what TLS costs. The same put/get runs (1 and 16 MiB shards, 1 and 8
+//!   clients, 4 KiB shards, fresh connections) against an agent serving TLS and one serving
+//!   `--insecure-plaintext`, alternated, best of `rounds` each, side by side.
 //! - `store [GiB]`: the payload layout decision. The same sustained workload (4 MiB values,
 //!   durable writes, a bounded live set so old values are deleted) on our store (files +
 //!   RocksDB index) and on RocksDB BlobDB; throughput and write amplification measured from
@@ -82,28 +85,170 @@ fn tcp_copy(total: usize, chunk: usize) -> f64 {
     total as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
-async fn rpc() {
-    let dir = tempfile::tempdir_in(".").unwrap();
+/// Starts an agent on loopback with `extra` flags; returns it (the caller stops and waits for
+/// it), its address and its id.
+#[allow(clippy::zombie_processes)]
+async fn start_agent(data: &Path, extra: &[&str]) -> (std::process::Child, String, NodeId) {
     let exe = std::env::current_exe().unwrap();
     let agent_bin = exe.parent().unwrap().parent().unwrap().join("shardfarm-agent");
-    let data = dir.path().join("agent");
-    let mut child = std::process::Command::new(&agent_bin)
+    // With BENCH_AGENT_CPUS (e.g. `1`) the agent runs on those cores only (`taskset`).
+    let mut cmd = match std::env::var("BENCH_AGENT_CPUS") {
+        Ok(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", &cpus]).arg(&agent_bin);
+            c
+        }
+        Err(_) => std::process::Command::new(&agent_bin),
+    };
+    let child = cmd
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--capacity", "100GiB"])
         .args(["--identity-difficulty", "8", "--pool-difficulty", "8", "--max-message", "8MiB"])
+        // A short replay window: one identity's many requests leave it quickly, so repeated
+        // rounds stay under its share of the window.
+        .args(["--timestamp-window", "20"])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("run `cargo build --workspace --all-targets` first");
     let ep = data.join("endpoints.json");
-    let (addr, node) = loop {
+    loop {
         if let Ok(t) = std::fs::read_to_string(&ep) {
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
             let id = NodeId::from_hex(v["node_id"].as_str().unwrap()).unwrap();
-            break (v["grpc"].as_str().unwrap().to_string(), id);
+            return (child, v["grpc"].as_str().unwrap().to_string(), id);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    }
+}
+
+/// Puts every shard of `set` with `clients` concurrent connections, reads them all back, then
+/// deletes them; returns (put, get) in GB/s.
+async fn put_get(
+    addr: &str,
+    node: NodeId,
+    signer: &Arc<Signer>,
+    set: &Arc<Vec<(Vec<u8>, Bytes)>>,
+    clients: usize,
+) -> (f64, f64) {
+    let total: usize = set.iter().map(|(_, s)| s.len()).sum();
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(AgentClient::connect(addr, node, signer.clone()).await.unwrap());
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, mut conn) in conns.clone().into_iter().enumerate() {
+        let set = set.clone();
+        tasks.push(tokio::spawn(async move {
+            for (h, s) in set.iter().skip(c).step_by(clients) {
+                conn.put_shard(h, 0, s.clone()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let put = total as f64 / t.elapsed().as_secs_f64() / 1e9;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, mut conn) in conns.into_iter().enumerate() {
+        let set = set.clone();
+        tasks.push(tokio::spawn(async move {
+            for (h, _) in set.iter().skip(c).step_by(clients) {
+                let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+                let id = ShardId { object_id: hd.object_id, segment: 0, shard: 0 };
+                let got = conn.get_shard(id, 0, 0).await.unwrap();
+                assert_eq!(got.data.len(), hd.shard_length as usize);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let get = total as f64 / t.elapsed().as_secs_f64() / 1e9;
+    // Delete so the next round writes fresh shards.
+    let mut c = AgentClient::connect(addr, node, signer.clone()).await.unwrap();
+    for (h, _) in set.iter() {
+        let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+        c.delete_shard(ShardId { object_id: hd.object_id, segment: 0, shard: 0 }).await.unwrap();
+    }
+    (put, get)
+}
+
+/// The cost of TLS: the same put/get runs against an agent serving TLS and one serving
+/// plaintext (`--insecure-plaintext`), alternated, best of `rounds` each.
+async fn tls(rounds: usize) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let (mut tls_agent, tls_addr, tls_node) = start_agent(&dir.path().join("tls"), &[]).await;
+    let (mut plain_agent, plain_addr, plain_node) =
+        start_agent(&dir.path().join("plain"), &["--insecure-plaintext"]).await;
+    let (me, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let tls_signer = Arc::new(Signer::identity(&me));
+    let plain_signer =
+        Arc::new(Signer::identity(&me).with_security(shardfarm_proto::Security::InsecurePlaintext));
+    println!(
+        "TLS cost (two agents on loopback, fsync per shard; best of {rounds} alternated runs)"
+    );
+    for (shard_mib, total_mib) in [(1usize, 256usize), (16, 512)] {
+        let set = Arc::new(shards(&me, total_mib / shard_mib, shard_mib * MIB));
+        for clients in [1usize, 8] {
+            let (mut tls_best, mut plain_best) = ((0f64, 0f64), (0f64, 0f64));
+            for _ in 0..rounds {
+                let (p, g) = put_get(&plain_addr, plain_node, &plain_signer, &set, clients).await;
+                plain_best = (plain_best.0.max(p), plain_best.1.max(g));
+                let (p, g) = put_get(&tls_addr, tls_node, &tls_signer, &set, clients).await;
+                tls_best = (tls_best.0.max(p), tls_best.1.max(g));
+            }
+            let cost = |tls: f64, plain: f64| 100.0 * (1.0 - tls / plain);
+            println!(
+                "  {shard_mib:>2} MiB shards, {clients} client(s): put TLS {:.2} vs plaintext {:.2} GB/s (TLS costs {:.0} %) | get TLS {:.2} vs plaintext {:.2} GB/s (TLS costs {:.0} %)",
+                tls_best.0,
+                plain_best.0,
+                cost(tls_best.0, plain_best.0),
+                tls_best.1,
+                plain_best.1,
+                cost(tls_best.1, plain_best.1),
+            );
+        }
+    }
+    // Small calls: the handshake and record overhead per 4 KiB shard.
+    let small = Arc::new(shards(&me, 2000, 4096));
+    for (name, addr, node, signer) in [
+        ("plaintext", &plain_addr, plain_node, &plain_signer),
+        ("TLS", &tls_addr, tls_node, &tls_signer),
+    ] {
+        let t = Instant::now();
+        put_get(addr, node, signer, &small, 8).await;
+        println!(
+            "  4 KiB shards, 8 clients, {name}: {:.0} puts+gets/s",
+            2.0 * small.len() as f64 / t.elapsed().as_secs_f64()
+        );
+    }
+    // A fresh connection: TCP connect + TLS 1.3 handshake + one call.
+    for (name, addr, node, signer) in [
+        ("plaintext", &plain_addr, plain_node, &plain_signer),
+        ("TLS", &tls_addr, tls_node, &tls_signer),
+    ] {
+        let t = Instant::now();
+        for _ in 0..200 {
+            AgentClient::connect(addr, node, signer.clone()).await.unwrap().info().await.unwrap();
+        }
+        println!(
+            "  connect + one call, {name}: {:.2} ms",
+            t.elapsed().as_secs_f64() * 1000.0 / 200.0
+        );
+    }
+    for c in [&mut tls_agent, &mut plain_agent] {
+        unsafe_term(c.id());
+        let _ = c.wait();
+    }
+}
+
+async fn rpc() {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let (mut child, addr, node) = start_agent(&dir.path().join("agent"), &[]).await;
     let (me, _) = Identity::generate(8, 1, &|_| {}).unwrap();
     let signer = Arc::new(Signer::identity(&me));
     println!("agent rpc benchmark (one agent on loopback, fsync per shard)");
@@ -125,55 +270,12 @@ async fn rpc() {
         let raw = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
         drop(store);
         for clients in [1usize, 8] {
-            let mut conns = Vec::new();
-            for _ in 0..clients {
-                conns.push(AgentClient::connect(&addr, node, signer.clone()).await.unwrap());
-            }
-            let t = Instant::now();
-            let mut tasks = Vec::new();
-            for (c, mut conn) in conns.clone().into_iter().enumerate() {
-                let set = set.clone();
-                tasks.push(tokio::spawn(async move {
-                    for (h, s) in set.iter().skip(c).step_by(clients) {
-                        conn.put_shard(h, 0, s.clone()).await.unwrap();
-                    }
-                }));
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let put = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
-            let t = Instant::now();
-            let mut tasks = Vec::new();
-            for (c, mut conn) in conns.into_iter().enumerate() {
-                let set = set.clone();
-                tasks.push(tokio::spawn(async move {
-                    for (h, _) in set.iter().skip(c).step_by(clients) {
-                        let hd =
-                            shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
-                        let id = ShardId { object_id: hd.object_id, segment: 0, shard: 0 };
-                        let got = conn.get_shard(id, 0, 0).await.unwrap();
-                        assert_eq!(got.data.len(), hd.shard_length as usize);
-                    }
-                }));
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let get = (total_mib * MIB) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let (put, get) = put_get(&addr, node, &signer, &set, clients).await;
             println!(
                 "  {shard_mib:>2} MiB shards, {clients} client(s): put {put:.2} GB/s ({:.0} % of raw store {raw:.2}) | get {get:.2} GB/s ({:.0} % of TCP copy {tcp:.2})",
                 100.0 * put / raw,
                 100.0 * get / tcp
             );
-            // Delete so the next round writes fresh shards.
-            let mut c = AgentClient::connect(&addr, node, signer.clone()).await.unwrap();
-            for (h, _) in set.iter() {
-                let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
-                c.delete_shard(ShardId { object_id: hd.object_id, segment: 0, shard: 0 })
-                    .await
-                    .unwrap();
-            }
         }
     }
     // Peak RSS during 8 concurrent 16 MiB uploads (the loop above did exactly that last).
@@ -328,13 +430,20 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("rpc") => tokio::runtime::Runtime::new().unwrap().block_on(rpc()),
+        Some("tls") => {
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(3);
+            tokio::runtime::Runtime::new().unwrap().block_on(tls(rounds))
+        }
         Some("tcp") => {
             let gib: usize = args.get(2).and_then(|g| g.parse().ok()).unwrap_or(2);
             println!("loopback TCP copy, 1 MiB writes: {:.2} GB/s", tcp_copy(gib << 30, MIB));
         }
         Some("store") => store(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(20)),
         _ => {
-            eprintln!("usage: bench rpc | bench store [GiB, default 20] | bench tcp [GiB]");
+            eprintln!(
+                "usage: bench rpc | bench tls [rounds, default 3] | bench store [GiB, default 20] \
+                 | bench tcp [GiB]"
+            );
             std::process::exit(2);
         }
     }

@@ -261,12 +261,17 @@ impl Identity {
 
     /// Writes the identity to `path` with mode 0600 (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = format!(
+        write_secret_file(path, self.to_text().as_bytes())
+    }
+
+    /// The identity as the text [`Identity::save`] writes (a secret: whoever reads it can act
+    /// as this identity).
+    pub fn to_text(&self) -> String {
+        format!(
             "# shardfarm identity: keep this file secret (mode 0600)\nversion = 1\nsecret = \"{}\"\nnonce = {}\n",
             hex::encode(self.key.to_bytes()),
             self.nonce
-        );
-        write_secret_file(path, text.as_bytes())
+        )
     }
 
     /// Reads an identity written by [`Identity::save`]. Refuses a file that group or others can
@@ -274,19 +279,25 @@ impl Identity {
     pub fn load(path: &Path) -> Result<Self> {
         check_private(path)?;
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_text(&text, &path.display().to_string())
+    }
+
+    /// Parses [`Identity::to_text`]'s output; `origin` names where it came from in errors.
+    pub fn from_text(text: &str, origin: &str) -> Result<Self> {
         let mut secret = None;
         let mut nonce = None;
         for line in text.lines().map(str::trim) {
             if let Some(v) = line.strip_prefix("secret =") {
                 secret = Some(v.trim().trim_matches('"').to_string());
             } else if let Some(v) = line.strip_prefix("nonce =") {
-                nonce =
-                    Some(v.trim().parse::<u64>().map_err(|e| {
-                        Error::Malformed(format!("{}: nonce: {e}", path.display()))
-                    })?);
+                nonce = Some(
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|e| Error::Malformed(format!("{}: nonce: {e}", origin)))?,
+                );
             }
         }
-        let bad = |what: &str| Error::Malformed(format!("{}: {what}", path.display()));
+        let bad = |what: &str| Error::Malformed(format!("{}: {what}", origin));
         let secret = hex::decode(secret.ok_or_else(|| bad("no `secret` line"))?)
             .map_err(|_| bad("secret is not hex"))?;
         let secret: [u8; 32] = secret.try_into().map_err(|_| bad("secret is not 32 bytes"))?;

@@ -419,11 +419,10 @@ pub struct StaticMember {
 pub struct RemoteCluster {
     /// Its name (a failure-domain label of its nodes).
     pub name: String,
-    /// `host:port` its agents reach this coordinator on.
+    /// `host:port` its agents reach this coordinator on. Its agents pin the pool id
+    /// (`StoragePool.status.poolId`) and the coordinator proves the pool key in the TLS
+    /// handshake, so no certificate authority is involved (there is no `caSecret`).
     pub coordinator_endpoint: String,
-    /// Secret holding the CA that signs the remote cluster's client certificates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_secret: Option<String>,
 }
 
 /// The observed state of a syndication.

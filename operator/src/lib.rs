@@ -4,10 +4,12 @@
 //!   ShardPlacement) over a [`controller::Fabric`];
 //! - [`fabric`]: the fabric the controllers see, backed by the pool's coordinator
 //!   (`shardfarm-coordinator`, which this crate runs but does not contain);
+//! - [`pool_key`]: the pool key in a Secret created once and never overwritten;
 //! - [`run`]: CRD check, leader election, the coordinator's server, the controllers.
 
 #![warn(missing_docs)]
 
 pub mod controller;
 pub mod fabric;
+pub mod pool_key;
 pub mod run;

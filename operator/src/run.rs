@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -97,14 +97,16 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         ..PoolConfig::default()
     };
     std::fs::create_dir_all(&args.state_dir)?;
-    let key = args.state_dir.join("coordinator.key");
-    let identity = if key.exists() {
-        Identity::load(&key)?
-    } else {
-        let (id, _) = Identity::generate(config.min_difficulty, 0, &|_| {})?;
-        id.save(&key)?;
-        id
-    };
+    // The pool key lives in a Secret created once (from the key an earlier operator kept in
+    // its volume, if any) and never overwritten.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let legacy = args.state_dir.join("coordinator.key");
+    let difficulty = config.min_difficulty;
+    let identity = crate::pool_key::get_or_create(&secrets, &args.pool, &legacy, || {
+        Ok(Identity::generate(difficulty, 0, &|_| {})?.0)
+    })
+    .await
+    .context("the pool key")?;
     let coordinator = Coordinator::open(config, &args.state_dir, identity)?;
     pools.insert(&args.pool, coordinator.clone());
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;

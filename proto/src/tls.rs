@@ -33,7 +33,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
 use shardfarm_core::identity::NodeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -48,6 +48,10 @@ pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Handshakes a server runs at once; further connections wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Bytes read from the socket at once under TLS. rustls asks for ~4 KiB per read; without a
+/// buffer underneath, a 16 KiB record costs four system calls and TLS ~30 % of get
+/// throughput (`bench tls`).
+const READ_BUFFER: usize = 64 << 10;
 /// The name a caller sends; nothing checks it (the pinned key is the identity).
 const SERVER_NAME: &str = "node.shardfarm.invalid";
 
@@ -95,9 +99,23 @@ impl PeerInfo {
     }
 }
 
+/// ring, TLS 1.3 suites only, AES-128-GCM first (ring's VAES code runs it ~12 % faster than
+/// AES-256-GCM here: 12.2 vs 10.9 GB/s per core), then AES-256-GCM, then ChaCha20-Poly1305.
 fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::ring::{cipher_suite, default_provider};
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+                ],
+                ..default_provider()
+            })
+        })
+        .clone()
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -332,7 +350,7 @@ async fn dial(
             }
         };
         tcp.set_nodelay(true)?;
-        connector.connect(name, tcp).await
+        connector.connect(name, BufReader::with_capacity(READ_BUFFER, tcp)).await
     };
     let tls = tokio::time::timeout(DIAL_DEADLINE, handshake).await.map_err(|_| {
         io::Error::new(
@@ -343,7 +361,7 @@ async fn dial(
     Ok(TokioIo::new(tls))
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
 
 /// Serves connections accepted on `listener`: under TLS each is handshaken in its own task
 /// (at most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_DEADLINE`]) so a peer that
@@ -398,6 +416,7 @@ async fn accept_loop(
         let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
             match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
@@ -420,7 +439,7 @@ pub struct Conn {
 
 enum ConnIo {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<BufReader<TcpStream>>>),
 }
 
 impl Connected for Conn {

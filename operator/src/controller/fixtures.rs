@@ -140,6 +140,16 @@ impl Expect {
         self
     }
 
+    /// Answers 409 Conflict (the object already exists).
+    pub fn conflict(mut self) -> Self {
+        self.status = StatusCode::CONFLICT;
+        self.reply = Some(json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+            "code": 409, "message": "already exists",
+        }));
+        self
+    }
+
     /// Answers 404 Not Found.
     pub fn not_found(mut self) -> Self {
         self.status = StatusCode::NOT_FOUND;

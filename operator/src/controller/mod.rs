@@ -17,7 +17,7 @@ pub mod pool;
 pub mod syndication;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,187 @@
+//! The pool key in a cluster: a Secret the operator creates once and never overwrites.
+//!
+//! The pool key signs every layout and is what every agent, client and remote farm pins, so it
+//! must outlive the operator's pod, its volume and any replica that starts next. The Secret
+//! `shardfarm-pool-key-<pool>` is created `immutable` (the API server itself refuses to change
+//! it); if two replicas race to create it, the loser reads the winner's. An operator upgraded
+//! from one that kept the key only in its state volume moves that key into the Secret, so the
+//! pool id does not change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use shardfarm_core::identity::Identity;
+
+/// The Secret's data key holding the identity text.
+pub const DATA_KEY: &str = "identity";
+/// Label naming the pool id on the Secret (public: the id, never the key).
+pub const POOL_ID_LABEL: &str = "shardfarm.io/pool-id";
+
+/// The name of the Secret holding `pool`'s key.
+pub fn secret_name(pool: &str) -> String {
+    format!("shardfarm-pool-key-{pool}")
+}
+
+/// The Secret for `identity`, immutable.
+pub fn secret(pool: &str, identity: &Identity) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name(pool)),
+            labels: Some(BTreeMap::from([
+                ("app.kubernetes.io/managed-by".to_string(), "shardfarm-operator".to_string()),
+                ("shardfarm.io/pool".to_string(), pool.to_string()),
+                (POOL_ID_LABEL.to_string(), identity.id().to_hex()),
+            ])),
+            ..Default::default()
+        },
+        immutable: Some(true),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            DATA_KEY.to_string(),
+            ByteString(identity.to_text().into_bytes()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn parse(s: &Secret) -> anyhow::Result<Identity> {
+    let name = s.metadata.name.clone().unwrap_or_default();
+    let data = s.data.as_ref().and_then(|d| d.get(DATA_KEY)).with_context(|| {
+        format!("Secret {name} has no `{DATA_KEY}` entry: restore it from a backup of the pool key")
+    })?;
+    let text = std::str::from_utf8(&data.0).with_context(|| format!("Secret {name}: not text"))?;
+    Ok(Identity::from_text(text, &format!("Secret {name}"))?)
+}
+
+/// The pool key: read from its Secret, or, the first time, taken from `legacy` (a key file an
+/// earlier operator kept in its state volume) or mined (`mine`) and stored in a new Secret.
+/// Never overwrites a Secret that exists.
+pub async fn get_or_create(
+    api: &Api<Secret>,
+    pool: &str,
+    legacy: &Path,
+    mine: impl FnOnce() -> anyhow::Result<Identity>,
+) -> anyhow::Result<Identity> {
+    let name = secret_name(pool);
+    if let Some(s) = api.get_opt(&name).await? {
+        return parse(&s);
+    }
+    let identity = if legacy.exists() { Identity::load(legacy)? } else { mine()? };
+    match api.create(&PostParams::default(), &secret(pool, &identity)).await {
+        Ok(_) => {
+            tracing::info!(secret = %name, pool_id = %identity.id(), "stored the pool key");
+            Ok(identity)
+        }
+        // Another replica created it first: theirs is the pool key.
+        Err(kube::Error::Api(e)) if e.code == 409 => parse(&api.get(&name).await?),
+        Err(e) => Err(e).with_context(|| format!("creating Secret {name}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::{self, NS, expect};
+    use http::Method;
+    use kube::Client;
+    use tower_test::mock;
+
+    fn identity() -> Identity {
+        Identity::from_parts(shardfarm_core::identity::random_signing_key(), 0)
+    }
+
+    fn api() -> (
+        Api<Secret>,
+        mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>,
+    ) {
+        let (svc, handle) = mock::pair();
+        (Api::namespaced(Client::new(svc, NS), NS), handle)
+    }
+
+    fn path(name: &str) -> String {
+        format!("/api/v1/namespaces/{NS}/secrets/{name}")
+    }
+
+    fn never() -> anyhow::Result<Identity> {
+        panic!("nothing may be mined when the Secret exists")
+    }
+
+    #[tokio::test]
+    async fn an_existing_secret_is_read_and_never_written() {
+        let key = identity();
+        let (api, handle) = api();
+        let stored = serde_json::to_value(secret("main", &key)).unwrap();
+        let script = vec![expect(Method::GET, path("shardfarm-pool-key-main")).reply(stored)];
+        let dir = tempfile::tempdir().unwrap();
+        let got = fixtures::run(
+            handle,
+            script,
+            get_or_create(&api, "main", &dir.path().join("coordinator.key"), never),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.id(), key.id());
+    }
+
+    #[tokio::test]
+    async fn the_first_start_creates_an_immutable_secret_from_the_legacy_key() {
+        let key = identity();
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("coordinator.key");
+        key.save(&legacy).unwrap();
+        let (api, handle) = api();
+        let id = key.id().to_hex();
+        let script = vec![
+            expect(Method::GET, path("shardfarm-pool-key-main")).not_found(),
+            expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets")).body(move |b| {
+                assert_eq!(b["immutable"], true, "{b}");
+                assert_eq!(b["metadata"]["name"], "shardfarm-pool-key-main");
+                assert_eq!(b["metadata"]["labels"][POOL_ID_LABEL], id.as_str());
+                assert!(b["data"][DATA_KEY].is_string(), "{b}");
+            }),
+        ];
+        let got = fixtures::run(handle, script, get_or_create(&api, "main", &legacy, never))
+            .await
+            .unwrap();
+        assert_eq!(got.id(), key.id());
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_loses_the_race_takes_the_winners_key() {
+        let (mine, theirs) = (identity(), identity());
+        let (api, handle) = api();
+        let stored = serde_json::to_value(secret("main", &theirs)).unwrap();
+        let script = vec![
+            expect(Method::GET, path("shardfarm-pool-key-main")).not_found(),
+            expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets")).conflict(),
+            expect(Method::GET, path("shardfarm-pool-key-main")).reply(stored),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("coordinator.key");
+        let got = fixtures::run(handle, script, get_or_create(&api, "main", &legacy, || Ok(mine)))
+            .await
+            .unwrap();
+        assert_eq!(got.id(), theirs.id());
+    }
+
+    #[tokio::test]
+    async fn a_secret_without_the_key_is_an_error_not_a_new_key() {
+        let (api, handle) = api();
+        let mut broken = serde_json::to_value(secret("main", &identity())).unwrap();
+        broken["data"] = serde_json::json!({});
+        let script = vec![expect(Method::GET, path("shardfarm-pool-key-main")).reply(broken)];
+        let dir = tempfile::tempdir().unwrap();
+        let err = fixtures::run(
+            handle,
+            script,
+            get_or_create(&api, "main", &dir.path().join("coordinator.key"), never),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("no `identity` entry"), "{err}");
+    }
+}
