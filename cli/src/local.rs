@@ -1,11 +1,14 @@
 //! `shardfarm local up`: a whole farm on one machine.
 //!
-//! The process is the farm's coordinator: its state lives in the data dir (`farm.json`, the
-//! farm root identity, the local user's delegated key), and it runs N agents as child
-//! processes of this same binary (`shardfarm agent …`) on 127.0.0.1, each with its own ports,
-//! data dir and zone label. It restarts an agent that dies (unless `--no-restart`) and stops
-//! them all with SIGTERM when it gets SIGTERM or Ctrl-C. A later `local up` on the same dir
-//! resumes with the same identities, ports and data.
+//! The process supervises the farm: its state lives in the data dir (`farm.json`, the farm
+//! root identity — which is also the pool key —, the local user's delegated key), and it runs
+//! the coordinator (`shardfarm coordinator …`, state in DIR/coordinator) and N agents
+//! (`shardfarm agent …`) as child processes of this same binary on 127.0.0.1, each with its
+//! own ports, data dir and zone label. It follows the coordinator's signed layouts over gRPC
+//! (as any client would: verified against the pool key, never an older one) into
+//! `farm.json`. It restarts the coordinator whenever it exits and an agent that dies (unless
+//! `--no-restart`), and stops them all with SIGTERM when it gets SIGTERM or Ctrl-C. A later
+//! `local up` on the same dir resumes with the same identities, ports and data.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,15 +18,19 @@ use anyhow::{Context, bail};
 use shardfarm_core::identity::Identity;
 use tokio::process::{Child, Command};
 
+use shardfarm_coordinator::PoolConfig;
 use shardfarm_coordinator::economics::RewardConfig;
-use shardfarm_coordinator::{Coordinator, PoolConfig};
-use shardfarm_proto::Security;
-use tokio_util::sync::CancellationToken;
+use shardfarm_core::identity::NodeId;
+use shardfarm_proto::{CoordinatorClient, LayoutGuard, Security, Signer};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use shardfarm_client::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
 
 /// Identity difficulty of a local farm: enough to exercise the checks, quick to mine.
 pub const LOCAL_DIFFICULTY: u8 = 8;
+/// The pool settings `local up` hands its coordinator (DIR/pool.json).
+const POOL_CONFIG: &str = "pool.json";
 /// How long agents get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -177,6 +184,119 @@ async fn wait_ready(dir: &Path, child: &mut Child, within: Duration) -> anyhow::
     }
 }
 
+/// Starts the coordinator: state in DIR/coordinator, the farm root as the pool key, the pool
+/// settings from DIR/pool.json, its log appended to DIR/coordinator.log.
+fn spawn_coordinator(dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log"))?;
+    let exe = std::env::current_exe().context("finding the shardfarm binary")?;
+    let port = args.coordinator_port();
+    Command::new(exe)
+        .arg("coordinator")
+        .arg("--state-dir")
+        .arg(dir.join("coordinator"))
+        .arg("--key")
+        .arg(dir.join(ROOT_KEY))
+        .arg("--pool-config")
+        .arg(dir.join(POOL_CONFIG))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", port + 1)])
+        .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the coordinator")
+}
+
+/// A client of the coordinator at `addr`, which must prove the pool key `pool`; retried
+/// until `within` has passed.
+async fn reach_coordinator(
+    addr: &str,
+    signer: &Arc<Signer>,
+    pool: NodeId,
+    within: Duration,
+) -> anyhow::Result<CoordinatorClient> {
+    let deadline = Instant::now() + within;
+    loop {
+        match CoordinatorClient::connect(addr, signer.clone(), pool).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => bail!(
+                "the coordinator at {addr} does not answer: {}",
+                shardfarm_proto::tls::why(&e)
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// HTTP address and zone of every member, for the farm file.
+async fn member_addresses(
+    c: &mut CoordinatorClient,
+) -> anyhow::Result<BTreeMap<NodeId, (String, String)>> {
+    let nodes = c.list_nodes().await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.nodes;
+    Ok(nodes
+        .into_iter()
+        .filter_map(|n| {
+            let id = NodeId(n.node_id.as_ref().try_into().ok()?);
+            let zone = n.labels.get("zone").cloned().unwrap_or_default();
+            Some((id, (n.http_address, zone)))
+        })
+        .collect())
+}
+
+/// Follows the coordinator's layouts into the farm file, forever: each publication is
+/// verified against the pool key and must be newer than the last (a [`LayoutGuard`]); the
+/// stream is reopened whenever the coordinator goes away.
+async fn follow_layouts(
+    addr: String,
+    signer: Arc<Signer>,
+    mut guard: LayoutGuard,
+    mut farm: Farm,
+    dir: PathBuf,
+) {
+    loop {
+        if let Ok(mut c) = CoordinatorClient::connect(&addr, signer.clone(), guard.pool()).await
+            && let Ok(mut stream) = c.watch_layout().await
+        {
+            while let Ok(Some(signed)) = stream.message().await {
+                let l = match guard.accept(&signed) {
+                    Ok(Some(l)) => l,
+                    Ok(None) => continue,
+                    Err(why) => {
+                        eprintln!("refused a layout from the coordinator: {why}");
+                        continue;
+                    }
+                };
+                match member_addresses(&mut c).await {
+                    Ok(http) => farm.apply_layout(&l, &http),
+                    Err(e) => eprintln!("could not list the members: {e:#}"),
+                }
+                match farm.save(&dir) {
+                    Ok(()) if l.previous.is_some() => {
+                        eprintln!("layout {} published; nodes are moving data", l.layout.version)
+                    }
+                    Ok(()) => eprintln!("layout {} in sync", l.layout.version),
+                    Err(e) => eprintln!("could not write the farm file: {e:#}"),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Asks `child` to stop (SIGTERM) and waits [`STOP_GRACE`] before killing it.
+async fn stop_child(child: &mut Child, what: &str) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        eprintln!("{what} did not stop in {STOP_GRACE:?}; killing it");
+        let _ = child.kill().await;
+    }
+}
+
 /// Runs the farm until SIGTERM/SIGINT.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let dir = &args.data;
@@ -247,32 +367,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let coord_addr = format!("127.0.0.1:{}", args.coordinator_port());
     farm.coordinator = Some(coord_addr.clone());
 
-    // The coordinator, in-process: its state is DIR/coordinator, it signs as the farm root,
-    // whose id is the pool id every agent pins.
-    let stop = CancellationToken::new();
+    // The coordinator, a child process: its state is DIR/coordinator, it signs as the farm
+    // root, whose id is the pool id every agent pins.
     let root = Identity::load(&root_path)?;
-    let pool_id = root.id().to_hex();
+    let pool = root.id();
+    let pool_id = pool.to_hex();
     farm.pool_id = Some(pool_id.clone());
     farm.insecure_plaintext = args.insecure_plaintext;
-    let coordinator = Coordinator::open(args.pool(segment_size), &dir.join("coordinator"), root)?;
-    let listener = tokio::net::TcpListener::bind(&coord_addr)
+    let config = serde_json::to_vec_pretty(&args.pool(segment_size))?;
+    std::fs::write(dir.join(POOL_CONFIG), config)?;
+    let mut coordinator = spawn_coordinator(dir, &args)?;
+    let security = Security::from_flag(args.insecure_plaintext);
+    let signer = Arc::new(Signer::identity(&root).with_security(security));
+    let mut client = reach_coordinator(&coord_addr, &signer, pool, Duration::from_secs(30))
         .await
-        .with_context(|| format!("binding the coordinator's address {coord_addr}"))?;
+        .with_context(|| format!("see {}", dir.join("coordinator.log").display()))?;
     let metrics_addr = format!("127.0.0.1:{}", args.coordinator_port() + 1);
-    let metrics_listener = tokio::net::TcpListener::bind(&metrics_addr)
-        .await
-        .with_context(|| format!("binding the coordinator's metrics address {metrics_addr}"))?;
-    let server = tokio::spawn(shardfarm_coordinator::service::serve(
-        listener,
-        coordinator.clone(),
-        stop.clone(),
-    ));
-    tokio::spawn(shardfarm_coordinator::serve_metrics(
-        metrics_listener,
-        coordinator.clone(),
-        stop.clone(),
-    ));
-    let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
 
     // The first --nodes entries are this farm's own agents; nodes that joined from outside are
     // listed in the farm file but not supervised here.
@@ -302,40 +412,27 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .take(args.nodes)
         .filter_map(|n| shardfarm_core::identity::NodeId::from_hex(&n.id).ok())
         .collect();
+    let mut problem;
     let first = loop {
-        if let Some(l) = coordinator.layout() {
-            let loads = l.layout.loads();
-            if ours.iter().all(|id| loads.contains_key(id)) {
-                break l;
-            }
+        match client.get_layout().await {
+            Ok(l) if ours.iter().all(|id| l.layout.loads().contains_key(id)) => break l,
+            Ok(_) => problem = "not every agent is placed yet".into(),
+            Err(s) => problem = s.message().to_string(),
         }
         if Instant::now() > deadline {
-            bail!(
-                "the coordinator published no layout within 60 s: {}",
-                coordinator.layout_problem().unwrap_or_else(|| "agents did not join".into())
-            );
+            bail!("the coordinator published no layout within 60 s: {problem}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    farm.apply_layout(&first, &member_addresses(&coordinator));
+    farm.apply_layout(&first, &member_addresses(&mut client).await?);
     farm.save(dir)?;
-    let writer = {
-        let (coordinator, dir, mut farm) = (coordinator.clone(), dir.clone(), farm.clone());
-        let mut rx = coordinator.subscribe();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let Some(l) = rx.borrow_and_update().clone() else { continue };
-                farm.apply_layout(&l, &member_addresses(&coordinator));
-                match farm.save(&dir) {
-                    Ok(()) if l.previous.is_some() => {
-                        eprintln!("layout {} published; nodes are moving data", l.layout.version)
-                    }
-                    Ok(()) => eprintln!("layout {} in sync", l.layout.version),
-                    Err(e) => eprintln!("could not write the farm file: {e:#}"),
-                }
-            }
-        })
-    };
+    let writer = tokio::spawn(follow_layouts(
+        coord_addr.clone(),
+        signer.clone(),
+        LayoutGuard::new(pool),
+        farm.clone(),
+        dir.clone(),
+    ));
 
     println!(
         "shardfarm local farm is up: {} nodes, RS({},{}), pool `{}`",
@@ -367,6 +464,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if let Some(status) = coordinator.try_wait()? {
+            // Always restarted: with the same key and an empty state dir it recovers the
+            // layout from the agents.
+            eprintln!("the coordinator exited ({status}); restarting it");
+            coordinator = spawn_coordinator(dir, &args)?;
         }
         for a in agents.iter_mut() {
             let Some(child) = a.child.as_mut() else { continue };
@@ -401,17 +504,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    stop.cancel();
     writer.abort();
-    let _ = server.await;
-    let _ = housekeeping.await;
+    stop_child(&mut coordinator, "the coordinator").await;
     eprintln!("farm stopped");
     Ok(())
-}
-
-/// HTTP address and zone of every member, for the farm file.
-fn member_addresses(
-    c: &Coordinator,
-) -> std::collections::BTreeMap<shardfarm_core::identity::NodeId, (String, String)> {
-    c.members().into_iter().map(|m| (m.id, (m.http.clone(), m.domain.clone()))).collect()
 }

@@ -63,6 +63,9 @@ enum Command {
     },
     /// Run a node agent (see `shardfarm agent --help`).
     Agent(Box<shardfarm_agent::AgentArgs>),
+    /// Run a pool's coordinator on its own (without Kubernetes; see `shardfarm coordinator
+    /// --help`).
+    Coordinator(shardfarm::coordinator::CoordinatorArgs),
     /// Run the Kubernetes operator and the pool's coordinator (in a cluster).
     Operator(shardfarm_operator::run::OperatorArgs),
 }
@@ -272,6 +275,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Local { command: LocalCommand::Up(args) } => shardfarm::local::up(args).await?,
         Command::Agent(args) => shardfarm_agent::run::run(*args).await?,
+        Command::Coordinator(args) => {
+            shardfarm_agent::run::init_tracing(false);
+            shardfarm::coordinator::run(args).await?
+        }
         Command::Operator(args) => {
             shardfarm_agent::run::init_tracing(true);
             shardfarm_operator::run::run(args).await?

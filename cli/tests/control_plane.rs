@@ -102,3 +102,46 @@ fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_noth
     mitm.set(Mode::Honest);
     read_all_back(&farm, &files, tmp.path(), "honest");
 }
+
+/// The pid of the farm's coordinator process, if it runs.
+fn coordinator_pid(farm: &Farm) -> Option<u32> {
+    let state = farm.dir.join("coordinator");
+    let state = state.to_str().unwrap();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is = args.contains(&&b"coordinator"[..]) && args.contains(&state.as_bytes());
+        is.then_some(pid)
+    })
+}
+
+/// The coordinator's state dir is deleted while the farm runs and the coordinator killed;
+/// `local up` starts it again with the same pool key and an empty state dir. It recovers the
+/// layout from the agents (same version, same slots) instead of computing a fresh one, and
+/// every file reads back.
+#[test]
+fn a_coordinator_that_lost_its_state_dir_recovers_the_layout_from_the_running_farm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farm = Farm::start_with(
+        &tmp.path().join("farm"),
+        free_base_port(),
+        &["--nodes", "6", "--grace", "10", "--heartbeat-ms", "200"],
+    );
+    let before = settled(&farm);
+    let files = store_files(&farm, tmp.path(), &[200 * 1024, 2 << 20], 500);
+
+    let pid = coordinator_pid(&farm).expect("the coordinator runs");
+    std::fs::remove_dir_all(farm.dir.join("coordinator")).unwrap();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let log = || std::fs::read_to_string(farm.dir.join("coordinator.log")).unwrap_or_default();
+    farm.wait_for(60, "the restarted coordinator to recover the layout", || {
+        log().contains("layout recovered from the agents")
+    });
+    assert_ne!(coordinator_pid(&farm), Some(pid), "a new coordinator process");
+    let after = settled(&farm);
+    assert_eq!(after.layout_version, before.layout_version);
+    assert_eq!(after.layout, before.layout, "the same slots");
+    assert_eq!(after.pool_id, before.pool_id);
+    read_all_back(&farm, &files, tmp.path(), "recovered");
+}

@@ -111,7 +111,7 @@ pub async fn serve_metrics(
 
 /// A pool's configuration (a StoragePool spec, or `local up`'s flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolConfig {
     /// Pool name (goes into read capabilities).
     pub pool: String,
