@@ -16,3 +16,14 @@ else
   has_libclang || fail "libclang-dev installed but no libclang.so found: run 'apt-get install --reinstall libclang-dev'"
   step "libclang: installed ($(libclang_path))"
 fi
+
+# The two-site test puts sites in network namespaces and partitions them with `ip` (iproute2).
+if command -v ip >/dev/null 2>&1 && ip -V >/dev/null 2>&1; then
+  step "ip (iproute2): found"
+elif [ "${1:-}" = --check ]; then
+  fail "the \`ip\` command is missing (the two-site network-namespace test needs it): run 'apt-get install iproute2'"
+else
+  apt_install iproute2 "ip, for the two-site network-namespace test"
+  command -v ip >/dev/null 2>&1 || fail "iproute2 installed but no \`ip\` command found"
+  step "ip (iproute2): installed"
+fi

@@ -3,7 +3,7 @@
 //! The process supervises the farm: its state lives in the data dir (`farm.json`, the farm
 //! root identity — which is also the pool key —, the local user's delegated key), and it runs
 //! the coordinator (`shardfarm coordinator …`, state in DIR/coordinator) and N agents
-//! (`shardfarm agent …`) as child processes of this same binary on 127.0.0.1, each with its
+//! (`shardfarm agent …`) as child processes of this same binary on 127.0.0.1 (or `--host`), each with its
 //! own ports, data dir and zone label. It follows the coordinator's signed layouts over gRPC
 //! (as any client would: verified against the pool key, never an older one) into
 //! `farm.json`. It restarts the coordinator whenever it exits and an agent that dies (unless
@@ -88,6 +88,10 @@ pub struct UpArgs {
     /// Coordinator gRPC port (its /metrics is on the next port). [default: BASE-2]
     #[arg(long)]
     pub coordinator_port: Option<u16>,
+    /// Address the agents and the coordinator serve gRPC on, for nodes of another site to
+    /// join (`/metrics` stays on 127.0.0.1).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
     /// DEBUGGING ONLY: run every hop as plaintext HTTP/2 instead of TLS (recorded in the farm
     /// file, so clients of this farm dial plaintext too).
     #[arg(long)]
@@ -97,6 +101,10 @@ pub struct UpArgs {
 impl UpArgs {
     fn coordinator_port(&self) -> u16 {
         self.coordinator_port.unwrap_or(self.base_port.saturating_sub(2))
+    }
+
+    fn coordinator_address(&self) -> String {
+        std::net::SocketAddr::new(self.host, self.coordinator_port()).to_string()
     }
 
     fn pool(&self, segment_size: u64) -> PoolConfig {
@@ -142,7 +150,7 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::
         .args(["--listen", &a.grpc, "--http-listen", &a.http, "--zone", &a.zone])
         .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
-        .args(["--coordinator", &format!("127.0.0.1:{}", args.coordinator_port())])
+        .args(["--coordinator", &args.coordinator_address()])
         .args(["--pool-id", pool])
         .args(["--repair-interval", &args.repair_interval.to_string()])
         .args(["--gc-grace", &args.gc_grace.to_string()])
@@ -199,7 +207,7 @@ fn spawn_coordinator(dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
         .arg(dir.join(ROOT_KEY))
         .arg("--pool-config")
         .arg(dir.join(POOL_CONFIG))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &args.coordinator_address()])
         .args(["--metrics-listen", &format!("127.0.0.1:{}", port + 1)])
         .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
         .stdin(Stdio::null())
@@ -340,7 +348,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                     NodeEntry {
                         index: i,
                         id: String::new(),
-                        grpc: format!("127.0.0.1:{port}"),
+                        grpc: format!("{}", std::net::SocketAddr::new(args.host, port as u16)),
                         http: format!("127.0.0.1:{}", port + 1),
                         zone: format!("zone-{}", i % args.zones),
                     }
@@ -364,7 +372,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let coord_addr = format!("127.0.0.1:{}", args.coordinator_port());
+    let coord_addr = args.coordinator_address();
     farm.coordinator = Some(coord_addr.clone());
 
     // The coordinator, a child process: its state is DIR/coordinator, it signs as the farm
