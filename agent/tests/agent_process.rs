@@ -826,3 +826,35 @@ async fn a_node_answering_at_another_nodes_address_is_refused() {
         assert!(raw.info(req).await.is_err(), "a plaintext call was answered");
     }
 }
+
+/// A peer that opens hundreds of TCP connections and never says a word (no TLS bytes, no key
+/// needed) cannot shut honest callers out: it gets a few handshake slots for its address, the
+/// rest of its connections are closed at once, and a caller from another address connects and
+/// is answered within its dial deadline while the stalled connections are still open.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_handshakes_from_one_address_do_not_shut_out_other_callers() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (_, s) = signer();
+    let target: std::net::SocketAddr = agent.grpc.parse().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        stalled.push(socket.connect(target).await.unwrap());
+    }
+    // Another address: connects, proves its key, is answered.
+    let mut c = agent.client(&s).await;
+    c.info().await.unwrap();
+    // The stalled connections beyond the address's share were closed by the agent.
+    let mut closed = 0;
+    for conn in &stalled {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(20), conn.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            _ => {}
+        }
+    }
+    assert!(closed >= 300 - 16, "only {closed} of 300 stalled connections were closed");
+    drop(stalled);
+}

@@ -434,10 +434,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     farm.apply_layout(&first, &member_addresses(&mut client).await?);
     farm.save(dir)?;
+    // The follower never goes back behind the layout just written.
+    let mut guard = LayoutGuard::new(pool);
+    if let Some(signed) = &first.signed {
+        let _ = guard.accept(signed);
+    }
     let writer = tokio::spawn(follow_layouts(
         coord_addr.clone(),
         signer.clone(),
-        LayoutGuard::new(pool),
+        guard,
         farm.clone(),
         dir.clone(),
     ));

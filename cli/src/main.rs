@@ -36,7 +36,7 @@ enum Command {
     },
     /// Read a file back from its capability.
     Get {
-        /// The `sf1:…` read capability.
+        /// The `sf2:…` read capability.
         cap: String,
         /// Output file, or `-` for stdout [default: -].
         #[arg(short, long, default_value = "-")]
@@ -44,12 +44,12 @@ enum Command {
     },
     /// Show where an object's shards are and whether each verifies.
     Stat {
-        /// The `sf1:…` read capability.
+        /// The `sf2:…` read capability.
         cap: String,
     },
     /// Delete an object (its uploader only).
     Rm {
-        /// The `sf1:…` read capability.
+        /// The `sf2:…` read capability.
         cap: String,
     },
     /// List the farm's nodes: state, standing, usage, reputation and rewards.

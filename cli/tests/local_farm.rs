@@ -17,7 +17,7 @@ fn six_nodes_store_files_and_survive_any_two_losses_but_not_three() {
         let p = tmp.path().join(format!("in-{i}"));
         write_random(&p, *len, i as u64 + 11);
         let cap = farm.put(&p);
-        assert!(cap.starts_with("sf1:"), "{cap}");
+        assert!(cap.starts_with("sf2:"), "{cap}");
         files.push((p, cap));
     }
     for (i, (p, cap)) in files.iter().enumerate() {
@@ -26,6 +26,21 @@ fn six_nodes_store_files_and_survive_any_two_losses_but_not_three() {
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         assert!(same(p, &out), "file {i} differs");
     }
+    // The capability names the pool key: the same pool name under another key is refused
+    // (exit 1, nothing written); the same capability without its pool id (sf1:) still reads.
+    let cap: shardfarm_core::cap::ReadCap = files[2].1.parse().unwrap();
+    let other = shardfarm_core::cap::ReadCap { pool_id: Some([0xee; 32]), ..cap.clone() };
+    let out = tmp.path().join("other-pool");
+    let r = farm.get(&other.encode(), &out);
+    assert_eq!(r.status.code(), Some(1), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("pool key is"), "{r:?}");
+    assert!(!out.exists());
+    let old = shardfarm_core::cap::ReadCap { pool_id: None, ..cap }.encode();
+    assert!(old.starts_with("sf1:"));
+    let r = farm.get(&old, &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(same(&files[2].0, &out), "the sf1: read differs");
+
     // stat --json shape.
     let st = farm.sf(&["--json", "stat", &files[3].1]);
     assert!(st.status.success());

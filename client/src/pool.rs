@@ -188,6 +188,7 @@ impl FarmClient {
         let mut enc = Encoder::new(self.params(), len, self.signer.key().clone(), now, 0)?;
         let cap = ReadCap {
             pool: self.farm.pool.clone(),
+            pool_id: self.pool_id()?.map(|id| id.0),
             object_id: enc.object_id(),
             key: enc.key(),
             uploader: enc.uploader(),
@@ -290,7 +291,26 @@ impl FarmClient {
                 self.farm.pool
             );
         }
+        // An sf2: capability also names the pool key: a pool of the same name under another
+        // key is another pool.
+        if let (Some(theirs), Some(ours)) = (cap.pool_id, self.pool_id()?)
+            && theirs != ours.0
+        {
+            bail!(
+                "this capability is for the pool whose key is {}, but this farm's pool key is \
+                 {ours}: use the farm it came from",
+                hex::encode(theirs)
+            );
+        }
         Ok(())
+    }
+
+    /// The farm's pool id, if the farm file names one.
+    fn pool_id(&self) -> anyhow::Result<Option<shardfarm_core::identity::NodeId>> {
+        let Some(hex) = &self.farm.pool_id else { return Ok(None) };
+        let id = shardfarm_core::identity::NodeId::from_hex(hex)
+            .map_err(|e| anyhow::anyhow!("farm file: pool_id: {e}"))?;
+        Ok(Some(id))
     }
 
     /// Fetches segment `index`: asks every holder, keeps the first k shards that verify

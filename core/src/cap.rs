@@ -1,10 +1,12 @@
-//! Read capabilities: `sf1:` followed by lowercase base32 (RFC 4648, no padding) of
+//! Read capabilities: `sf2:` (or the older `sf1:`, still read) followed by lowercase base32
+//! (RFC 4648, no padding) of
 //!
 //! | size | field |
 //! |---|---|
-//! | 1 | capability version (1) |
+//! | 1 | capability version (2; 1 for `sf1:`) |
 //! | 1 | pool name length L (1–64) |
 //! | L | pool name (UTF-8) |
+//! | 32 | pool id: the id of the pool key that signs the pool's layouts (version 2 only) |
 //! | 32 | object id |
 //! | 32 | object key |
 //! | 32 | uploader public key (the key every segment header must be signed by) |
@@ -20,8 +22,10 @@ use data_encoding::BASE32_NOPAD;
 use crate::identity::blake2b256;
 use crate::{Error, Result};
 
-const PREFIX: &str = "sf1:";
-const VERSION: u8 = 1;
+const PREFIX_V1: &str = "sf1:";
+const PREFIX: &str = "sf2:";
+const VERSION_V1: u8 = 1;
+const VERSION: u8 = 2;
 /// Longest pool name a capability carries.
 pub const MAX_POOL_NAME: usize = 64;
 
@@ -31,6 +35,8 @@ pub const MAX_POOL_NAME: usize = 64;
 pub struct ReadCap {
     /// Pool name.
     pub pool: String,
+    /// The pool key's id (`sf2:`); `None` for an `sf1:` capability, which names the pool only.
+    pub pool_id: Option<[u8; 32]>,
     /// Object id.
     pub object_id: [u8; 32],
     /// Object key.
@@ -58,16 +64,21 @@ impl ReadCap {
         Ok(())
     }
 
-    /// The `sf1:` string.
+    /// The `sf2:` string (`sf1:` for a capability without a pool id).
     pub fn encode(&self) -> String {
-        let mut b = vec![VERSION, self.pool.len() as u8];
+        let version = if self.pool_id.is_some() { VERSION } else { VERSION_V1 };
+        let mut b = vec![version, self.pool.len() as u8];
         b.extend_from_slice(self.pool.as_bytes());
+        if let Some(id) = &self.pool_id {
+            b.extend_from_slice(id);
+        }
         b.extend_from_slice(&self.object_id);
         b.extend_from_slice(&self.key);
         b.extend_from_slice(&self.uploader);
         let sum = blake2b256(&[&b]);
         b.extend_from_slice(&sum[..4]);
-        format!("{PREFIX}{}", BASE32_NOPAD.encode(&b).to_ascii_lowercase())
+        let prefix = if self.pool_id.is_some() { PREFIX } else { PREFIX_V1 };
+        format!("{prefix}{}", BASE32_NOPAD.encode(&b).to_ascii_lowercase())
     }
 }
 
@@ -82,16 +93,20 @@ impl FromStr for ReadCap {
 
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
-        let body = s.strip_prefix(PREFIX).ok_or_else(|| {
-            if s.starts_with("sf") && s.contains(':') {
-                Error::Cap(format!(
-                    "capability version `{}` is not supported by this build (it reads sf1:)",
+        let (body, version) = match (s.strip_prefix(PREFIX), s.strip_prefix(PREFIX_V1)) {
+            (Some(body), _) => (body, VERSION),
+            (None, Some(body)) => (body, VERSION_V1),
+            (None, None) if s.starts_with("sf") && s.contains(':') => {
+                return Err(Error::Cap(format!(
+                    "capability version `{}` is not supported by this build (it reads sf1: and \
+                     sf2:)",
                     s.split(':').next().unwrap_or("")
-                ))
-            } else {
-                Error::Cap("a read capability starts with `sf1:`".into())
+                )));
             }
-        })?;
+            (None, None) => {
+                return Err(Error::Cap("a read capability starts with `sf2:` or `sf1:`".into()));
+            }
+        };
         let b = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes()).map_err(|e| {
             Error::Cap(format!("not valid base32 at position {}: damaged or truncated", e.position))
         })?;
@@ -102,19 +117,25 @@ impl FromStr for ReadCap {
         if blake2b256(&[payload])[..4] != *sum {
             return Err(Error::Cap("checksum mismatch: the capability is damaged".into()));
         }
-        if payload[0] != VERSION {
-            return Err(Error::Cap(format!("capability version {} is not supported", payload[0])));
+        if payload[0] != version {
+            return Err(Error::Cap(format!(
+                "capability version {} under the prefix of version {version}",
+                payload[0]
+            )));
         }
         let l = usize::from(payload[1]);
-        if l == 0 || l > MAX_POOL_NAME || payload.len() != 2 + l + 96 {
+        let id_len = if version == VERSION { 32 } else { 0 };
+        if l == 0 || l > MAX_POOL_NAME || payload.len() != 2 + l + id_len + 96 {
             return Err(Error::Cap("inconsistent pool name length".into()));
         }
         let pool = std::str::from_utf8(&payload[2..2 + l])
             .map_err(|_| Error::Cap("pool name is not UTF-8".into()))?
             .to_string();
-        let rest = &payload[2 + l..];
+        let pool_id = (version == VERSION).then(|| payload[2 + l..2 + l + 32].try_into().unwrap());
+        let rest = &payload[2 + l + id_len..];
         Ok(ReadCap {
             pool,
+            pool_id,
             object_id: rest[0..32].try_into().unwrap(),
             key: rest[32..64].try_into().unwrap(),
             uploader: rest[64..96].try_into().unwrap(),
@@ -127,15 +148,32 @@ mod tests {
     use super::*;
 
     fn cap() -> ReadCap {
-        ReadCap { pool: "local".into(), object_id: [1; 32], key: [2; 32], uploader: [3; 32] }
+        ReadCap {
+            pool: "local".into(),
+            pool_id: Some([9; 32]),
+            object_id: [1; 32],
+            key: [2; 32],
+            uploader: [3; 32],
+        }
     }
 
     #[test]
     fn round_trips() {
         let s = cap().encode();
-        assert!(s.starts_with("sf1:"));
+        assert!(s.starts_with("sf2:"));
         assert_eq!(s.parse::<ReadCap>().unwrap(), cap());
-        assert_eq!(s.to_uppercase().replacen("SF1:", "sf1:", 1).parse::<ReadCap>().unwrap(), cap());
+        assert_eq!(s.to_uppercase().replacen("SF2:", "sf2:", 1).parse::<ReadCap>().unwrap(), cap());
+    }
+
+    #[test]
+    fn an_sf1_capability_without_a_pool_id_is_still_read() {
+        let old = ReadCap { pool_id: None, ..cap() };
+        let s = old.encode();
+        assert!(s.starts_with("sf1:"), "{s}");
+        assert_eq!(s.parse::<ReadCap>().unwrap(), old);
+        // A version-1 payload under the sf2: prefix (or the reverse) is refused.
+        let err = s.replacen("sf1:", "sf2:", 1).parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("under the prefix"), "{err}");
     }
 
     #[test]
@@ -148,11 +186,11 @@ mod tests {
         g[i] = if g[i] == b'a' { b'b' } else { b'a' };
         let err = String::from_utf8(g).unwrap().parse::<ReadCap>().unwrap_err().to_string();
         assert!(err.contains("checksum"), "{err}");
-        let err = s.replacen("sf1:", "sf2:", 1).parse::<ReadCap>().unwrap_err().to_string();
-        assert!(err.contains("sf2"), "{err}");
+        let err = s.replacen("sf2:", "sf3:", 1).parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("sf3"), "{err}");
         let err = "hello".parse::<ReadCap>().unwrap_err().to_string();
-        assert!(err.contains("sf1:"), "{err}");
-        let err = "sf1:!!!!".parse::<ReadCap>().unwrap_err().to_string();
+        assert!(err.contains("sf2:"), "{err}");
+        let err = "sf2:!!!!".parse::<ReadCap>().unwrap_err().to_string();
         assert!(err.contains("base32"), "{err}");
     }
 }

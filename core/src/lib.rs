@@ -4,7 +4,7 @@
 //! - [`auth`]: signed request envelopes and the replay cache;
 //! - [`shard`]: the signed segment header and Merkle trees over shards;
 //! - [`codec`]: segments → AEAD → Reed-Solomon → shards, and back;
-//! - [`cap`]: read capabilities (`sf1:…`);
+//! - [`cap`]: read capabilities (`sf2:…`, and the older `sf1:…`);
 //! - [`capacity`]: signed proofs of capacity;
 //! - [`audit`]: storage audits (Merkle leaves chosen by a nonce);
 //! - [`placement`]: the layout engine (partitions → nodes across failure domains);

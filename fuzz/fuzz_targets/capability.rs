@@ -1,10 +1,11 @@
-//! The read capability parser (`sf1:…`, `ReadCap::from_str`): what a user pastes.
+//! The read capability parser (`sf2:…` and the older `sf1:…`, `ReadCap::from_str`): what a
+//! user pastes.
 //!
 //! Input: first byte 0x00 → the rest is a capability *payload* (version, pool length, pool,
 //! id, key, uploader) that the target wraps with a valid checksum and base32, so the fuzzer
 //! gets past the checksum; anything else → the whole input is the text (lossily UTF-8).
 //! Properties: no panic; a parsed capability re-encodes to the canonical form of its text
-//! (`sf1:` + lowercase body) and parses back to itself; its pool name is valid.
+//! (its prefix + lowercase body) and parses back to itself; its pool name is valid.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,8 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(cap) = text.parse::<ReadCap>() else { return };
     ReadCap::validate_pool(&cap.pool).expect("a parsed capability has a valid pool name");
     let encoded = cap.encode();
-    let body = text.trim().strip_prefix("sf1:").expect("parsed text starts with sf1:");
-    assert_eq!(encoded, format!("sf1:{}", body.to_ascii_lowercase()));
+    let text = text.trim();
+    let (prefix, body) = text.split_at(4);
+    assert!(prefix == "sf1:" || prefix == "sf2:", "parsed text starts with {prefix}");
+    assert_eq!(encoded, format!("{prefix}{}", body.to_ascii_lowercase()));
     assert_eq!(encoded.parse::<ReadCap>().expect("re-encoded capability parses"), cap);
     let _ = format!("{cap:?} {cap}");
 });

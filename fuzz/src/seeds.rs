@@ -41,12 +41,13 @@ pub fn all() -> Vec<(&'static str, Seeds)> {
     ]
 }
 
-/// `sf1:` + lowercase base32 of `payload` and its 4-byte checksum: a capability around any
-/// payload (the `capability` target's mode 0).
+/// `sf2:` (for a payload starting with version 2, else `sf1:`) + lowercase base32 of `payload`
+/// and its 4-byte checksum: a capability around any payload (the `capability` target's mode 0).
 pub fn wrap_cap_payload(payload: &[u8]) -> String {
     let mut b = payload.to_vec();
     b.extend_from_slice(&blake2b256(&[payload])[..4]);
-    format!("sf1:{}", BASE32_NOPAD.encode(&b).to_ascii_lowercase())
+    let prefix = if payload.first() == Some(&2) { "sf2:" } else { "sf1:" };
+    format!("{prefix}{}", BASE32_NOPAD.encode(&b).to_ascii_lowercase())
 }
 
 // ---- Per target ----
@@ -105,12 +106,14 @@ fn segment_header() -> Seeds {
 fn capability() -> Seeds {
     let cap = |pool: &str| ReadCap {
         pool: pool.into(),
+        pool_id: Some([7; 32]),
         object_id: [1; 32],
         key: [2; 32],
         uploader: key(1).verifying_key().to_bytes(),
     };
     let caps = [
         ("local", cap("local")),
+        ("local-sf1", ReadCap { pool_id: None, ..cap("local") }),
         ("pool-64-bytes", cap(&"p".repeat(64))),
         ("pool-utf8", cap("zürich-€-pool")),
     ];
@@ -118,14 +121,14 @@ fn capability() -> Seeds {
     for (name, c) in &caps {
         let s = c.encode();
         out.push((format!("text-{name}"), s.clone().into_bytes()));
-        // The decoded payload (mode 0): the bytes between `sf1:` and the checksum.
-        let body = BASE32_NOPAD.decode(s["sf1:".len()..].to_ascii_uppercase().as_bytes()).unwrap();
+        // The decoded payload (mode 0): the bytes between `sf2:`/`sf1:` and the checksum.
+        let body = BASE32_NOPAD.decode(s[4..].to_ascii_uppercase().as_bytes()).unwrap();
         let mut payload = vec![0u8];
         payload.extend_from_slice(&body[..body.len() - 4]);
         out.push((format!("payload-{name}"), payload));
     }
     let s = caps[0].1.encode();
-    out.push(("text-uppercase-padded".into(), format!("  sf1:{}\n", s[4..].to_uppercase()).into()));
+    out.push(("text-uppercase-padded".into(), format!("  {}{}\n", &s[..4], s[4..].to_uppercase()).into()));
     out
 }
 

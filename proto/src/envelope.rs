@@ -116,7 +116,10 @@ pub fn verify_request(
 ) -> Result<Caller, AuthError> {
     let ip = peer.addr.map(|p| p.ip());
     let req = read_envelope(md, method);
-    let claimed = req.as_ref().ok().map(|r| r.credential.id());
+    // Under TLS the caller's identity is the key its connection proved: failures are charged
+    // to it, not to whichever identity an envelope claims (a stranger cannot get a known
+    // node's bucket throttled by sending requests in its name).
+    let claimed = peer.id().or_else(|| req.as_ref().ok().map(|r| r.credential.id()));
     verifier.admit_peer(ip, claimed)?;
     let r = req.and_then(|mut req| {
         req.envelope.body_hash = match first.and_then(FirstMessageHash::get) {

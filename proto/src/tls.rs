@@ -35,7 +35,7 @@ use rustls::{
 use shardfarm_core::identity::NodeId;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -43,11 +43,19 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// How long a caller may take to connect and finish the handshake before the dial fails.
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
-/// How long an accepted connection may take to finish the handshake before it is dropped:
-/// a peer that connects and stalls holds one of [`MAX_HANDSHAKES`] for at most this long.
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-/// Handshakes a server runs at once; further connections wait in the kernel's backlog.
-pub const MAX_HANDSHAKES: usize = 256;
+/// How long an accepted connection may take to finish the handshake before it is dropped;
+/// well under [`DIAL_DEADLINE`], so honest callers outlast stalled handshakes.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(3);
+/// Handshakes a server runs at once, from everyone.
+pub const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes a server runs at once for one peer address: a peer that opens connections and
+/// stalls them takes this many slots, not all of them.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
+/// Open connections a server keeps, from everyone (each holds a descriptor and buffers).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Open connections a server keeps for one peer address (a whole local farm shares
+/// 127.0.0.1, so this is generous).
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 512;
 /// Bytes read from the socket at once under TLS. rustls asks for ~4 KiB per read; without a
 /// buffer underneath, a 16 KiB record costs four system calls and TLS ~30 % of get
 /// throughput (`bench tls`).
@@ -364,8 +372,11 @@ async fn dial(
 type TlsStream = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
 
 /// Serves connections accepted on `listener`: under TLS each is handshaken in its own task
-/// (at most [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_DEADLINE`]) so a peer that
-/// connects and stalls holds up nobody else. Accepting stops when the stream is dropped.
+/// within [`HANDSHAKE_DEADLINE`], so a peer that connects and stalls holds up nobody else.
+/// Admission is bounded: a connection beyond [`MAX_HANDSHAKES`] handshaking (or
+/// [`MAX_HANDSHAKES_PER_ADDRESS`] from its address), or beyond [`MAX_CONNECTIONS`] open (or
+/// [`MAX_CONNECTIONS_PER_ADDRESS`]), is closed at once rather than queued. Accepting stops
+/// when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     key: &SigningKey,
@@ -373,11 +384,67 @@ pub fn incoming(
 ) -> Result<ReceiverStream<io::Result<Conn>>, rustls::Error> {
     let acceptor = match security {
         Security::Tls => Some(TlsAcceptor::from(server_config(key)?)),
-        Security::InsecurePlaintext => None,
+        Security::InsecurePlaintext => {
+            tracing::warn!(
+                "serving PLAINTEXT (--insecure-plaintext): no caller's identity is checked on \
+                 the connection and anyone on the path can read and rewrite traffic"
+            );
+            None
+        }
     };
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(listener, acceptor, tx));
     Ok(ReceiverStream::new(rx))
+}
+
+/// Counts what each peer address holds (handshakes or connections) against a per-address
+/// and a total limit; a [`Slot`] gives its place back when dropped.
+#[derive(Clone)]
+struct Quota {
+    inner: Arc<std::sync::Mutex<QuotaState>>,
+    total: usize,
+    per_address: usize,
+}
+
+#[derive(Default)]
+struct QuotaState {
+    used: usize,
+    by_address: std::collections::HashMap<IpAddr, usize>,
+}
+
+struct Slot {
+    quota: Quota,
+    ip: IpAddr,
+}
+
+impl Quota {
+    fn new(total: usize, per_address: usize) -> Self {
+        Quota { inner: Arc::default(), total, per_address }
+    }
+
+    fn take(&self, ip: IpAddr) -> Option<Slot> {
+        let mut st = self.inner.lock().unwrap();
+        let mine = st.by_address.get(&ip).copied().unwrap_or(0);
+        if st.used >= self.total || mine >= self.per_address {
+            return None;
+        }
+        st.used += 1;
+        *st.by_address.entry(ip).or_default() += 1;
+        Some(Slot { quota: self.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.quota.inner.lock().unwrap();
+        st.used -= 1;
+        if let Some(n) = st.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.by_address.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -385,12 +452,9 @@ async fn accept_loop(
     acceptor: Option<TlsAcceptor>,
     tx: mpsc::Sender<io::Result<Conn>>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Quota::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS);
+    let connections = Quota::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            () = tx.closed() => return,
-        };
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
@@ -403,30 +467,48 @@ async fn accept_loop(
             },
             () = tx.closed() => return,
         };
+        // Over a limit: closed at once (dropped), never queued behind stalled peers.
+        let Some(slot) = connections.take(addr.ip()) else {
+            tracing::debug!(peer = %addr, "connection refused: too many open connections");
+            continue;
+        };
         // serve_with_incoming ignores the builder's tcp_nodelay (LIMITS.md: 8 ms per RPC).
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = acceptor.clone() else {
-            let conn =
-                Conn { io: ConnIo::Plain(tcp), info: PeerInfo { addr: Some(addr), key: None } };
+            let info = PeerInfo { addr: Some(addr), key: None };
+            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
             continue;
         };
+        let Some(handshake) = handshakes.take(addr.ip()) else {
+            tracing::debug!(peer = %addr, "connection refused: too many handshakes in progress");
+            continue;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
-            match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-                    let key = key.and_then(|k| peer_key(k.as_ref()).ok());
-                    let info = PeerInfo { addr: Some(addr), key };
-                    let _ = tx.send(Ok(Conn { io: ConnIo::Tls(Box::new(tls)), info })).await;
+            let tls = tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let tls = match tls {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    return;
                 }
-                Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
-            }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            // The verifier accepted an ed25519 key; a connection without one is closed rather
+            // than served with no identity to bind requests to.
+            let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let Some(key) = key.and_then(|k| peer_key(k.as_ref()).ok()) else { return };
+            let info = PeerInfo { addr: Some(addr), key: Some(key) };
+            let conn = Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot };
+            let _ = tx.send(Ok(conn)).await;
         });
     }
 }
@@ -435,6 +517,8 @@ async fn accept_loop(
 pub struct Conn {
     io: ConnIo,
     info: PeerInfo,
+    /// Its place among the server's open connections, given back when it closes.
+    _slot: Slot,
 }
 
 enum ConnIo {
