@@ -1,6 +1,11 @@
 //! The rewards ledger: an append-only file of JSON lines, each entry chained to the one
 //! before by its hash and signed by the coordinator's identity.
 //!
+//! A line's signature covers canonical bytes of integers ([`Entry::signed_bytes`], version 2:
+//! the capacity figure is recorded as a whole number), never a re-serialisation of parsed
+//! floats, so what `open` verifies is exactly what `append` signed. Lines written before
+//! version 2 (no `v` field) are still verified the old way.
+//!
 //! Anyone with the coordinator's public key can check that no entry was changed, removed or
 //! reordered: [`Ledger::open`] re-verifies the whole chain. Entries are fsynced before
 //! `append` returns (a reward recorded is a reward kept).
@@ -28,17 +33,51 @@ pub struct Entry {
     pub reward: Reward,
     /// Hex blake2b-256 of the previous line (64 zeros for the first).
     pub prev: String,
-    /// Hex ed25519 signature by the coordinator over the line without this field.
+    /// Hex ed25519 signature by the coordinator over [`Entry::signed_bytes`].
     #[serde(default)]
     pub sig: String,
+    /// Line format: 2 (canonical signed bytes); absent in lines of the first format.
+    #[serde(default, skip_serializing_if = "is_legacy")]
+    pub v: u32,
 }
 
+fn is_legacy(v: &u32) -> bool {
+    *v == LEGACY
+}
+
+/// The first line format: the signature covers the JSON of the line without `sig`.
+const LEGACY: u32 = 0;
+/// The current one: the signature covers [`Entry::signed_bytes`].
+const CANONICAL: u32 = 2;
+
 impl Entry {
-    fn signed_bytes(&self) -> Vec<u8> {
-        let mut unsigned = self.clone();
-        unsigned.sig.clear();
-        serde_json::to_vec(&unsigned).expect("serialisable")
+    /// What the signature covers. Version 2: `"shardfarm-ledger-v2\0"`, then seq, epoch, rw1,
+    /// rw2, the capacity as a whole number and the proven bytes as u64 little-endian, and the
+    /// node, farm and prev strings each with a u32 length. Version 0: the line's JSON without
+    /// `sig` (kept only to read old ledgers).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        if self.v == LEGACY {
+            let mut unsigned = self.clone();
+            unsigned.sig.clear();
+            return serde_json::to_vec(&unsigned).expect("serialisable");
+        }
+        let r = &self.reward;
+        let mut b = b"shardfarm-ledger-v2\0".to_vec();
+        for n in [self.seq, self.epoch, r.rw1, r.rw2, whole(r.capacity), r.proven_bytes] {
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        for s in [&r.node, &r.farm, &self.prev] {
+            b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        b
     }
+}
+
+/// A capacity figure as the whole number a version-2 line records (negative → 0, beyond
+/// `u64::MAX` → `u64::MAX`; callers refuse non-finite figures first).
+fn whole(capacity: f64) -> u64 {
+    capacity.max(0.0).floor() as u64
 }
 
 /// Totals of one node or farm.
@@ -86,6 +125,14 @@ impl Ledger {
             if e.prev != hex::encode(head) {
                 return Err(bad("does not chain to the line before".into()));
             }
+            if e.v != LEGACY && e.v != CANONICAL {
+                return Err(bad(format!("unknown line format {}", e.v)));
+            }
+            // A version-2 line records a whole capacity, as signed; anything else was not
+            // written by `append`.
+            if e.v == CANONICAL && e.reward.capacity != whole(e.reward.capacity) as f64 {
+                return Err(bad(format!("capacity {} is not a whole number", e.reward.capacity)));
+            }
             let sig = hex::decode(&e.sig)
                 .ok()
                 .and_then(|b| <[u8; 64]>::try_from(b).ok())
@@ -113,12 +160,15 @@ impl Ledger {
         let mut head = self.head;
         let mut added = Vec::new();
         for r in rewards {
+            let mut reward = r.clone();
+            reward.capacity = whole(r.capacity) as f64;
             let mut e = Entry {
                 seq: (self.entries.len() + added.len()) as u64 + 1,
                 epoch,
-                reward: r.clone(),
+                reward,
                 prev: hex::encode(head),
                 sig: String::new(),
+                v: CANONICAL,
             };
             e.sig = hex::encode(signer.sign(&e.signed_bytes()).to_bytes());
             let line = serde_json::to_string(&e).expect("serialisable");
@@ -261,5 +311,83 @@ mod tests {
         }
         assert_eq!(l.entries().len(), 1);
         assert_eq!(Ledger::open(&path, &id.public_key()).unwrap().entries(), l.entries());
+    }
+
+    /// A ledger written before line format 2 (signatures over the JSON) still opens; the
+    /// lines appended after it are format 2 and the chain runs through both.
+    #[test]
+    fn a_ledger_of_the_first_format_still_opens_and_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let id = Identity::from_parts(ed25519_dalek::SigningKey::from_bytes(&[5; 32]), 0);
+        let mut old = Entry {
+            seq: 1,
+            epoch: 1,
+            reward: Reward { capacity: 757.25, ..reward("a", "f", 3, 4) },
+            prev: hex::encode([0u8; 32]),
+            sig: String::new(),
+            v: LEGACY,
+        };
+        old.sig = hex::encode(id.sign(&old.signed_bytes()).to_bytes());
+        let line = serde_json::to_string(&old).unwrap();
+        assert!(!line.contains("\"v\""), "{line}");
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        let mut l = Ledger::open(&path, &id.public_key()).unwrap();
+        assert_eq!(l.entries(), &[old]);
+        l.append(2, &[reward("a", "f", 1, 1)], &id).unwrap();
+        let back = Ledger::open(&path, &id.public_key()).unwrap();
+        assert_eq!(back.entries().len(), 2);
+        assert_eq!(back.entries()[1].v, CANONICAL);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any honest rewards — any finite capacity figure, any amounts, any strings, any
+        /// epochs — are appended, reopened and verified exactly; a non-finite figure is
+        /// refused and changes nothing.
+        #[test]
+        fn any_honest_ledger_reopens_and_verifies(
+            epochs in proptest::collection::vec(
+                (
+                    proptest::prelude::any::<u64>(),
+                    proptest::collection::vec(
+                        (
+                            "[a-f0-9]{1,64}",
+                            "\\PC{0,12}",
+                            proptest::prelude::any::<u64>(),
+                            proptest::prelude::any::<u64>(),
+                            proptest::prelude::any::<f64>(),
+                            proptest::prelude::any::<u64>(),
+                        ),
+                        1..4,
+                    ),
+                ),
+                1..5,
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ledger.jsonl");
+            let id = Identity::from_parts(ed25519_dalek::SigningKey::from_bytes(&[7; 32]), 0);
+            let mut l = Ledger::open(&path, &id.public_key()).unwrap();
+            for (epoch, rewards) in epochs {
+                let rewards: Vec<Reward> = rewards
+                    .into_iter()
+                    .map(|(node, farm, rw1, rw2, capacity, proven_bytes)| Reward {
+                        node, farm, rw1, rw2, capacity, proven_bytes,
+                    })
+                    .collect();
+                let before = l.entries().len();
+                let finite = rewards.iter().all(|r| r.capacity.is_finite());
+                let r = l.append(epoch, &rewards, &id);
+                proptest::prop_assert_eq!(r.is_ok(), finite);
+                if !finite {
+                    proptest::prop_assert_eq!(l.entries().len(), before);
+                }
+                let back = Ledger::open(&path, &id.public_key());
+                proptest::prop_assert!(back.is_ok(), "{:?}", back.err());
+                let back = back.unwrap();
+                proptest::prop_assert_eq!(back.entries(), l.entries());
+            }
+        }
     }
 }

@@ -379,6 +379,16 @@ impl Coordinator {
                 "the capacity proof is signed by another key than the caller's".into(),
             ));
         }
+        // Finite is checked by the decoder; a negative figure (more space taken than offered,
+        // or a negative overhead) ranks nothing and is refused before it reaches the state.
+        if report.capacity() < 0.0 || report.overhead < 0.0 {
+            return Err(Refusal::InvalidArgument(format!(
+                "capacity proof refused: overhead {} gives the capacity figure {}: it must not \
+                 be negative (is more space taken than offered?)",
+                report.overhead,
+                report.capacity()
+            )));
+        }
         let issued = self.challenges.lock().unwrap().remove(&report.challenge);
         if issued.is_none_or(|exp| exp <= now_ms) {
             return Err(Refusal::FailedPrecondition(

@@ -194,6 +194,17 @@ async fn join_refusals_say_why_and_admit_nothing() {
     req.grpc_address = "nowhere".into();
     assert_eq!(c.join(req).await.unwrap_err().code(), Code::InvalidArgument);
 
+    // A validly signed proof whose figure is negative (more space taken than offered) or
+    // whose overhead is negative: refused before anything is stored.
+    for (overhead, taken) in [(1.0, 1u64 << 50), (-1.0, 0)] {
+        let ch = c.challenge().await.unwrap();
+        let m = Machine { overhead, space_taken: taken, ..machine() };
+        let p = CapacityReport::prove(&id, &ch.challenge, D, m).unwrap();
+        let s = c.join(join_req("z0", 9000, p.encode())).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+        assert!(s.message().contains("must not be negative"), "{s}");
+    }
+
     // A challenge answers one join only: replaying the first proof is refused.
     let ok = c.join(join_req("z0", 9000, good.encode())).await.unwrap();
     assert_eq!(ok.standing, "active");
