@@ -88,6 +88,11 @@ pub struct UpArgs {
     /// Coordinator gRPC port (its /metrics is on the next port). [default: BASE-2]
     #[arg(long)]
     pub coordinator_port: Option<u16>,
+    /// Audits a node that joins a running farm must pass before placement believes its
+    /// capacity and zone (until then it holds few slots and earns no capacity reward; the
+    /// farm's own agents are its founders and need none). 0: every node is trusted at once.
+    #[arg(long, default_value_t = shardfarm_coordinator::vetting::VettingConfig::default().audits)]
+    pub vetting_audits: u64,
     /// Address the agents and the coordinator serve gRPC on, for nodes of another site to
     /// join (`/metrics` stays on 127.0.0.1).
     #[arg(long, default_value = "127.0.0.1")]
@@ -125,6 +130,10 @@ impl UpArgs {
                 ..Default::default()
             },
             security: Security::from_flag(self.insecure_plaintext),
+            vetting: shardfarm_coordinator::vetting::VettingConfig {
+                audits: self.vetting_audits,
+                ..Default::default()
+            },
             ..PoolConfig::default()
         }
     }
@@ -219,15 +228,23 @@ fn spawn_coordinator(dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
 }
 
 /// A client of the coordinator at `addr`, which must prove the pool key `pool`; retried
-/// until `within` has passed.
+/// until `within` has passed or the coordinator process exits (its log's last lines then say
+/// why, e.g. "binding the coordinator's address").
 async fn reach_coordinator(
     addr: &str,
     signer: &Arc<Signer>,
     pool: NodeId,
     within: Duration,
+    (child, log): (&mut Child, &Path),
 ) -> anyhow::Result<CoordinatorClient> {
     let deadline = Instant::now() + within;
     loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let mut tail: Vec<&str> = text.lines().rev().take(5).collect();
+            tail.reverse();
+            bail!("the coordinator exited ({status}) during start:\n{}", tail.join("\n"));
+        }
         match CoordinatorClient::connect(addr, signer.clone(), pool).await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => bail!(
@@ -387,9 +404,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut coordinator = spawn_coordinator(dir, &args)?;
     let security = Security::from_flag(args.insecure_plaintext);
     let signer = Arc::new(Signer::identity(&root).with_security(security));
-    let mut client = reach_coordinator(&coord_addr, &signer, pool, Duration::from_secs(30))
-        .await
-        .with_context(|| format!("see {}", dir.join("coordinator.log").display()))?;
+    let log = dir.join("coordinator.log");
+    let mut client = reach_coordinator(
+        &coord_addr,
+        &signer,
+        pool,
+        Duration::from_secs(30),
+        (&mut coordinator, &log),
+    )
+    .await
+    .with_context(|| format!("see {}", log.display()))?;
     let metrics_addr = format!("127.0.0.1:{}", args.coordinator_port() + 1);
 
     // The first --nodes entries are this farm's own agents; nodes that joined from outside are

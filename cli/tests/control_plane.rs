@@ -46,7 +46,18 @@ fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_noth
     let farm = Farm::start_with(
         &tmp.path().join("farm"),
         free_base_port(),
-        &["--nodes", "6", "--grace", "5", "--repair-interval", "1", "--insecure-plaintext"],
+        // Vetting off: the agent behind the proxy takes its share at once.
+        &[
+            "--nodes",
+            "6",
+            "--grace",
+            "5",
+            "--repair-interval",
+            "1",
+            "--insecure-plaintext",
+            "--vetting-audits",
+            "0",
+        ],
     );
     let f = settled(&farm);
     let pool = NodeId::from_hex(f.pool_id.as_deref().unwrap()).unwrap();

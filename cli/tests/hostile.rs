@@ -12,8 +12,12 @@ use common::hostile::{Hostile, farm_file};
 use common::{Farm, free_base_port, metric, same, settled, start_outsider, write_random};
 use tonic::Code;
 
+/// A farm whose hostile members get slots as soon as they join: vetting (which would keep a
+/// newcomer's share tiny until it passes audits) is off here, so the attacks reach the data
+/// path; vetting itself is tested in the coordinator's `sybil_sim`.
 fn start(dir: &Path, extra: &[&str]) -> Farm {
-    let mut args = vec!["--nodes", "7", "--grace", "5", "--repair-interval", "2"];
+    let mut args =
+        vec!["--nodes", "7", "--grace", "5", "--repair-interval", "2", "--vetting-audits", "0"];
     args.extend_from_slice(extra);
     Farm::start_with(dir, free_base_port(), &args)
 }

@@ -11,8 +11,20 @@ use common::{Farm, free_base_port, metric, read_all_back, start_outsider, write_
 
 /// Fast timings for tests: heartbeats every 300 ms, down after 3 s, audits every second,
 /// 256 KiB segments so a few MiB spread over many partitions.
-const FAST: &[&str] =
-    &["--heartbeat-ms", "300", "--grace", "3", "--audit-interval", "1", "--segment-size", "256KiB"];
+/// Quick heartbeats, grace and audits; vetting off, so a node that joins takes its share at
+/// once (vetting is tested in the coordinator's `sybil_sim`).
+const FAST: &[&str] = &[
+    "--heartbeat-ms",
+    "300",
+    "--grace",
+    "3",
+    "--audit-interval",
+    "1",
+    "--segment-size",
+    "256KiB",
+    "--vetting-audits",
+    "0",
+];
 
 fn start(dir: &Path, nodes: usize) -> Farm {
     let n = nodes.to_string();

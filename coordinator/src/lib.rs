@@ -33,8 +33,11 @@ pub mod metrics;
 pub mod service;
 mod state;
 pub mod store;
+#[cfg(test)]
+mod sybil_sim;
+pub mod vetting;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -137,7 +140,8 @@ pub struct PoolConfig {
     pub capacity_difficulty: u8,
     /// Most delegated node ids one owner root may join.
     pub max_delegated_per_root: usize,
-    /// Most rebalancing transfers per layout round (vacated slots are always re-placed).
+    /// Most rebalancing transfers per layout round (vacated slots are always re-placed);
+    /// `None`: the default budget, [`PoolConfig::transfer_budget`].
     pub max_transfers_per_round: Option<usize>,
     /// Reputation thresholds.
     pub reputation: ReputationConfig,
@@ -147,6 +151,8 @@ pub struct PoolConfig {
     /// of the persisted pool.
     #[serde(skip)]
     pub security: shardfarm_proto::Security,
+    /// How newcomers are vetted before their claims count.
+    pub vetting: vetting::VettingConfig,
 }
 
 impl Default for PoolConfig {
@@ -168,11 +174,20 @@ impl Default for PoolConfig {
             reputation: ReputationConfig::default(),
             rewards: RewardConfig::default(),
             security: shardfarm_proto::Security::Tls,
+            vetting: vetting::VettingConfig::default(),
         }
     }
 }
 
 impl PoolConfig {
+    /// Slots one layout round may move to rebalance: the configured number, or by default a
+    /// sixteenth of all slots (at least n). Whatever a newcomer claims, it gains at most this
+    /// many slots per round, and the next round waits until the last one is in sync.
+    pub fn transfer_budget(&self) -> usize {
+        let n = usize::from(self.k) + usize::from(self.m);
+        self.max_transfers_per_round.unwrap_or((self.partitions as usize * n / 16).max(n))
+    }
+
     fn profile(&self) -> Profile {
         Profile {
             k: self.k,
@@ -457,10 +472,14 @@ impl Coordinator {
                 )));
             }
         }
+        // Before the pool's first layout every joiner founds it, unless an agent has presented
+        // a layout to recover (the holders of that layout are the founders then).
+        let founding = st.layout.is_none() && st.recovery.as_ref().is_none_or(|r| r.best.is_none());
         let m = st
             .nodes
             .entry(caller.id.to_hex())
             .or_insert_with(|| Member::new(caller, now_ms, &self.config.reputation));
+        m.founding |= founding;
         m.grpc = input.grpc;
         m.http = input.http;
         m.labels = input.labels;
@@ -584,6 +603,12 @@ impl Coordinator {
         {
             return;
         }
+        // A layout the operator hands over (a ShardPlacement) names the pool's holders.
+        for id in layout.partitions.iter().flatten() {
+            if let Some(m) = st.nodes.get_mut(&id.to_hex()) {
+                m.founding = true;
+            }
+        }
         install(&mut st, layout, now_ms);
         st.recovery = None;
         drop(st);
@@ -671,7 +696,8 @@ impl Coordinator {
             .map(|m| EpochInput {
                 node: m.id.to_hex(),
                 farm: m.farm(),
-                capacity: m.capacity,
+                // An unvetted node's claim earns nothing (see `vetting`).
+                capacity: if self.config.vetting.vetted(m) { m.capacity } else { 0.0 },
                 stored_bytes: m.used_bytes,
                 audits_passed: m.epoch_passed,
                 audits_total: m.epoch_total,
@@ -698,15 +724,23 @@ impl Coordinator {
         if !self.finish_recovery(now_ms) {
             return;
         }
+        // Unvetted nodes weigh little and share one pseudo failure domain (see `vetting`).
+        let vetting = &self.config.vetting;
         let eligible = |st: &Persisted| -> Vec<placement::Node> {
-            st.nodes
+            let members: Vec<&Member> = st
+                .nodes
                 .values()
                 .filter(|m| m.up && m.standing != Standing::Disqualified)
-                .map(|m| placement::Node {
+                .collect();
+            let placed = vetting.placement(&members);
+            members
+                .iter()
+                .zip(placed)
+                .map(|(m, (capacity, domain))| placement::Node {
                     id: m.id,
                     root: m.root,
-                    domain: m.domain.clone(),
-                    capacity: m.capacity.max(0.0) as u64,
+                    domain,
+                    capacity,
                     draining: m.draining,
                     frozen: m.standing == Standing::Suspended,
                 })
@@ -717,7 +751,7 @@ impl Coordinator {
             st.dirty = false;
             (eligible(&st), st.layout.clone())
         };
-        let opts = Options { max_transfers: self.config.max_transfers_per_round };
+        let opts = Options { max_transfers: Some(self.config.transfer_budget()) };
         let plan = placement::compute(&nodes, &self.config.profile(), current.as_ref(), &opts);
         let mut st = self.state.lock().unwrap();
         let version = |l: &Option<placement::Layout>| l.as_ref().map(|l| l.version);
@@ -770,6 +804,12 @@ impl Coordinator {
             return false;
         }
         let best = st.recovery.take().and_then(|r| r.best).expect("checked above");
+        // The holders of the pool's own signed layout were vetted before the state was lost;
+        // nobody else who joined meanwhile founds anything.
+        let named = named_ids(&best);
+        for m in st.nodes.values_mut() {
+            m.founding = named.contains(&m.id);
+        }
         tracing::warn!(
             version = best.layout.version,
             sequence = best.sequence,
@@ -918,4 +958,15 @@ impl Coordinator {
         let _ = audits.await;
         let _ = self.persist();
     }
+}
+
+/// Every node a published layout (or its fallback) gives a slot.
+fn named_ids(l: &PublishedLayout) -> BTreeSet<NodeId> {
+    l.layout
+        .partitions
+        .iter()
+        .chain(l.previous.iter().flat_map(|p| &p.partitions))
+        .flatten()
+        .copied()
+        .collect()
 }

@@ -73,6 +73,10 @@ pub struct Member {
     /// Handing its slots away (scale down, drain list).
     #[serde(default)]
     pub draining: bool,
+    /// One of the pool's founders: joined before its first layout, or held slots in a layout
+    /// recovered from the agents. Founders are vetted without audits (see `vetting`).
+    #[serde(default)]
+    pub founding: bool,
 }
 
 impl Member {
@@ -105,6 +109,7 @@ impl Member {
             epoch_passed: 0,
             epoch_total: 0,
             draining: false,
+            founding: false,
         }
     }
 
