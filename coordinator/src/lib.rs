@@ -690,14 +690,21 @@ impl Coordinator {
     }
 
     fn close_epoch(&self, st: &mut Persisted, epoch: u64) {
+        let members: Vec<&Member> = st.nodes.values().collect();
+        let factors = vetting::delegation_factors(&members);
         let inputs: Vec<EpochInput> = st
             .nodes
             .values()
             .map(|m| EpochInput {
                 node: m.id.to_hex(),
                 farm: m.farm(),
-                // An unvetted node's claim earns nothing (see `vetting`).
-                capacity: if self.config.vetting.vetted(m) { m.capacity } else { 0.0 },
+                // An unvetted node's claim earns nothing, a delegated id past its root's share
+                // less (see `vetting`).
+                capacity: if self.config.vetting.vetted(m) {
+                    m.capacity * factors.get(&m.id).copied().unwrap_or(1.0)
+                } else {
+                    0.0
+                },
                 stored_bytes: m.used_bytes,
                 audits_passed: m.epoch_passed,
                 audits_total: m.epoch_total,

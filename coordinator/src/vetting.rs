@@ -13,8 +13,16 @@
 //!
 //! It also earns no capacity reward (RW1). Its standing and its RW2 follow its audits as for
 //! any node.
+//!
+//! Delegated ids (Bitcloud's law): the delegated ids of one owner root count fully up to N,
+//! the pool's average number of delegated ids per root; past it the i-th (in join order)
+//! weighs `1 − log10(i / N)`, reaching 0 at 10·N ([`delegated_weight`]). The factor
+//! multiplies the node's placement weight and its capacity reward (RW1).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use shardfarm_core::identity::NodeId;
 
 use crate::state::Member;
 
@@ -46,7 +54,8 @@ impl VettingConfig {
 
     /// Placement weight and failure domain of each of `members`, in order.
     pub fn placement(&self, members: &[&Member]) -> Vec<(u64, String)> {
-        let claim = |m: &Member| m.capacity.max(0.0) as u64;
+        let factors = delegation_factors(members);
+        let claim = |m: &Member| (m.capacity.max(0.0) * factors[&m.id]) as u64;
         let vetted: Vec<u64> =
             members.iter().filter(|m| self.vetted(m)).map(|m| claim(m)).collect();
         let average = if vetted.is_empty() {
@@ -67,5 +76,56 @@ impl VettingConfig {
                 }
             })
             .collect()
+    }
+}
+
+/// The weight of a root's `i`-th delegated id (1-based, in join order) when the pool's
+/// average is `n` delegated ids per root: 1 up to `n`, then `1 − log10(i / n)`, 0 from 10·n.
+pub fn delegated_weight(i: usize, n: f64) -> f64 {
+    let n = n.max(1.0);
+    if (i as f64) <= n {
+        return 1.0;
+    }
+    (1.0 - (i as f64 / n).log10()).clamp(0.0, 1.0)
+}
+
+/// [`delegated_weight`] of every one of `members` (1 for ids that are not delegated), with
+/// N the average number of delegated ids per owner root among them.
+pub fn delegation_factors(members: &[&Member]) -> BTreeMap<NodeId, f64> {
+    let mut by_root: BTreeMap<NodeId, Vec<&Member>> = BTreeMap::new();
+    for m in members.iter().filter(|m| m.delegated) {
+        by_root.entry(m.root).or_default().push(m);
+    }
+    let n = if by_root.is_empty() {
+        1.0
+    } else {
+        by_root.values().map(Vec::len).sum::<usize>() as f64 / by_root.len() as f64
+    };
+    let mut out: BTreeMap<NodeId, f64> = members.iter().map(|m| (m.id, 1.0)).collect();
+    for ids in by_root.values_mut() {
+        ids.sort_by_key(|m| (m.joined_ms, m.id));
+        for (i, m) in ids.iter().enumerate() {
+            out.insert(m.id, delegated_weight(i + 1, n));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delegated_id_weight_curve() {
+        let n = 8.0;
+        assert_eq!(delegated_weight(7, n), 1.0, "N − 1");
+        assert_eq!(delegated_weight(8, n), 1.0, "N");
+        assert!((delegated_weight(16, n) - (1.0 - 2f64.log10())).abs() < 1e-12, "2N: 0.699");
+        assert_eq!(delegated_weight(80, n), 0.0, "10N");
+        assert_eq!(delegated_weight(800, n), 0.0, "beyond 10N");
+        // Decreasing past N, and never below 0 or above 1 for any average.
+        let w: Vec<f64> = (1..=100).map(|i| delegated_weight(i, n)).collect();
+        assert!(w.windows(2).all(|p| p[1] <= p[0]), "{w:?}");
+        assert_eq!(delegated_weight(1, 0.0), 1.0);
     }
 }
