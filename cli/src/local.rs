@@ -145,15 +145,21 @@ struct Agent {
     child: Option<Child>,
 }
 
+/// `shardfarm SUBCOMMAND` as a supervised child: no stdin or stdout, stderr appended to
+/// `log`, killed if the supervisor drops it.
+fn supervised(subcommand: &str, log: &Path) -> anyhow::Result<Command> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let exe = std::env::current_exe().context("finding the shardfarm binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(subcommand).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+    Ok(cmd)
+}
+
 fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
-    let exe = std::env::current_exe().context("finding the shardfarm binary")?;
     let d = LOCAL_DIFFICULTY.to_string();
-    let child = Command::new(exe)
-        .arg("agent")
+    let child = supervised("agent", &dir.with_extension("log"))?
         .arg("--data-dir")
         .arg(dir)
         .args(["--listen", &a.grpc, "--http-listen", &a.http, "--zone", &a.zone])
@@ -164,10 +170,6 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::
         .args(["--repair-interval", &args.repair_interval.to_string()])
         .args(["--gc-grace", &args.gc_grace.to_string()])
         .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .context("starting an agent")?;
     Ok(child)
@@ -204,12 +206,8 @@ async fn wait_ready(dir: &Path, child: &mut Child, within: Duration) -> anyhow::
 /// Starts the coordinator: state in DIR/coordinator, the farm root as the pool key, the pool
 /// settings from DIR/pool.json, its log appended to DIR/coordinator.log.
 fn spawn_coordinator(dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log"))?;
-    let exe = std::env::current_exe().context("finding the shardfarm binary")?;
     let port = args.coordinator_port();
-    Command::new(exe)
-        .arg("coordinator")
+    supervised("coordinator", &dir.join("coordinator.log"))?
         .arg("--state-dir")
         .arg(dir.join("coordinator"))
         .arg("--key")
@@ -219,10 +217,6 @@ fn spawn_coordinator(dir: &Path, args: &UpArgs) -> anyhow::Result<Child> {
         .args(["--listen", &args.coordinator_address()])
         .args(["--metrics-listen", &format!("127.0.0.1:{}", port + 1)])
         .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .context("starting the coordinator")
 }
