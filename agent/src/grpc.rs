@@ -45,10 +45,16 @@ pub fn to_status(e: &Error) -> Status {
         Error::Store(s @ crate::store::StoreError::Deleted) => {
             Status::failed_precondition(format!("{s}; its shards are not accepted again"))
         }
+        // The node's own failures: the details (file paths, RocksDB messages) go to its log,
+        // not to the caller.
         Error::Store(s) if s.is_disk_full() => {
-            Status::resource_exhausted(format!("node's disk is full: {s}; store it elsewhere"))
+            tracing::error!(error = %s, "disk full");
+            Status::resource_exhausted("the node's disk is full: store it elsewhere")
         }
-        Error::Store(_) | Error::Internal(_) => Status::internal(e.to_string()),
+        Error::Store(_) | Error::Internal(_) => {
+            tracing::error!(error = %e, "internal error");
+            Status::internal("internal error on this node (its log has the details)")
+        }
     }
 }
 
@@ -334,5 +340,32 @@ impl Agent for AgentService {
         let r = self.node.prove_capacity(req.challenge.to_vec(), req.difficulty).await;
         let report = self.observe(methods::PROVE, start, r)?;
         Ok(Response::new(proto::CapacityReport { report: report.into() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node's own failures reach the caller without the node's file paths or database
+    /// messages (the log keeps them); a full disk still says what to do.
+    #[test]
+    fn internal_failures_do_not_tell_callers_the_nodes_paths() {
+        let io = crate::store::StoreError::Io {
+            what: "writing",
+            path: "/srv/shardfarm/secret-layout/shards/ab/x.tmp".into(),
+            source: std::io::Error::other("input/output error"),
+        };
+        let s = to_status(&Error::Store(io));
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert!(!s.message().contains("/srv"), "{}", s.message());
+        let full = crate::store::StoreError::Io {
+            what: "writing",
+            path: "/srv/shardfarm/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let s = to_status(&Error::Store(full));
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(s.message().contains("disk is full") && !s.message().contains("/srv"), "{s:?}");
     }
 }
