@@ -692,6 +692,20 @@ impl Coordinator {
     fn close_epoch(&self, st: &mut Persisted, epoch: u64) {
         let members: Vec<&Member> = st.nodes.values().collect();
         let factors = vetting::delegation_factors(&members);
+        // RW2 follows what the layout assigns, not what a node says it stores: its slots ×
+        // the pool's average bytes per slot (the average cancels out of the shares; it only
+        // keeps the ledger's unit in bytes), times the audits it passed (in `epoch_rewards`).
+        let mut slots: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for id in st.layout.iter().flat_map(|l| l.partitions.iter().flatten()) {
+            *slots.entry(*id).or_default() += 1;
+        }
+        let total_slots: u128 = slots.values().map(|&n| u128::from(n)).sum();
+        let total_used: u128 = st.nodes.values().map(|m| u128::from(m.used_bytes)).sum();
+        let per_slot = total_used.checked_div(total_slots).map_or(0, |p| p.max(1));
+        let assigned = |id: &NodeId| -> u64 {
+            let n = u128::from(slots.get(id).copied().unwrap_or(0));
+            u64::try_from(n * per_slot).unwrap_or(u64::MAX)
+        };
         let inputs: Vec<EpochInput> = st
             .nodes
             .values()
@@ -705,7 +719,7 @@ impl Coordinator {
                 } else {
                     0.0
                 },
-                stored_bytes: m.used_bytes,
+                stored_bytes: assigned(&m.id),
                 audits_passed: m.epoch_passed,
                 audits_total: m.epoch_total,
                 standing: m.standing,
