@@ -71,7 +71,9 @@ fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_noth
     let (_agent, http) =
         start_outsider_via(&farm, &mitm.addr, &behind, "zone-3", &["--insecure-plaintext"]);
     let scrape = || common::http_get(&http, "/metrics");
-    farm.wait_for(90, "the agent behind the proxy holds shards and is in sync", || {
+    // The move budget hands a newcomer its share over several rounds, each after the last is
+    // in sync: on a loaded machine that can take minutes.
+    farm.wait_for(180, "the agent behind the proxy holds shards and is in sync", || {
         let m = scrape();
         let v = metric(&m, "shardfarm_agent_layout_version");
         metric(&m, "shardfarm_agent_shards") > 0.0
