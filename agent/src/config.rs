@@ -128,6 +128,18 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_POOL_ID")]
     pub pool_id: Option<String>,
 
+    /// Key file of the farm this agent belongs to (`local up`'s `farm.key`; in Kubernetes the
+    /// operator passes the MiningFarm's key in SHARDFARM_FARM_KEY_TEXT instead). With it the
+    /// agent presents a grant at every join, and the pool trusts its labels as the owner's own
+    /// agent's; without it the agent is an outsider, whose failure domain the pool assigns.
+    #[arg(long, env = "SHARDFARM_FARM_KEY")]
+    pub farm_key: Option<PathBuf>,
+
+    /// The farm key itself, as the text of a key file (how Kubernetes hands over a Secret).
+    #[arg(long, env = "SHARDFARM_FARM_KEY_TEXT", hide = true, hide_env_values = true)]
+    #[serde(skip)]
+    pub farm_key_text: Option<String>,
+
     /// gRPC address to advertise to the pool (`host:port`). [default: the --listen address]
     #[arg(long, env = "SHARDFARM_ADVERTISE")]
     pub advertise: Option<String>,
@@ -202,6 +214,8 @@ pub struct Config {
     pub json_logs: bool,
     /// Coordinator to join, and the id of the pool key it signs layouts with.
     pub coordinator: Option<(String, shardfarm_core::identity::NodeId)>,
+    /// The farm key this agent's joins are vouched for with (None: an outsider).
+    pub farm_key: Option<std::sync::Arc<shardfarm_core::identity::Identity>>,
     /// gRPC address to advertise (None: the bound address).
     pub advertise: Option<String>,
     /// TLS, or plaintext behind `--insecure-plaintext`.
@@ -286,6 +300,7 @@ impl AgentArgs {
             log_format,
             coordinator,
             pool_id,
+            farm_key,
             advertise,
             insecure_plaintext,
             repair_rate,
@@ -365,6 +380,18 @@ impl AgentArgs {
                 (None, Some(_)) => anyhow::bail!("--pool-id needs --coordinator"),
                 (None, None) => None,
             },
+            farm_key: match (a.farm_key_text, a.farm_key) {
+                (Some(text), _) => Some(
+                    shardfarm_core::identity::Identity::from_text(&text, "SHARDFARM_FARM_KEY_TEXT")
+                        .map_err(|e| anyhow::anyhow!("farm key: {e}"))?,
+                ),
+                (None, Some(path)) => Some(
+                    shardfarm_core::identity::Identity::load(&path)
+                        .map_err(|e| anyhow::anyhow!("--farm-key: {e}"))?,
+                ),
+                (None, None) => None,
+            }
+            .map(std::sync::Arc::new),
             advertise: a.advertise,
             security: shardfarm_proto::Security::from_flag(a.insecure_plaintext.unwrap_or(false)),
             repair_rate: parse_size(a.repair_rate.as_deref().unwrap_or("100MiB"))?.max(1),

@@ -89,7 +89,12 @@ pub struct Membership {
     pub pass_interval: Duration,
     /// TLS, or plaintext for debugging (`--insecure-plaintext`).
     pub security: shardfarm_proto::Security,
+    /// The farm key that vouches for this agent (None: an outsider).
+    pub farm_key: Option<Arc<shardfarm_core::identity::Identity>>,
 }
+
+/// How long a farm grant the agent issues itself is valid: a day, fresh at every join.
+const GRANT_VALIDITY_S: u64 = 86_400;
 
 /// Shared progress between the worker and the heartbeat.
 #[derive(Default)]
@@ -175,6 +180,21 @@ async fn join_once(
         labels: node.settings.labels.clone().into_iter().collect(),
         capacity_report: report.into(),
         last_layout: keeper.last().and_then(|l| l.signed.as_deref().cloned()),
+        farm_grant: m
+            .farm_key
+            .as_ref()
+            .map(|farm| {
+                let now = shardfarm_core::auth::now_ms() / 1000;
+                shardfarm_core::grant::FarmGrant::issue(
+                    farm,
+                    node.identity.public_key(),
+                    m.pool,
+                    now + GRANT_VALIDITY_S,
+                )
+                .to_bytes()
+                .into()
+            })
+            .unwrap_or_default(),
     };
     let resp = c.join(req).await.map_err(|s| format!("join refused: {}", s.message()))?;
     if let Some(pool) = &resp.pool

@@ -177,6 +177,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             gc_grace: cfg.gc_grace,
             pass_interval: cfg.repair_interval,
             security: cfg.security,
+            farm_key: cfg.farm_key.clone(),
         };
         let keeper =
             Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, m.pool, metrics.clone()));

@@ -31,6 +31,9 @@ use shardfarm_client::farm::{CLIENT_KEY, ClientKey, Farm, NodeEntry, ROOT_KEY};
 pub const LOCAL_DIFFICULTY: u8 = 8;
 /// The pool settings `local up` hands its coordinator (DIR/pool.json).
 const POOL_CONFIG: &str = "pool.json";
+/// The farm key: grants from it tell the coordinator an agent is one of this farm's own (whose
+/// zone label it trusts); agents started without it are outsiders.
+const FARM_KEY: &str = "farm.key";
 /// How long agents get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -112,8 +115,10 @@ impl UpArgs {
         std::net::SocketAddr::new(self.host, self.coordinator_port()).to_string()
     }
 
-    fn pool(&self, segment_size: u64) -> PoolConfig {
+    fn pool(&self, segment_size: u64, farm: &Identity) -> PoolConfig {
         PoolConfig {
+            // This farm's agents' labels are trusted as they are (it set them).
+            farms: [(farm.id().to_hex(), Default::default())].into(),
             pool: "local".into(),
             k: self.k,
             m: self.m,
@@ -167,6 +172,8 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
         .args(["--coordinator", &args.coordinator_address()])
         .args(["--pool-id", pool])
+        .arg("--farm-key")
+        .arg(args.data.join(FARM_KEY))
         .args(["--repair-interval", &args.repair_interval.to_string()])
         .args(["--gc-grace", &args.gc_grace.to_string()])
         .args(args.insecure_plaintext.then_some("--insecure-plaintext"))
@@ -393,7 +400,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let pool_id = pool.to_hex();
     farm.pool_id = Some(pool_id.clone());
     farm.insecure_plaintext = args.insecure_plaintext;
-    let config = serde_json::to_vec_pretty(&args.pool(segment_size))?;
+    let farm_key_path = dir.join(FARM_KEY);
+    let farm_key = if farm_key_path.exists() {
+        Identity::load(&farm_key_path)?
+    } else {
+        let (id, _) = Identity::generate(0, 1, &|_| {})?;
+        id.save(&farm_key_path)?;
+        id
+    };
+    let config = serde_json::to_vec_pretty(&args.pool(segment_size, &farm_key))?;
     std::fs::write(dir.join(POOL_CONFIG), config)?;
     let mut coordinator = spawn_coordinator(dir, &args)?;
     let security = Security::from_flag(args.insecure_plaintext);

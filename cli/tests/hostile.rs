@@ -119,6 +119,14 @@ fn a_stranger_cannot_plant_shards_under_honest_ids_nor_outside_the_layout() {
     farm.wait_for(60, "every shard handed off with a proof", || {
         farm.agent_metric_sum(7, "shardfarm_agent_handed_off_shards_total") > 0.0
     });
+    // It claimed zone-1, but it holds no grant of the farm's key: the pool gave it its owner
+    // root as its failure domain, and the farm's own agents kept their zones.
+    farm.wait_for(30, "the newcomer in the farm file", || {
+        common::hostile::farm_file(&farm.dir).nodes.len() == 8
+    });
+    let f = common::hostile::farm_file(&farm.dir);
+    assert!(f.nodes[7].zone.starts_with("root-"), "outsider's domain: {:?}", f.nodes[7]);
+    assert!(f.nodes[..7].iter().all(|n| n.zone.starts_with("zone-")), "{:?}", f.nodes);
 
     // 4. Every honest file reads back identical; no honest shard was deleted.
     read_all_back(&farm, &files, tmp.path());

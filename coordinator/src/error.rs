@@ -20,6 +20,9 @@ pub enum Error {
     /// The coordinator's state file is unreadable.
     #[error("coordinator state: {0}")]
     State(String),
+    /// The pool's configuration is unusable.
+    #[error("pool configuration: {0}")]
+    Config(String),
     /// No layout can be computed.
     #[error(transparent)]
     Placement(#[from] shardfarm_core::placement::PlacementError),
@@ -37,6 +40,7 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Ledger(_) => "ledger",
             Error::State(_) => "state",
+            Error::Config(_) => "config",
             Error::Placement(_) => "placement",
         }
     }

@@ -153,6 +153,10 @@ pub struct PoolConfig {
     pub security: shardfarm_proto::Security,
     /// How newcomers are vetted before their claims count.
     pub vetting: vetting::VettingConfig,
+    /// The pool owner's own farms: farm key id (hex) → the labels the farm assigns its agents.
+    /// A node presenting a grant from one of these keys has its labels trusted (and these
+    /// override them); every other node is an outsider (see [`Coordinator::join`]).
+    pub farms: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Default for PoolConfig {
@@ -175,6 +179,7 @@ impl Default for PoolConfig {
             rewards: RewardConfig::default(),
             security: shardfarm_proto::Security::Tls,
             vetting: vetting::VettingConfig::default(),
+            farms: BTreeMap::new(),
         }
     }
 }
@@ -231,6 +236,9 @@ pub struct Admission {
     pub min_difficulty: u8,
     /// When set, only these nodes (or their owner roots) may join.
     pub allow: Option<std::collections::BTreeSet<NodeId>>,
+    /// Failure domains the pool assigns to outsiders, by node id or owner root (a
+    /// syndication's sites).
+    pub domains: BTreeMap<NodeId, String>,
 }
 
 /// What a node sends to join.
@@ -246,6 +254,8 @@ pub struct JoinInput {
     pub capacity_report: Vec<u8>,
     /// The newest layout publication the node accepted, if any.
     pub last_layout: Option<shardfarm_proto::pb::SignedLayout>,
+    /// A [`shardfarm_core::grant::FarmGrant`] (empty for outsiders).
+    pub farm_grant: Vec<u8>,
 }
 
 /// What a node sends with each heartbeat.
@@ -278,6 +288,8 @@ pub struct Coordinator {
     verifier: Verifier,
     ledger: Mutex<Ledger>,
     admission: Mutex<Admission>,
+    /// The pool owner's farms: farm key id → the labels it assigns.
+    farms: Mutex<BTreeMap<NodeId, BTreeMap<String, String>>>,
     /// Joins per identity and for the whole pool.
     joins_by_id: KeyedBuckets<NodeId>,
     joins_pool: KeyedBuckets<()>,
@@ -316,6 +328,15 @@ impl Coordinator {
             });
         }
         let ledger = Ledger::open(ledger, &identity.public_key())?;
+        let farms = config
+            .farms
+            .iter()
+            .map(|(id, labels)| {
+                NodeId::from_hex(id)
+                    .map(|id| (id, labels.clone()))
+                    .map_err(|e| Error::Config(format!("farms: `{id}` is not a farm key id: {e}")))
+            })
+            .collect::<Result<_>>()?;
         // Requests within 5 minutes of our clock; 100 000 nonces ≈ 20 MB.
         // Only requests addressed to this pool.
         let verifier = Verifier::new(config.min_difficulty, Duration::from_secs(300), 100_000)
@@ -331,6 +352,7 @@ impl Coordinator {
             verifier,
             ledger: Mutex::new(ledger),
             admission: Mutex::new(Admission::default()),
+            farms: Mutex::new(farms),
             joins_by_id: KeyedBuckets::new(
                 1.0 / JOIN_EVERY_IDENTITY,
                 JOIN_BURST_IDENTITY,
@@ -418,12 +440,7 @@ impl Coordinator {
                 report.difficulty, self.config.capacity_difficulty
             )));
         }
-        let domain = input.labels.get(&self.config.failure_domain).cloned().ok_or_else(|| {
-            Refusal::InvalidArgument(format!(
-                "label `{}` is required: the pool spreads shards over {}s",
-                self.config.failure_domain, self.config.failure_domain
-            ))
-        })?;
+        check_labels(&input.labels)?;
         for (what, addr) in [("grpc", &input.grpc), ("http", &input.http)] {
             if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
             {
@@ -449,6 +466,8 @@ impl Coordinator {
                 caller.id
             )));
         }
+        let (labels, domain, domain_from) =
+            self.assign_domain(caller, &admission, input.labels, &input.farm_grant, now_ms)?;
         let delegated = matches!(caller.credential, Credential::Delegated(_));
         let mut st = self.state.lock().unwrap();
         if let Some(m) = st.nodes.get(&caller.id.to_hex())
@@ -482,8 +501,9 @@ impl Coordinator {
         m.founding |= founding;
         m.grpc = input.grpc;
         m.http = input.http;
-        m.labels = input.labels;
+        m.labels = labels;
         m.domain = domain;
+        m.domain_from = domain_from;
         m.capacity = report.capacity();
         m.offered_bytes = report.space_reported;
         m.delegated = delegated;
@@ -545,6 +565,65 @@ impl Coordinator {
         }
         drop(st);
         Ok((standing, version))
+    }
+
+    /// A node's labels, failure domain and where the domain came from:
+    /// - one of the owner's farms vouches for it (a valid grant): its labels are trusted, the
+    ///   farm's override them, and the domain is its `failure_domain` label;
+    /// - the pool assigns its id or owner root a domain (a syndication's site): that one;
+    /// - otherwise its owner root is its domain, whatever it claims: a stranger with many
+    ///   roots pays for each one, and a claimed `zone=` buys nothing.
+    ///
+    /// Outsiders' claimed domain labels are overwritten, so nothing downstream reads a claim.
+    fn assign_domain(
+        &self,
+        caller: &Caller,
+        admission: &Admission,
+        mut labels: BTreeMap<String, String>,
+        grant: &[u8],
+        now_ms: u64,
+    ) -> Result<(BTreeMap<String, String>, String, String), Refusal> {
+        let kind = &self.config.failure_domain;
+        if !grant.is_empty() {
+            let g = shardfarm_core::grant::FarmGrant::from_bytes(grant)
+                .map_err(|e| Refusal::InvalidArgument(format!("farm grant refused: {e}")))?;
+            g.verify(caller.credential.signing_key(), &self.identity.id(), now_ms / 1000)
+                .map_err(|e| Refusal::PermissionDenied(format!("farm grant refused: {e}")))?;
+            let farm = g.farm_id();
+            let Some(assigned) = self.farms.lock().unwrap().get(&farm).cloned() else {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "farm key {farm} is not one of pool `{}`'s farms (yet): retry once its \
+                     MiningFarm is reconciled",
+                    self.config.pool
+                )));
+            };
+            labels.extend(assigned);
+            let domain = labels.get(kind).cloned().ok_or_else(|| {
+                Refusal::InvalidArgument(format!(
+                    "label `{kind}` is required: the pool spreads shards over {kind}s"
+                ))
+            })?;
+            return Ok((labels, domain, format!("farm {}", farm.short())));
+        }
+        let (domain, from) =
+            match admission.domains.get(&caller.id).or_else(|| admission.domains.get(&caller.root))
+            {
+                Some(d) => (d.clone(), "syndication".to_string()),
+                None => (format!("root-{}", caller.root.short()), "owner root".to_string()),
+            };
+        labels.insert(kind.clone(), domain.clone());
+        Ok((labels, domain, from))
+    }
+
+    /// The owner's farm `farm` assigns its agents `labels` (a MiningFarm's, in a cluster).
+    pub fn set_farm(&self, farm: NodeId, labels: BTreeMap<String, String>) {
+        self.farms.lock().unwrap().insert(farm, labels);
+    }
+
+    /// Forgets the farm `farm`: its grants no longer vouch for anyone (members keep the
+    /// domain they joined with until they join again).
+    pub fn remove_farm(&self, farm: &NodeId) {
+        self.farms.lock().unwrap().remove(farm);
     }
 
     /// The current layout, if there is one.
@@ -979,6 +1058,35 @@ impl Coordinator {
         let _ = audits.await;
         let _ = self.persist();
     }
+}
+
+/// Most labels a node may send, and the longest key or value (a Kubernetes label's bounds).
+const MAX_LABELS: usize = 16;
+const MAX_LABEL_LEN: usize = 63;
+
+/// Refuses label sets a stranger could use to bloat the state or the metrics.
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Refusal> {
+    if labels.len() > MAX_LABELS {
+        return Err(Refusal::InvalidArgument(format!(
+            "{} labels sent; at most {MAX_LABELS} are accepted",
+            labels.len()
+        )));
+    }
+    let fine = |s: &str| {
+        s.len() <= MAX_LABEL_LEN
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    };
+    for (k, v) in labels {
+        if k.is_empty() || !fine(k) || !fine(v) {
+            return Err(Refusal::InvalidArgument(format!(
+                "label `{}={}` refused: keys (1-{MAX_LABEL_LEN} characters) and values \
+                 (0-{MAX_LABEL_LEN}) are letters, digits and - _ . /",
+                k.escape_debug(),
+                v.escape_debug()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every node a published layout (or its fallback) gives a slot.

@@ -129,6 +129,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             labels: r.labels.into_iter().collect(),
             capacity_report: r.capacity_report.to_vec(),
             last_layout: r.last_layout,
+            farm_grant: r.farm_grant.to_vec(),
         };
         let joined = self.c.join(&caller, input, now_ms());
         let result = if joined.is_ok() { "ok" } else { "refused" };

@@ -77,6 +77,9 @@ pub struct Member {
     /// recovered from the agents. Founders are vetted without audits (see `vetting`).
     #[serde(default)]
     pub founding: bool,
+    /// Where its failure domain came from: `farm <key>`, `syndication` or `owner root`.
+    #[serde(default)]
+    pub domain_from: String,
 }
 
 impl Member {
@@ -110,6 +113,7 @@ impl Member {
             epoch_total: 0,
             draining: false,
             founding: false,
+            domain_from: String::new(),
         }
     }
 

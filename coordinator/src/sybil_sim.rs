@@ -1,11 +1,13 @@
 //! The sybil simulation (issue 16): the coordinator in-process with the real placement engine
 //! and simulated audits. Nine honest nodes in three zones found an RS(4,2) pool; three sybils
 //! join, each claiming a petabyte from a zone of its own, and store nothing (they fail every
-//! audit). After every layout round and through a whole epoch: every partition keeps at least
+//! audit). The honest nodes are the owner's farm's (a grant makes their zones stand); the
+//! sybils are outsiders, whose claimed zones are replaced by their owner roots. After every layout round and through a whole epoch: every partition keeps at least
 //! k honest holders, the sybils hold no more slots than vetting allows, and they earn nothing.
 
 use shardfarm_core::auth::Caller;
 use shardfarm_core::capacity::{CapacityReport, Machine};
+use shardfarm_core::grant::FarmGrant;
 use shardfarm_core::identity::Identity;
 
 use super::*;
@@ -17,7 +19,17 @@ fn caller(id: &Identity) -> Caller {
     Caller { credential: id.credential(), id: id.id(), root: id.id() }
 }
 
-fn join(c: &Coordinator, id: &Identity, zone: &str, space: u64, port: u16, now: u64) {
+/// `id` joins claiming `zone`, as an agent of `farm` (whose grant makes the claim stand) or
+/// as an outsider (whose domain the pool assigns: its owner root).
+fn join(
+    c: &Coordinator,
+    id: &Identity,
+    farm: Option<&Identity>,
+    zone: &str,
+    space: u64,
+    port: u16,
+    now: u64,
+) {
     let (challenge, difficulty) = c.challenge(now).unwrap();
     let machine = Machine {
         processors: 1,
@@ -33,8 +45,14 @@ fn join(c: &Coordinator, id: &Identity, zone: &str, space: u64, port: u16, now: 
         labels: [("zone".to_string(), zone.to_string())].into(),
         capacity_report: report.encode(),
         last_layout: None,
+        farm_grant: farm.map_or_else(Vec::new, |f| {
+            FarmGrant::issue(f, id.public_key(), c.identity().id(), now / 1000 + 3_600).to_bytes()
+        }),
     };
-    c.join(&caller(id), input, now).unwrap();
+    let m = c.join(&caller(id), input, now).unwrap();
+    if farm.is_none() {
+        assert_eq!(m.domain, format!("root-{}", id.id().short()), "an outsider's claim stood");
+    }
 }
 
 /// What the sybils got, over the whole run.
@@ -56,7 +74,9 @@ struct Outcome {
 /// Runs the simulation under `vetting` through two epochs, printing every round.
 fn simulate(vetting: vetting::VettingConfig) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
+    let farm = Identity::generate(0, 1, &|_| {}).unwrap().0;
     let config = PoolConfig {
+        farms: [(farm.id().to_hex(), Default::default())].into(),
         pool: "sim".into(),
         k: K as u16,
         m: 2,
@@ -76,12 +96,14 @@ fn simulate(vetting: vetting::VettingConfig) -> Outcome {
     let sybils: Vec<Identity> = (0..3).map(|_| mine()).collect();
     let mut now = 10_000_000u64;
     for (i, id) in honest.iter().enumerate() {
-        join(&c, id, &format!("zone-{}", i % 3), 1 << 40, 7000 + 2 * i as u16, now);
+        join(&c, id, Some(&farm), &format!("zone-{}", i % 3), 1 << 40, 7000 + 2 * i as u16, now);
     }
     c.tick(now);
     assert!(c.layout().is_some(), "the founders' layout");
     for (i, id) in sybils.iter().enumerate() {
-        join(&c, id, &format!("sybil-{i}"), 1_000_000_000_000_000, 8000 + 2 * i as u16, now);
+        let (zone, space, port) =
+            (format!("sybil-{i}"), 1_000_000_000_000_000, 8000 + 2 * i as u16);
+        join(&c, id, None, &zone, space, port, now);
     }
     let honest_ids: BTreeSet<NodeId> = honest.iter().map(|i| i.id()).collect();
     let sybil_ids: BTreeSet<NodeId> = sybils.iter().map(|i| i.id()).collect();

@@ -46,8 +46,21 @@ async fn start_as(cfg: PoolConfig, root: Identity) -> Running {
     Running { c, addr, stop, _dir: dir }
 }
 
+/// The farm whose agents the tests' nodes are (unless a test makes an outsider).
+fn farm() -> Identity {
+    Identity::from_parts(ed25519_dalek::SigningKey::from_bytes(&[7; 32]), 0)
+}
+
+/// A grant of the test farm for `id` in the pool `r` runs.
+fn grant(r: &Running, id: &Identity) -> Vec<u8> {
+    let expires = shardfarm_core::auth::now_ms() / 1000 + 3_600;
+    shardfarm_core::grant::FarmGrant::issue(&farm(), id.public_key(), r.c.identity().id(), expires)
+        .to_bytes()
+}
+
 fn pool() -> PoolConfig {
     PoolConfig {
+        farms: [(farm().id().to_hex(), Default::default())].into(),
         pool: "test".into(),
         min_difficulty: D,
         capacity_difficulty: D,
@@ -79,6 +92,7 @@ fn join_req(zone: &str, port: u16, report: Vec<u8>) -> proto::JoinRequest {
         labels: [("zone".to_string(), zone.to_string())].into(),
         capacity_report: report.into(),
         last_layout: None,
+        farm_grant: Default::default(),
     }
 }
 
@@ -95,6 +109,7 @@ async fn join_again(
     let report = CapacityReport::prove(id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
     let mut req = join_req(zone, port, report.encode());
     req.last_layout = last;
+    req.farm_grant = grant(r, id).into();
     c.join(req).await
 }
 
@@ -108,7 +123,9 @@ async fn join(
     let mut c = client(r, Signer::identity(&id)).await;
     let ch = c.challenge().await.unwrap();
     let report = CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
-    let r = c.join(join_req(zone, port, report.encode())).await;
+    let mut req = join_req(zone, port, report.encode());
+    req.farm_grant = grant(r, &id).into();
+    let r = c.join(req).await;
     (id, r)
 }
 
@@ -178,15 +195,6 @@ async fn join_refusals_say_why_and_admit_nothing() {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
     assert!(s.message().contains("did not issue"), "{s}");
 
-    // No failure-domain label.
-    let ch3 = c.challenge().await.unwrap();
-    let p = CapacityReport::prove(&id, &ch3.challenge, D, machine()).unwrap();
-    let mut req = join_req("z0", 9000, p.encode());
-    req.labels.clear();
-    let s = c.join(req).await.unwrap_err();
-    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
-    assert!(s.message().contains("label `zone` is required"), "{s}");
-
     // A bad address.
     let ch4 = c.challenge().await.unwrap();
     let p = CapacityReport::prove(&id, &ch4.challenge, D, machine()).unwrap();
@@ -226,6 +234,7 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     r.c.set_admission(shardfarm_coordinator::Admission {
         min_difficulty: D,
         allow: Some([listed.id()].into()),
+        domains: [(listed.id(), "site-a".to_string())].into(),
     });
     let (_, res) = join(&r, "edge", 9500).await;
     let s = res.unwrap_err();
@@ -235,8 +244,16 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     let ch = c.challenge().await.unwrap();
     let p = CapacityReport::prove(&listed, &ch.challenge, D, machine()).unwrap();
     c.join(join_req("edge", 9502, p.encode())).await.unwrap();
+    // The syndication's site is its domain, not the zone it claimed.
+    let m = r.c.members().into_iter().find(|m| m.id == listed.id()).unwrap();
+    assert_eq!((m.domain.as_str(), m.labels["zone"].as_str()), ("site-a", "site-a"));
+    assert_eq!(m.domain_from, "syndication");
     // A higher difficulty than the pool's: an identity mined to exactly 8 bits is refused.
-    r.c.set_admission(shardfarm_coordinator::Admission { min_difficulty: 40, allow: None });
+    r.c.set_admission(shardfarm_coordinator::Admission {
+        min_difficulty: 40,
+        allow: None,
+        domains: Default::default(),
+    });
     let (_, res) = join(&r, "edge", 9504).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
@@ -384,7 +401,7 @@ proptest::proptest! {
     /// cover the bytes as sent, so every join with any label map verifies.
     #[test]
     fn joins_with_any_labels_verify_on_the_server_path(
-        labels in proptest::collection::hash_map("[a-z0-9./-]{1,24}", "[ -~]{0,40}", 0..24)
+        labels in proptest::collection::hash_map("[a-z0-9./-]{1,24}", "[a-zA-Z0-9._/-]{0,40}", 0..15)
     ) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -505,4 +522,106 @@ async fn a_coordinator_that_lost_its_state_recovers_the_layout_from_its_nodes() 
         panic!("a layout signed by a stranger was accepted")
     };
     assert_eq!(e.metric_label(), "wrong_pool", "{e}");
+}
+
+/// Joins as `id` claiming `zone`, with `grant` (possibly empty) and `labels` added.
+async fn join_with(
+    r: &Running,
+    id: &Identity,
+    zone: &str,
+    port: u16,
+    grant: Vec<u8>,
+    labels: &[(&str, &str)],
+) -> Result<proto::JoinResponse, tonic::Status> {
+    let mut c = client(r, Signer::identity(id)).await;
+    let ch = c.challenge().await.unwrap();
+    let report = CapacityReport::prove(id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
+    let mut req = join_req(zone, port, report.encode());
+    req.farm_grant = grant.into();
+    req.labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    c.join(req).await
+}
+
+#[tokio::test]
+async fn outsiders_get_their_owner_root_as_domain_and_farm_agents_keep_theirs() {
+    use shardfarm_core::grant::FarmGrant;
+    let (farm, _) = Identity::generate(0, 1, &|_| {}).unwrap();
+    let (unknown_farm, _) = Identity::generate(0, 1, &|_| {}).unwrap();
+    let mut cfg = pool();
+    cfg.farms = [(farm.id().to_hex(), [("farm".to_string(), "rack-a".to_string())].into())].into();
+    let r = start(cfg).await;
+    let pool_id = r.c.identity().id();
+    let now = shardfarm_core::auth::now_ms() / 1000;
+    let mine = || Identity::generate(D, 0, &|_| {}).unwrap().0;
+    let member = |id: &Identity| r.c.members().into_iter().find(|m| m.id == id.id());
+
+    // The farm's agent: its claimed zone stands, and the farm's label overrides its own.
+    let agent = mine();
+    let grant = FarmGrant::issue(&farm, agent.public_key(), pool_id, now + 60).to_bytes();
+    join_with(&r, &agent, "zone-7", 9600, grant.clone(), &[("farm", "claimed")]).await.unwrap();
+    let m = member(&agent).unwrap();
+    assert_eq!((m.domain.as_str(), m.labels["farm"].as_str()), ("zone-7", "rack-a"));
+    assert!(m.domain_from.starts_with("farm "), "{}", m.domain_from);
+
+    // An outsider claiming the same zone gets its owner root instead.
+    let stranger = mine();
+    join_with(&r, &stranger, "zone-7", 9602, Vec::new(), &[]).await.unwrap();
+    let m = member(&stranger).unwrap();
+    assert_eq!(m.domain, format!("root-{}", stranger.id().short()));
+    assert_eq!(m.labels["zone"], m.domain, "the claim is not kept where it could be read");
+    assert_eq!(m.domain_from, "owner root");
+
+    // The agent's grant replayed by another identity, for another pool, expired, or from a key
+    // that is not one of the pool's farms: refused, and nothing joins.
+    let thief = mine();
+    let s = join_with(&r, &thief, "zone-7", 9604, grant, &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s}");
+    assert!(s.message().contains("names another node"), "{s}");
+    let other_pool = FarmGrant::issue(&farm, thief.public_key(), farm.id(), now + 60);
+    let s = join_with(&r, &thief, "zone-7", 9604, other_pool.to_bytes(), &[]).await.unwrap_err();
+    assert!(s.message().contains("is for pool"), "{s}");
+    let expired = FarmGrant::issue(&farm, thief.public_key(), pool_id, now - 1);
+    let s = join_with(&r, &thief, "zone-7", 9604, expired.to_bytes(), &[]).await.unwrap_err();
+    assert!(s.message().contains("expired"), "{s}");
+    let self_made = FarmGrant::issue(&unknown_farm, thief.public_key(), pool_id, now + 60);
+    let s = join_with(&r, &thief, "zone-7", 9604, self_made.to_bytes(), &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+    assert!(s.message().contains("is not one of pool"), "{s}");
+    let s = join_with(&r, &thief, "zone-7", 9604, vec![0; 7], &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    // A farm's agent must carry the domain label (an outsider needs none: it is assigned).
+    let unlabelled = mine();
+    let grant = FarmGrant::issue(&farm, unlabelled.public_key(), pool_id, now + 60);
+    let mut c = client(&r, Signer::identity(&unlabelled)).await;
+    let ch = c.challenge().await.unwrap();
+    let p = CapacityReport::prove(&unlabelled, &ch.challenge, D, machine()).unwrap();
+    let mut req = join_req("z", 9605, p.encode());
+    req.labels.clear();
+    req.farm_grant = grant.to_bytes().into();
+    let s = c.join(req).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s}");
+    assert!(s.message().contains("label `zone` is required"), "{s}");
+    assert!(member(&thief).is_none());
+
+    // Once the farm is forgotten, its grants vouch for nobody.
+    r.c.remove_farm(&farm.id());
+    let later = mine();
+    let grant = FarmGrant::issue(&farm, later.public_key(), pool_id, now + 60).to_bytes();
+    let s = join_with(&r, &later, "zone-7", 9606, grant, &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+}
+
+#[tokio::test]
+async fn label_sets_beyond_bounds_are_refused() {
+    let r = start(pool()).await;
+    let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let long = "x".repeat(64);
+    let many: Vec<(String, String)> = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for labels in [vec![("host", long.as_str())], vec![("bad key", "v")], vec![("", "v")], many] {
+        let s = join_with(&r, &id, "z0", 9700, Vec::new(), &labels).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{labels:?}: {s}");
+        assert!(s.message().contains("label"), "{s}");
+    }
+    assert!(r.c.members().is_empty());
 }

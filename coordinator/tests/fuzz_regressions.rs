@@ -64,6 +64,7 @@ fn join(c: &Coordinator, seed: u8, zone: &str, overhead: f64) -> Result<(), Refu
         // figure serde_json's default parser reads back as …665.414211.
         capacity_report: report(&id, &challenge, 8, overhead),
         last_layout: None,
+        farm_grant: Default::default(),
     };
     c.join(&caller, input, NOW).map(|_| ())
 }

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cap;
 pub mod capacity;
 pub mod codec;
+pub mod grant;
 pub mod identity;
 pub mod limit;
 pub mod placement;

@@ -326,6 +326,7 @@ fn coordinator_state() -> Seeds {
             labels,
             capacity_report: r.encode(),
             last_layout: None,
+            farm_grant: Default::default(),
         };
         c.join(&caller, input, NOW_MS).unwrap();
     }

@@ -63,6 +63,23 @@ impl Fabric for Coordinators {
         }
     }
 
+    fn set_farm(
+        &self,
+        pool: &str,
+        farm: NodeId,
+        labels: std::collections::BTreeMap<String, String>,
+    ) {
+        if let Some(c) = self.get(pool) {
+            c.set_farm(farm, labels);
+        }
+    }
+
+    fn remove_farm(&self, pool: &str, farm: &NodeId) {
+        if let Some(c) = self.get(pool) {
+            c.remove_farm(farm);
+        }
+    }
+
     fn pool_id(&self, pool: &str) -> Option<NodeId> {
         Some(self.get(pool)?.identity().id())
     }

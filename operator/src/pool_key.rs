@@ -6,6 +6,11 @@
 //! it); if two replicas race to create it, the loser reads the winner's. An operator upgraded
 //! from one that kept the key only in its state volume moves that key into the Secret, so the
 //! pool id does not change.
+//!
+//! Each MiningFarm of a local pool has a farm key kept the same way
+//! (`shardfarm-farm-key-<farm>`, owned by the farm): its agents present grants signed by it,
+//! which is how the coordinator tells the owner's own agents from outsiders (see
+//! `shardfarm_core::grant`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,18 +31,28 @@ pub fn secret_name(pool: &str) -> String {
     format!("shardfarm-pool-key-{pool}")
 }
 
+/// The name of the Secret holding the key of farm `farm`.
+pub fn farm_secret_name(farm: &str) -> String {
+    format!("shardfarm-farm-key-{farm}")
+}
+
 /// The Secret for `identity`, immutable.
 pub fn secret(pool: &str, identity: &Identity) -> Secret {
+    key_secret(
+        secret_name(pool),
+        BTreeMap::from([
+            ("shardfarm.io/pool".to_string(), pool.to_string()),
+            (POOL_ID_LABEL.to_string(), identity.id().to_hex()),
+        ]),
+        identity,
+    )
+}
+
+fn key_secret(name: String, labels: BTreeMap<String, String>, identity: &Identity) -> Secret {
+    let mut labels = labels;
+    labels.insert("app.kubernetes.io/managed-by".to_string(), "shardfarm-operator".to_string());
     Secret {
-        metadata: ObjectMeta {
-            name: Some(secret_name(pool)),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), "shardfarm-operator".to_string()),
-                ("shardfarm.io/pool".to_string(), pool.to_string()),
-                (POOL_ID_LABEL.to_string(), identity.id().to_hex()),
-            ])),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some(name), labels: Some(labels), ..Default::default() },
         immutable: Some(true),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([(
@@ -48,7 +63,8 @@ pub fn secret(pool: &str, identity: &Identity) -> Secret {
     }
 }
 
-fn parse(s: &Secret) -> anyhow::Result<Identity> {
+/// The identity a key Secret holds.
+pub fn parse(s: &Secret) -> anyhow::Result<Identity> {
     let name = s.metadata.name.clone().unwrap_or_default();
     let data = s.data.as_ref().and_then(|d| d.get(DATA_KEY)).with_context(|| {
         format!("Secret {name} has no `{DATA_KEY}` entry: restore it from a backup of the pool key")
@@ -71,9 +87,41 @@ pub async fn get_or_create(
         return parse(&s);
     }
     let identity = if legacy.exists() { Identity::load(legacy)? } else { mine()? };
-    match api.create(&PostParams::default(), &secret(pool, &identity)).await {
+    create_or_read(api, secret(pool, &identity), identity).await
+}
+
+/// The key of farm `farm` (owned by `owner`, the MiningFarm, so it goes with it): read from
+/// its Secret, or generated and stored the first time. Farm keys are not mined: the pool lists
+/// them by id, so there is nothing to make costly.
+pub async fn farm_key(
+    api: &Api<Secret>,
+    farm: &str,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> anyhow::Result<Identity> {
+    let name = farm_secret_name(farm);
+    if let Some(s) = api.get_opt(&name).await? {
+        return parse(&s);
+    }
+    let (identity, _) = Identity::generate(0, 1, &|_| {})?;
+    let mut s = key_secret(
+        name,
+        BTreeMap::from([("shardfarm.io/farm".to_string(), farm.to_string())]),
+        &identity,
+    );
+    s.metadata.owner_references = Some(vec![owner]);
+    create_or_read(api, s, identity).await
+}
+
+/// Creates `secret` holding `identity`; if another replica created it first, reads theirs.
+async fn create_or_read(
+    api: &Api<Secret>,
+    secret: Secret,
+    identity: Identity,
+) -> anyhow::Result<Identity> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
-            tracing::info!(secret = %name, pool_id = %identity.id(), "stored the pool key");
+            tracing::info!(secret = %name, key_id = %identity.id(), "stored a key");
             Ok(identity)
         }
         // Another replica created it first: theirs is the pool key.

@@ -322,6 +322,7 @@ impl FakeAgent {
                 labels: [("zone".to_string(), zone)].into(),
                 capacity_report: report.encode().into(),
                 last_layout: None,
+                farm_grant: Default::default(),
             };
             c.join(req).await.unwrap();
         });

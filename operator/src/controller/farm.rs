@@ -94,6 +94,20 @@ pub fn pool_id(ctx: &Context, farm: &MiningFarm) -> Option<String> {
     }
 }
 
+/// Whether the farm's agents join a pool of this cluster (whose coordinator knows the farm's
+/// key), rather than a remote pool to which they are outsiders.
+fn local_pool(farm: &MiningFarm) -> bool {
+    farm.spec.pool_ref.pool_id.is_none() && farm.spec.pool_ref.name.is_some()
+}
+
+/// The labels a farm assigns its agents: the coordinator overrides whatever they claim.
+pub fn assigned_labels(farm: &MiningFarm) -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([
+        ("farm".to_string(), farm.name_any()),
+        ("zone".to_string(), farm.spec.zone.clone()),
+    ])
+}
+
 /// The StatefulSet of a farm with `replicas` agents pinned to the pool key `pool_id`.
 pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) -> serde_json::Value {
     let name = farm.name_any();
@@ -118,12 +132,27 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) ->
             c.replace("Gi", "GiB").replace("Ti", "TiB").replace("Mi", "MiB")
         ));
     }
+    let mut env = vec![
+        json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
+    ];
+    if local_pool(farm) {
+        // The farm key vouches for the agents as the owner's own (their labels are trusted).
+        // An environment variable, not a file: a Secret volume under an fsGroup is
+        // group-readable, and the agent refuses key files others can read.
+        env.push(json!({
+            "name": "SHARDFARM_FARM_KEY_TEXT",
+            "valueFrom": { "secretKeyRef": {
+                "name": crate::pool_key::farm_secret_name(&name),
+                "key": crate::pool_key::DATA_KEY,
+            } },
+        }));
+    }
     let mut pod = json!({
         "containers": [{
             "name": "agent",
             "image": spec.agent.image,
             "args": args,
-            "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+            "env": env,
             "ports": [
                 { "name": "grpc", "containerPort": AGENT_GRPC_PORT },
                 { "name": "http", "containerPort": AGENT_HTTP_PORT },
@@ -190,6 +219,13 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     };
     let pp = PatchParams::apply(MANAGER).force();
     let owner = farm.controller_owner_ref(&()).expect("farm has a uid");
+    if local_pool(&farm) {
+        let secrets = Api::namespaced(ctx.client.clone(), &ns);
+        let key = crate::pool_key::farm_key(&secrets, &name, owner.clone())
+            .await
+            .map_err(|e| Error::Invalid(format!("farm key: {e:#}")))?;
+        ctx.fabric.set_farm(&pool, key.id(), assigned_labels(&farm));
+    }
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = sts_api.get_opt(&name).await?;
     let current = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(0);
@@ -307,6 +343,17 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let members = farm_members(&ctx, &farm);
     for m in &members {
         ctx.fabric.remove(&pool, m.id);
+    }
+    if local_pool(&farm) {
+        let ns = farm.namespace().unwrap_or_default();
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(ctx.client.clone(), &ns);
+        let name = crate::pool_key::farm_secret_name(&farm.name_any());
+        if let Some(key) =
+            secrets.get_opt(&name).await?.and_then(|s| crate::pool_key::parse(&s).ok())
+        {
+            ctx.fabric.remove_farm(&pool, &key.id());
+        }
     }
     ctx.event(
         &*farm,

@@ -32,6 +32,8 @@ pub struct TestFabric {
     pub removed: Mutex<Vec<NodeId>>,
     pub published: Mutex<Vec<Layout>>,
     pub admission: Mutex<Option<shardfarm_coordinator::Admission>>,
+    pub farms:
+        Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<String, String>>>,
 }
 
 impl Fabric for TestFabric {
@@ -58,6 +60,17 @@ impl Fabric for TestFabric {
     }
     fn set_admission(&self, _pool: &str, admission: shardfarm_coordinator::Admission) {
         *self.admission.lock().unwrap() = Some(admission);
+    }
+    fn set_farm(
+        &self,
+        _pool: &str,
+        farm: NodeId,
+        labels: std::collections::BTreeMap<String, String>,
+    ) {
+        self.farms.lock().unwrap().insert(farm, labels);
+    }
+    fn remove_farm(&self, _pool: &str, farm: &NodeId) {
+        self.farms.lock().unwrap().remove(farm);
     }
     fn pool_id(&self, pool: &str) -> Option<NodeId> {
         Some(pool_id(pool))

@@ -88,6 +88,15 @@ pub trait Fabric: Send + Sync {
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
     /// Sets the admission rules later joins to `pool` must meet.
     fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission);
+    /// The owner's farm with key `farm` assigns its agents `labels` in `pool`.
+    fn set_farm(
+        &self,
+        pool: &str,
+        farm: NodeId,
+        labels: std::collections::BTreeMap<String, String>,
+    );
+    /// The farm with key `farm` no longer vouches for anyone in `pool`.
+    fn remove_farm(&self, pool: &str, farm: &NodeId);
     /// The id of `pool`'s key (its coordinator's identity), once its coordinator runs.
     fn pool_id(&self, pool: &str) -> Option<NodeId>;
 }

@@ -3,8 +3,10 @@
 //! Static members (edge boxes, bare metal) are judged by the admission rules here: a node id
 //! that is not 64 hex digits, an identity mined below the syndication's or the pool's
 //! difficulty (whichever is higher), or — in `AllowList` mode — an id not listed, is refused
-//! with the reason in status and a Warning event. Members that joined the coordinator from a
-//! listed remote cluster appear with their standing; their cluster is a failure-domain label.
+//! with the reason in status and a Warning event. A static member's failure domain is the label
+//! the syndication gives it (of the pool's failure-domain kind), or else its owner root; what
+//! the node claims at Join is not used. Members that joined the coordinator from a listed
+//! remote cluster appear with their standing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,11 +75,24 @@ async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {
                 .filter_map(|id| shardfarm_core::identity::NodeId::from_hex(id).ok())
                 .collect()
         });
+        // A static member's failure domain is the one this syndication declares for it (its
+        // label of the pool's failure-domain kind), never what the node claims at Join.
+        let kind = pool.as_ref().map_or("zone", |p| p.spec.failure_domain.label());
+        let domains = syn
+            .spec
+            .static_members
+            .iter()
+            .filter_map(|m| {
+                let id = shardfarm_core::identity::NodeId::from_hex(&m.node_id).ok()?;
+                Some((id, m.labels.get(kind)?.clone()))
+            })
+            .collect();
         ctx.fabric.set_admission(
             pool_name,
             shardfarm_coordinator::Admission {
                 min_difficulty: syn.spec.admission.min_identity_difficulty,
                 allow,
+                domains,
             },
         );
     }

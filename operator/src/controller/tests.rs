@@ -47,12 +47,14 @@ fn apply_pass(
     check_sts: impl FnOnce(&Value) + Send + 'static,
     check_status: impl FnOnce(&Value) + Send + 'static,
 ) -> Vec<Expect> {
+    let new = current.is_none();
     let get = expect(Method::GET, "/apis/apps/v1/namespaces/farms/statefulsets/alpha");
     let get = match current {
         Some(s) => get.reply(s),
         None => get.not_found(),
     };
-    vec![
+    let mut script = farm_key_requests(new);
+    script.extend([
         get,
         expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents").body(|b| {
             assert_eq!(b["spec"]["clusterIP"], "None");
@@ -64,6 +66,37 @@ fn apply_pass(
         expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha")))
             .onto(farm_json(1))
             .body(check_status),
+    ]);
+    script
+}
+
+/// The key of farm `alpha` the tests' API server holds.
+fn farm_key() -> shardfarm_core::identity::Identity {
+    shardfarm_core::identity::Identity::from_parts(
+        ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        0,
+    )
+}
+
+fn farm_key_path() -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/shardfarm-farm-key-alpha")
+}
+
+/// The farm key's Secret: read, or for a new farm created (immutable, owned by the farm).
+fn farm_key_requests(new: bool) -> Vec<Expect> {
+    let mut secret = serde_json::to_value(crate::pool_key::secret("x", &farm_key())).unwrap();
+    secret["metadata"]["name"] = json!("shardfarm-farm-key-alpha");
+    if !new {
+        return vec![expect(Method::GET, farm_key_path()).reply(secret)];
+    }
+    vec![
+        expect(Method::GET, farm_key_path()).not_found(),
+        expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets")).body(|b| {
+            assert_eq!(b["metadata"]["name"], "shardfarm-farm-key-alpha");
+            assert_eq!(b["immutable"], true);
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "MiningFarm");
+            assert_eq!(b["metadata"]["labels"]["shardfarm.io/farm"], "alpha");
+        }),
     ]
 }
 
@@ -87,7 +120,7 @@ async fn a_new_farm_gets_its_finalizer_then_agents_service_and_budget() {
     run(handle, script, farm::reconcile(Arc::new(farm_obj(3, false)), ctx)).await.unwrap();
 
     // Second pass, finalized: StatefulSet of 3 agents with their volume, zone and coordinator.
-    let (ctx, handle) = context(fabric);
+    let (ctx, handle) = context(fabric.clone());
     let script = apply_pass(
         None,
         |b| {
@@ -102,6 +135,15 @@ async fn a_new_farm_gets_its_finalizer_then_agents_service_and_budget() {
             assert!(
                 args.contains("--label=farm=alpha") && args.contains("--capacity=100GiB"),
                 "{args}"
+            );
+            // The farm key reaches the agents from its Secret, as an environment variable.
+            let env = &b["spec"]["template"]["spec"]["containers"][0]["env"];
+            let key =
+                env.as_array().unwrap().iter().find(|e| e["name"] == "SHARDFARM_FARM_KEY_TEXT");
+            assert_eq!(
+                key.unwrap()["valueFrom"]["secretKeyRef"]["name"],
+                "shardfarm-farm-key-alpha",
+                "{env}"
             );
             assert_eq!(
                 b["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
@@ -123,6 +165,10 @@ async fn a_new_farm_gets_its_finalizer_then_agents_service_and_budget() {
         },
     );
     run(handle, script, farm::reconcile(Arc::new(farm_obj(3, true)), ctx)).await.unwrap();
+    // The pool now trusts the farm's key, and assigns its agents the farm's name and zone.
+    let farms = fabric.farms.lock().unwrap();
+    let (_, labels) = farms.iter().next().expect("the farm is registered with the pool");
+    assert_eq!((labels["farm"].as_str(), labels["zone"].as_str()), ("alpha", "rack-a"));
 }
 
 #[tokio::test]
@@ -175,7 +221,7 @@ async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
     );
     // The Draining event comes before the StatefulSet apply.
     script.insert(
-        3,
+        script.len() - 2,
         expect(Method::POST, events_path()).body(|b| {
             assert_eq!(b["reason"], "Draining");
             assert!(b["note"].as_str().unwrap().contains("alpha-2"));
@@ -216,8 +262,10 @@ async fn a_deleted_farm_takes_its_nodes_out_of_the_pool_then_drops_its_finalizer
     f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::now(),
     ));
+    fabric.farms.lock().unwrap().insert(farm_key().id(), Default::default());
     let (ctx, handle) = context(fabric.clone());
-    let script = vec![
+    let mut script = farm_key_requests(false);
+    script.extend([
         expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "FarmDeleted")),
         expect(Method::PATCH, sf_path("miningfarms", "alpha"))
             .body(|b| {
@@ -229,9 +277,10 @@ async fn a_deleted_farm_takes_its_nodes_out_of_the_pool_then_drops_its_finalizer
                 );
             })
             .reply(serde_json::to_value(farm_obj(1, false)).unwrap()),
-    ];
+    ]);
     run(handle, script, farm::reconcile(Arc::new(f), ctx)).await.unwrap();
     assert_eq!(*fabric.removed.lock().unwrap(), vec![mine.id]);
+    assert!(fabric.farms.lock().unwrap().is_empty(), "the farm's key still vouches");
 }
 
 fn pool_obj(k: u16, m: u16) -> StoragePool {
