@@ -237,6 +237,12 @@ fn a_member_serving_junk_is_not_copied_from_is_reported_and_fails_its_audits() {
     farm.wait_for(60, "a layout that gives the junk server slots", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
     });
+    // It says at once that it has repaired for the layout; asked for segments of the slots
+    // it gained, it cannot prove them, so its word does not end the readers' fallback.
+    farm.wait_for(60, "the junk server's claim of sync to be checked and refused", || {
+        farm.coordinator_metric("shardfarm_coordinator_sync_checks_total{result=\"fail\"}") > 0.0
+    });
+    assert_eq!(farm.coordinator_metric("shardfarm_coordinator_layout_in_sync"), 0.0);
 
     // An honest node dies for good: the new holders of its slots repair, and the junk server
     // lists a copy of every shard. Forged headers and corrupt bytes are refused and counted;

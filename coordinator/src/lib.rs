@@ -277,6 +277,17 @@ pub struct ReportInput {
     pub suspect_peers: Vec<NodeId>,
 }
 
+/// Nodes whose report of sync awaits the check that they hold what they gained.
+#[derive(Clone, Debug, Default)]
+pub struct SyncWork {
+    /// The current layout's version.
+    pub version: u64,
+    /// The readers' fallback layout (the data's sources), if any.
+    pub previous: Option<placement::Layout>,
+    /// Each node to check, with the (partition, slot)s it gained.
+    pub nodes: Vec<(NodeId, Vec<(u32, usize)>)>,
+}
+
 /// The coordinator of one pool.
 pub struct Coordinator {
     config: PoolConfig,
@@ -541,6 +552,8 @@ impl Coordinator {
     ) -> Result<(Standing, u64), Refusal> {
         let mut st = self.state.lock().unwrap();
         let version = st.layout.as_ref().map_or(0, |l| l.version);
+        // A claim of sync for a layout that gave the node nothing new needs no check.
+        let nothing_new = st.gained(&caller.id).is_empty();
         // Only members can be suspects (bounded metric labels, no made-up ids).
         let members: std::collections::BTreeSet<NodeId> = st.nodes.values().map(|m| m.id).collect();
         let m = st.nodes.get_mut(&caller.id.to_hex()).ok_or_else(|| {
@@ -558,6 +571,9 @@ impl Coordinator {
             self.metrics.peer_complaints.with_label_values(&[&peer.to_hex()]).inc();
         }
         m.synced_version = r.synced_version;
+        if nothing_new && r.synced_version >= version {
+            m.verified_version = m.verified_version.max(version);
+        }
         let standing = m.standing;
         if !was_up {
             tracing::info!(node = %caller.id, "node is back up");
@@ -1000,6 +1016,43 @@ impl Coordinator {
     }
 
     /// Records an audit result (the auditor calls this).
+    /// What the sync checker has to do: the current layout's version, the fallback layout
+    /// (the data's sources), and each node that says it repaired for the current layout but
+    /// was not checked yet, with the slots it gained. Public for simulations and tests.
+    pub fn sync_work(&self) -> SyncWork {
+        let st = self.state.lock().unwrap();
+        let Some(l) = &st.layout else { return SyncWork::default() };
+        let nodes = st
+            .nodes
+            .values()
+            .filter(|m| m.up && m.standing != Standing::Disqualified)
+            .filter(|m| m.synced_version >= l.version && m.verified_version < l.version)
+            .map(|m| (m.id, st.gained(&m.id)))
+            .collect();
+        SyncWork { version: l.version, previous: st.previous.clone(), nodes }
+    }
+
+    /// The outcome of checking that `node` holds what it gained in layout `version`: a pass
+    /// lets its report of sync count (if `version` is still current); a failure is a failed
+    /// audit — it said it had repaired and did not hold what it was asked for. Called by the
+    /// auditor; public for simulations.
+    pub fn record_sync_check(&self, node: &NodeId, version: u64, passed: bool) {
+        if !passed {
+            self.record_audit(node, false);
+            self.metrics.sync_checks.with_label_values(&["fail"]).inc();
+            return;
+        }
+        self.metrics.sync_checks.with_label_values(&["pass"]).inc();
+        let mut st = self.state.lock().unwrap();
+        if st.layout.as_ref().is_some_and(|l| l.version == version)
+            && let Some(m) = st.nodes.get_mut(&node.to_hex())
+        {
+            m.verified_version = m.verified_version.max(version);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
     fn record_audit(&self, node: &NodeId, passed: bool) {
         let mut st = self.state.lock().unwrap();
         let cfg = &self.config.reputation;
@@ -1036,10 +1089,13 @@ impl Coordinator {
             let mut next = tokio::time::interval(audit_every);
             next.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             next.tick().await;
+            let mut sync = tokio::time::interval(tick);
+            sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = audit_stop.cancelled() => break,
                     _ = next.tick() => auditor.round().await,
+                    _ = sync.tick() => auditor.verify_sync(audit_every).await,
                 }
             }
         });

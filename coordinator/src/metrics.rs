@@ -20,6 +20,8 @@ pub struct CoordinatorMetrics {
     pub repair_backlog: IntGauge,
     /// Audits by result.
     pub audits: IntCounterVec,
+    /// Checks that a node holds what it gained before its sync counts, by result.
+    pub sync_checks: IntCounterVec,
     /// Audit score per node.
     pub audit_score: GaugeVec,
     /// 7-day uptime per node.
@@ -76,6 +78,14 @@ impl CoordinatorMetrics {
                 &["result"],
             )
             .unwrap(),
+            sync_checks: IntCounterVec::new(
+                o(
+                    "shardfarm_coordinator_sync_checks_total",
+                    "Sampled checks that a node holds the slots it gained before its sync counts",
+                ),
+                &["result"],
+            )
+            .unwrap(),
             audit_score: GaugeVec::new(
                 o("shardfarm_coordinator_node_audit_score", "Beta audit score per node"),
                 &["node"],
@@ -124,6 +134,7 @@ impl CoordinatorMetrics {
         // Known label values start at zero, so dashboards and alerts see 0 rather than no data.
         for r in ["pass", "fail"] {
             m.audits.with_label_values(&[r]);
+            m.sync_checks.with_label_values(&[r]);
         }
         for r in ["ok", "refused"] {
             m.joins.with_label_values(&[r]);
@@ -139,6 +150,7 @@ impl CoordinatorMetrics {
         reg.register(Box::new(m.layout_balance.clone())).unwrap();
         reg.register(Box::new(m.repair_backlog.clone())).unwrap();
         reg.register(Box::new(m.audits.clone())).unwrap();
+        reg.register(Box::new(m.sync_checks.clone())).unwrap();
         reg.register(Box::new(m.audit_score.clone())).unwrap();
         reg.register(Box::new(m.uptime.clone())).unwrap();
         reg.register(Box::new(m.rewards.clone())).unwrap();

@@ -77,12 +77,21 @@ pub struct Member {
     /// recovered from the agents. Founders are vetted without audits (see `vetting`).
     #[serde(default)]
     pub founding: bool,
+    /// Newest layout version whose new slots the coordinator checked it holds (by sampling,
+    /// `Auditor::verify_sync`): its report of `synced_version` alone drops no fallback.
+    #[serde(default)]
+    pub verified_version: u64,
     /// Where its failure domain came from: `farm <key>`, `syndication` or `owner root`.
     #[serde(default)]
     pub domain_from: String,
 }
 
 impl Member {
+    /// It says it has repaired for `version`, and the coordinator checked it.
+    pub fn in_sync(&self, version: u64) -> bool {
+        self.synced_version >= version && self.verified_version >= version
+    }
+
     /// A new member admitted as `caller` at `now_ms`.
     pub fn new(caller: &Caller, now_ms: u64, cfg: &ReputationConfig) -> Self {
         Member {
@@ -114,6 +123,7 @@ impl Member {
             draining: false,
             founding: false,
             domain_from: String::new(),
+            verified_version: 0,
         }
     }
 
@@ -205,7 +215,21 @@ impl Persisted {
         let holders: std::collections::BTreeSet<&NodeId> = l.partitions.iter().flatten().collect();
         holders
             .into_iter()
-            .all(|id| self.nodes.get(&id.to_hex()).is_some_and(|m| m.synced_version >= l.version))
+            .all(|id| self.nodes.get(&id.to_hex()).is_some_and(|m| m.in_sync(l.version)))
+    }
+
+    /// The slots `node` holds in the current layout that it did not hold in the fallback (all
+    /// of them when there is none): what it had to copy, and what a sync check samples.
+    pub fn gained(&self, node: &NodeId) -> Vec<(u32, usize)> {
+        let Some(l) = &self.layout else { return Vec::new() };
+        l.slots_of(node)
+            .into_iter()
+            .filter(|&(p, s)| {
+                self.previous.as_ref().is_none_or(|prev| {
+                    prev.partitions.get(p as usize).and_then(|h| h.get(s)) != Some(node)
+                })
+            })
+            .collect()
     }
 }
 

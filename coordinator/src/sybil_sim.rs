@@ -130,6 +130,12 @@ fn simulate(vetting: vetting::VettingConfig) -> Outcome {
                 ReportInput { synced_version: version, used_bytes: 1 << 30, ..Default::default() };
             let _ = c.report(&caller(id), r, now);
         }
+        // Sync claims are checked by sampling: the honest hold what they gained, the sybils
+        // (if they gained anything) do not.
+        let work = c.sync_work();
+        for (node, _) in work.nodes {
+            c.record_sync_check(&node, work.version, honest_ids.contains(&node));
+        }
         // One audit per node per round: the honest hold what they are asked for, the sybils
         // stored nothing.
         for id in &honest {

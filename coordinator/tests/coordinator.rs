@@ -347,6 +347,18 @@ async fn layouts_follow_membership_and_say_why_when_there_is_none() {
         c.report(proto::ReportRequest { synced_version: 2, ..Default::default() }).await.unwrap();
     }
     r.c.tick(now);
+    // Their word is not enough for the nodes that gained slots (the seventh at least): the
+    // fallback stays until the auditor has checked they hold what they gained (no agent
+    // runs here to be asked, so the test records the checks' outcome).
+    assert!(c.get_layout().await.unwrap().previous.is_some());
+    let work = r.c.sync_work();
+    let unchecked = work.nodes;
+    assert_eq!(work.version, 2);
+    assert!(unchecked.iter().any(|(n, gained)| *n == seventh.id() && !gained.is_empty()));
+    for (node, _) in &unchecked {
+        r.c.record_sync_check(node, 2, true);
+    }
+    r.c.tick(now);
     assert!(c.get_layout().await.unwrap().previous.is_none());
 
     // Silence beyond the grace period (1 s): the seventh is down and its slots are re-placed.

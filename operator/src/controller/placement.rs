@@ -96,7 +96,7 @@ async fn apply(sp: Arc<ShardPlacement>, ctx: &Context) -> Result<Action> {
             let holders: BTreeMap<_, _> = layout.loads();
             let synced = members
                 .iter()
-                .filter(|m| holders.contains_key(&m.id) && m.synced_version >= layout.version)
+                .filter(|m| holders.contains_key(&m.id) && m.in_sync(layout.version))
                 .count();
             ShardPlacementStatus {
                 layout_version: layout.version,
