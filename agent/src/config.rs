@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
+use shardfarm_core::identity::DEFAULT_DIFFICULTY;
 
 /// Every option of the agent. Each may come from a flag, its environment variable, or the
 /// same key (with underscores) in the `--config` TOML file.
@@ -36,11 +37,11 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_CAPACITY")]
     pub capacity: Option<String>,
 
-    /// Proof-of-work bits to mine this node's identity to on first start. [default: 24]
+    /// Proof-of-work bits to mine this node's identity to on first start. [default: 28]
     #[arg(long, env = "SHARDFARM_IDENTITY_DIFFICULTY")]
     pub identity_difficulty: Option<u8>,
 
-    /// Minimum proof-of-work bits the pool requires of callers. [default: 24]
+    /// Minimum proof-of-work bits the pool requires of callers. [default: 28]
     #[arg(long, env = "SHARDFARM_POOL_DIFFICULTY")]
     pub pool_difficulty: Option<u8>,
 
@@ -323,8 +324,8 @@ impl AgentArgs {
         if let Some(z) = a.zone {
             labels.insert("zone".into(), z);
         }
-        let identity_difficulty = a.identity_difficulty.unwrap_or(24);
-        let pool_difficulty = a.pool_difficulty.unwrap_or(24);
+        let identity_difficulty = a.identity_difficulty.unwrap_or(DEFAULT_DIFFICULTY);
+        let pool_difficulty = a.pool_difficulty.unwrap_or(DEFAULT_DIFFICULTY);
         for (name, d) in
             [("identity-difficulty", identity_difficulty), ("pool-difficulty", pool_difficulty)]
         {

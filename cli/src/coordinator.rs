@@ -23,7 +23,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SHARDFARM_POOL_KEY")]
     pub key: PathBuf,
     /// The pool's settings, a JSON object (`{"pool": "home", "k": 4, "m": 2, "partitions":
-    /// 256, "segmentSize": 67108864, "minDifficulty": 24, "failureDomain": "zone",
+    /// 256, "segmentSize": 67108864, "minDifficulty": 28, "failureDomain": "zone",
     /// "heartbeatMs": 5000, "graceMs": 60000, …}`); fields left out take those defaults.
     #[arg(long, env = "SHARDFARM_POOL_CONFIG")]
     pub pool_config: Option<PathBuf>,

@@ -167,7 +167,7 @@ impl Default for PoolConfig {
             m: 2,
             partitions: 256,
             segment_size: 64 << 20,
-            min_difficulty: 24,
+            min_difficulty: shardfarm_core::identity::DEFAULT_DIFFICULTY,
             failure_domain: "zone".into(),
             heartbeat_ms: 5_000,
             grace_ms: 60_000,

@@ -124,7 +124,7 @@ pub struct Admission {
 
 impl Default for Admission {
     fn default() -> Self {
-        Admission { min_identity_difficulty: 24, min_reputation: 0.8 }
+        Admission { min_identity_difficulty: 28, min_reputation: 0.8 }
     }
 }
 

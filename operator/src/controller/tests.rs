@@ -380,7 +380,7 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
                 "poolRef": "main",
                 "admission": { "mode": "Open", "minIdentityDifficulty": 20 },
                 "staticMembers": [
-                    { "nodeId": good, "identityDifficulty": 26, "address": "10.0.0.5:7400", "labels": { "zone": "edge" } },
+                    { "nodeId": good, "identityDifficulty": 29, "address": "10.0.0.5:7400", "labels": { "zone": "edge" } },
                     { "nodeId": weak, "identityDifficulty": 12, "address": "10.0.0.6:7400" },
                 ],
             },
@@ -397,10 +397,10 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
                 let members = b["status"]["members"].as_array().unwrap();
                 assert_eq!(members[0]["state"], "admitted");
                 assert_eq!(members[1]["state"], "refused");
-                // The pool's default difficulty (24) is higher than the syndication's (20).
+                // The pool's default difficulty (28) is higher than the syndication's (20).
                 assert_eq!(
                     members[1]["reason"],
-                    "identity mined to 12 bits; this syndication and its pool require 24"
+                    "identity mined to 12 bits; this syndication and its pool require 28"
                 );
                 assert_eq!(
                     (b["status"]["admitted"].as_u64(), b["status"]["refused"].as_u64()),
@@ -419,6 +419,10 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
     // The rules reach the coordinator's Join too (Open mode: no allow list).
     let admission = fabric.admission.lock().unwrap().clone().unwrap();
     assert_eq!((admission.min_difficulty, admission.allow), (20, None));
+    // The member the syndication labels `zone=edge` gets that domain, whatever it claims at
+    // Join; the one without a label gets its owner root.
+    let good_id = shardfarm_core::identity::NodeId::from_hex(&"a".repeat(64)).unwrap();
+    assert_eq!(admission.domains, [(good_id, "edge".to_string())].into());
 }
 
 #[tokio::test]
@@ -479,4 +483,12 @@ async fn a_placement_is_recomputed_after_a_member_leaves() {
     let published = fabric.published.lock().unwrap();
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].version, 2);
+}
+
+#[test]
+fn a_storage_pool_defaults_to_the_identity_difficulty_every_part_defaults_to() {
+    let admission = shardfarm_crds::Admission::default();
+    assert_eq!(admission.min_identity_difficulty, shardfarm_core::identity::DEFAULT_DIFFICULTY);
+    let config = shardfarm_coordinator::PoolConfig::default();
+    assert_eq!(config.min_difficulty, shardfarm_core::identity::DEFAULT_DIFFICULTY);
 }
