@@ -16,12 +16,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures::FutureExt as _;
+use futures::StreamExt as _;
 use shardfarm_core::audit::{ProvenLeaf, verify_answer};
 use shardfarm_core::identity::NodeId;
 use shardfarm_core::shard::{SegmentHeader, ShardId};
 use shardfarm_proto::{AgentClient, Signer};
-use tonic::Code;
+use tonic::{Code, Status};
 
 use super::Coordinator;
 use crate::economics::Standing;
@@ -39,15 +39,35 @@ const SYNC_SAMPLES: usize = 3;
 /// partitions of a young pool are empty; each look is one or two listings, once per node and
 /// layout).
 const SYNC_TRIES: usize = 256;
-/// Start of the skip reason for an empty partition.
-const EMPTY: &str = "peers hold nothing in partition";
+/// Peers asked to list a partition before choosing a segment.
+const LISTERS: usize = 3;
+/// Each call of an audit (connect and list, connect and prove) must end within this: a
+/// stalled node or peer costs the auditor no more.
+const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Nodes whose sync is checked at once.
+const SYNC_CONCURRENCY: usize = 16;
+/// Sync checks a node that claims sync may leave unanswered before that counts as a failed
+/// audit (it holds the readers' fallback in place meanwhile).
+const SILENT_STRIKES: u32 = 3;
+
+/// A node's failed or unanswered sync checks for one layout version.
+struct SyncStrikes {
+    version: u64,
+    at: std::time::Instant,
+    silent: u32,
+}
+
+/// `f`, or None if it takes longer than [`CALL_DEADLINE`].
+async fn deadline<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(CALL_DEADLINE, f).await.ok()
+}
 
 pub(super) struct Auditor {
     c: Arc<Coordinator>,
     signer: Arc<Signer>,
     /// Per node: the layout version and time of its last failed sync check (each failure is a
     /// failed audit; the node is checked again after an audit interval).
-    sync_failed: std::sync::Mutex<std::collections::HashMap<NodeId, (u64, std::time::Instant)>>,
+    sync_failed: std::sync::Mutex<std::collections::HashMap<NodeId, SyncStrikes>>,
 }
 
 fn random_u64() -> u64 {
@@ -57,9 +77,33 @@ fn random_u64() -> u64 {
 }
 
 enum Outcome {
+    /// The node proved the leaves.
     Pass,
+    /// The node did not hold what it was asked for, or answered wrong.
     Fail(String),
-    Skip(String),
+    /// The partition's holders list nothing there: nothing to audit.
+    Empty,
+    /// Nothing could be decided; `node` says whether the audited node is the one that did not
+    /// answer (its peers did).
+    Undecided { node: bool, why: String },
+}
+
+impl Outcome {
+    fn undecided(node: bool, why: impl Into<String>) -> Self {
+        Outcome::Undecided { node, why: why.into() }
+    }
+}
+
+/// What one sync check concluded.
+enum SyncVerdict {
+    /// Proved what it was asked (or gained only empty partitions).
+    Proven(usize),
+    /// Failed a proof.
+    Failed(String),
+    /// Did not answer.
+    Silent(String),
+    /// Its peers could not be asked, or disagree.
+    Undecided(String),
 }
 
 impl Auditor {
@@ -85,7 +129,7 @@ impl Auditor {
                 async move {
                     // Most partitions of a young pool hold nothing yet: try a few slots until
                     // one has a segment to audit.
-                    let mut outcome = Outcome::Skip("holds no slots".into());
+                    let mut outcome = Outcome::Empty;
                     for _ in 0..TRIES.min(slots.len()) {
                         let (p, s) = slots[(random_u64() % slots.len() as u64) as usize];
                         let peers: Vec<NodeId> = published.layout.partitions[p as usize]
@@ -94,7 +138,7 @@ impl Auditor {
                             .copied()
                             .collect();
                         outcome = self.audit(&published, m.id, p, s, &peers).await;
-                        if !matches!(&outcome, Outcome::Skip(why) if why.starts_with(EMPTY)) {
+                        if !matches!(outcome, Outcome::Empty) {
                             break;
                         }
                     }
@@ -108,15 +152,22 @@ impl Auditor {
                     tracing::warn!(node = %node, reason = %why, "audit failed");
                     self.c.record_audit(&node, false);
                 }
-                Outcome::Skip(why) => tracing::debug!(node = %node, reason = %why, "not audited"),
+                Outcome::Empty => {
+                    tracing::debug!(node = %node, "not audited: its partitions hold nothing")
+                }
+                Outcome::Undecided { why, .. } => {
+                    tracing::debug!(node = %node, reason = %why, "not audited")
+                }
             }
         }
     }
 
     /// Checks every node that says it repaired for the current layout but was not checked:
-    /// it must prove [`SYNC_SAMPLES`] segments of slots it gained (a slot whose continuing
-    /// holders list nothing is nothing to copy). A node that failed is asked again after
-    /// `retry`.
+    /// it must prove [`SYNC_SAMPLES`] segments of slots it gained (a slot whose holders, old
+    /// and new, list nothing is nothing to copy). A node that fails, or stays silent
+    /// [`SILENT_STRIKES`] times, has failed an audit; any node not proven is asked again after
+    /// `retry`. At most [`SYNC_CONCURRENCY`] nodes are checked at once, each call under
+    /// [`CALL_DEADLINE`].
     pub async fn verify_sync(&self, retry: std::time::Duration) {
         let crate::SyncWork { version, previous, nodes: work } = self.c.sync_work();
         let Some(published) = self.c.layout() else { return };
@@ -130,62 +181,106 @@ impl Auditor {
                 .lock()
                 .unwrap()
                 .get(node)
-                .is_none_or(|&(v, at)| v != version || now.duration_since(at) >= retry)
+                .is_none_or(|s| s.version != version || now.duration_since(s.at) >= retry)
         };
-        let tasks = work.into_iter().filter(|(node, _)| due(node)).map(|(node, mut gained)| {
-            let published = published.clone();
-            let (up, previous) = (&up, previous.as_ref());
-            async move {
-                // Random order: the node cannot know which of its new slots will be asked.
-                for i in (1..gained.len()).rev() {
-                    gained.swap(i, (random_u64() % (i as u64 + 1)) as usize);
-                }
-                let (mut proven, mut undecided) = (0, false);
-                for &(p, slot) in gained.iter().take(SYNC_TRIES) {
-                    // Who lists the partition's segments: the other holders that are up, those
-                    // that kept it from the fallback (the data's sources) first.
-                    let holders = &published.layout.partitions[p as usize];
-                    let kept =
-                        |h: &NodeId| previous.is_none_or(|l| l.partitions[p as usize].contains(h));
-                    let mut peers: Vec<NodeId> =
-                        holders.iter().filter(|h| **h != node && up.contains(h)).copied().collect();
-                    peers.sort_by_key(|h| !kept(h));
-                    match self.audit(&published, node, p, slot, &peers).await {
-                        Outcome::Pass => proven += 1,
-                        Outcome::Fail(why) => return Some(Err(why)),
-                        Outcome::Skip(why) if why.starts_with(EMPTY) => {}
-                        Outcome::Skip(_) => undecided = true,
-                    }
-                    if proven == SYNC_SAMPLES {
-                        break;
-                    }
-                }
-                // Something could not be checked (a peer or the node did not answer) before
-                // enough was proven: ask again later (other slots, in another order) rather
-                // than let a node pass by not answering what it cannot prove.
-                if undecided && proven < SYNC_SAMPLES { None } else { Some(Ok(proven)) }
-            }
-            .map(move |r| (node, r))
+        let checks = work.into_iter().filter(|(node, _)| due(node)).map(|(node, gained)| {
+            let (published, up, previous) = (published.clone(), &up, previous.as_ref());
+            async move { (node, self.check_sync(&published, previous, up, node, gained).await) }
         });
-        for (node, result) in futures::future::join_all(tasks).await {
-            match result {
-                Some(Ok(proven)) => {
+        let results: Vec<_> =
+            futures::stream::iter(checks).buffer_unordered(SYNC_CONCURRENCY).collect().await;
+        for (node, verdict) in results {
+            let mut strikes = self.sync_failed.lock().unwrap();
+            let entry = strikes.entry(node).or_insert(SyncStrikes { version, at: now, silent: 0 });
+            if entry.version != version {
+                *entry = SyncStrikes { version, at: now, silent: 0 };
+            }
+            entry.at = std::time::Instant::now();
+            match verdict {
+                SyncVerdict::Proven(proven) => {
+                    strikes.remove(&node);
+                    drop(strikes);
                     tracing::info!(node = %node, version, proven, "sync checked");
                     self.c.record_sync_check(&node, version, true);
                 }
-                Some(Err(why)) => {
-                    self.sync_failed
-                        .lock()
-                        .unwrap()
-                        .insert(node, (version, std::time::Instant::now()));
+                SyncVerdict::Failed(why) => {
+                    drop(strikes);
                     tracing::warn!(node = %node, version, reason = %why, "said it was in sync and is not");
                     self.c.record_sync_check(&node, version, false);
                 }
-                None => {}
+                SyncVerdict::Silent(why) => {
+                    entry.silent += 1;
+                    let out = entry.silent >= SILENT_STRIKES;
+                    if out {
+                        entry.silent = 0;
+                    }
+                    drop(strikes);
+                    tracing::warn!(node = %node, version, reason = %why, "said it was in sync and does not answer");
+                    if out {
+                        self.c.record_sync_check(&node, version, false);
+                    }
+                }
+                SyncVerdict::Undecided(why) => {
+                    tracing::debug!(node = %node, version, reason = %why, "sync not checked yet");
+                }
             }
+        }
+        // Forget nodes that left.
+        let members: BTreeSet<NodeId> = self.c.members().iter().map(|m| m.id).collect();
+        self.sync_failed.lock().unwrap().retain(|n, _| members.contains(n));
+    }
+
+    /// Asks `node` for segments of the slots it `gained` in `published`.
+    async fn check_sync(
+        &self,
+        published: &shardfarm_proto::PublishedLayout,
+        previous: Option<&shardfarm_core::placement::Layout>,
+        up: &BTreeSet<NodeId>,
+        node: NodeId,
+        mut gained: Vec<(u32, usize)>,
+    ) -> SyncVerdict {
+        // Random order: the node cannot know which of its new slots will be asked.
+        for i in (1..gained.len()).rev() {
+            gained.swap(i, (random_u64() % (i as u64 + 1)) as usize);
+        }
+        let (mut proven, mut undecided) = (0, None);
+        for &(p, slot) in gained.iter().take(SYNC_TRIES) {
+            // Who lists the partition: the holders that kept it (the data's sources), then
+            // the other current holders, then the fallback's (which held it until now).
+            let current = &published.layout.partitions[p as usize];
+            let before = previous.map_or(&[][..], |l| &l.partitions[p as usize][..]);
+            let mut peers: Vec<NodeId> = current
+                .iter()
+                .chain(before)
+                .filter(|h| **h != node && up.contains(h))
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            peers.sort_by_key(|h| (!current.contains(h), !before.contains(h)));
+            match self.audit(published, node, p, slot, &peers).await {
+                Outcome::Pass => proven += 1,
+                Outcome::Fail(why) => return SyncVerdict::Failed(why),
+                Outcome::Empty => {}
+                Outcome::Undecided { node: true, why } => return SyncVerdict::Silent(why),
+                Outcome::Undecided { node: false, why } => undecided = Some(why),
+            }
+            if proven == SYNC_SAMPLES {
+                break;
+            }
+        }
+        // Something could not be checked before enough was proven: ask again later (other
+        // slots, in another order) rather than pass it.
+        match undecided {
+            Some(why) if proven < SYNC_SAMPLES => SyncVerdict::Undecided(why),
+            _ => SyncVerdict::Proven(proven),
         }
     }
 
+    /// Audits `node` on one segment of partition `p` (its shard `slot`), choosing the segment
+    /// from what the first [`LISTERS`] of `peers` that answer list: one that at least two of
+    /// them list (one peer alone cannot frame the node), or what the only one lists. The
+    /// partition is empty only if every one that answered lists nothing.
     async fn audit(
         &self,
         published: &shardfarm_proto::PublishedLayout,
@@ -194,55 +289,73 @@ impl Auditor {
         slot: usize,
         peers: &[NodeId],
     ) -> Outcome {
-        // Segments listed by the first two peers that answer (one when n = 2).
-        let mut listed: Option<BTreeSet<([u8; 32], u32)>> = None;
+        let mut counts: std::collections::BTreeMap<([u8; 32], u32), usize> = Default::default();
         let mut answered = 0;
-        for peer in peers.iter().take(4) {
+        for peer in peers.iter().take(2 * LISTERS) {
             let Some(addr) = published.address(peer) else { continue };
-            let Ok(mut c) = AgentClient::connect(addr, *peer, self.signer.clone()).await else {
-                continue;
-            };
-            let Ok(entries) = c.list_shards(p, None, SAMPLE).await else { continue };
+            let listing = deadline(async {
+                let mut c = AgentClient::connect(addr, *peer, self.signer.clone()).await.ok()?;
+                c.list_shards(p, None, SAMPLE).await.ok()
+            })
+            .await
+            .flatten();
+            let Some(entries) = listing else { continue };
             let set: BTreeSet<([u8; 32], u32)> = entries
                 .into_iter()
                 .filter_map(|e| e.key)
                 .filter_map(|k| Some((k.object_id[..].try_into().ok()?, k.segment_index)))
                 .collect();
-            listed = Some(match listed {
-                None => set,
-                Some(prev) => prev.intersection(&set).copied().collect(),
-            });
+            for key in set {
+                *counts.entry(key).or_default() += 1;
+            }
             answered += 1;
-            if answered == 2 {
+            if answered == LISTERS {
                 break;
             }
         }
-        let Some(listed) = listed else { return Outcome::Skip("no peer answered".into()) };
-        if listed.is_empty() {
-            return Outcome::Skip(format!("{EMPTY} {p}"));
+        if answered == 0 {
+            return Outcome::undecided(false, "no peer answered");
         }
-        let pick = listed.iter().nth((random_u64() % listed.len() as u64) as usize).unwrap();
+        if counts.is_empty() {
+            return Outcome::Empty;
+        }
+        let need = if answered == 1 { 1 } else { 2 };
+        let listed: Vec<_> = counts.iter().filter(|(_, n)| **n >= need).map(|(k, _)| *k).collect();
+        if listed.is_empty() {
+            return Outcome::undecided(
+                false,
+                format!("the holders of partition {p} disagree on what it holds"),
+            );
+        }
+        let pick = listed[(random_u64() % listed.len() as u64) as usize];
         let id = ShardId { object_id: pick.0, segment: pick.1, shard: slot as u32 };
         let Some(addr) = published.address(&node) else {
-            return Outcome::Skip("no address".into());
+            return Outcome::undecided(true, "no address");
         };
         let mut nonce = [0u8; 32];
         getrandom::fill(&mut nonce).expect("OS randomness");
-        let mut client = match AgentClient::connect(addr, node, self.signer.clone()).await {
-            Ok(c) => c,
-            Err(e) => return Outcome::Skip(format!("unreachable: {e}")),
-        };
-        let resp = match client.audit(id, &nonce, LEAVES).await {
-            Ok(r) => r,
+        let answer = deadline(async {
+            let mut client = AgentClient::connect(addr, node, self.signer.clone())
+                .await
+                .map_err(|e| Status::unavailable(format!("unreachable: {e}")))?;
+            client.audit(id, &nonce, LEAVES).await
+        })
+        .await;
+        let resp = match answer {
+            None => return Outcome::undecided(true, format!("no answer within {CALL_DEADLINE:?}")),
+            Some(Ok(r)) => r,
             // A deleted object (the node keeps its uploader's tombstone) is not the node's
             // fault; peers that still list it are the ones to doubt.
-            Err(s) if s.code() == Code::FailedPrecondition => {
-                return Outcome::Skip(format!("shard {slot} of partition {p}: {}", s.message()));
+            Some(Err(s)) if s.code() == Code::FailedPrecondition => {
+                return Outcome::undecided(
+                    false,
+                    format!("shard {slot} of partition {p}: {}", s.message()),
+                );
             }
-            Err(s) if matches!(s.code(), Code::NotFound | Code::DataLoss) => {
+            Some(Err(s)) if matches!(s.code(), Code::NotFound | Code::DataLoss) => {
                 return Outcome::Fail(format!("shard {slot} of partition {p}: {}", s.message()));
             }
-            Err(s) => return Outcome::Skip(format!("audit call failed: {s}")),
+            Some(Err(s)) => return Outcome::undecided(true, format!("audit call failed: {s}")),
         };
         let header = match SegmentHeader::decode(&resp.segment_header) {
             Ok(h) if h.object_id == id.object_id && h.segment_index == id.segment => h,

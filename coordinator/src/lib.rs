@@ -461,14 +461,20 @@ impl Coordinator {
             }
         }
         let admission = self.admission.lock().unwrap().clone();
+        let (labels, domain, domain_from) =
+            self.assign_domain(caller, &admission, input.labels, &input.farm_grant, now_ms)?;
+        // A syndication's rules are for outsiders: the owner's own agents (a farm vouches for
+        // them) are never locked out by an allow list meant for edge boxes.
+        let outsider = !domain_from.starts_with("farm ");
         let difficulty = caller.credential.difficulty();
-        if difficulty < u32::from(admission.min_difficulty) {
+        if outsider && difficulty < u32::from(admission.min_difficulty) {
             return Err(Refusal::FailedPrecondition(format!(
                 "identity mined to {difficulty} bits; admission requires {}",
                 admission.min_difficulty
             )));
         }
-        if let Some(allow) = &admission.allow
+        if outsider
+            && let Some(allow) = &admission.allow
             && !allow.contains(&caller.id)
             && !allow.contains(&caller.root)
         {
@@ -477,8 +483,6 @@ impl Coordinator {
                 caller.id
             )));
         }
-        let (labels, domain, domain_from) =
-            self.assign_domain(caller, &admission, input.labels, &input.farm_grant, now_ms)?;
         let delegated = matches!(caller.credential, Credential::Delegated(_));
         let mut st = self.state.lock().unwrap();
         if let Some(m) = st.nodes.get(&caller.id.to_hex())
@@ -553,7 +557,11 @@ impl Coordinator {
         let mut st = self.state.lock().unwrap();
         let version = st.layout.as_ref().map_or(0, |l| l.version);
         // A claim of sync for a layout that gave the node nothing new needs no check.
-        let nothing_new = st.gained(&caller.id).is_empty();
+        let unchecked = st
+            .nodes
+            .get(&caller.id.to_hex())
+            .is_some_and(|m| m.verified_version < version && r.synced_version >= version);
+        let nothing_new = unchecked && st.gained(&caller.id).is_empty();
         // Only members can be suspects (bounded metric labels, no made-up ids).
         let members: std::collections::BTreeSet<NodeId> = st.nodes.values().map(|m| m.id).collect();
         let m = st.nodes.get_mut(&caller.id.to_hex()).ok_or_else(|| {
@@ -571,7 +579,7 @@ impl Coordinator {
             self.metrics.peer_complaints.with_label_values(&[&peer.to_hex()]).inc();
         }
         m.synced_version = r.synced_version;
-        if nothing_new && r.synced_version >= version {
+        if nothing_new {
             m.verified_version = m.verified_version.max(version);
         }
         let standing = m.standing;
@@ -621,6 +629,10 @@ impl Coordinator {
             })?;
             return Ok((labels, domain, format!("farm {}", farm.short())));
         }
+        // Labels only a farm assigns: an outsider cannot pass for one of a farm's pods.
+        for reserved in RESERVED_LABELS {
+            labels.remove(*reserved);
+        }
         let (domain, from) =
             match admission.domains.get(&caller.id).or_else(|| admission.domains.get(&caller.root))
             {
@@ -636,10 +648,25 @@ impl Coordinator {
         self.farms.lock().unwrap().insert(farm, labels);
     }
 
-    /// Forgets the farm `farm`: its grants no longer vouch for anyone (members keep the
-    /// domain they joined with until they join again).
+    /// Forgets the farm `farm`: its grants no longer vouch for anyone, and the members it
+    /// vouched for become outsiders at once.
     pub fn remove_farm(&self, farm: &NodeId) {
         self.farms.lock().unwrap().remove(farm);
+        // Its agents are outsiders from now on: owner-root domains, no farm labels.
+        let from = format!("farm {}", farm.short());
+        let kind = self.config.failure_domain.clone();
+        let mut st = self.state.lock().unwrap();
+        let mut changed = false;
+        for m in st.nodes.values_mut().filter(|m| m.domain_from == from) {
+            for reserved in RESERVED_LABELS {
+                m.labels.remove(*reserved);
+            }
+            m.domain = format!("root-{}", m.root.short());
+            m.labels.insert(kind.clone(), m.domain.clone());
+            m.domain_from = "owner root".into();
+            changed = true;
+        }
+        st.dirty |= changed;
     }
 
     /// The current layout, if there is one.
@@ -675,6 +702,18 @@ impl Coordinator {
         {
             tracing::info!(node = %node, "draining");
             m.draining = true;
+            st.dirty = true;
+        }
+    }
+
+    /// Takes `node` back (a scale-down was undone): it may hold slots again.
+    pub fn undrain(&self, node: &NodeId) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(m) = st.nodes.get_mut(&node.to_hex())
+            && m.draining
+        {
+            tracing::info!(node = %node, "drain undone");
+            m.draining = false;
             st.dirty = true;
         }
     }
@@ -1083,19 +1122,28 @@ impl Coordinator {
     pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let tick = Duration::from_millis((self.config.heartbeat_ms / 2).clamp(100, 1000));
         let audit_every = Duration::from_millis(self.config.audit_interval_ms.max(100));
-        let auditor = auditor::Auditor::new(self.clone());
-        let audit_stop = stop.clone();
+        let auditor = Arc::new(auditor::Auditor::new(self.clone()));
+        let (audit_stop, a) = (stop.clone(), auditor.clone());
         let audits = tokio::spawn(async move {
             let mut next = tokio::time::interval(audit_every);
             next.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             next.tick().await;
-            let mut sync = tokio::time::interval(tick);
-            sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = audit_stop.cancelled() => break,
-                    _ = next.tick() => auditor.round().await,
-                    _ = sync.tick() => auditor.verify_sync(audit_every).await,
+                    _ = next.tick() => a.round().await,
+                }
+            }
+        });
+        // Sync checks on their own task: a slow one never delays the audits, nor they it.
+        let sync_stop = stop.clone();
+        let sync_checks = tokio::spawn(async move {
+            let mut next = tokio::time::interval(tick);
+            next.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = sync_stop.cancelled() => break,
+                    _ = next.tick() => auditor.verify_sync(audit_every).await,
                 }
             }
         });
@@ -1112,9 +1160,13 @@ impl Coordinator {
             }
         }
         let _ = audits.await;
+        let _ = sync_checks.await;
         let _ = self.persist();
     }
 }
+
+/// Labels the operator reads to find a farm's agents: kept only on nodes a farm vouches for.
+const RESERVED_LABELS: &[&str] = &["farm", "pod"];
 
 /// Most labels a node may send, and the longest key or value (a Kubernetes label's bounds).
 const MAX_LABELS: usize = 16;

@@ -236,7 +236,9 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
         allow: Some([listed.id()].into()),
         domains: [(listed.id(), "site-a".to_string())].into(),
     });
-    let (_, res) = join(&r, "edge", 9500).await;
+    // (Outsiders: the syndication's rules are for nodes no farm of the pool vouches for.)
+    let stranger = Identity::generate(D, 0, &|_| {}).unwrap().0;
+    let res = join_with(&r, &stranger, "edge", 9500, Vec::new(), &[]).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s}");
     assert!(s.message().contains("not on the pool's allow list"), "{s}");
@@ -254,7 +256,7 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
         allow: None,
         domains: Default::default(),
     });
-    let (_, res) = join(&r, "edge", 9504).await;
+    let res = join_with(&r, &stranger, "edge", 9504, Vec::new(), &[]).await;
     let s = res.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
     assert!(s.message().contains("admission requires 40"), "{s}");
@@ -575,10 +577,13 @@ async fn outsiders_get_their_owner_root_as_domain_and_farm_agents_keep_theirs() 
     assert_eq!((m.domain.as_str(), m.labels["farm"].as_str()), ("zone-7", "rack-a"));
     assert!(m.domain_from.starts_with("farm "), "{}", m.domain_from);
 
-    // An outsider claiming the same zone gets its owner root instead.
+    // An outsider claiming the same zone gets its owner root instead, and cannot pass for
+    // one of a farm's pods.
     let stranger = mine();
-    join_with(&r, &stranger, "zone-7", 9602, Vec::new(), &[]).await.unwrap();
+    let claims = [("farm", "rack-a"), ("pod", "rack-a-2")];
+    join_with(&r, &stranger, "zone-7", 9602, Vec::new(), &claims).await.unwrap();
     let m = member(&stranger).unwrap();
+    assert!(!m.labels.contains_key("farm") && !m.labels.contains_key("pod"), "{:?}", m.labels);
     assert_eq!(m.domain, format!("root-{}", stranger.id().short()));
     assert_eq!(m.labels["zone"], m.domain, "the claim is not kept where it could be read");
     assert_eq!(m.domain_from, "owner root");
@@ -615,12 +620,29 @@ async fn outsiders_get_their_owner_root_as_domain_and_farm_agents_keep_theirs() 
     assert!(s.message().contains("label `zone` is required"), "{s}");
     assert!(member(&thief).is_none());
 
-    // Once the farm is forgotten, its grants vouch for nobody.
+    // Once the farm is forgotten, its grants vouch for nobody, and its agents are outsiders.
     r.c.remove_farm(&farm.id());
+    let m = member(&agent).unwrap();
+    assert_eq!(m.domain, format!("root-{}", agent.id().short()));
+    assert!(!m.labels.contains_key("farm"), "{:?}", m.labels);
     let later = mine();
     let grant = FarmGrant::issue(&farm, later.public_key(), pool_id, now + 60).to_bytes();
     let s = join_with(&r, &later, "zone-7", 9606, grant, &[]).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
+
+    // A syndication's allow list shuts outsiders out, never the owner's own agents.
+    r.c.set_farm(farm.id(), Default::default());
+    r.c.set_admission(shardfarm_coordinator::Admission {
+        min_difficulty: 0,
+        allow: Some(Default::default()),
+        domains: Default::default(),
+    });
+    let grant = FarmGrant::issue(&farm, later.public_key(), pool_id, now + 60).to_bytes();
+    join_with(&r, &later, "zone-7", 9606, grant, &[]).await.unwrap();
+    let outsider = mine();
+    let s = join_with(&r, &outsider, "zone-7", 9608, Vec::new(), &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s}");
+    assert!(s.message().contains("allow list"), "{s}");
 }
 
 #[tokio::test]

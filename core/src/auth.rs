@@ -268,6 +268,9 @@ pub struct Verifier {
     /// This server's id: requests addressed to anyone else are refused.
     audience: Option<NodeId>,
     replay: ReplayCache,
+    /// An identity exempt from the difficulty (the pool key a node pins by id: an existing
+    /// pool's key may be mined below a newer default).
+    pinned: Option<NodeId>,
     /// Failures per peer address, for callers not known there.
     failures: KeyedBuckets<IpAddr>,
     /// Failures per (address, identity) for identities that have authenticated from that
@@ -290,6 +293,7 @@ impl Verifier {
             min_difficulty,
             window,
             audience: None,
+            pinned: None,
             replay: ReplayCache::new(window, max_nonces),
             failures: KeyedBuckets::new(FAILED_AUTH_RATE, FAILED_AUTH_BURST, MAX_THROTTLED_PEERS),
             known_failures: KeyedBuckets::new(
@@ -304,6 +308,13 @@ impl Verifier {
     /// The same verifier accepting only requests addressed to `me` (every server sets this).
     pub fn with_audience(mut self, me: NodeId) -> Self {
         self.audience = Some(me);
+        self
+    }
+
+    /// The same verifier accepting `id` whatever its difficulty: an identity known by id (the
+    /// pool key an agent pins) needs no proof of work to be told from a sybil.
+    pub fn with_pinned(mut self, id: NodeId) -> Self {
+        self.pinned = Some(id);
         self
     }
 
@@ -422,7 +433,7 @@ impl Verifier {
         match &req.credential {
             Credential::Mined { key, nonce } => {
                 let have = pow_difficulty(key, *nonce);
-                if have < u32::from(self.min_difficulty) {
+                if have < u32::from(self.min_difficulty) && self.pinned != Some(NodeId::of(key)) {
                     return Err(AuthError::InsufficientDifficulty {
                         have,
                         need: self.min_difficulty,
@@ -653,6 +664,14 @@ mod tests {
         let v = Verifier::new(20, WINDOW, 1000);
         let err = v.verify(&signed(&id, b""), METHOD, b"", now_ms()).unwrap_err();
         assert!(matches!(err, AuthError::InsufficientDifficulty { need: 20, .. }));
+        // The pinned identity (the pool key an agent knows by id) passes; only it.
+        let pinned = Verifier::new(20, WINDOW, 1000).with_pinned(id.id());
+        pinned.verify(&signed(&id, b""), METHOD, b"", now_ms()).unwrap();
+        let other = Identity::from_parts(random_signing_key(), 0);
+        assert!(matches!(
+            pinned.verify(&signed(&other, b""), METHOD, b"", now_ms()),
+            Err(AuthError::InsufficientDifficulty { .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,10 @@ use crate::{Error, Result};
 /// Domain separator for the signature inside a farm grant.
 const GRANT_DOMAIN: &[u8] = b"shardfarm-farm-grant-v1";
 
+/// The longest a grant may be valid, seconds (a week): a grant copied from a compromised
+/// agent stops working soon; agents issue themselves a fresh one-day grant at every join.
+pub const MAX_VALIDITY_S: u64 = 7 * 86_400;
+
 /// Encoded length of a [`FarmGrant`]: node 32, farm 32, pool 32, expiry 8, signature 64.
 pub const GRANT_LEN: usize = 32 + 32 + 32 + 8 + 64;
 
@@ -46,6 +50,14 @@ pub enum GrantError {
     /// The farm's signature does not verify.
     #[error("the farm grant's signature does not verify")]
     Signature,
+    /// Valid for longer than [`MAX_VALIDITY_S`].
+    #[error("the farm grant is valid until {expires}, more than a week from now ({now})")]
+    TooLong {
+        /// The grant's expiry, unix seconds.
+        expires: u64,
+        /// Now, unix seconds.
+        now: u64,
+    },
     /// Past its expiry.
     #[error("the farm grant expired at {expired} (now {now}): is the agent's clock right?")]
     Expired {
@@ -100,6 +112,9 @@ impl FarmGrant {
             .map_err(|_| GrantError::Signature)?;
         if now_unix >= self.expires {
             return Err(GrantError::Expired { expired: self.expires, now: now_unix });
+        }
+        if self.expires > now_unix.saturating_add(MAX_VALIDITY_S) {
+            return Err(GrantError::TooLong { expires: self.expires, now: now_unix });
         }
         Ok(())
     }
@@ -156,6 +171,11 @@ mod tests {
             g.verify(&node.public_key(), &pool, 100),
             Err(GrantError::Expired { expired: 100, now: 100 })
         );
+        let forever = FarmGrant::issue(&farm, node.public_key(), pool, 99 + MAX_VALIDITY_S + 1);
+        assert!(matches!(
+            forever.verify(&node.public_key(), &pool, 99),
+            Err(GrantError::TooLong { .. })
+        ));
         // Any altered field breaks the signature.
         let mut longer = g.clone();
         longer.expires = u64::MAX;
