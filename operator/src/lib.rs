@@ -4,6 +4,7 @@
 //!   ShardPlacement) over a [`controller::Fabric`];
 //! - [`fabric`]: the fabric the controllers see, backed by the pool's coordinator
 //!   (`shardfarm-coordinator`, which this crate runs but does not contain);
+//! - [`lease`]: leader election that tolerates transient API errors and releases on exit;
 //! - [`pool_key`]: the pool key in a Secret created once and never overwritten;
 //! - [`run`]: CRD check, leader election, the coordinator's server, the controllers.
 
@@ -11,5 +12,6 @@
 
 pub mod controller;
 pub mod fabric;
+pub mod lease;
 pub mod pool_key;
 pub mod run;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -24,10 +24,11 @@ use crate::controller::{self, Context, ControllerMetrics, Error};
 use crate::fabric::Coordinators;
 use shardfarm_coordinator::{Coordinator, PoolConfig};
 
-/// How long a leader's lease lasts without renewal.
-const LEASE_SECONDS: i32 = 15;
 /// Failed reconciles are retried after this long.
 const RETRY: Duration = Duration::from_secs(15);
+/// After SIGTERM or a lost Lease, work in flight gets this long before the process exits
+/// anyway (agents' layout streams never end on their own); within the chart's 30 s grace.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// Options of `shardfarm operator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -52,20 +53,107 @@ pub struct OperatorArgs {
     pub lease: String,
 }
 
-/// Runs the operator until SIGTERM/SIGINT.
+/// What `/healthz`, `/readyz` and `/metrics` answer, from process start.
+#[derive(Default)]
+struct Health {
+    /// Why the operator is not ready (empty: leading, coordinator running).
+    waiting: std::sync::Mutex<String>,
+    /// The pool's coordinator, once it runs (its registry holds every metric).
+    coordinator: std::sync::OnceLock<Arc<Coordinator>>,
+}
+
+impl Health {
+    fn waiting(&self, why: impl Into<String>) {
+        *self.waiting.lock().unwrap() = why.into();
+    }
+}
+
+/// Serves `/healthz` (alive), `/readyz` (leading and running the pool) and `/metrics` on
+/// `listener` until `stop`: liveness probes pass while the operator waits for its pool or
+/// for the Lease.
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let (h1, h2) = (health.clone(), health);
+    let app = axum::Router::new()
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .route(
+            "/readyz",
+            get(move || {
+                let why = h1.waiting.lock().unwrap().clone();
+                std::future::ready(if why.is_empty() {
+                    (StatusCode::OK, "ok".to_string())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, why)
+                })
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                std::future::ready(
+                    h2.coordinator.get().map(|c| c.metrics.render()).unwrap_or_default(),
+                )
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
+}
+
+/// Runs the operator until SIGTERM/SIGINT or a lost Lease; releases the Lease on the way out.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    let health = Arc::new(Health::default());
+    health.waiting("starting");
+    let health_stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
+    let health_server = tokio::spawn(serve_health(listener, health.clone(), health_stop.clone()));
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
     check_crds(&client, &args.namespace).await?;
-    let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone());
-    if !args.lease.is_empty() {
+    let leadership = (!args.lease.is_empty()).then(|| {
         let holder = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("operator-{}", std::process::id()));
-        lead(client.clone(), &args.namespace, &args.lease, &holder, stop.clone()).await?;
+        crate::lease::Leadership::new(
+            Api::namespaced(client.clone(), &args.namespace),
+            &args.lease,
+            &holder,
+        )
+    });
+    if let Some(l) = &leadership {
+        health.waiting(format!("standby: waiting for the Lease {}", args.lease));
+        if !l.acquire(&stop).await {
+            health_stop.cancel();
+            return Ok(());
+        }
+        l.keep(stop.clone());
     }
+    let result = lead(&args, client, &health, &stop).await;
+    stop.cancel();
+    if let Some(l) = &leadership {
+        l.release().await;
+    }
+    health_stop.cancel();
+    let _ = health_server.await;
+    tracing::info!("operator stopped");
+    result
+}
 
+/// The leader's work: the pool's coordinator and the controllers, until `stop`.
+async fn lead(
+    args: &OperatorArgs,
+    client: Client,
+    health: &Health,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let stop = stop.clone();
     // The pool's coordinator.
     let pools = Arc::new(Coordinators::default());
     let pool_api: Api<StoragePool> = Api::namespaced(client.clone(), &args.namespace);
@@ -74,6 +162,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             Some(p) => break p,
             None => {
                 tracing::warn!(pool = %args.pool, "waiting for the StoragePool to be created");
+                health.waiting(format!("waiting for StoragePool {}", args.pool));
                 tokio::select! { _ = stop.cancelled() => return Ok(()), _ = tokio::time::sleep(RETRY) => {} }
             }
         }
@@ -117,11 +206,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     ));
     let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
     let metrics = Arc::new(ControllerMetrics::new(&coordinator.metrics.registry));
-    tokio::spawn(shardfarm_coordinator::serve_metrics(
-        tokio::net::TcpListener::bind(args.metrics_listen).await?,
-        coordinator.clone(),
-        stop.clone(),
-    ));
+    let _ = health.coordinator.set(coordinator.clone());
 
     let ctx = Arc::new(Context::new(client.clone(), pools, metrics));
     let ns = &args.namespace;
@@ -133,6 +218,17 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .for_each(|_| futures::future::ready(()));
     let pools_c = Controller::new(Api::<StoragePool>::namespaced(client.clone(), ns), cfg())
         .owns(Api::<ShardPlacement>::namespaced(client.clone(), ns), watcher::Config::default())
+        // A farm applied, scaled or deleted changes what its pool can hold: at once, not at
+        // the next refresh.
+        .watches(
+            Api::<MiningFarm>::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+            |farm| {
+                use kube::ResourceExt as _;
+                let ns = farm.namespace()?;
+                farm.spec.pool_ref.name.clone().map(|n| ObjectRef::new(&n).within(&ns))
+            },
+        )
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::pool::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -147,11 +243,23 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .run(controller::placement::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     tracing::info!(namespace = %ns, pool = %args.pool, "operator running");
-    tokio::join!(farms, pools_c, syndications, placements);
-    stop.cancel();
-    let _ = grpc.await;
-    let _ = housekeeping.await;
-    tracing::info!("operator stopped");
+    health.waiting("");
+    let controllers = tokio::spawn(async move {
+        tokio::join!(farms, pools_c, syndications, placements);
+    });
+    stop.cancelled().await;
+    health.waiting("stopping");
+    // Reconciles in flight finish, the coordinator writes its state; whatever is still open
+    // (an agent's layout stream) after the grace is dropped.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = controllers.await;
+        let _ = grpc.await;
+        let _ = housekeeping.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; exiting anyway");
+    }
     Ok(())
 }
 
@@ -184,81 +292,6 @@ async fn check_crds(client: &Client, ns: &str) -> anyhow::Result<()> {
     check_one::<NodeSyndication>(client, ns).await?;
     check_one::<ShardPlacement>(client, ns).await?;
     Ok(())
-}
-
-/// Becomes the leader (holder of the Lease) and keeps renewing it; losing it stops the
-/// process, so two operators never reconcile at once.
-async fn lead(
-    client: Client,
-    ns: &str,
-    name: &str,
-    holder: &str,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let api: Api<Lease> = Api::namespaced(client, ns);
-    loop {
-        if try_acquire(&api, name, holder).await? {
-            break;
-        }
-        tracing::info!(lease = name, "another operator leads; waiting");
-        tokio::select! { _ = stop.cancelled() => return Ok(()), _ = tokio::time::sleep(Duration::from_secs(5)) => {} }
-    }
-    tracing::info!(lease = name, holder, "leading");
-    let (api, name, holder) = (api.clone(), name.to_string(), holder.to_string());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(LEASE_SECONDS as u64 / 3)) => {}
-            }
-            match try_acquire(&api, &name, &holder).await {
-                Ok(true) => {}
-                _ => {
-                    tracing::error!("lost the leader lease; stopping");
-                    stop.cancel();
-                    return;
-                }
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Takes or renews the lease if it is free, expired or ours (optimistic concurrency: a replace
-/// with the resourceVersion read fails if someone else wrote in between).
-async fn try_acquire(api: &Api<Lease>, name: &str, holder: &str) -> anyhow::Result<bool> {
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let spec = |transitions: i32| LeaseSpec {
-        holder_identity: Some(holder.into()),
-        lease_duration_seconds: Some(LEASE_SECONDS),
-        renew_time: Some(MicroTime(now)),
-        lease_transitions: Some(transitions),
-        ..Default::default()
-    };
-    match api.get_opt(name).await? {
-        None => {
-            let mut lease = Lease::default();
-            lease.metadata.name = Some(name.into());
-            lease.spec = Some(spec(0));
-            Ok(api.create(&PostParams::default(), &lease).await.is_ok())
-        }
-        Some(mut lease) => {
-            let cur = lease.spec.clone().unwrap_or_default();
-            let ours = cur.holder_identity.as_deref() == Some(holder);
-            let expired = cur.renew_time.as_ref().is_none_or(|t| {
-                let age = now.duration_since(t.0).as_secs();
-                age > i64::from(cur.lease_duration_seconds.unwrap_or(LEASE_SECONDS))
-            });
-            if !ours && !expired {
-                return Ok(false);
-            }
-            let transitions = cur.lease_transitions.unwrap_or(0) + i32::from(!ours);
-            lease.spec = Some(spec(transitions));
-            Ok(api.replace(name, &PostParams::default(), &lease).await.is_ok())
-        }
-    }
 }
 
 fn spawn_signal_handler(stop: CancellationToken) {
