@@ -7,3 +7,20 @@
 pub mod coordinator;
 pub mod local;
 pub mod progress;
+
+/// Creates `dir` (and its parents) and gives it to `owner` (`UID:GID`) with mode 0700: the
+/// init step of agent pods on a hostPath, which the kubelet creates owned by root.
+pub fn prepare_dir(dir: &std::path::Path, owner: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let (uid, gid) = owner
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+        .with_context(|| format!("--owner `{owner}`: expected UID:GID, e.g. 65532:65532"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .with_context(|| format!("giving {} to {uid}:{gid}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    Ok(())
+}

@@ -68,6 +68,16 @@ enum Command {
     Coordinator(shardfarm::coordinator::CoordinatorArgs),
     /// Run the Kubernetes operator and the pool's coordinator (in a cluster).
     Operator(shardfarm_operator::run::OperatorArgs),
+    /// Create a data directory owned by UID:GID with mode 0700 (the agent pods' init step on
+    /// a hostPath, which the kubelet creates root-owned).
+    #[command(hide = true)]
+    PrepareDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Its owner, `UID:GID`.
+        #[arg(long)]
+        owner: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shardfarm_agent::run::init_tracing(false);
             shardfarm::coordinator::run(args).await?
         }
+        Command::PrepareDir { dir, owner } => shardfarm::prepare_dir(&dir, &owner)?,
         Command::Operator(args) => {
             shardfarm_agent::run::init_tracing(true);
             shardfarm_operator::run::run(args).await?
@@ -296,7 +307,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Whatever is still running (a stream, a blocking task) does not hold the exit up.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

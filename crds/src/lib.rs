@@ -45,18 +45,23 @@ pub const VERSION: &str = "v1alpha1";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolSpec {
-    /// The erasure profile.
+    /// The erasure profile. Immutable: data written as RS(k,m) is read as RS(k,m).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("erasure is immutable: segments written with one profile cannot be read with another; create a new pool and copy the data"))]
     pub erasure: Erasure,
-    /// Segment size in bytes (1 MiB to 1 GiB).
+    /// Segment size in bytes (1 MiB to 1 GiB). Immutable.
     #[serde(default = "default_segment_size")]
     #[schemars(range(min = 1_048_576, max = 1_073_741_824))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("segmentSize is immutable; create a new pool"))]
     pub segment_size: u64,
-    /// Placement partitions.
+    /// Placement partitions. Immutable: every agent and every stored shard is placed by it.
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 1_048_576))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("partitions is immutable: every agent and stored shard is placed by it; create a new pool"))]
     pub partitions: u32,
-    /// The label placement spreads shards over.
+    /// The label placement spreads shards over. Immutable.
     #[serde(default)]
+    #[schemars(extend("maxLength" = 16))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("failureDomain is immutable; create a new pool"))]
     pub failure_domain: FailureDomain,
     /// Who may join.
     #[serde(default)]

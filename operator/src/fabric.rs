@@ -80,6 +80,16 @@ impl Fabric for Coordinators {
         }
     }
 
+    fn undrain(&self, pool: &str, node: NodeId) {
+        if let Some(c) = self.get(pool) {
+            c.undrain(&node);
+        }
+    }
+
+    fn config(&self, pool: &str) -> Option<shardfarm_coordinator::PoolConfig> {
+        Some(self.get(pool)?.config().clone())
+    }
+
     fn pool_id(&self, pool: &str) -> Option<NodeId> {
         Some(self.get(pool)?.identity().id())
     }

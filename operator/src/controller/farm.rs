@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardfarm_crds::{MiningFarm, MiningFarmStatus};
 
-use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted};
+use super::{Context, Error, FARM_FINALIZER, MANAGER, Result, condition, counted, has_condition};
 use shardfarm_coordinator::Member;
 
 /// Port of the agents' gRPC service.
@@ -105,11 +105,42 @@ pub fn assigned_labels(farm: &MiningFarm) -> std::collections::BTreeMap<String, 
     std::collections::BTreeMap::from([
         ("farm".to_string(), farm.name_any()),
         ("zone".to_string(), farm.spec.zone.clone()),
+        ("cluster".to_string(), "local".to_string()),
     ])
 }
 
-/// The StatefulSet of a farm with `replicas` agents pinned to the pool key `pool_id`.
-pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) -> serde_json::Value {
+/// The pool settings every agent must start with (the running coordinator's, not the
+/// StoragePool's spec, which may have been edited since).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Placement partitions.
+    pub partitions: u32,
+    /// The identity difficulty the pool requires: agents mine to it and require it of callers.
+    pub difficulty: u8,
+}
+
+impl AgentSettings {
+    /// The settings of a pool with configuration `c`.
+    pub fn of(c: &shardfarm_coordinator::PoolConfig) -> Self {
+        AgentSettings { partitions: c.partitions, difficulty: c.min_difficulty }
+    }
+}
+
+/// The uid and gid the agent image runs as (distroless `nonroot`).
+pub const AGENT_UID: i64 = 65532;
+/// Seconds an agent may take to start (mine its identity, scan its store) before the
+/// kubelet restarts it: 60 probes 10 s apart.
+const STARTUP_PROBES: i32 = 60;
+
+/// The StatefulSet of a farm with `replicas` agents pinned to the pool key `pool_id`, started
+/// with the pool's `settings` (None for a remote pool: the agents' defaults).
+pub fn statefulset(
+    farm: &MiningFarm,
+    ns: &str,
+    replicas: i32,
+    pool_id: &str,
+    settings: Option<AgentSettings>,
+) -> serde_json::Value {
     let name = farm.name_any();
     let spec = &farm.spec;
     let selector = json!({ "app.kubernetes.io/instance": name, "shardfarm.io/farm": name });
@@ -124,8 +155,15 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) ->
         format!("--advertise=$(POD_NAME).{name}-agents.{ns}.svc:{AGENT_GRPC_PORT}"),
         format!("--label=farm={name}"),
         "--label=pod=$(POD_NAME)".into(),
+        // The machine it runs on (a pool whose failure domain is `host`).
+        "--label=host=$(NODE_NAME)".into(),
         "--log-format=json".into(),
     ];
+    if let Some(p) = settings {
+        args.push(format!("--partitions={}", p.partitions));
+        args.push(format!("--identity-difficulty={}", p.difficulty));
+        args.push(format!("--pool-difficulty={}", p.difficulty));
+    }
     if let Some(c) = spec.agent.capacity.as_ref().or(spec.agent.storage.size.as_ref()) {
         args.push(format!(
             "--capacity={}",
@@ -134,6 +172,7 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) ->
     }
     let mut env = vec![
         json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
+        json!({ "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } }),
     ];
     if local_pool(farm) {
         // The farm key vouches for the agents as the owner's own (their labels are trusted).
@@ -157,11 +196,32 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) ->
                 { "name": "grpc", "containerPort": AGENT_GRPC_PORT },
                 { "name": "http", "containerPort": AGENT_HTTP_PORT },
             ],
+            // The agent mines its identity and scans its store before it serves: liveness
+            // waits until it has started once.
+            "startupProbe": {
+                "httpGet": { "path": "/healthz", "port": "http" },
+                "periodSeconds": 10,
+                "failureThreshold": STARTUP_PROBES,
+            },
             "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" } },
             "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 20 },
             "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
             "resources": spec.agent.resources.clone().unwrap_or_default(),
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": { "drop": ["ALL"] },
+            },
         }],
+        // The image runs as an unprivileged user; a claimed volume is made its group's.
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": AGENT_UID,
+            "runAsGroup": AGENT_UID,
+            "fsGroup": AGENT_UID,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": { "type": "RuntimeDefault" },
+        },
         // The agent drains in-flight requests and flushes its store on SIGTERM.
         "terminationGracePeriodSeconds": 30,
         "nodeSelector": spec.node_selector,
@@ -179,6 +239,23 @@ pub fn statefulset(farm: &MiningFarm, ns: &str, replicas: i32, pool_id: &str) ->
             pod["volumes"] = json!([{ "name": "data", "hostPath": { "path": path, "type": "DirectoryOrCreate" } }]);
             // One directory per agent under the host path.
             pod["containers"][0]["volumeMounts"][0]["subPathExpr"] = json!("$(POD_NAME)");
+            // fsGroup does not apply to hostPath: the agent's directory (created root-owned by
+            // the kubelet) is handed to the agent's user first, by the same image with only
+            // the CHOWN capability.
+            pod["initContainers"] = json!([{
+                "name": "data-owner",
+                "image": spec.agent.image,
+                "args": ["prepare-dir", "/data", "--owner", format!("{AGENT_UID}:{AGENT_UID}")],
+                "env": [{ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
+                "volumeMounts": [{ "name": "data", "mountPath": "/data", "subPathExpr": "$(POD_NAME)" }],
+                "securityContext": {
+                    "runAsUser": 0,
+                    "runAsNonRoot": false,
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": { "drop": ["ALL"], "add": ["CHOWN"] },
+                },
+            }]);
             sts_spec["template"]["spec"] = pod;
         }
         (None, size) => {
@@ -262,35 +339,112 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         .patch(&name, &pp, &Patch::Apply(pdb))
         .await?;
 
-    // Scale: up at once, down one drained agent at a time.
+    // Scale: up at once (undoing drains of agents kept), down one drained agent at a time,
+    // and never below what the pool's profile needs.
     let desired = farm.spec.replicas;
     let members = farm_members(&ctx, &farm);
+    let ordinal =
+        |m: &Member| m.labels.get("pod")?.strip_prefix(&format!("{name}-"))?.parse::<i32>().ok();
+    let mut held = None;
     let (replicas, draining) = if desired >= current {
+        for m in members.iter().filter(|m| m.draining && ordinal(m).is_some_and(|o| o < desired)) {
+            ctx.fabric.undrain(&pool, m.id);
+            let pod = m.labels.get("pod").cloned().unwrap_or_default();
+            ctx.event(
+                &*farm,
+                false,
+                "Undrained",
+                format!("{pod} stays: the farm wants {desired} agents again"),
+            )
+            .await?;
+        }
         (desired, None)
     } else {
         let ord = current - 1;
         let pod = format!("{name}-{ord}");
-        let node = members.iter().find(|m| m.labels.get("pod") == Some(&pod));
+        let node = members.iter().find(|m| ordinal(m) == Some(ord));
         let layout = ctx.fabric.layout(&pool);
         let holds = |m: &Member| layout.as_ref().is_some_and(|l| !l.slots_of(&m.id).is_empty());
         match node {
             Some(m) if holds(m) || !ctx.fabric.in_sync(&pool) => {
-                if farm.status.as_ref().and_then(|s| s.draining) != Some(ord) {
-                    ctx.fabric.drain(&pool, m.id);
-                    ctx.event(
-                        &*farm,
-                        false,
-                        "Draining",
-                        format!("draining {pod} before scaling down to {desired}"),
-                    )
-                    .await?;
+                // The pool must hold its profile without it, or the drain could never end.
+                let rest: Vec<Member> =
+                    ctx.fabric.members(&pool).into_iter().filter(|x| x.id != m.id).collect();
+                let verdict = ctx.fabric.config(&pool).map_or(Ok(()), |c| {
+                    let profile = shardfarm_core::placement::Profile {
+                        k: c.k,
+                        m: c.m,
+                        partitions: c.partitions,
+                        domain_kind: c.failure_domain.clone(),
+                    };
+                    super::pool::check_live(&profile, &rest)
+                });
+                match verdict {
+                    Err(reason) => {
+                        let why = format!(
+                            "scale-down to {desired} held: without {pod} the pool cannot hold its \
+                             profile ({reason}); add capacity elsewhere first, or scale back to \
+                             {current}"
+                        );
+                        if !has_condition(
+                            &farm.status.clone().unwrap_or_default().conditions,
+                            "ScaleDownHeld",
+                            true,
+                        ) {
+                            ctx.event(&*farm, true, "ScaleDownHeld", why.clone()).await?;
+                        }
+                        held = Some(why);
+                        (current, None)
+                    }
+                    Ok(()) => {
+                        if !m.draining {
+                            ctx.fabric.drain(&pool, m.id);
+                            ctx.event(
+                                &*farm,
+                                false,
+                                "Draining",
+                                format!("draining {pod} before scaling down to {desired}"),
+                            )
+                            .await?;
+                        }
+                        (current, Some(ord))
+                    }
                 }
-                (current, Some(ord))
             }
             _ => (current - 1, None),
         }
     };
-    sts_api.patch(&name, &pp, &Patch::Apply(statefulset(&farm, &ns, replicas, &pool_id))).await?;
+    let settings = if local_pool(&farm) {
+        ctx.fabric.config(&pool).map(|c| AgentSettings::of(&c))
+    } else {
+        None
+    };
+    let mut desired_sts = statefulset(&farm, &ns, replicas, &pool_id, settings);
+    // Claim templates are immutable once the StatefulSet exists: keep the ones it has, and
+    // say so if the farm asks for other ones (they would apply to new agents only, and the
+    // API server refuses the change).
+    if let Some(existing_vct) =
+        existing.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone())
+    {
+        let wanted = desired_sts["spec"]["volumeClaimTemplates"].clone();
+        let kept = serde_json::to_value(&existing_vct).unwrap_or_default();
+        let size = |v: &serde_json::Value| v[0]["spec"]["resources"]["requests"]["storage"].clone();
+        if !wanted.is_null() && size(&wanted) != size(&kept) {
+            ctx.event(
+                &*farm,
+                true,
+                "StorageUnchanged",
+                format!(
+                    "agents keep their {} volumes: a StatefulSet's claim templates cannot change \
+                     (resize the PVCs, or create a new farm)",
+                    size(&kept).as_str().unwrap_or("existing")
+                ),
+            )
+            .await?;
+        }
+        desired_sts["spec"]["volumeClaimTemplates"] = kept;
+    }
+    sts_api.patch(&name, &pp, &Patch::Apply(desired_sts)).await?;
 
     let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
     let previous = farm.status.clone().unwrap_or_default();
@@ -301,8 +455,13 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         replicas,
         ready_replicas: ready,
         selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
-        capacity: Some(shardfarm_core::human_bytes(members.iter().map(|m| m.offered_bytes).sum())),
-        used: Some(shardfarm_core::human_bytes(members.iter().map(|m| m.used_bytes).sum())),
+        // What the farm offers now: its agents that are up.
+        capacity: Some(shardfarm_core::human_bytes(
+            members.iter().filter(|m| m.up).map(|m| m.offered_bytes).sum(),
+        )),
+        used: Some(shardfarm_core::human_bytes(
+            members.iter().filter(|m| m.up).map(|m| m.used_bytes).sum(),
+        )),
         audit_pass_rate: (audited > 0).then(|| passed as f64 / audited as f64),
         earnings: members.iter().map(|m| ctx.fabric.earnings(&pool, &m.id)).sum(),
         draining,
@@ -313,6 +472,14 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
                 ready >= desired,
                 if ready >= desired { "AgentsReady" } else { "AgentsStarting" },
                 format!("{ready} of {desired} agents ready"),
+                generation,
+            ),
+            condition(
+                &previous.conditions,
+                "ScaleDownHeld",
+                held.is_some(),
+                if held.is_some() { "ProfileNeedsIt" } else { "NotHeld" },
+                held.clone().unwrap_or_default(),
                 generation,
             ),
             condition(
@@ -338,30 +505,79 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     Ok(Action::requeue(if draining.is_some() { DRAIN_POLL } else { REFRESH }))
 }
 
+/// A deleted farm leaves the pool: its farm key stops vouching (so its agents, still running
+/// until garbage collection, cannot rejoin), and its nodes are removed — unless the pool is
+/// still there and could not hold its profile without them, in which case the deletion is
+/// held with a Warning that says why. When the pool itself is going (its namespace is being
+/// deleted) nothing is held. Events are best effort here: in a terminating namespace they
+/// cannot be created, and the finalizer must still come off.
 async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let pool = pool_key(&farm);
+    let ns = farm.namespace().unwrap_or_default();
     let members = farm_members(&ctx, &farm);
-    for m in &members {
-        ctx.fabric.remove(&pool, m.id);
+    let pool_going = match &farm.spec.pool_ref.name {
+        Some(p) if local_pool(&farm) => {
+            Api::<shardfarm_crds::StoragePool>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(p)
+                .await?
+                .is_none_or(|sp| sp.metadata.deletion_timestamp.is_some())
+        }
+        _ => true,
+    };
+    if !pool_going && !members.is_empty() {
+        let rest: Vec<Member> = ctx
+            .fabric
+            .members(&pool)
+            .into_iter()
+            .filter(|x| !members.iter().any(|m| m.id == x.id))
+            .collect();
+        let verdict = ctx.fabric.config(&pool).map_or(Ok(()), |c| {
+            let profile = shardfarm_core::placement::Profile {
+                k: c.k,
+                m: c.m,
+                partitions: c.partitions,
+                domain_kind: c.failure_domain.clone(),
+            };
+            super::pool::check_live(&profile, &rest)
+        });
+        if let Err(reason) = verdict {
+            let why = format!(
+                "deletion held: without its {} nodes pool {pool} cannot hold its profile \
+                 ({reason}); add capacity elsewhere first",
+                members.len()
+            );
+            if let Err(e) = ctx.event(&*farm, true, "DeletionHeld", why.clone()).await {
+                tracing::warn!(error = %e, "could not record the held deletion");
+            }
+            // An error keeps the finalizer (and the farm) and retries the cleanup.
+            return Err(Error::Held(why));
+        }
     }
     if local_pool(&farm) {
-        let ns = farm.namespace().unwrap_or_default();
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(ctx.client.clone(), &ns);
         let name = crate::pool_key::farm_secret_name(&farm.name_any());
-        if let Some(key) =
-            secrets.get_opt(&name).await?.and_then(|s| crate::pool_key::parse(&s).ok())
-        {
-            ctx.fabric.remove_farm(&pool, &key.id());
+        match secrets.get_opt(&name).await {
+            Ok(Some(s)) => {
+                if let Ok(key) = crate::pool_key::parse(&s) {
+                    ctx.fabric.remove_farm(&pool, &key.id());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, secret = %name, "cannot read the farm key"),
         }
     }
-    ctx.event(
-        &*farm,
-        false,
-        "FarmDeleted",
-        format!("{} nodes left pool {pool}; their slots are rebuilt elsewhere", members.len()),
-    )
-    .await?;
+    for m in &members {
+        ctx.fabric.remove(&pool, m.id);
+    }
+    let note = if pool_going {
+        format!("{} nodes left pool {pool}, which is being deleted", members.len())
+    } else {
+        format!("{} nodes left pool {pool}; their slots are rebuilt elsewhere", members.len())
+    };
+    if let Err(e) = ctx.event(&*farm, false, "FarmDeleted", note).await {
+        tracing::warn!(error = %e, "could not record the farm's deletion");
+    }
     Ok(Action::await_change())
 }
 
@@ -382,7 +598,8 @@ mod tests {
             let mut farm: MiningFarm = serde::Deserialize::deserialize(doc).unwrap();
             farm.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
             let ns = farm.namespace().unwrap();
-            let sts = statefulset(&farm, &ns, farm.spec.replicas, &"0f".repeat(32));
+            let settings = AgentSettings::of(&shardfarm_coordinator::PoolConfig::default());
+            let sts = statefulset(&farm, &ns, farm.spec.replicas, &"0f".repeat(32), Some(settings));
             let yaml = format!(
                 "# Rendered by the operator from examples/miningfarm.yaml (test \
                  rendered_statefulsets_of_the_examples_are_committed): do not edit.\n{}",

@@ -29,11 +29,20 @@ pub struct TestFabric {
     pub layout: Mutex<Option<Layout>>,
     pub out_of_sync: Mutex<bool>,
     pub drained: Mutex<Vec<NodeId>>,
+    pub undrained: Mutex<Vec<NodeId>>,
     pub removed: Mutex<Vec<NodeId>>,
     pub published: Mutex<Vec<Layout>>,
     pub admission: Mutex<Option<shardfarm_coordinator::Admission>>,
     pub farms:
         Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<String, String>>>,
+    /// The pool configuration the coordinator runs with (None: [`test_config`]).
+    pub config: Mutex<Option<shardfarm_coordinator::PoolConfig>>,
+}
+
+/// The pool configuration of the tests' coordinator unless one sets another: RS(4,2), 512
+/// partitions, difficulty 26.
+pub fn test_config() -> shardfarm_coordinator::PoolConfig {
+    shardfarm_coordinator::PoolConfig { partitions: 512, min_difficulty: 26, ..Default::default() }
 }
 
 impl Fabric for TestFabric {
@@ -48,6 +57,9 @@ impl Fabric for TestFabric {
     }
     fn drain(&self, _pool: &str, node: NodeId) {
         self.drained.lock().unwrap().push(node);
+        for m in self.members.lock().unwrap().iter_mut().filter(|m| m.id == node) {
+            m.draining = true;
+        }
     }
     fn remove(&self, _pool: &str, node: NodeId) {
         self.removed.lock().unwrap().push(node);
@@ -71,6 +83,15 @@ impl Fabric for TestFabric {
     }
     fn remove_farm(&self, _pool: &str, farm: &NodeId) {
         self.farms.lock().unwrap().remove(farm);
+    }
+    fn undrain(&self, _pool: &str, node: NodeId) {
+        self.undrained.lock().unwrap().push(node);
+        for m in self.members.lock().unwrap().iter_mut().filter(|m| m.id == node) {
+            m.draining = false;
+        }
+    }
+    fn config(&self, _pool: &str) -> Option<shardfarm_coordinator::PoolConfig> {
+        Some(self.config.lock().unwrap().clone().unwrap_or_else(test_config))
     }
     fn pool_id(&self, pool: &str) -> Option<NodeId> {
         Some(pool_id(pool))
@@ -159,6 +180,16 @@ impl Expect {
         self.reply = Some(json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
             "code": 409, "message": "already exists",
+        }));
+        self
+    }
+
+    /// Answers 403 Forbidden with `message` (say, a namespace being terminated).
+    pub fn forbidden(mut self, message: &str) -> Self {
+        self.status = StatusCode::FORBIDDEN;
+        self.reply = Some(json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+            "code": 403, "message": message,
         }));
         self
     }

@@ -48,6 +48,9 @@ pub enum Error {
     /// An object is missing something the reconciler needs.
     #[error("{0}")]
     Invalid(String),
+    /// A deletion is held until the pool can do without what is deleted (retried).
+    #[error("{0}")]
+    Held(String),
 }
 
 impl From<kube::Error> for Error {
@@ -63,6 +66,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Finalizer(_) => "finalizer",
             Error::Invalid(_) => "invalid",
+            Error::Held(_) => "held",
         }
     }
 }
@@ -97,6 +101,10 @@ pub trait Fabric: Send + Sync {
     );
     /// The farm with key `farm` no longer vouches for anyone in `pool`.
     fn remove_farm(&self, pool: &str, farm: &NodeId);
+    /// Takes `node` back into `pool` after a drain (a scale-down undone).
+    fn undrain(&self, pool: &str, node: NodeId);
+    /// The configuration `pool`'s coordinator runs with, once it runs.
+    fn config(&self, pool: &str) -> Option<shardfarm_coordinator::PoolConfig>;
     /// The id of `pool`'s key (its coordinator's identity), once its coordinator runs.
     fn pool_id(&self, pool: &str) -> Option<NodeId>;
 }

@@ -71,6 +71,30 @@ pub fn check_profile(
         .map_err(|e| e.to_string())
 }
 
+/// Whether the pool's live members — up, in good standing, in the failure domains the
+/// coordinator assigned them — can hold its profile now. `Err` carries the engine's reason.
+pub fn check_live(
+    profile: &Profile,
+    members: &[shardfarm_coordinator::Member],
+) -> Result<(), String> {
+    let nodes: Vec<placement::Node> = members
+        .iter()
+        .filter(|m| m.up && m.standing == Standing::Active)
+        .map(|m| placement::Node {
+            id: m.id,
+            root: m.root,
+            domain: m.domain.clone(),
+            capacity: 1,
+            draining: m.draining,
+            frozen: false,
+        })
+        .collect();
+    let profile = Profile { partitions: profile.partitions.min(4096), ..profile.clone() };
+    placement::compute(&nodes, &profile, None, &Options::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Reconciles one StoragePool.
 pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {
     counted(&ctx, "StoragePool", apply(pool, &ctx).await)
@@ -87,11 +111,10 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         .filter(|f| f.spec.pool_ref.name.as_deref() == Some(name.as_str()))
         .collect();
     let members = ctx.fabric.members(&name);
-    let label = pool.spec.failure_domain.label();
     let outside: Vec<(NodeId, String)> = members
         .iter()
         .filter(|m| !m.labels.contains_key("farm") && m.standing != Standing::Disqualified)
-        .map(|m| (m.id, m.labels.get(label).cloned().unwrap_or_else(|| m.domain.clone())))
+        .map(|m| (m.id, m.domain.clone()))
         .collect();
     let agents: i32 = farms.iter().map(|f| f.spec.replicas.max(0)).sum();
     let check = if agents == 0 && outside.is_empty() {
@@ -115,10 +138,45 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
     let previous = pool.status.clone().unwrap_or_default();
     let generation = pool.metadata.generation;
     let (k, m) = (pool.spec.erasure.data_shards, pool.spec.erasure.parity_shards);
-    let (phase, degraded) = match &check {
-        Ok(()) => ("Ready", None),
-        Err(reason) if reason.is_empty() => ("Pending", None),
-        Err(reason) => ("Degraded", Some(reason.clone())),
+    // Ready is what runs, not what is declared: a published layout, and members up and in
+    // good standing that can hold the profile.
+    let layout = ctx.fabric.layout(&name);
+    let live = check_live(
+        &Profile {
+            k,
+            m,
+            partitions: pool.spec.partitions,
+            domain_kind: pool.spec.failure_domain.label().into(),
+        },
+        &members,
+    );
+    let active = members.iter().filter(|x| x.up && x.standing == Standing::Active).count();
+    let (phase, ready, degraded) = match (&check, &live, &layout) {
+        (Err(reason), _, _) if reason.is_empty() => {
+            ("Pending", Err("no MiningFarm references this pool yet".to_string()), None)
+        }
+        (Err(reason), _, _) => ("Degraded", Err(reason.clone()), Some(reason.clone())),
+        (Ok(()), Ok(()), Some(l)) => (
+            "Ready",
+            Ok(format!(
+                "{active} nodes up and in good standing hold RS({k},{m}) (layout version {})",
+                l.version
+            )),
+            None,
+        ),
+        (Ok(()), Err(reason), Some(_)) => (
+            "Degraded",
+            Err(format!("{active} nodes up and in good standing: {reason}")),
+            Some(format!("the nodes up now cannot hold RS({k},{m}): {reason}")),
+        ),
+        (Ok(()), _, None) => (
+            "Pending",
+            Err(format!(
+                "waiting for agents: {active} nodes up and in good standing ({agents} agents \
+                 declared by farms); no layout is published yet"
+            )),
+            None,
+        ),
     };
     let up = |s: Standing| members.iter().filter(|x| x.up && x.standing == s).count() as u32;
     let status = StoragePoolStatus {
@@ -129,15 +187,10 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
             condition(
                 &previous.conditions,
                 "Ready",
-                check.is_ok(),
-                if check.is_ok() { "ProfileSatisfied" } else { "NotReady" },
-                match &check {
-                    Ok(()) => format!(
-                        "{agents} agents and {} outside nodes can hold RS({k},{m})",
-                        outside.len()
-                    ),
-                    Err(r) if r.is_empty() => "no MiningFarm references this pool yet".into(),
-                    Err(r) => r.clone(),
+                ready.is_ok(),
+                if ready.is_ok() { "ProfileSatisfied" } else { "NotReady" },
+                match &ready {
+                    Ok(msg) | Err(msg) => msg.clone(),
                 },
                 generation,
             ),
@@ -154,7 +207,7 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         nodes_suspended: up(Standing::Suspended),
         capacity_bytes: members.iter().filter(|x| x.up).map(|x| x.offered_bytes).sum(),
         used_bytes: members.iter().filter(|x| x.up).map(|x| x.used_bytes).sum(),
-        layout_version: ctx.fabric.layout(&name).map_or(0, |l| l.version),
+        layout_version: layout.as_ref().map_or(0, |l| l.version),
         degraded_segments: members.iter().filter(|x| x.up).map(|x| x.repair_backlog).sum(),
         observed_generation: generation,
     };

@@ -136,6 +136,17 @@ async fn a_new_farm_gets_its_finalizer_then_agents_service_and_budget() {
                 args.contains("--label=farm=alpha") && args.contains("--capacity=100GiB"),
                 "{args}"
             );
+            // The pool's settings, as its coordinator runs them.
+            assert!(
+                args.contains("--partitions=512")
+                    && args.contains("--identity-difficulty=26")
+                    && args.contains("--pool-difficulty=26"),
+                "{args}"
+            );
+            let pod = &b["spec"]["template"]["spec"];
+            assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+            assert_eq!(pod["containers"][0]["startupProbe"]["httpGet"]["path"], "/healthz");
             // The farm key reaches the agents from its Secret, as an environment variable.
             let env = &b["spec"]["template"]["spec"]["containers"][0]["env"];
             let key =
@@ -192,7 +203,11 @@ async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
     let fabric = Arc::new(TestFabric::default());
     let leaving = member("alpha-2", "rack-a", &[("farm", "alpha"), ("pod", "alpha-2")]);
     let staying = member("alpha-1", "rack-a", &[("farm", "alpha"), ("pod", "alpha-1")]);
-    *fabric.members.lock().unwrap() = vec![leaving.clone(), staying.clone()];
+    let elsewhere = member("beta-0", "rack-b", &[("farm", "beta"), ("pod", "beta-0")]);
+    *fabric.members.lock().unwrap() = vec![leaving.clone(), staying.clone(), elsewhere];
+    // RS(1,1) over two racks: the pool holds its profile without the leaving agent.
+    *fabric.config.lock().unwrap() =
+        Some(shardfarm_coordinator::PoolConfig { k: 1, m: 1, partitions: 4, ..test_config() });
     // The leaving node holds slots in the current layout.
     *fabric.layout.lock().unwrap() = Some(placement::Layout {
         version: 4,
@@ -252,35 +267,165 @@ async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
     assert_eq!(fabric.drained.lock().unwrap().len(), 1, "drained once only");
 }
 
+fn deleted(mut f: MiningFarm) -> MiningFarm {
+    f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    f
+}
+
+fn finalizer_removed() -> Expect {
+    expect(Method::PATCH, sf_path("miningfarms", "alpha"))
+        .body(|b| {
+            let ops = b.as_array().unwrap();
+            assert!(
+                ops.iter().any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+                "{b}"
+            );
+        })
+        .reply(serde_json::to_value(farm_obj(1, false)).unwrap())
+}
+
 #[tokio::test]
 async fn a_deleted_farm_takes_its_nodes_out_of_the_pool_then_drops_its_finalizer() {
     let fabric = Arc::new(TestFabric::default());
     let mine = member("alpha-0", "rack-a", &[("farm", "alpha"), ("pod", "alpha-0")]);
-    let other = member("beta-0", "rack-b", &[("farm", "beta"), ("pod", "beta-0")]);
-    *fabric.members.lock().unwrap() = vec![mine.clone(), other];
-    let mut f = farm_obj(1, true);
-    f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::now(),
-    ));
+    let others: Vec<_> = ["b", "c"]
+        .iter()
+        .map(|r| member(&format!("{r}-0"), &format!("rack-{r}"), &[("farm", r), ("pod", "x")]))
+        .collect();
+    let mut all = vec![mine.clone()];
+    all.extend(others);
+    *fabric.members.lock().unwrap() = all;
+    *fabric.config.lock().unwrap() =
+        Some(shardfarm_coordinator::PoolConfig { k: 1, m: 1, partitions: 4, ..test_config() });
     fabric.farms.lock().unwrap().insert(farm_key().id(), Default::default());
     let (ctx, handle) = context(fabric.clone());
-    let mut script = farm_key_requests(false);
+    let pool = serde_json::to_value(pool_obj(1, 1)).unwrap();
+    let mut script = vec![expect(Method::GET, sf_path("storagepools", "main")).reply(pool)];
+    script.extend(farm_key_requests(false));
     script.extend([
         expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "FarmDeleted")),
-        expect(Method::PATCH, sf_path("miningfarms", "alpha"))
-            .body(|b| {
-                let ops = b.as_array().unwrap();
-                assert!(
-                    ops.iter()
-                        .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
-                    "{b}"
-                );
-            })
-            .reply(serde_json::to_value(farm_obj(1, false)).unwrap()),
+        finalizer_removed(),
     ]);
-    run(handle, script, farm::reconcile(Arc::new(f), ctx)).await.unwrap();
+    run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await.unwrap();
     assert_eq!(*fabric.removed.lock().unwrap(), vec![mine.id]);
     assert!(fabric.farms.lock().unwrap().is_empty(), "the farm's key still vouches");
+}
+
+#[tokio::test]
+async fn a_deletion_the_pool_cannot_survive_is_held_with_the_reason() {
+    let fabric = Arc::new(TestFabric::default());
+    // Six agents of RS(4,2) in this farm and nowhere else: without them, nothing.
+    let mine: Vec<_> = (0..6)
+        .map(|i| {
+            let pod = format!("alpha-{i}");
+            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
+        })
+        .collect();
+    *fabric.members.lock().unwrap() = mine;
+    let (ctx, handle) = context(fabric.clone());
+    let pool = serde_json::to_value(pool_obj(4, 2)).unwrap();
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main")).reply(pool),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("DeletionHeld"), Some("Warning"))
+            );
+            assert!(b["note"].as_str().unwrap().contains("cannot hold its profile"), "{b}");
+        }),
+    ];
+    // No finalizer removal: the farm stays until capacity elsewhere can take its slots.
+    let r = run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await;
+    assert!(r.unwrap_err().to_string().contains("deletion held"));
+    assert!(fabric.removed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn namespace_deletion_completes_even_when_events_cannot_be_created() {
+    let fabric = Arc::new(TestFabric::default());
+    let mine: Vec<_> = (0..6)
+        .map(|i| {
+            let pod = format!("alpha-{i}");
+            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
+        })
+        .collect();
+    *fabric.members.lock().unwrap() = mine;
+    let (ctx, handle) = context(fabric.clone());
+    let terminating =
+        "unable to create new content in namespace farms because it is being terminated";
+    let script = vec![
+        // The pool went first: nothing to hold the farm for.
+        expect(Method::GET, sf_path("storagepools", "main")).not_found(),
+        // The farm key Secret is already gone, and events cannot be created.
+        expect(Method::GET, farm_key_path()).not_found(),
+        expect(Method::POST, events_path()).forbidden(terminating),
+        finalizer_removed(),
+    ];
+    run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await.unwrap();
+    assert_eq!(fabric.removed.lock().unwrap().len(), 6);
+}
+
+#[tokio::test]
+async fn a_scale_down_the_pool_cannot_survive_is_held_and_a_drain_is_undone_on_scale_up() {
+    let fabric = Arc::new(TestFabric::default());
+    let mine: Vec<_> = (0..6)
+        .map(|i| {
+            let pod = format!("alpha-{i}");
+            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
+        })
+        .collect();
+    *fabric.members.lock().unwrap() = mine.clone();
+    let partitions = vec![mine.iter().map(|m| m.id).collect::<Vec<_>>()];
+    *fabric.layout.lock().unwrap() = Some(placement::Layout { version: 2, k: 4, m: 2, partitions });
+    // 6 → 5 on RS(4,2): refused, with a Warning and a condition that say why.
+    let (ctx, handle) = context(fabric.clone());
+    let mut script = apply_pass(
+        Some(sts(6, 6)),
+        |b| assert_eq!(b["spec"]["replicas"], 6, "nothing removed"),
+        |b| {
+            let held = b["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "ScaleDownHeld")
+                .unwrap()
+                .clone();
+            assert_eq!(held["status"], "True", "{held}");
+            assert!(
+                held["message"].as_str().unwrap().contains("cannot hold its profile"),
+                "{held}"
+            );
+            assert!(b["status"]["draining"].is_null());
+        },
+    );
+    script.insert(
+        script.len() - 2,
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("ScaleDownHeld"), Some("Warning"))
+            );
+        }),
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(5, true)), ctx)).await.unwrap();
+    assert!(fabric.drained.lock().unwrap().is_empty(), "a drain that could never end was started");
+
+    // A drain left from before (alpha-5 draining) is undone when the farm wants 6 again.
+    fabric.members.lock().unwrap()[5].draining = true;
+    let (ctx, handle) = context(fabric.clone());
+    let mut script = apply_pass(Some(sts(6, 6)), |b| assert_eq!(b["spec"]["replicas"], 6), |_| {});
+    script.insert(
+        script.len() - 2,
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(b["reason"], "Undrained");
+            assert!(b["note"].as_str().unwrap().contains("alpha-5"), "{b}");
+        }),
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(6, true)), ctx)).await.unwrap();
+    assert_eq!(*fabric.undrained.lock().unwrap(), vec![mine[5].id]);
+    assert!(!fabric.members.lock().unwrap()[5].draining);
 }
 
 fn pool_obj(k: u16, m: u16) -> StoragePool {
@@ -342,9 +487,9 @@ async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
 }
 
 #[tokio::test]
-async fn a_pool_its_farms_can_hold_is_ready() {
+async fn a_pool_is_ready_only_when_its_live_members_hold_the_profile() {
     let fabric = Arc::new(TestFabric::default());
-    let (ctx, handle) = context(fabric);
+    let (ctx, handle) = context(fabric.clone());
     let zones = ["a", "b", "c"];
     let items: Vec<Value> = zones
         .iter()
@@ -356,14 +501,55 @@ async fn a_pool_its_farms_can_hold_is_ready() {
         })
         .collect();
     let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": items });
-    let script = vec![
-        expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
-            .reply(list),
-        expect(Method::PATCH, sf_path("shardplacements", "main")),
-        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
-            .onto(serde_json::to_value(pool_obj(4, 2)).unwrap())
-            .body(|b| assert_eq!(b["status"]["phase"], "Ready")),
-    ];
+    let pass = |check: fn(&Value)| {
+        vec![
+            expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
+                .reply(list.clone()),
+            expect(Method::PATCH, sf_path("shardplacements", "main")),
+            expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+                .onto(serde_json::to_value(pool_obj(4, 2)).unwrap())
+                .body(check),
+        ]
+    };
+    // Farms that could hold the profile are applied, but no agent has joined yet: Pending,
+    // not Ready (the status follows live members, not spec.replicas).
+    let script = pass(|b| {
+        assert_eq!(b["status"]["phase"], "Pending", "{b}");
+        assert_eq!(b["status"]["nodesReady"], 0);
+        let ready = &b["status"]["conditions"][0];
+        assert_eq!(ready["status"], "False");
+        assert!(ready["message"].as_str().unwrap().contains("waiting for agents"), "{ready}");
+    });
+    run(handle, script, pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+
+    // Six agents up in three zones and a published layout: Ready.
+    let members: Vec<_> =
+        (0..6).map(|i| member(&format!("n{i}"), zones[i % 3], &[("farm", "x")])).collect();
+    *fabric.members.lock().unwrap() = members.clone();
+    *fabric.layout.lock().unwrap() =
+        Some(placement::Layout { version: 3, k: 4, m: 2, partitions: Vec::new() });
+    let (ctx, handle) = context(fabric.clone());
+    let script = pass(|b| {
+        assert_eq!(b["status"]["phase"], "Ready", "{b}");
+        assert_eq!(b["status"]["nodesReady"], 6);
+        let msg = b["status"]["conditions"][0]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("6 nodes up and in good standing"), "{msg}");
+    });
+    run(handle, script, pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+
+    // Two of them go down: the four left cannot hold RS(4,2) — Degraded, with the reason.
+    for m in fabric.members.lock().unwrap().iter_mut().take(2) {
+        m.up = false;
+    }
+    let (ctx, handle) = context(fabric.clone());
+    let mut script = pass(|b| {
+        assert_eq!(b["status"]["phase"], "Degraded", "{b}");
+        assert_eq!(b["status"]["nodesReady"], 4);
+    });
+    script.push(expect(Method::POST, events_path()).body(|b| {
+        assert_eq!(b["reason"], "ProfileUnsatisfiable");
+        assert!(b["note"].as_str().unwrap().contains("the nodes up now cannot hold"), "{b}");
+    }));
     run(handle, script, pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
 }
 
@@ -491,4 +677,36 @@ fn a_storage_pool_defaults_to_the_identity_difficulty_every_part_defaults_to() {
     assert_eq!(admission.min_identity_difficulty, shardfarm_core::identity::DEFAULT_DIFFICULTY);
     let config = shardfarm_coordinator::PoolConfig::default();
     assert_eq!(config.min_difficulty, shardfarm_core::identity::DEFAULT_DIFFICULTY);
+}
+
+#[tokio::test]
+async fn claim_templates_of_an_existing_statefulset_are_kept_and_a_change_is_reported() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    let mut existing = sts(3, 3);
+    existing["spec"]["volumeClaimTemplates"] = json!([{
+        "metadata": { "name": "data" },
+        "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "50Gi" } } },
+    }]);
+    // The farm now asks for 100Gi: the StatefulSet keeps its 50Gi templates (the API server
+    // refuses any change to them), and a Warning says so.
+    let mut script = apply_pass(
+        Some(existing),
+        |b| {
+            let vct = &b["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"];
+            assert_eq!(vct["storage"], "50Gi", "{b}");
+        },
+        |_| {},
+    );
+    script.insert(
+        script.len() - 2,
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("StorageUnchanged"), Some("Warning"))
+            );
+            assert!(b["note"].as_str().unwrap().contains("50Gi"), "{b}");
+        }),
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(3, true)), ctx)).await.unwrap();
 }
