@@ -277,6 +277,11 @@ pub struct ReportInput {
     pub suspect_peers: Vec<NodeId>,
 }
 
+/// The name of the state document in a state dir (`coordinator.json`).
+pub fn store_file() -> &'static str {
+    state::STATE_FILE
+}
+
 /// Nodes whose report of sync awaits the check that they hold what they gained.
 #[derive(Clone, Debug, Default)]
 pub struct SyncWork {
@@ -301,6 +306,8 @@ pub struct Coordinator {
     admission: Mutex<Admission>,
     /// The pool owner's farms: farm key id → the labels it assigns.
     farms: Mutex<BTreeMap<NodeId, BTreeMap<String, String>>>,
+    /// Rebalancing moves per round set at run time (a ShardPlacement's); 0: the config's.
+    max_transfers: std::sync::atomic::AtomicUsize,
     /// Joins per identity and for the whole pool.
     joins_by_id: KeyedBuckets<NodeId>,
     joins_pool: KeyedBuckets<()>,
@@ -364,6 +371,7 @@ impl Coordinator {
             ledger: Mutex::new(ledger),
             admission: Mutex::new(Admission::default()),
             farms: Mutex::new(farms),
+            max_transfers: std::sync::atomic::AtomicUsize::new(0),
             joins_by_id: KeyedBuckets::new(
                 1.0 / JOIN_EVERY_IDENTITY,
                 JOIN_BURST_IDENTITY,
@@ -706,6 +714,16 @@ impl Coordinator {
         }
     }
 
+    /// Sets the most rebalancing moves per layout round (None: the pool's default budget).
+    pub fn set_max_transfers(&self, moves: Option<usize>) {
+        self.max_transfers.store(moves.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Slots moved by the last layout round and its balance (max load / mean).
+    pub fn last_round(&self) -> (u64, f64) {
+        (self.metrics.layout_moved.get().max(0) as u64, self.metrics.layout_balance.get())
+    }
+
     /// Takes `node` back (a scale-down was undone): it may hold slots again.
     pub fn undrain(&self, node: &NodeId) {
         let mut st = self.state.lock().unwrap();
@@ -746,7 +764,6 @@ impl Coordinator {
         install(&mut st, layout, now_ms);
         st.recovery = None;
         drop(st);
-        let _ = self.persist();
         self.publish_current();
     }
 
@@ -906,7 +923,11 @@ impl Coordinator {
             st.dirty = false;
             (eligible(&st), st.layout.clone())
         };
-        let opts = Options { max_transfers: Some(self.config.transfer_budget()) };
+        let budget = match self.max_transfers.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.config.transfer_budget(),
+            n => n,
+        };
+        let opts = Options { max_transfers: Some(budget) };
         let plan = placement::compute(&nodes, &self.config.profile(), current.as_ref(), &opts);
         let mut st = self.state.lock().unwrap();
         let version = |l: &Option<placement::Layout>| l.as_ref().map(|l| l.version);
@@ -936,7 +957,6 @@ impl Coordinator {
         // The first layout computed ends a recovery that nothing was presented to.
         st.recovery = None;
         drop(st);
-        let _ = self.persist();
         self.publish_current();
     }
 
@@ -977,13 +997,12 @@ impl Coordinator {
         st.layout_published_ms = now_ms;
         st.dirty = true;
         drop(st);
-        let _ = self.persist();
         self.publish_current();
         false
     }
 
-    /// Signs the current layout (and fallback) as the pool under the next sequence number
-    /// and hands it to every watcher.
+    /// Signs the current layout (and fallback) as the pool under the next sequence number,
+    /// writes the state, and hands the publication to every watcher.
     fn publish_current(&self) {
         let mut st = self.state.lock().unwrap();
         let Some(layout) = st.layout.clone() else { return };
@@ -992,13 +1011,18 @@ impl Coordinator {
         let now = shardfarm_core::auth::now_ms();
         let sequence = st.publication.saturating_add(1).max(now);
         st.publication = sequence;
-        st.dirty = true;
         let published = PublishedLayout::new(layout, st.previous.clone(), addresses).sign(
             &self.identity,
             sequence,
             now,
         );
         drop(st);
+        // Write-ahead: the layout and its sequence number are durable before any agent sees
+        // them, so whoever continues the pool (a restart, another operator replica) publishes
+        // above both. A write that fails (a replica that no longer leads) publishes nothing.
+        if self.persist().is_err() {
+            return;
+        }
         self.layout_tx.send_replace(Some(Arc::new(published)));
     }
 

@@ -496,8 +496,10 @@ pub struct ShardPlacementSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_moves_per_round: Option<u32>,
-    /// Node ids to drain (hand their slots away).
+    /// Node ids (64 lowercase hex digits) to drain: the coordinator re-places their slots and
+    /// they hand their shards away. Removing an id undoes its drain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(min = 64, max = 64), pattern(r"^[0-9a-f]{64}$")))]
     pub drain: Vec<String>,
 }
 
@@ -520,6 +522,9 @@ pub struct ShardPlacementStatus {
     /// ConfigMap holding the layout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout_config_map: Option<String>,
+    /// Node ids this placement's drain list has drained (so removing one undoes its drain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drained: Vec<String>,
     /// Conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,

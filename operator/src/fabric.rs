@@ -51,10 +51,14 @@ impl Fabric for Coordinators {
         }
     }
 
-    fn publish(&self, pool: &str, layout: Layout) {
+    fn set_max_moves(&self, pool: &str, moves: Option<usize>) {
         if let Some(c) = self.get(pool) {
-            c.adopt_layout(layout, shardfarm_core::auth::now_ms());
+            c.set_max_transfers(moves);
         }
+    }
+
+    fn last_round(&self, pool: &str) -> (u64, f64) {
+        self.get(pool).map_or((0, 0.0), |c| c.last_round())
     }
 
     fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission) {

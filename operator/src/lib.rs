@@ -6,6 +6,7 @@
 //!   (`shardfarm-coordinator`, which this crate runs but does not contain);
 //! - [`lease`]: leader election that tolerates transient API errors and releases on exit;
 //! - [`pool_key`]: the pool key in a Secret created once and never overwritten;
+//! - [`state_store`]: the coordinator's state and ledger in a ConfigMap, so any replica leads;
 //! - [`run`]: CRD check, leader election, the coordinator's server, the controllers.
 
 #![warn(missing_docs)]
@@ -15,3 +16,4 @@ pub mod fabric;
 pub mod lease;
 pub mod pool_key;
 pub mod run;
+pub mod state_store;

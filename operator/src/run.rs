@@ -196,7 +196,21 @@ async fn lead(
     })
     .await
     .context("the pool key")?;
-    let coordinator = Coordinator::open(config, &args.state_dir, identity)?;
+    // The coordinator's state lives in the API (any replica continues the pool); the ledger
+    // file is restored from there first if this replica's volume is new.
+    let store = crate::state_store::KubeStore::new(
+        Api::namespaced(client.clone(), &args.namespace),
+        &args.pool,
+        args.state_dir.join("ledger.jsonl"),
+        args.state_dir.join(shardfarm_coordinator::store_file()),
+    );
+    store.restore_ledger().await.context("restoring the ledger from the API")?;
+    let coordinator = Coordinator::open_with(
+        config,
+        Box::new(store),
+        &args.state_dir.join("ledger.jsonl"),
+        identity,
+    )?;
     pools.insert(&args.pool, coordinator.clone());
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;
     let grpc = tokio::spawn(shardfarm_coordinator::service::serve(

@@ -31,7 +31,7 @@ pub struct TestFabric {
     pub drained: Mutex<Vec<NodeId>>,
     pub undrained: Mutex<Vec<NodeId>>,
     pub removed: Mutex<Vec<NodeId>>,
-    pub published: Mutex<Vec<Layout>>,
+    pub max_moves: Mutex<Option<usize>>,
     pub admission: Mutex<Option<shardfarm_coordinator::Admission>>,
     pub farms:
         Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<String, String>>>,
@@ -64,8 +64,11 @@ impl Fabric for TestFabric {
     fn remove(&self, _pool: &str, node: NodeId) {
         self.removed.lock().unwrap().push(node);
     }
-    fn publish(&self, _pool: &str, layout: Layout) {
-        self.published.lock().unwrap().push(layout);
+    fn set_max_moves(&self, _pool: &str, moves: Option<usize>) {
+        *self.max_moves.lock().unwrap() = moves;
+    }
+    fn last_round(&self, _pool: &str) -> (u64, f64) {
+        (1536, 1.02)
     }
     fn earnings(&self, _pool: &str, _node: &NodeId) -> u64 {
         7

@@ -4,9 +4,9 @@
 //! | kind | the reconciler does |
 //! |---|---|
 //! | `StoragePool` | checks the profile against the farms' failure domains (`Degraded` with the exact reason), owns a `ShardPlacement`, aggregates status |
-//! | `MiningFarm` | a StatefulSet + headless Service + PodDisruptionBudget of agents; scale down drains the highest ordinal first |
+//! | `MiningFarm` | a StatefulSet + headless Service + PodDisruptionBudget of agents and the farm key; scale down drains the highest ordinal first, undone on scale-up, held if the profile needs it |
 //! | `NodeSyndication` | admits or refuses nodes from outside the cluster; members in status |
-//! | `ShardPlacement` | computes the layout with `core::placement` from the current members, publishes it (ConfigMap + coordinator) |
+//! | `ShardPlacement` | the coordinator's declared input (drain list, moves per round) and the mirror of its layout (ConfigMap + status); the coordinator alone computes layouts |
 //!
 //! Everything the reconcilers learn about the running fabric (members, slots, sync) comes from
 //! a [`Fabric`]: in the operator process it is the pool's coordinator.
@@ -86,8 +86,10 @@ pub trait Fabric: Send + Sync {
     fn drain(&self, pool: &str, node: NodeId);
     /// Removes `node` from the pool (its farm was deleted).
     fn remove(&self, pool: &str, node: NodeId);
-    /// Publishes a layout computed by a ShardPlacement.
-    fn publish(&self, pool: &str, layout: Layout);
+    /// Sets `pool`'s rebalancing moves per layout round (None: the pool's default).
+    fn set_max_moves(&self, pool: &str, moves: Option<usize>);
+    /// Slots moved by `pool`'s last layout round and its balance.
+    fn last_round(&self, pool: &str) -> (u64, f64);
     /// Rewards recorded for `node` (RW1 + RW2).
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
     /// Sets the admission rules later joins to `pool` must meet.

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use http::Method;
 use serde_json::{Value, json};
-use shardfarm_core::placement::{self, Options, Profile};
+use shardfarm_core::identity::NodeId;
+use shardfarm_core::placement;
 use shardfarm_crds::{MiningFarm, NodeSyndication, ShardPlacement, StoragePool};
 
 use super::fixtures::*;
@@ -612,63 +613,67 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_placement_is_recomputed_after_a_member_leaves() {
+async fn a_placement_mirrors_the_coordinators_layout_and_declares_drains() {
     let fabric = Arc::new(TestFabric::default());
     let members: Vec<_> =
         (0..7).map(|i| member(&format!("n{i}"), &format!("zone-{}", i % 3), &[])).collect();
-    let profile = Profile { k: 4, m: 2, partitions: 64, domain_kind: "zone".into() };
-    let nodes: Vec<placement::Node> = members
-        .iter()
-        .map(|m| placement::Node {
-            id: m.id,
-            root: m.root,
-            domain: m.domain.clone(),
-            capacity: 1 << 30,
-            draining: false,
-            frozen: false,
-        })
-        .collect();
-    let v1 = placement::compute(&nodes, &profile, None, &Options::default()).unwrap().layout;
-    let gone = members[6].id;
-    let gone_slots = v1.slots_of(&gone).len() as u64;
-    assert!(gone_slots > 0);
-    *fabric.members.lock().unwrap() = members[..6].to_vec();
+    *fabric.members.lock().unwrap() = members.clone();
+    let layout = placement::Layout {
+        version: 4,
+        k: 4,
+        m: 2,
+        partitions: vec![members[..6].iter().map(|m| m.id).collect()],
+    };
+    *fabric.layout.lock().unwrap() = Some(layout.clone());
+    let drained = members[6].id;
+    let placement_obj = |drain: &[NodeId], status_drained: &[NodeId]| -> ShardPlacement {
+        let mut v = meta(
+            json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement",
+                    "spec": { "poolRef": "main", "partitions": 64, "maxMovesPerRound": 32,
+                              "drain": drain.iter().map(|d| d.to_hex()).collect::<Vec<_>>() } }),
+            "main",
+        );
+        v["status"] = json!({ "layoutVersion": 3,
+                              "drained": status_drained.iter().map(|d| d.to_hex()).collect::<Vec<_>>() });
+        serde_json::from_value(v).unwrap()
+    };
+    // Drain n6 by listing it: a drain request to the coordinator, an event, the coordinator's
+    // layout (version 4) mirrored into the ConfigMap and status, with its real move count.
+    let obj = placement_obj(&[drained], &[]);
     let (ctx, handle) = context(fabric.clone());
-    let cm = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": { "name": "main-layout", "namespace": NS },
-        "data": { "layout.json": serde_json::to_string(&v1).unwrap() },
-    });
-    let obj: ShardPlacement = serde_json::from_value(meta(
-        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement", "spec": { "poolRef": "main", "partitions": 64 } }),
-        "main",
-    ))
-    .unwrap();
     let script = vec![
-        expect(Method::GET, sf_path("storagepools", "main"))
-            .reply(serde_json::to_value(pool_obj(4, 2)).unwrap()),
-        expect(Method::GET, format!("/api/v1/namespaces/{NS}/configmaps/main-layout")).reply(cm),
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "Draining")),
         expect(Method::PATCH, format!("/api/v1/namespaces/{NS}/configmaps/main-layout")).body(
-            move |b| {
+            |b| {
                 let l: placement::Layout =
                     serde_json::from_str(b["data"]["layout.json"].as_str().unwrap()).unwrap();
-                assert_eq!(l.version, 2);
-                assert!(l.slots_of(&gone).is_empty());
+                assert_eq!(l.version, 4);
             },
         ),
         expect(Method::PATCH, format!("{}/status", sf_path("shardplacements", "main")))
             .onto(serde_json::to_value(&obj).unwrap())
             .body(move |b| {
-                assert_eq!(b["status"]["layoutVersion"], 2);
-                // Only the departed node's slots moved.
-                assert_eq!(b["status"]["movedAssignments"], gone_slots);
-                assert_eq!(b["status"]["layoutConfigMap"], "main-layout");
+                assert_eq!(b["status"]["layoutVersion"], 4);
+                assert_eq!(b["status"]["movedAssignments"], 1536);
+                assert_eq!(b["status"]["drained"][0], drained.to_hex());
             }),
     ];
-    run(handle, script, sp::reconcile(Arc::new(obj.clone()), ctx)).await.unwrap();
-    let published = fabric.published.lock().unwrap();
-    assert_eq!(published.len(), 1);
-    assert_eq!(published[0].version, 2);
+    run(handle, script, sp::reconcile(Arc::new(obj), ctx)).await.unwrap();
+    assert_eq!(*fabric.drained.lock().unwrap(), vec![drained]);
+    assert_eq!(*fabric.max_moves.lock().unwrap(), Some(32));
+
+    // Removing it from the list undoes the drain; the layout is unchanged, so no ConfigMap write.
+    let mut obj = placement_obj(&[], &[drained]);
+    obj.status.as_mut().unwrap().layout_version = 4;
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "Undrained")),
+        expect(Method::PATCH, format!("{}/status", sf_path("shardplacements", "main")))
+            .onto(serde_json::to_value(&obj).unwrap())
+            .body(|b| assert!(b["status"]["drained"].is_null(), "{b}")),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj), ctx)).await.unwrap();
+    assert_eq!(*fabric.undrained.lock().unwrap(), vec![drained]);
 }
 
 #[test]
