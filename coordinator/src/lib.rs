@@ -229,16 +229,74 @@ pub enum Refusal {
     Internal(String),
 }
 
-/// Admission rules beyond the pool's identity difficulty (a NodeSyndication's, in a cluster).
+/// Admission rules for outsiders beyond the pool's identity difficulty: in a cluster, one rule
+/// per NodeSyndication of the pool. An outsider joins if any rule admits it (or there are
+/// none); the owner's own agents (a farm vouches for them) are not subject to them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Admission {
-    /// Least identity difficulty, bits (0: the pool's alone).
-    pub min_difficulty: u8,
-    /// When set, only these nodes (or their owner roots) may join.
-    pub allow: Option<std::collections::BTreeSet<NodeId>>,
+    /// The rules (a syndication's each).
+    pub rules: Vec<AdmissionRule>,
     /// Failure domains the pool assigns to outsiders, by node id or owner root (a
     /// syndication's sites).
     pub domains: BTreeMap<NodeId, String>,
+}
+
+/// One way in for outsiders.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdmissionRule {
+    /// Whose rule (a NodeSyndication's name), for refusals.
+    pub name: String,
+    /// Least identity difficulty, bits (0: the pool's alone).
+    pub min_difficulty: u8,
+    /// When set, only these nodes (or their owner roots) may join by this rule.
+    pub allow: Option<std::collections::BTreeSet<NodeId>>,
+}
+
+impl AdmissionRule {
+    /// Why this rule does not admit `caller` (mined to `difficulty` bits), if it does not.
+    fn refuses(&self, caller: &Caller, difficulty: u32) -> Option<String> {
+        if difficulty < u32::from(self.min_difficulty) {
+            return Some(format!(
+                "identity mined to {difficulty} bits; admission requires {}",
+                self.min_difficulty
+            ));
+        }
+        match &self.allow {
+            Some(allow) if !allow.contains(&caller.id) && !allow.contains(&caller.root) => {
+                Some(format!("node {} is not on the pool's allow list", caller.id))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Admission {
+    /// Admits `caller` if any rule does (or there is none); otherwise every rule's reason.
+    fn check(&self, caller: &Caller) -> Result<(), Refusal> {
+        let difficulty = caller.credential.difficulty();
+        let reasons: Vec<(String, String)> = match self
+            .rules
+            .iter()
+            .map(|r| r.refuses(caller, difficulty).map(|why| (r.name.clone(), why)))
+            .collect::<Option<Vec<_>>>()
+        {
+            None => return Ok(()),
+            Some(reasons) if reasons.is_empty() => return Ok(()),
+            Some(reasons) => reasons,
+        };
+        let text = if reasons.len() == 1 {
+            reasons[0].1.clone()
+        } else {
+            reasons.iter().map(|(n, why)| format!("{n}: {why}")).collect::<Vec<_>>().join("; ")
+        };
+        // Below every rule's difficulty is a precondition the caller can meet by mining.
+        let all_difficulty = reasons.iter().all(|(_, why)| why.starts_with("identity mined"));
+        Err(if all_difficulty {
+            Refusal::FailedPrecondition(text)
+        } else {
+            Refusal::PermissionDenied(text)
+        })
+    }
 }
 
 /// What a node sends to join.
@@ -473,23 +531,8 @@ impl Coordinator {
             self.assign_domain(caller, &admission, input.labels, &input.farm_grant, now_ms)?;
         // A syndication's rules are for outsiders: the owner's own agents (a farm vouches for
         // them) are never locked out by an allow list meant for edge boxes.
-        let outsider = !domain_from.starts_with("farm ");
-        let difficulty = caller.credential.difficulty();
-        if outsider && difficulty < u32::from(admission.min_difficulty) {
-            return Err(Refusal::FailedPrecondition(format!(
-                "identity mined to {difficulty} bits; admission requires {}",
-                admission.min_difficulty
-            )));
-        }
-        if outsider
-            && let Some(allow) = &admission.allow
-            && !allow.contains(&caller.id)
-            && !allow.contains(&caller.root)
-        {
-            return Err(Refusal::PermissionDenied(format!(
-                "node {} is not on the pool's allow list",
-                caller.id
-            )));
+        if !domain_from.starts_with("farm ") {
+            admission.check(caller)?;
         }
         let delegated = matches!(caller.credential, Credential::Delegated(_));
         let mut st = self.state.lock().unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shardfarm_coordinator::economics::Standing;
 use shardfarm_coordinator::ledger::Ledger;
-use shardfarm_coordinator::{Coordinator, PoolConfig};
+use shardfarm_coordinator::{AdmissionRule, Coordinator, PoolConfig};
 use shardfarm_core::capacity::{CapacityReport, Machine};
 use shardfarm_core::identity::{Delegation, Identity, random_signing_key};
 use shardfarm_proto::pb as proto;
@@ -232,8 +232,11 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     let r = start(pool()).await;
     let (listed, _) = Identity::generate(D, 0, &|_| {}).unwrap();
     r.c.set_admission(shardfarm_coordinator::Admission {
-        min_difficulty: D,
-        allow: Some([listed.id()].into()),
+        rules: vec![AdmissionRule {
+            name: "edge".into(),
+            min_difficulty: D,
+            allow: Some([listed.id()].into()),
+        }],
         domains: [(listed.id(), "site-a".to_string())].into(),
     });
     // (Outsiders: the syndication's rules are for nodes no farm of the pool vouches for.)
@@ -252,8 +255,7 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     assert_eq!(m.domain_from, "syndication");
     // A higher difficulty than the pool's: an identity mined to exactly 8 bits is refused.
     r.c.set_admission(shardfarm_coordinator::Admission {
-        min_difficulty: 40,
-        allow: None,
+        rules: vec![AdmissionRule { name: "strict".into(), min_difficulty: 40, allow: None }],
         domains: Default::default(),
     });
     let res = join_with(&r, &stranger, "edge", 9504, Vec::new(), &[]).await;
@@ -261,6 +263,28 @@ async fn admission_rules_from_a_syndication_apply_to_joins() {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s}");
     assert!(s.message().contains("admission requires 40"), "{s}");
     assert_eq!(r.c.members().len(), 1);
+    // Two syndications: either admits (they add ways in, they do not overwrite each other);
+    // a node neither admits hears both reasons.
+    let (other, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    r.c.set_admission(shardfarm_coordinator::Admission {
+        rules: vec![
+            AdmissionRule { name: "strict".into(), min_difficulty: 40, allow: None },
+            AdmissionRule {
+                name: "edge".into(),
+                min_difficulty: D,
+                allow: Some([other.id()].into()),
+            },
+        ],
+        domains: Default::default(),
+    });
+    let s = join_with(&r, &stranger, "edge", 9504, Vec::new(), &[]).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s}");
+    assert!(
+        s.message().contains("strict: identity mined") && s.message().contains("edge: node"),
+        "{s}"
+    );
+    join_with(&r, &other, "edge", 9506, Vec::new(), &[]).await.unwrap();
+    assert_eq!(r.c.members().len(), 2);
 }
 
 #[tokio::test]
@@ -633,8 +657,11 @@ async fn outsiders_get_their_owner_root_as_domain_and_farm_agents_keep_theirs() 
     // A syndication's allow list shuts outsiders out, never the owner's own agents.
     r.c.set_farm(farm.id(), Default::default());
     r.c.set_admission(shardfarm_coordinator::Admission {
-        min_difficulty: 0,
-        allow: Some(Default::default()),
+        rules: vec![AdmissionRule {
+            name: "edge".into(),
+            min_difficulty: 0,
+            allow: Some(Default::default()),
+        }],
         domains: Default::default(),
     });
     let grant = FarmGrant::issue(&farm, later.public_key(), pool_id, now + 60).to_bytes();

@@ -222,6 +222,7 @@ async fn lead(
     let metrics = Arc::new(ControllerMetrics::new(&coordinator.metrics.registry));
     let _ = health.coordinator.set(coordinator.clone());
 
+    ensure_coordinator_service(&Api::namespaced(client.clone(), &args.namespace)).await?;
     let ctx = Arc::new(Context::new(client.clone(), pools, metrics));
     let ns = &args.namespace;
     let cfg = || watcher::Config::default().any_semantic();
@@ -277,6 +278,40 @@ async fn lead(
     Ok(())
 }
 
+/// Creates the `shardfarm-coordinator` Service that farms' agents dial, if nothing created it
+/// (the chart does, with its own type and annotations; the operator never overwrites it). It
+/// selects the pods labelled `shardfarm.io/coordinator=true`, of which only the leader is
+/// ready.
+pub async fn ensure_coordinator_service(
+    api: &Api<k8s_openapi::api::core::v1::Service>,
+) -> anyhow::Result<()> {
+    use crate::controller::farm::{COORDINATOR_PORT, COORDINATOR_SERVICE};
+    if api.get_opt(COORDINATOR_SERVICE).await?.is_some() {
+        return Ok(());
+    }
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": COORDINATOR_SERVICE,
+            "labels": { "app.kubernetes.io/managed-by": crate::controller::MANAGER },
+        },
+        "spec": {
+            "selector": { "shardfarm.io/coordinator": "true" },
+            "ports": [
+                { "name": "grpc", "port": COORDINATOR_PORT, "targetPort": COORDINATOR_PORT },
+                { "name": "metrics", "port": 9090, "targetPort": 9090 },
+            ],
+        },
+    }))?;
+    match api.create(&kube::api::PostParams::default(), &svc).await {
+        Ok(_) => tracing::info!(service = COORDINATOR_SERVICE, "created the coordinator Service"),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %err, label = err.metric_label(), "reconcile failed; retrying");
     Action::requeue(RETRY)
@@ -319,4 +354,37 @@ fn spawn_signal_handler(stop: CancellationToken) {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         std::process::exit(130);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::fixtures::{NS, expect, serve};
+    use http::Method;
+    use tower_test::mock;
+
+    #[tokio::test]
+    async fn the_coordinator_service_is_created_only_when_missing() {
+        let (svc, handle) = mock::pair();
+        let api = Api::namespaced(Client::new(svc, NS), NS);
+        let path = format!("/api/v1/namespaces/{NS}/services/shardfarm-coordinator");
+        let server = serve(
+            handle,
+            vec![
+                expect(Method::GET, path.clone()).not_found(),
+                expect(Method::POST, format!("/api/v1/namespaces/{NS}/services")).body(|b| {
+                    assert_eq!(b["spec"]["selector"]["shardfarm.io/coordinator"], "true");
+                    assert_eq!(b["spec"]["ports"][0]["port"], 7398);
+                }),
+                // The chart's (or an earlier one's) exists: left alone.
+                expect(Method::GET, path).reply(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": { "name": "shardfarm-coordinator", "namespace": NS },
+                })),
+            ],
+        );
+        ensure_coordinator_service(&api).await.unwrap();
+        ensure_coordinator_service(&api).await.unwrap();
+        server.await.unwrap();
+    }
 }

@@ -110,6 +110,15 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         .into_iter()
         .filter(|f| f.spec.pool_ref.name.as_deref() == Some(name.as_str()))
         .collect();
+    // The ways in for outsiders: every syndication of this pool (a deleted one's closes here).
+    let syndications = Api::<shardfarm_crds::NodeSyndication>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    ctx.fabric.set_admission(
+        &name,
+        super::syndication::admission_of(&syndications, &name, pool.spec.failure_domain.label()),
+    );
     let members = ctx.fabric.members(&name);
     let outside: Vec<(NodeId, String)> = members
         .iter()

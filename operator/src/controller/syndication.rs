@@ -48,6 +48,34 @@ pub fn admit(
     Ok(())
 }
 
+/// The pool `pool`'s admission from its syndications: one rule each (its least difficulty and,
+/// in AllowList mode, its list), and the failure domain each static member's labels give it
+/// (its label of the pool's failure-domain kind `kind`).
+pub fn admission_of(
+    syndications: &[NodeSyndication],
+    pool: &str,
+    kind: &str,
+) -> shardfarm_coordinator::Admission {
+    use shardfarm_core::identity::NodeId;
+    let mut admission = shardfarm_coordinator::Admission::default();
+    for syn in syndications.iter().filter(|s| s.spec.pool_ref == pool) {
+        let allow = (syn.spec.admission.mode == AdmissionMode::AllowList).then(|| {
+            syn.spec.admission.allow.iter().filter_map(|id| NodeId::from_hex(id).ok()).collect()
+        });
+        admission.rules.push(shardfarm_coordinator::AdmissionRule {
+            name: syn.name_any(),
+            min_difficulty: syn.spec.admission.min_identity_difficulty,
+            allow,
+        });
+        for m in &syn.spec.static_members {
+            if let (Ok(id), Some(domain)) = (NodeId::from_hex(&m.node_id), m.labels.get(kind)) {
+                admission.domains.insert(id, domain.clone());
+            }
+        }
+    }
+    admission
+}
+
 /// Reconciles one NodeSyndication.
 pub async fn reconcile(syn: Arc<NodeSyndication>, ctx: Arc<Context>) -> Result<Action> {
     counted(&ctx, "NodeSyndication", apply(syn, &ctx).await)
@@ -65,35 +93,17 @@ async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {
         |id: &str| previous.members.iter().any(|m| m.node_id == id && m.state == "refused");
 
     // The same rules apply to nodes that join the coordinator directly (edge boxes, agents of
-    // remote clusters): hand them to the pool's Join.
-    if pool.is_some() {
-        let allow = (syn.spec.admission.mode == AdmissionMode::AllowList).then(|| {
-            syn.spec
-                .admission
-                .allow
-                .iter()
-                .filter_map(|id| shardfarm_core::identity::NodeId::from_hex(id).ok())
-                .collect()
-        });
-        // A static member's failure domain is the one this syndication declares for it (its
-        // label of the pool's failure-domain kind), never what the node claims at Join.
-        let kind = pool.as_ref().map_or("zone", |p| p.spec.failure_domain.label());
-        let domains = syn
-            .spec
-            .static_members
-            .iter()
-            .filter_map(|m| {
-                let id = shardfarm_core::identity::NodeId::from_hex(&m.node_id).ok()?;
-                Some((id, m.labels.get(kind)?.clone()))
-            })
-            .collect();
+    // remote clusters): every syndication of the pool is one way in, so the pool's admission
+    // is recomputed from all of them (the pool's reconciler does the same, so a deleted
+    // syndication's way in closes within its refresh).
+    if let Some(pool) = &pool {
+        let all = Api::<NodeSyndication>::namespaced(ctx.client.clone(), &ns)
+            .list(&Default::default())
+            .await?
+            .items;
         ctx.fabric.set_admission(
             pool_name,
-            shardfarm_coordinator::Admission {
-                min_difficulty: syn.spec.admission.min_identity_difficulty,
-                allow,
-                domains,
-            },
+            admission_of(&all, pool_name, pool.spec.failure_domain.label()),
         );
     }
     let mut members = Vec::new();
@@ -108,10 +118,18 @@ async fn apply(syn: Arc<NodeSyndication>, ctx: &Context) -> Result<Action> {
         {
             newly_refused.push((m.node_id.clone(), reason.clone()));
         }
+        // Admitted once it has joined; until then only allowed.
+        let joined = shardfarm_core::identity::NodeId::from_hex(&m.node_id)
+            .is_ok_and(|id| ctx.fabric.members(pool_name).iter().any(|x| x.id == id));
         members.push(MemberStatus {
             node_id: m.node_id.clone(),
             cluster: "local".into(),
-            state: if verdict.is_ok() { "admitted" } else { "refused" }.into(),
+            state: match (&verdict, joined) {
+                (Err(_), _) => "refused",
+                (Ok(()), true) => "admitted",
+                (Ok(()), false) => "allowed",
+            }
+            .into(),
             reason: verdict.err(),
             last_report: None,
         });

@@ -455,6 +455,8 @@ async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
     let script = vec![
         expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
             .reply(list),
+        expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"))
+            .reply(json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndicationList", "metadata": {}, "items": [] })),
         expect(Method::PATCH, sf_path("shardplacements", "main")).body(|b| {
             assert_eq!(b["spec"]["poolRef"], "main");
             assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "StoragePool");
@@ -506,6 +508,8 @@ async fn a_pool_is_ready_only_when_its_live_members_hold_the_profile() {
         vec![
             expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
                 .reply(list.clone()),
+            expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"))
+                .reply(json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndicationList", "metadata": {}, "items": [] })),
             expect(Method::PATCH, sf_path("shardplacements", "main")),
             expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
                 .onto(serde_json::to_value(pool_obj(4, 2)).unwrap())
@@ -576,13 +580,27 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
     );
     let syn: NodeSyndication = serde_json::from_value(syn_json.clone()).unwrap();
     let pool = serde_json::to_value(pool_obj(4, 2)).unwrap();
+    let others = meta(
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndication",
+                "spec": { "poolRef": "main", "admission": { "mode": "AllowList", "minIdentityDifficulty": 30,
+                          "allow": ["c".repeat(64)] } } }),
+        "lab",
+    );
+    let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndicationList", "metadata": {},
+                       "items": [syn_json.clone(), others] });
     let script = vec![
         expect(Method::GET, sf_path("storagepools", "main")).reply(pool),
+        expect(
+            Method::GET,
+            format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"),
+        )
+        .reply(list),
         expect(Method::PATCH, format!("{}/status", sf_path("nodesyndications", "edge")))
             .onto(syn_json.clone())
             .body(move |b| {
                 let members = b["status"]["members"].as_array().unwrap();
-                assert_eq!(members[0]["state"], "admitted");
+                // Allowed, not admitted: it has not joined.
+                assert_eq!(members[0]["state"], "allowed");
                 assert_eq!(members[1]["state"], "refused");
                 // The pool's default difficulty (28) is higher than the syndication's (20).
                 assert_eq!(
@@ -591,7 +609,7 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
                 );
                 assert_eq!(
                     (b["status"]["admitted"].as_u64(), b["status"]["refused"].as_u64()),
-                    (Some(1), Some(1))
+                    (Some(0), Some(1))
                 );
             }),
         expect(Method::POST, events_path()).body(|b| {
@@ -604,8 +622,14 @@ async fn an_outside_node_below_the_difficulty_is_refused_with_the_reason() {
     ];
     run(handle, script, syndication::reconcile(Arc::new(syn), ctx)).await.unwrap();
     // The rules reach the coordinator's Join too (Open mode: no allow list).
+    // Both syndications are ways in, neither overwrites the other.
     let admission = fabric.admission.lock().unwrap().clone().unwrap();
-    assert_eq!((admission.min_difficulty, admission.allow), (20, None));
+    let rules: Vec<_> = admission
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.min_difficulty, r.allow.is_some()))
+        .collect();
+    assert_eq!(rules, [("edge", 20, false), ("lab", 30, true)]);
     // The member the syndication labels `zone=edge` gets that domain, whatever it claims at
     // Join; the one without a label gets its owner root.
     let good_id = shardfarm_core::identity::NodeId::from_hex(&"a".repeat(64)).unwrap();
