@@ -209,7 +209,7 @@ pub struct StoragePoolStatus {
 
 // ---- MiningFarm ----
 
-/// A farm of agents in this cluster: one StatefulSet, one zone.
+/// A farm of agents in this cluster: one StatefulSet (or DaemonSet), one zone.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "shardfarm.io",
@@ -249,6 +249,22 @@ pub struct MiningFarmSpec {
     pub tolerations: Vec<Toleration>,
     /// The agent container.
     pub agent: AgentSpec,
+    /// How the agents run: `StatefulSet` (`replicas` agents, each on its own volume; the
+    /// default) or `DaemonSet` (one agent on every machine `nodeSelector` matches, on that
+    /// machine's disk at `agent.storage.hostPath`, which it requires: a mining farm's racks).
+    #[serde(default)]
+    #[schemars(extend("maxLength" = 16))]
+    pub mode: FarmMode,
+}
+
+/// How a farm's agents run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FarmMode {
+    /// `replicas` agents with their own volumes; scale-down drains.
+    #[default]
+    StatefulSet,
+    /// One agent per matching machine, on its host path.
+    DaemonSet,
 }
 
 /// Which pool: a StoragePool in this namespace, or a remote pool's coordinator.

@@ -228,6 +228,10 @@ async fn lead(
     let cfg = || watcher::Config::default().any_semantic();
     let farms = Controller::new(Api::<MiningFarm>::namespaced(client.clone(), ns), cfg())
         .owns(Api::<StatefulSet>::namespaced(client.clone(), ns), watcher::Config::default())
+        .owns(
+            Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+        )
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::farm::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

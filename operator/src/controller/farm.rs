@@ -285,6 +285,47 @@ pub fn statefulset(
     })
 }
 
+/// The DaemonSet of a farm in `DaemonSet` mode: one agent on every machine the node selector
+/// matches, on that machine's disk (`hostPath`, one directory per machine), advertising its
+/// pod IP. The pod is the StatefulSet's, with these three differences.
+pub fn daemonset(
+    farm: &MiningFarm,
+    ns: &str,
+    pool_id: &str,
+    settings: Option<AgentSettings>,
+) -> serde_json::Value {
+    let sts = statefulset(farm, ns, 0, pool_id, settings);
+    let mut template = sts["spec"]["template"].clone();
+    let pod = &mut template["spec"];
+    if let Some(args) = pod["containers"][0]["args"].as_array_mut() {
+        for a in args.iter_mut() {
+            if a.as_str().is_some_and(|s| s.starts_with("--advertise=")) {
+                *a = json!(format!("--advertise=$(POD_IP):{AGENT_GRPC_PORT}"));
+            }
+        }
+    }
+    if let Some(env) = pod["containers"][0]["env"].as_array_mut() {
+        env.push(json!({ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }));
+    }
+    // A pod's name changes when it is recreated; the machine's does not.
+    pod["containers"][0]["volumeMounts"][0]["subPathExpr"] = json!("$(NODE_NAME)");
+    if let Some(init) = pod["initContainers"].get_mut(0) {
+        init["volumeMounts"][0]["subPathExpr"] = json!("$(NODE_NAME)");
+        init["env"] = json!([{ "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } }]);
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": sts["metadata"].clone(),
+        "spec": {
+            "selector": sts["spec"]["selector"].clone(),
+            // One machine's agent at a time: repair of one node's slots at a time.
+            "updateStrategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 1 } },
+            "template": template,
+        },
+    })
+}
+
 async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let name = farm.name_any();
     let ns = farm.namespace().unwrap_or_default();
@@ -304,7 +345,15 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         ctx.fabric.set_farm(&pool, key.id(), assigned_labels(&farm));
     }
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = sts_api.get_opt(&name).await?;
+    let daemon = farm.spec.mode == shardfarm_crds::FarmMode::DaemonSet;
+    if daemon && farm.spec.agent.storage.host_path.is_none() {
+        let why = "a DaemonSet farm runs each agent on its machine's disk: set \
+                   spec.agent.storage.hostPath"
+            .to_string();
+        ctx.event(&*farm, true, "InvalidFarm", why.clone()).await?;
+        return Err(Error::Invalid(why));
+    }
+    let existing = if daemon { None } else { sts_api.get_opt(&name).await? };
     let current = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(0);
 
     let svc = json!({
@@ -338,6 +387,10 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(pdb))
         .await?;
+
+    if daemon {
+        return apply_daemonset(&farm, &ctx, &pool, &pool_id).await;
+    }
 
     // Scale: up at once (undoing drains of agents kept), down one drained agent at a time,
     // and never below what the pool's profile needs.
@@ -505,6 +558,60 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     Ok(Action::requeue(if draining.is_some() { DRAIN_POLL } else { REFRESH }))
 }
 
+/// A `DaemonSet` farm: the DaemonSet applied, status from what it scheduled. Machines come
+/// and go with the node selector; an agent whose machine leaves is gone at once (its slots
+/// are rebuilt after the pool's grace period) — drain it through the ShardPlacement first.
+async fn apply_daemonset(
+    farm: &MiningFarm,
+    ctx: &Context,
+    pool: &str,
+    pool_id: &str,
+) -> Result<Action> {
+    let name = farm.name_any();
+    let ns = farm.namespace().unwrap_or_default();
+    let pp = PatchParams::apply(MANAGER).force();
+    let settings = if local_pool(farm) {
+        ctx.fabric.config(pool).map(|c| AgentSettings::of(&c))
+    } else {
+        None
+    };
+    let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let ds = api.patch(&name, &pp, &Patch::Apply(daemonset(farm, &ns, pool_id, settings))).await?;
+    let st = ds.status.unwrap_or_default();
+    let (scheduled, ready) = (st.desired_number_scheduled, st.number_ready);
+    let members = farm_members(ctx, farm);
+    let previous = farm.status.clone().unwrap_or_default();
+    let generation = farm.metadata.generation;
+    let status = MiningFarmStatus {
+        replicas: scheduled,
+        ready_replicas: ready,
+        selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
+        capacity: Some(shardfarm_core::human_bytes(
+            members.iter().filter(|m| m.up).map(|m| m.offered_bytes).sum(),
+        )),
+        used: Some(shardfarm_core::human_bytes(
+            members.iter().filter(|m| m.up).map(|m| m.used_bytes).sum(),
+        )),
+        earnings: members.iter().map(|m| ctx.fabric.earnings(pool, &m.id)).sum(),
+        conditions: vec![condition(
+            &previous.conditions,
+            "Ready",
+            ready >= scheduled,
+            if ready >= scheduled { "AgentsReady" } else { "AgentsStarting" },
+            format!("{ready} of {scheduled} machines' agents ready"),
+            generation,
+        )],
+        observed_generation: generation,
+        ..Default::default()
+    };
+    let patch =
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
+    Api::<MiningFarm>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(&name, &pp, &Patch::Apply(patch))
+        .await?;
+    Ok(Action::requeue(REFRESH))
+}
+
 /// A deleted farm leaves the pool: its farm key stops vouching (so its agents, still running
 /// until garbage collection, cannot rejoin), and its nodes are removed — unless the pool is
 /// still there and could not hold its profile without them, in which case the deletion is
@@ -599,13 +706,22 @@ mod tests {
             farm.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
             let ns = farm.namespace().unwrap();
             let settings = AgentSettings::of(&shardfarm_coordinator::PoolConfig::default());
-            let sts = statefulset(&farm, &ns, farm.spec.replicas, &"0f".repeat(32), Some(settings));
+            let pool = "0f".repeat(32);
+            let (kind, object) = match farm.spec.mode {
+                shardfarm_crds::FarmMode::StatefulSet => (
+                    "statefulset",
+                    statefulset(&farm, &ns, farm.spec.replicas, &pool, Some(settings)),
+                ),
+                shardfarm_crds::FarmMode::DaemonSet => {
+                    ("daemonset", daemonset(&farm, &ns, &pool, Some(settings)))
+                }
+            };
             let yaml = format!(
                 "# Rendered by the operator from examples/miningfarm.yaml (test \
                  rendered_statefulsets_of_the_examples_are_committed): do not edit.\n{}",
-                serde_yaml::to_string(&sts).unwrap()
+                serde_yaml::to_string(&object).unwrap()
             );
-            let path = dir.join(format!("statefulset-{}.yaml", farm.name_any()));
+            let path = dir.join(format!("{kind}-{}.yaml", farm.name_any()));
             if std::env::var_os("SHARDFARM_REGENERATE").is_some() {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &yaml).unwrap();

@@ -739,3 +739,44 @@ async fn claim_templates_of_an_existing_statefulset_are_kept_and_a_change_is_rep
     );
     run(handle, script, farm::reconcile(Arc::new(farm_obj(3, true)), ctx)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_daemonset_farm_runs_one_agent_per_machine_on_its_disk() {
+    let fabric = Arc::new(TestFabric::default());
+    let mut f = farm_json(0);
+    f["spec"]["mode"] = json!("DaemonSet");
+    f["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+    let farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    let mut farm = farm;
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let (ctx, handle) = context(fabric.clone());
+    let mut script = farm_key_requests(false);
+    script.extend([
+        expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents"),
+        expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha"),
+        expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/daemonsets/alpha").body(|b| {
+            let pod = &b["spec"]["template"]["spec"];
+            let args = pod["containers"][0]["args"].to_string();
+            assert!(args.contains("--advertise=$(POD_IP):7400"), "{args}");
+            assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/srv/shardfarm");
+            assert_eq!(pod["containers"][0]["volumeMounts"][0]["subPathExpr"], "$(NODE_NAME)");
+            assert_eq!(pod["initContainers"][0]["args"][0], "prepare-dir");
+        }),
+        expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha")))
+            .onto(f.clone())
+            .body(|b| assert_eq!(b["status"]["replicas"], 0)),
+    ]);
+    run(handle, script, farm::reconcile(Arc::new(farm.clone()), ctx)).await.unwrap();
+
+    // Without a host path it is refused with a Warning that says what to set.
+    farm.spec.agent.storage.host_path = None;
+    farm.spec.agent.storage.size = Some("10Gi".into());
+    let (ctx, handle) = context(fabric);
+    let mut script = farm_key_requests(false);
+    script.push(expect(Method::POST, events_path()).body(|b| {
+        assert_eq!(b["reason"], "InvalidFarm");
+        assert!(b["note"].as_str().unwrap().contains("hostPath"), "{b}");
+    }));
+    let r = run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await;
+    assert!(r.is_err());
+}
