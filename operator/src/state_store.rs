@@ -2,10 +2,13 @@
 //!
 //! The state document (members and their standing, drain flags, the current and fallback
 //! layouts with their versions, the epoch) is kept in the ConfigMap
-//! `shardfarm-state-<pool>`, key `coordinator.json`; the rewards ledger, which the coordinator
-//! appends to a file, is copied beside it (key `ledger.jsonl`) every time the state is saved —
-//! the coordinator saves right after closing an epoch, so the ledger in the API is never older
-//! than the epoch the state says was closed. Writes carry the resourceVersion last read or
+//! `shardfarm-state-<pool>`, key `coordinator.json`. The rewards ledger, which the coordinator
+//! appends to a file, is copied into the API every time the state is saved, before it — the
+//! coordinator saves right after closing an epoch, so the ledger in the API is never older
+//! than the epoch the state says was closed. A ConfigMap holds at most 1 MiB, so the ledger is
+//! cut at line boundaries into chunks of at most [`CHUNK`] bytes, `shardfarm-ledger-<pool>-<i>`
+//! (key `ledger.jsonl`), and the state ConfigMap records how many (key `ledgerChunks`); a full
+//! chunk never changes, so a save rewrites only the last one. Writes carry the resourceVersion last read or
 //! written: a replica that lost the Lease and writes late gets a conflict, never overwrites
 //! its successor. The coordinator saves before it publishes a layout, so a new leader never
 //! publishes a version below one the agents saw.
@@ -23,8 +26,36 @@ use shardfarm_coordinator::{Error, Result};
 
 /// The ConfigMap's key for the state document.
 pub const STATE_KEY: &str = "coordinator.json";
-/// The ConfigMap's key for the ledger.
+/// A ledger chunk's key.
 pub const LEDGER_KEY: &str = "ledger.jsonl";
+/// The state ConfigMap's key for the number of ledger chunks.
+pub const CHUNKS_KEY: &str = "ledgerChunks";
+/// Most bytes of ledger in one ConfigMap (half the API's 1 MiB object limit).
+pub const CHUNK: usize = 512 * 1024;
+
+/// `text` (whole lines) cut into chunks of at most `max` bytes, at line ends (a longer line
+/// is a chunk of its own).
+fn chunks(text: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    for line in text.split_inclusive('\n') {
+        if end > start && end - start + line.len() > max {
+            out.push(&text[start..end]);
+            start = end;
+        }
+        end += line.len();
+    }
+    if end > start {
+        out.push(&text[start..end]);
+    }
+    out
+}
+
+/// The name of the ConfigMap holding chunk `i` of `pool`'s ledger.
+pub fn ledger_chunk_name(pool: &str, i: usize) -> String {
+    format!("shardfarm-ledger-{pool}-{i}")
+}
 
 /// The name of the ConfigMap holding `pool`'s state.
 pub fn configmap_name(pool: &str) -> String {
@@ -42,6 +73,8 @@ pub struct KubeStore {
     legacy: PathBuf,
     /// The resourceVersion last read or written (None: the ConfigMap does not exist yet).
     version: Mutex<Option<String>>,
+    /// The ledger chunks written so far (their contents), so unchanged ones are not rewritten.
+    written: Mutex<Vec<String>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -56,26 +89,84 @@ impl KubeStore {
             ledger,
             legacy,
             version: Mutex::new(None),
+            written: Mutex::new(Vec::new()),
             runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    /// Restores the ledger file from the ConfigMap if the file is missing or shorter (a new
-    /// leader on a fresh volume). Call before opening the coordinator.
+    /// Restores the ledger file from the API if the file is missing or shorter (a new leader
+    /// on a fresh volume). Call before opening the coordinator.
     pub async fn restore_ledger(&self) -> anyhow::Result<()> {
         let Some(cm) = self.api.get_opt(&self.name).await? else { return Ok(()) };
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(LEDGER_KEY)) else { return Ok(()) };
+        let n: usize = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CHUNKS_KEY))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let mut text = String::new();
+        let mut written = Vec::new();
+        for i in 0..n {
+            let name = ledger_chunk_name(&self.pool, i);
+            let chunk = self
+                .api
+                .get_opt(&name)
+                .await?
+                .and_then(|c| c.data?.remove(LEDGER_KEY))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("ConfigMap {name} (ledger chunk {i} of {n}) is missing")
+                })?;
+            text.push_str(&chunk);
+            written.push(chunk);
+        }
+        *self.written.lock().unwrap() = written;
         let local = std::fs::metadata(&self.ledger).map_or(0, |m| m.len());
         if (text.len() as u64) > local {
             if let Some(dir) = self.ledger.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             let tmp = self.ledger.with_extension("jsonl.tmp");
-            std::fs::write(&tmp, text)?;
+            std::fs::write(&tmp, &text)?;
             std::fs::rename(&tmp, &self.ledger)?;
-            tracing::info!(configmap = %self.name, bytes = text.len(), "restored the ledger from the API");
+            tracing::info!(chunks = n, bytes = text.len(), "restored the ledger from the API");
         }
         Ok(())
+    }
+
+    /// Writes the ledger chunks that changed; returns how many there are.
+    fn save_ledger(&self) -> Result<usize> {
+        let text = match std::fs::read_to_string(&self.ledger) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&self.ledger, e)),
+        };
+        let parts = chunks(&text, CHUNK);
+        let mut written = self.written.lock().unwrap();
+        for (i, part) in parts.iter().enumerate() {
+            if written.get(i).is_some_and(|w| w == part) {
+                continue;
+            }
+            let name = ledger_chunk_name(&self.pool, i);
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": { "name": name, "labels": {
+                    "app.kubernetes.io/managed-by": "shardfarm-operator",
+                    "shardfarm.io/pool": self.pool,
+                } },
+                "data": { LEDGER_KEY: part },
+            }))
+            .expect("a ConfigMap");
+            let pp = kube::api::PatchParams::apply("shardfarm-operator").force();
+            self.block(self.api.patch(&name, &pp, &kube::api::Patch::Apply(&cm)))
+                .map_err(|e| Error::State(format!("ConfigMap {name}: writing: {e}")))?;
+            if written.len() > i {
+                written[i] = part.to_string();
+            } else {
+                written.push(part.to_string());
+            }
+        }
+        Ok(parts.len())
     }
 
     /// Runs `f` to completion from synchronous code (the housekeeping step runs on the
@@ -110,11 +201,8 @@ impl StateStore for KubeStore {
 
     fn save(&self, document: &[u8]) -> Result<()> {
         let text = String::from_utf8(document.to_vec()).map_err(|e| self.err("encoding", e))?;
-        let ledger = match std::fs::read_to_string(&self.ledger) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(Error::io(&self.ledger, e)),
-        };
+        // The ledger first: the state never names an epoch whose rewards the API lacks.
+        let chunks = self.save_ledger()?;
         let version = self.version.lock().unwrap().clone();
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -132,7 +220,10 @@ impl StateStore for KubeStore {
                 ),
                 ..Default::default()
             },
-            data: Some([(STATE_KEY.to_string(), text), (LEDGER_KEY.to_string(), ledger)].into()),
+            data: Some(
+                [(STATE_KEY.to_string(), text), (CHUNKS_KEY.to_string(), chunks.to_string())]
+                    .into(),
+            ),
             ..Default::default()
         };
         let pp = PostParams::default();
@@ -165,6 +256,37 @@ impl StateStore for KubeStore {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_ledger_is_cut_at_line_ends_into_bounded_chunks() {
+        let text = "aaaa\nbbbb\ncc\ndddddddddd\ne\n";
+        let parts = chunks(text, 10);
+        assert_eq!(parts, ["aaaa\nbbbb\n", "cc\n", "dddddddddd\n", "e\n"]);
+        assert_eq!(parts.concat(), text);
+        assert!(chunks("", 10).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_ledger_spans_configmaps_and_is_restored_whole() {
+        let objects = Arc::new(Mutex::new(HashMap::new()));
+        let client = fake_api(objects.clone());
+        let dir = tempfile::tempdir().unwrap();
+        // 1.5 MiB of ledger: three chunks, none over the API's object limit.
+        let line = format!("{}\n", "x".repeat(1023));
+        let text = line.repeat(1536);
+        std::fs::write(dir.path().join("ledger.jsonl"), &text).unwrap();
+        let s = store(&client, dir.path());
+        tokio::task::spawn_blocking(move || s.save(b"{}").unwrap()).await.unwrap();
+        assert_eq!(objects.lock().unwrap()["shardfarm-state-main"]["data"]["ledgerChunks"], "3");
+        for i in 0..3 {
+            let cm = &objects.lock().unwrap()[&format!("shardfarm-ledger-main-{i}")];
+            assert!(cm["data"]["ledger.jsonl"].as_str().unwrap().len() <= CHUNK);
+        }
+        // A new leader on an empty volume gets the whole ledger back.
+        let fresh = tempfile::tempdir().unwrap();
+        store(&client, fresh.path()).restore_ledger().await.unwrap();
+        assert_eq!(std::fs::read_to_string(fresh.path().join("ledger.jsonl")).unwrap(), text);
+    }
     use std::sync::Arc;
 
     use http::{Method, Request, Response, StatusCode};
@@ -201,6 +323,14 @@ mod tests {
                         Some(o) => (StatusCode::OK, o.clone()),
                         None => status(404, "NotFound"),
                     },
+                    Method::PATCH => {
+                        // Server-side apply of a whole object: create or replace it.
+                        let mut o: Value = serde_json::from_slice(&body).unwrap();
+                        next_version += 1;
+                        o["metadata"]["resourceVersion"] = json!(next_version.to_string());
+                        map.insert(name.clone(), o.clone());
+                        (StatusCode::OK, o)
+                    }
                     Method::POST | Method::PUT => {
                         let mut o: Value = serde_json::from_slice(&body).unwrap();
                         let name = o["metadata"]["name"].as_str().unwrap().to_string();
@@ -399,6 +529,10 @@ mod tests {
         .unwrap();
         let cm = objects.lock().unwrap()["shardfarm-state-main"].clone();
         assert_eq!(cm["data"]["coordinator.json"], "{\"legacy\":true}");
-        assert_eq!(cm["data"]["ledger.jsonl"], "line\n");
+        assert_eq!(cm["data"]["ledgerChunks"], "1");
+        assert_eq!(
+            objects.lock().unwrap()["shardfarm-ledger-main-0"]["data"]["ledger.jsonl"],
+            "line\n"
+        );
     }
 }
