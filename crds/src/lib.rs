@@ -549,6 +549,93 @@ pub struct ShardPlacementStatus {
     pub observed_generation: Option<i64>,
 }
 
+// ---- StorageNode ----
+
+/// One member of a pool, as its coordinator sees it: written by the operator (at most every
+/// 30 s, only when something changed) so `kubectl get sfnode` lists the nodes with their
+/// standing. Read-only for users: the coordinator is the truth, this is its view.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "shardfarm.io",
+    version = "v1alpha1",
+    kind = "StorageNode",
+    namespaced,
+    status = "StorageNodeStatus",
+    shortname = "sfnode",
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.poolRef"}"#,
+    printcolumn = r#"{"name":"Farm","type":"string","jsonPath":".status.farm"}"#,
+    printcolumn = r#"{"name":"Domain","type":"string","jsonPath":".status.domain"}"#,
+    printcolumn = r#"{"name":"Standing","type":"string","jsonPath":".status.standing"}"#,
+    printcolumn = r#"{"name":"Up","type":"boolean","jsonPath":".status.up"}"#,
+    printcolumn = r#"{"name":"Reputation","type":"number","jsonPath":".status.auditScore"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"string","jsonPath":".status.capacity"}"#,
+    printcolumn = r#"{"name":"Slots","type":"integer","jsonPath":".status.slots"}"#,
+    printcolumn = r#"{"name":"Earnings","type":"integer","jsonPath":".status.earnings"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageNodeSpec {
+    /// The pool it is a member of.
+    #[schemars(length(max = 253))]
+    pub pool_ref: String,
+    /// Its node id, 64 hex digits.
+    #[schemars(length(min = 64, max = 64), pattern(r"^[0-9a-f]{64}$"))]
+    pub node_id: String,
+}
+
+/// A member's standing, as the coordinator last saw it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageNodeStatus {
+    /// Its farm (or, for an outsider, its failure domain).
+    #[serde(default)]
+    pub farm: String,
+    /// Its failure domain, as the pool assigned it.
+    #[serde(default)]
+    pub domain: String,
+    /// Where the domain came from: `farm <key>`, `syndication` or `owner root`.
+    #[serde(default)]
+    pub domain_from: String,
+    /// `active`, `suspended` or `disqualified`.
+    #[serde(default)]
+    pub standing: String,
+    /// Heartbeating within the grace period.
+    #[serde(default)]
+    pub up: bool,
+    /// Being drained (its slots are re-placed).
+    #[serde(default)]
+    pub draining: bool,
+    /// Repaired for the current layout, and checked.
+    #[serde(default)]
+    pub in_sync: bool,
+    /// Beta audit score (0–1).
+    #[serde(default)]
+    pub audit_score: f64,
+    /// 7-day uptime (0–1).
+    #[serde(default)]
+    pub uptime: f64,
+    /// Audits passed and failed.
+    #[serde(default)]
+    pub audits_passed: u64,
+    /// Audits failed.
+    #[serde(default)]
+    pub audits_failed: u64,
+    /// Space offered.
+    #[serde(default)]
+    pub capacity: String,
+    /// Space used.
+    #[serde(default)]
+    pub used: String,
+    /// Slots it holds in the current layout.
+    #[serde(default)]
+    pub slots: u64,
+    /// RW1 + RW2 recorded in the ledger.
+    #[serde(default)]
+    pub earnings: u64,
+    /// Its last heartbeat (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
 // ---- Generation ----
 
 /// Every CRD with the file name `crdgen` writes it to.
@@ -561,6 +648,7 @@ pub fn all() -> Vec<(
         ("miningfarms.yaml", openapi_formats(MiningFarm::crd())),
         ("nodesyndications.yaml", openapi_formats(NodeSyndication::crd())),
         ("shardplacements.yaml", openapi_formats(ShardPlacement::crd())),
+        ("storagenodes.yaml", openapi_formats(StorageNode::crd())),
     ]
 }
 

@@ -5,6 +5,7 @@
 //! - [`fabric`]: the fabric the controllers see, backed by the pool's coordinator
 //!   (`shardfarm-coordinator`, which this crate runs but does not contain);
 //! - [`lease`]: leader election that tolerates transient API errors and releases on exit;
+//! - [`nodes`]: one `StorageNode` object per member, for `kubectl get sfnode`;
 //! - [`pool_key`]: the pool key in a Secret created once and never overwritten;
 //! - [`state_store`]: the coordinator's state and ledger in a ConfigMap, so any replica leads;
 //! - [`run`]: CRD check, leader election, the coordinator's server, the controllers.
@@ -14,6 +15,7 @@
 pub mod controller;
 pub mod fabric;
 pub mod lease;
+pub mod nodes;
 pub mod pool_key;
 pub mod run;
 pub mod state_store;

@@ -1,5 +1,6 @@
-//! The operator process: CRD check, leader election, the pool's coordinator, the four
-//! controllers, `/metrics`, graceful shutdown.
+//! The operator process: CRD check, leader election, the pool's coordinator (its state in the
+//! API), the four controllers, the StorageNode views, health and `/metrics`, graceful
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -261,6 +262,24 @@ async fn lead(
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::placement::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+    // The members as StorageNode objects, for `kubectl get sfnode`.
+    let mut views = crate::nodes::NodeViews::new(
+        Api::namespaced(client.clone(), ns),
+        &args.pool,
+        pool.controller_owner_ref(&()),
+    );
+    let (views_fabric, views_stop) = (ctx.fabric.clone(), stop.clone());
+    let node_views = tokio::spawn(async move {
+        loop {
+            if let Err(e) = views.pass(views_fabric.as_ref()).await {
+                tracing::warn!(error = %e, "could not write the StorageNode objects; retrying");
+            }
+            tokio::select! {
+                _ = views_stop.cancelled() => break,
+                _ = tokio::time::sleep(crate::nodes::EVERY) => {}
+            }
+        }
+    });
     tracing::info!(namespace = %ns, pool = %args.pool, "operator running");
     health.waiting("");
     let controllers = tokio::spawn(async move {
@@ -272,6 +291,7 @@ async fn lead(
     // (an agent's layout stream) after the grace is dropped.
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = controllers.await;
+        let _ = node_views.await;
         let _ = grpc.await;
         let _ = housekeeping.await;
     })
@@ -344,6 +364,7 @@ async fn check_crds(client: &Client, ns: &str) -> anyhow::Result<()> {
     check_one::<MiningFarm>(client, ns).await?;
     check_one::<NodeSyndication>(client, ns).await?;
     check_one::<ShardPlacement>(client, ns).await?;
+    check_one::<shardfarm_crds::StorageNode>(client, ns).await?;
     Ok(())
 }
 

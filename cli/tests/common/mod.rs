@@ -55,7 +55,12 @@ impl Farm {
         for _ in 0..3 {
             match Self::try_start(dir, base_port, extra) {
                 Ok(farm) => return farm,
-                Err(log) if log.contains("binding") => base_port = free_base_port(),
+                // A port taken between choosing and binding (by `local up` or one of its
+                // agents): start afresh on other ports.
+                Err(log) if log.contains("binding") || log.contains("in use") => {
+                    let _ = std::fs::remove_dir_all(dir);
+                    base_port = free_base_port();
+                }
                 Err(log) => panic!("farm did not come up:\n{log}"),
             }
         }
@@ -81,6 +86,18 @@ impl Farm {
                 return Ok(farm);
             }
             if let Ok(Some(_)) = farm.up.try_wait() {
+                // The logs of the children it names ("see …/node-1.log") say why.
+                let mut log = log;
+                let named: Vec<String> = log
+                    .split_whitespace()
+                    .filter(|w| w.ends_with(".log"))
+                    .map(|w| w.trim_end_matches([',', ')', '.']).to_string())
+                    .collect();
+                for path in named {
+                    if let Ok(child) = std::fs::read_to_string(&path) {
+                        log.push_str(&format!("\n--- {path}:\n{child}"));
+                    }
+                }
                 return Err(log);
             }
             if Instant::now() > deadline {
