@@ -17,10 +17,17 @@ pub fn prepare_dir(dir: &std::path::Path, owner: &str) -> anyhow::Result<()> {
         .split_once(':')
         .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
         .with_context(|| format!("--owner `{owner}`: expected UID:GID, e.g. 65532:65532"))?;
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-        .with_context(|| format!("giving {} to {uid}:{gid}", dir.display()))?;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.uid() == uid && meta.gid() == gid && meta.mode() & 0o777 == 0o700 {
+        return Ok(());
+    }
+    // The mode first, while the directory is still ours: changing the mode of a file one
+    // does not own needs CAP_FOWNER, which the init container does not have (only CHOWN).
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .with_context(|| format!("giving {} to {uid}:{gid}", dir.display()))?;
     Ok(())
 }

@@ -252,8 +252,10 @@ pub struct MiningFarmSpec {
     /// How the agents run: `StatefulSet` (`replicas` agents, each on its own volume; the
     /// default) or `DaemonSet` (one agent on every machine `nodeSelector` matches, on that
     /// machine's disk at `agent.storage.hostPath`, which it requires: a mining farm's racks).
+    /// Immutable.
     #[serde(default)]
     #[schemars(extend("maxLength" = 16))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("mode is immutable: create a new farm to change how its agents run"))]
     pub mode: FarmMode,
 }
 

@@ -4,8 +4,11 @@
 //! renews every [`RENEW_EVERY`]. A renewal that fails for a transient reason (the API server
 //! restarting, a timeout) is retried: leadership is only given up when someone else holds the
 //! Lease, or when no renewal has succeeded for long enough that the Lease may have expired in
-//! others' eyes ([`verdict`]). On shutdown the leader releases the Lease, so the next replica
-//! takes over at once instead of waiting for expiry.
+//! others' eyes ([`verdict`]); an attempt that gets no answer is cut off when that time is up.
+//! On shutdown the leader releases the Lease, so the next replica takes over at once instead of
+//! waiting for expiry. Expiry of another's Lease is judged on this replica's clock against the
+//! renewal time the holder wrote (as the coordination API defines it), so replicas' clocks
+//! must agree to within the 3 s margin.
 
 use std::time::Duration;
 
@@ -24,6 +27,12 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// process must stop acting before another replica may start.
 const SAFETY: Duration = Duration::from_secs(3);
 
+/// How long after its last renewal a leader may still act: the Lease's duration less the
+/// safety margin.
+fn lease_deadline() -> Duration {
+    Duration::from_secs(LEASE_SECONDS as u64).saturating_sub(SAFETY)
+}
+
 /// What the leader does after a renewal attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -38,7 +47,7 @@ pub enum Verdict {
 /// The verdict on a renewal attempt made `since_renewed` after the last successful one:
 /// `Ok(true)` renewed, `Ok(false)` held by another, `Err` the API could not be asked.
 pub fn verdict<E>(attempt: &Result<bool, E>, since_renewed: Duration) -> Verdict {
-    let deadline = Duration::from_secs(LEASE_SECONDS as u64).saturating_sub(SAFETY);
+    let deadline = lease_deadline();
     match attempt {
         Ok(true) => Verdict::Keep,
         Ok(false) => Verdict::Lost,
@@ -64,7 +73,8 @@ impl Leadership {
     /// Waits until this replica leads (true) or `stop` (false). API errors are retried.
     pub async fn acquire(&self, stop: &CancellationToken) -> bool {
         loop {
-            match self.try_acquire().await {
+            let attempt = tokio::time::timeout(RENEW_EVERY, self.try_acquire()).await;
+            match attempt.unwrap_or_else(|_| Ok(false)) {
                 Ok(true) => {
                     tracing::info!(lease = %self.name, holder = %self.holder, "leading");
                     return true;
@@ -92,7 +102,13 @@ impl Leadership {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                let attempt = me.try_acquire().await;
+                // An API server that never answers must not hold leadership past the point
+                // where others may take it: the attempt gets the time left, no more.
+                let left = lease_deadline().saturating_sub(renewed.elapsed()).max(RETRY_EVERY);
+                let attempt = match tokio::time::timeout(left, me.try_acquire()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {left:?}")),
+                };
                 match verdict(&attempt, renewed.elapsed()) {
                     Verdict::Keep => {
                         renewed = tokio::time::Instant::now();

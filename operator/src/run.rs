@@ -59,8 +59,10 @@ pub struct OperatorArgs {
 struct Health {
     /// Why the operator is not ready (empty: leading, coordinator running).
     waiting: std::sync::Mutex<String>,
-    /// The pool's coordinator, once it runs (its registry holds every metric).
+    /// The pool's coordinator, once it runs.
     coordinator: std::sync::OnceLock<Arc<Coordinator>>,
+    /// The controllers' metrics.
+    controllers: prometheus::Registry,
 }
 
 impl Health {
@@ -120,25 +122,36 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
     check_crds(&client, &args.namespace).await?;
     let leadership = (!args.lease.is_empty()).then(|| {
-        let holder = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("operator-{}", std::process::id()));
+        // The pod's name (every container's pid may be 1): POD_NAME, else the hostname the
+        // kubelet sets to it, else something unique.
+        let holder =
+            std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| {
+                let mut b = [0u8; 6];
+                let _ = getrandom::fill(&mut b);
+                format!("operator-{}", hex::encode(b))
+            });
         crate::lease::Leadership::new(
             Api::namespaced(client.clone(), &args.namespace),
             &args.lease,
             &holder,
         )
     });
+    let mut keeper = None;
     if let Some(l) = &leadership {
         health.waiting(format!("standby: waiting for the Lease {}", args.lease));
         if !l.acquire(&stop).await {
             health_stop.cancel();
             return Ok(());
         }
-        l.keep(stop.clone());
+        keeper = Some(l.keep(stop.clone()));
     }
     let result = lead(&args, client, &health, &stop).await;
     stop.cancel();
     if let Some(l) = &leadership {
+        // No renewal may run after the release (it would take the Lease back).
+        if let Some(k) = keeper {
+            let _ = k.await;
+        }
         l.release().await;
     }
     health_stop.cancel();
@@ -155,8 +168,24 @@ async fn lead(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let stop = stop.clone();
-    // The pool's coordinator.
+    let ns = &args.namespace;
+    let cfg = || watcher::Config::default().any_semantic();
     let pools = Arc::new(Coordinators::default());
+    let metrics = Arc::new(ControllerMetrics::new(&health.controllers));
+    let ctx = Arc::new(Context::new(client.clone(), pools.clone(), metrics));
+    // Farms first: a farm's deletion must complete even when its pool is gone (an operator
+    // restarted after the pool was deleted never gets past waiting for it).
+    let farms = Controller::new(Api::<MiningFarm>::namespaced(client.clone(), ns), cfg())
+        .owns(Api::<StatefulSet>::namespaced(client.clone(), ns), watcher::Config::default())
+        .owns(
+            Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), ns),
+            watcher::Config::default(),
+        )
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(controller::farm::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let farms = tokio::spawn(farms);
+    // The pool's coordinator.
     let pool_api: Api<StoragePool> = Api::namespaced(client.clone(), &args.namespace);
     let pool = loop {
         match pool_api.get_opt(&args.pool).await? {
@@ -164,7 +193,13 @@ async fn lead(
             None => {
                 tracing::warn!(pool = %args.pool, "waiting for the StoragePool to be created");
                 health.waiting(format!("waiting for StoragePool {}", args.pool));
-                tokio::select! { _ = stop.cancelled() => return Ok(()), _ = tokio::time::sleep(RETRY) => {} }
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, farms).await;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
             }
         }
     };
@@ -204,7 +239,8 @@ async fn lead(
         &args.pool,
         args.state_dir.join("ledger.jsonl"),
         args.state_dir.join(shardfarm_coordinator::store_file()),
-    );
+    )
+    .stopping(stop.clone());
     store.restore_ledger().await.context("restoring the ledger from the API")?;
     let coordinator = Coordinator::open_with(
         config,
@@ -213,6 +249,14 @@ async fn lead(
         identity,
     )?;
     pools.insert(&args.pool, coordinator.clone());
+    // Outsiders meet the syndications' rules from the first join on.
+    let syndications =
+        Api::<NodeSyndication>::namespaced(client.clone(), ns).list(&Default::default()).await?;
+    coordinator.set_admission(controller::syndication::admission_of(
+        &syndications.items,
+        &args.pool,
+        pool.spec.failure_domain.label(),
+    ));
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;
     let grpc = tokio::spawn(shardfarm_coordinator::service::serve(
         listener,
@@ -220,22 +264,9 @@ async fn lead(
         stop.clone(),
     ));
     let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
-    let metrics = Arc::new(ControllerMetrics::new(&coordinator.metrics.registry));
     let _ = health.coordinator.set(coordinator.clone());
 
     ensure_coordinator_service(&Api::namespaced(client.clone(), &args.namespace)).await?;
-    let ctx = Arc::new(Context::new(client.clone(), pools, metrics));
-    let ns = &args.namespace;
-    let cfg = || watcher::Config::default().any_semantic();
-    let farms = Controller::new(Api::<MiningFarm>::namespaced(client.clone(), ns), cfg())
-        .owns(Api::<StatefulSet>::namespaced(client.clone(), ns), watcher::Config::default())
-        .owns(
-            Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), ns),
-            watcher::Config::default(),
-        )
-        .graceful_shutdown_on(stop.clone().cancelled_owned())
-        .run(controller::farm::reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
     let pools_c = Controller::new(Api::<StoragePool>::namespaced(client.clone(), ns), cfg())
         .owns(Api::<ShardPlacement>::namespaced(client.clone(), ns), watcher::Config::default())
         // A farm applied, scaled or deleted changes what its pool can hold: at once, not at
@@ -258,7 +289,12 @@ async fn lead(
             .run(controller::syndication::reconcile, error_policy, ctx.clone())
             .for_each(|_| futures::future::ready(()));
     let placements = Controller::new(Api::<ShardPlacement>::namespaced(client.clone(), ns), cfg())
-        .owns(Api::<ConfigMap>::namespaced(client.clone(), ns), watcher::Config::default())
+        // Only the layout mirrors: the state and ledger ConfigMaps are large and rewritten
+        // often, and are not this controller's business.
+        .owns(
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            watcher::Config::default().labels(controller::placement::LAYOUT_LABEL),
+        )
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::placement::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
@@ -283,19 +319,21 @@ async fn lead(
     tracing::info!(namespace = %ns, pool = %args.pool, "operator running");
     health.waiting("");
     let controllers = tokio::spawn(async move {
-        tokio::join!(farms, pools_c, syndications, placements);
+        tokio::join!(pools_c, syndications, placements);
     });
     stop.cancelled().await;
     health.waiting("stopping");
-    // Reconciles in flight finish, the coordinator writes its state; whatever is still open
-    // (an agent's layout stream) after the grace is dropped.
+    // Reconciles in flight finish and the coordinator writes its state (before the Lease is
+    // released: the next leader reads it); the gRPC server is not waited for (agents' layout
+    // streams never end on their own) and goes with the process.
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = housekeeping.await;
+        let _ = farms.await;
         let _ = controllers.await;
         let _ = node_views.await;
-        let _ = grpc.await;
-        let _ = housekeeping.await;
     })
     .await;
+    drop(grpc);
     if drained.is_err() {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; exiting anyway");
     }

@@ -75,6 +75,9 @@ pub struct KubeStore {
     version: Mutex<Option<String>>,
     /// The ledger chunks written so far (their contents), so unchanged ones are not rewritten.
     written: Mutex<Vec<String>>,
+    /// Cancelled when another replica is found to have written the state: this one no longer
+    /// leads and must stop (its process exits, and it comes back as a standby).
+    deposed: Option<tokio_util::sync::CancellationToken>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -90,8 +93,28 @@ impl KubeStore {
             legacy,
             version: Mutex::new(None),
             written: Mutex::new(Vec::new()),
+            deposed: None,
             runtime: tokio::runtime::Handle::current(),
         }
+    }
+
+    /// The same store, cancelling `stop` when it finds another replica wrote the state.
+    pub fn stopping(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self.deposed = Some(stop);
+        self
+    }
+
+    /// Another replica wrote the state since this one read it.
+    fn deposed(&self) -> Error {
+        tracing::error!(configmap = %self.name, "another operator wrote the pool's state: this replica no longer leads; stopping");
+        if let Some(stop) = &self.deposed {
+            stop.cancel();
+        }
+        Error::State(format!(
+            "ConfigMap {} was written by another operator since this one read it: this \
+             replica no longer leads the pool and must not write its state",
+            self.name
+        ))
     }
 
     /// Restores the ledger file from the API if the file is missing or shorter (a new leader
@@ -142,6 +165,19 @@ impl KubeStore {
         };
         let parts = chunks(&text, CHUNK);
         let mut written = self.written.lock().unwrap();
+        let changed = parts.iter().enumerate().any(|(i, p)| written.get(i).is_none_or(|w| w != p));
+        if changed && let Some(mine) = self.version.lock().unwrap().clone() {
+            // Chunks carry no version of their own: before rewriting one, make sure the state
+            // is still as this replica left it (a deposed leader must not touch its
+            // successor's ledger).
+            let current = self
+                .block(self.api.get_opt(&self.name))
+                .map_err(|e| self.err("reading", e))?
+                .and_then(|cm| cm.metadata.resource_version);
+            if current.as_deref() != Some(mine.as_str()) {
+                return Err(self.deposed());
+            }
+        }
         for (i, part) in parts.iter().enumerate() {
             if written.get(i).is_some_and(|w| w == part) {
                 continue;
@@ -238,11 +274,7 @@ impl StateStore for KubeStore {
                 *self.version.lock().unwrap() = cm.metadata.resource_version;
                 Ok(())
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::State(format!(
-                "ConfigMap {} was written by another operator since this one read it: this \
-                 replica no longer leads the pool and must not write its state",
-                self.name
-            ))),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(self.deposed()),
             Err(e) => Err(self.err("writing", e)),
         }
     }
@@ -495,22 +527,34 @@ mod tests {
         let objects = Arc::new(Mutex::new(HashMap::new()));
         let client = fake_api(objects.clone());
         let dir = tempfile::tempdir().unwrap();
-        let (old, new) = (store(&client, dir.path()), store(&client, dir.path()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (old, new) =
+            (store(&client, dir.path()).stopping(stop.clone()), store(&client, dir.path()));
+        let deposed = stop.clone();
         tokio::task::spawn_blocking(move || {
             assert_eq!(old.load().unwrap(), None);
+            std::fs::write(old.ledger.clone(), "epoch 1\n").unwrap();
             old.save(b"{\"by\":\"old\"}").unwrap();
             // The successor reads and writes.
             assert_eq!(new.load().unwrap().as_deref(), Some(&b"{\"by\":\"old\"}"[..]));
             new.save(b"{\"by\":\"new\"}").unwrap();
             // The old leader, late: refused.
+            assert!(!deposed.is_cancelled());
+            // The old leader closes an epoch late: neither its ledger nor its state lands.
+            std::fs::write(old.ledger.clone(), "epoch 1\nepoch 2 by the old leader\n").unwrap();
             let err = old.save(b"{\"by\":\"old, late\"}").unwrap_err();
             assert!(err.to_string().contains("no longer leads"), "{err}");
+            // …and it stops: its process exits and comes back as a standby.
+            assert!(deposed.is_cancelled());
         })
         .await
         .unwrap();
         let saved =
             objects.lock().unwrap()["shardfarm-state-main"]["data"]["coordinator.json"].clone();
         assert_eq!(saved, "{\"by\":\"new\"}");
+        let ledger =
+            objects.lock().unwrap()["shardfarm-ledger-main-0"]["data"]["ledger.jsonl"].clone();
+        assert_eq!(ledger, "epoch 1\n");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -638,6 +638,8 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
             .into_iter()
             .filter(|x| !members.iter().any(|m| m.id == x.id))
             .collect();
+        // Held only if the farm's nodes are what keeps the pool whole: a pool already unable
+        // to hold its profile with them is not made whole by keeping them.
         let verdict = ctx.fabric.config(&pool).map_or(Ok(()), |c| {
             let profile = shardfarm_core::placement::Profile {
                 k: c.k,
@@ -645,7 +647,10 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
                 partitions: c.partitions,
                 domain_kind: c.failure_domain.clone(),
             };
-            super::pool::check_live(&profile, &rest)
+            match super::pool::check_live(&profile, &ctx.fabric.members(&pool)) {
+                Ok(()) => super::pool::check_live(&profile, &rest),
+                Err(_) => Ok(()),
+            }
         });
         if let Err(reason) = verdict {
             let why = format!(

@@ -23,6 +23,8 @@ use super::{Context, Error, MANAGER, Result, condition, counted};
 
 /// Key of the layout in its ConfigMap.
 pub const LAYOUT_KEY: &str = "layout.json";
+/// The label of the layout ConfigMaps (what the placement controller watches).
+pub const LAYOUT_LABEL: &str = "shardfarm.io/layout-mirror=true";
 /// Mirror period (layouts change when members do; the mirror follows within this).
 const REFRESH: Duration = Duration::from_secs(30);
 
@@ -81,7 +83,9 @@ async fn apply(sp: Arc<ShardPlacement>, ctx: &Context) -> Result<Action> {
                 let cm = json!({
                     "apiVersion": "v1",
                     "kind": "ConfigMap",
-                    "metadata": { "name": cm_name, "namespace": ns, "ownerReferences": [sp.controller_owner_ref(&()).expect("uid")] },
+                    "metadata": { "name": cm_name, "namespace": ns,
+                                  "labels": { "shardfarm.io/layout-mirror": "true" },
+                                  "ownerReferences": [sp.controller_owner_ref(&()).expect("uid")] },
                     "data": { LAYOUT_KEY: serde_json::to_string(&layout).expect("serialisable") },
                 });
                 Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)

@@ -29,7 +29,12 @@ pub fn check_profile(
     let spec = &pool.spec;
     let mut nodes = Vec::new();
     for f in farms {
-        for i in 0..f.spec.replicas.max(0) {
+        // A DaemonSet farm has as many agents as machines it was scheduled on.
+        let agents = match f.spec.mode {
+            shardfarm_crds::FarmMode::StatefulSet => f.spec.replicas,
+            shardfarm_crds::FarmMode::DaemonSet => f.status.as_ref().map_or(0, |s| s.replicas),
+        };
+        for i in 0..agents.max(0) {
             let who = format!("{}/{}/{i}", f.namespace().unwrap_or_default(), f.name_any());
             let id = NodeId(blake2b256(&[who.as_bytes()]));
             let domain = match spec.failure_domain {
@@ -125,7 +130,15 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         .filter(|m| !m.labels.contains_key("farm") && m.standing != Standing::Disqualified)
         .map(|m| (m.id, m.domain.clone()))
         .collect();
-    let agents: i32 = farms.iter().map(|f| f.spec.replicas.max(0)).sum();
+    let agents: i32 = farms
+        .iter()
+        .map(|f| match f.spec.mode {
+            shardfarm_crds::FarmMode::StatefulSet => f.spec.replicas.max(0),
+            shardfarm_crds::FarmMode::DaemonSet => {
+                f.status.as_ref().map_or(0, |s| s.replicas.max(0))
+            }
+        })
+        .sum();
     let check = if agents == 0 && outside.is_empty() {
         Err(String::new())
     } else {
