@@ -28,26 +28,22 @@ fn the_data_dir_is_handed_to_the_agent_user_with_only_the_chown_capability() {
         return;
     }
     // As root with every capability but CHOWN dropped, as in the pod.
-    let out = Command::new("setpriv")
-        .args(["--bounding-set", "-all,+chown", "--inh-caps", "-all,+chown", "--"])
-        .arg(BIN)
-        .arg("prepare-dir")
-        .arg(&dir)
-        .args(["--owner", "65532:65532"])
-        .output()
-        .unwrap();
+    let with_chown_only = || {
+        Command::new("setpriv")
+            .args(["--bounding-set", "-all,+chown", "--inh-caps", "-all,+chown", "--"])
+            .arg(BIN)
+            .arg("prepare-dir")
+            .arg(&dir)
+            .args(["--owner", "65532:65532"])
+            .output()
+            .unwrap()
+    };
+    let out = with_chown_only();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m = std::fs::metadata(&dir).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65532, 65532, 0o700));
     // Again, now that it is prepared: nothing to do, still fine.
-    let again = Command::new("setpriv")
-        .args(["--bounding-set", "-all,+chown", "--inh-caps", "-all,+chown", "--"])
-        .arg(BIN)
-        .arg("prepare-dir")
-        .arg(&dir)
-        .args(["--owner", "65532:65532"])
-        .output()
-        .unwrap();
+    let again = with_chown_only();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     // Bad input: a clear error, exit code other than success, nothing changed.
     let bad = Command::new(BIN)

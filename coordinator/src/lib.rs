@@ -193,7 +193,8 @@ impl PoolConfig {
         self.max_transfers_per_round.unwrap_or((self.partitions as usize * n / 16).max(n))
     }
 
-    fn profile(&self) -> Profile {
+    /// The erasure profile and placement this pool runs.
+    pub fn profile(&self) -> Profile {
         Profile {
             k: self.k,
             m: self.m,

@@ -423,15 +423,10 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
                 // The pool must hold its profile without it, or the drain could never end.
                 let rest: Vec<Member> =
                     ctx.fabric.members(&pool).into_iter().filter(|x| x.id != m.id).collect();
-                let verdict = ctx.fabric.config(&pool).map_or(Ok(()), |c| {
-                    let profile = shardfarm_core::placement::Profile {
-                        k: c.k,
-                        m: c.m,
-                        partitions: c.partitions,
-                        domain_kind: c.failure_domain.clone(),
-                    };
-                    super::pool::check_live(&profile, &rest)
-                });
+                let verdict = ctx
+                    .fabric
+                    .config(&pool)
+                    .map_or(Ok(()), |c| super::pool::check_live(&c.profile(), &rest));
                 match verdict {
                     Err(reason) => {
                         let why = format!(
@@ -641,12 +636,7 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         // Held only if the farm's nodes are what keeps the pool whole: a pool already unable
         // to hold its profile with them is not made whole by keeping them.
         let verdict = ctx.fabric.config(&pool).map_or(Ok(()), |c| {
-            let profile = shardfarm_core::placement::Profile {
-                k: c.k,
-                m: c.m,
-                partitions: c.partitions,
-                domain_kind: c.failure_domain.clone(),
-            };
+            let profile = c.profile();
             match super::pool::check_live(&profile, &ctx.fabric.members(&pool)) {
                 Ok(()) => super::pool::check_live(&profile, &rest),
                 Err(_) => Ok(()),

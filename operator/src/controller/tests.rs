@@ -268,6 +268,16 @@ async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
     assert_eq!(fabric.drained.lock().unwrap().len(), 1, "drained once only");
 }
 
+/// The six agents of farm `alpha` in three zones: all RS(4,2) has, and nothing more.
+fn six_agents_of_alpha() -> Vec<shardfarm_coordinator::Member> {
+    (0..6)
+        .map(|i| {
+            let pod = format!("alpha-{i}");
+            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
+        })
+        .collect()
+}
+
 fn deleted(mut f: MiningFarm) -> MiningFarm {
     f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::now(),
@@ -318,12 +328,7 @@ async fn a_deleted_farm_takes_its_nodes_out_of_the_pool_then_drops_its_finalizer
 async fn a_deletion_the_pool_cannot_survive_is_held_with_the_reason() {
     let fabric = Arc::new(TestFabric::default());
     // Six agents of RS(4,2) in this farm and nowhere else: without them, nothing.
-    let mine: Vec<_> = (0..6)
-        .map(|i| {
-            let pod = format!("alpha-{i}");
-            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
-        })
-        .collect();
+    let mine = six_agents_of_alpha();
     *fabric.members.lock().unwrap() = mine;
     let (ctx, handle) = context(fabric.clone());
     let pool = serde_json::to_value(pool_obj(4, 2)).unwrap();
@@ -346,12 +351,7 @@ async fn a_deletion_the_pool_cannot_survive_is_held_with_the_reason() {
 #[tokio::test]
 async fn namespace_deletion_completes_even_when_events_cannot_be_created() {
     let fabric = Arc::new(TestFabric::default());
-    let mine: Vec<_> = (0..6)
-        .map(|i| {
-            let pod = format!("alpha-{i}");
-            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
-        })
-        .collect();
+    let mine = six_agents_of_alpha();
     *fabric.members.lock().unwrap() = mine;
     let (ctx, handle) = context(fabric.clone());
     let terminating =
@@ -371,12 +371,7 @@ async fn namespace_deletion_completes_even_when_events_cannot_be_created() {
 #[tokio::test]
 async fn a_scale_down_the_pool_cannot_survive_is_held_and_a_drain_is_undone_on_scale_up() {
     let fabric = Arc::new(TestFabric::default());
-    let mine: Vec<_> = (0..6)
-        .map(|i| {
-            let pod = format!("alpha-{i}");
-            member(&pod, &format!("z{}", i % 3), &[("farm", "alpha"), ("pod", &pod)])
-        })
-        .collect();
+    let mine = six_agents_of_alpha();
     *fabric.members.lock().unwrap() = mine.clone();
     let partitions = vec![mine.iter().map(|m| m.id).collect::<Vec<_>>()];
     *fabric.layout.lock().unwrap() = Some(placement::Layout { version: 2, k: 4, m: 2, partitions });
