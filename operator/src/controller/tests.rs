@@ -487,6 +487,15 @@ async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
 #[tokio::test]
 async fn a_pool_is_ready_only_when_its_live_members_hold_the_profile() {
     let fabric = Arc::new(TestFabric::default());
+    // A syndication's rule the coordinator still has, though the syndication was deleted: the
+    // pool recomputes the rules from the syndications that exist (none) and the way in closes.
+    *fabric.admission.lock().unwrap() = Some(shardfarm_coordinator::Admission {
+        rules: vec![shardfarm_coordinator::AdmissionRule {
+            name: "gone".into(),
+            ..Default::default()
+        }],
+        domains: Default::default(),
+    });
     let (ctx, handle) = context(fabric.clone());
     let zones = ["a", "b", "c"];
     let items: Vec<Value> = zones
@@ -521,6 +530,7 @@ async fn a_pool_is_ready_only_when_its_live_members_hold_the_profile() {
         assert!(ready["message"].as_str().unwrap().contains("waiting for agents"), "{ready}");
     });
     run(handle, script, pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+    assert!(fabric.admission.lock().unwrap().as_ref().unwrap().rules.is_empty());
 
     // Six agents up in three zones and a published layout: Ready.
     let members: Vec<_> =
