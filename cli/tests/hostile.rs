@@ -219,10 +219,15 @@ fn a_segment_that_never_became_readable_is_collected_and_does_not_block_sync() {
 #[test]
 fn a_member_serving_junk_is_not_copied_from_is_reported_and_fails_its_audits() {
     let tmp = tempfile::tempdir().unwrap();
-    let farm = start(&tmp.path().join("farm"), &["--audit-interval", "2"]);
-    // Eight one-segment files: partitions enough that the junk server and the node that
-    // dies share some.
-    let files: Vec<(PathBuf, String)> = (0..8)
+    // Audits every 20 s: the junk server fails a sync check at once and then one per
+    // interval, so it is suspended (and its slots re-placed) only after the repairs below
+    // have met it; at 2 s it could be gone before a repairer lists from it.
+    let farm = start(&tmp.path().join("farm"), &["--audit-interval", "20"]);
+    // 32 one-segment files: partitions enough that the junk server and the node that dies
+    // share some with data. The junk server never proves its sync, so the pool stays out of
+    // sync and gives it only the first round's share of slots (a sixteenth of all): with 8
+    // files about one run in twenty had no such partition.
+    let files: Vec<(PathBuf, String)> = (0..32)
         .map(|i| {
             let p = tmp.path().join(format!("small-{i}.bin"));
             write_random(&p, 64 * 1024 + i, 500 + i as u64);
