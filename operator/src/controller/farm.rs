@@ -502,16 +502,7 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let status = MiningFarmStatus {
         replicas,
         ready_replicas: ready,
-        selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
-        // What the farm offers now: its agents that are up.
-        capacity: Some(shardfarm_core::human_bytes(
-            members.iter().filter(|m| m.up).map(|m| m.offered_bytes).sum(),
-        )),
-        used: Some(shardfarm_core::human_bytes(
-            members.iter().filter(|m| m.up).map(|m| m.used_bytes).sum(),
-        )),
         audit_pass_rate: (audited > 0).then(|| passed as f64 / audited as f64),
-        earnings: members.iter().map(|m| ctx.fabric.earnings(&pool, &m.id)).sum(),
         draining,
         conditions: vec![
             condition(
@@ -545,12 +536,26 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
             ),
         ],
         observed_generation: generation,
+        ..figures(&ctx, &pool, &name, &members)
     };
     let api: Api<MiningFarm> = Api::namespaced(ctx.client.clone(), &ns);
     let patch =
         json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
     api.patch_status(&name, &pp, &Patch::Apply(patch)).await?;
     Ok(Action::requeue(if draining.is_some() { DRAIN_POLL } else { REFRESH }))
+}
+
+/// What a farm's status says of its members, in either mode: its selector, what its agents
+/// that are up offer and use (down ones offer nothing now), and their earnings.
+fn figures(ctx: &Context, pool: &str, name: &str, members: &[Member]) -> MiningFarmStatus {
+    let up = || members.iter().filter(|m| m.up);
+    MiningFarmStatus {
+        selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
+        capacity: Some(shardfarm_core::human_bytes(up().map(|m| m.offered_bytes).sum())),
+        used: Some(shardfarm_core::human_bytes(up().map(|m| m.used_bytes).sum())),
+        earnings: members.iter().map(|m| ctx.fabric.earnings(pool, &m.id)).sum(),
+        ..Default::default()
+    }
 }
 
 /// A `DaemonSet` farm: the DaemonSet applied, status from what it scheduled. Machines come
@@ -580,14 +585,6 @@ async fn apply_daemonset(
     let status = MiningFarmStatus {
         replicas: scheduled,
         ready_replicas: ready,
-        selector: Some(format!("app.kubernetes.io/instance={name},shardfarm.io/farm={name}")),
-        capacity: Some(shardfarm_core::human_bytes(
-            members.iter().filter(|m| m.up).map(|m| m.offered_bytes).sum(),
-        )),
-        used: Some(shardfarm_core::human_bytes(
-            members.iter().filter(|m| m.up).map(|m| m.used_bytes).sum(),
-        )),
-        earnings: members.iter().map(|m| ctx.fabric.earnings(pool, &m.id)).sum(),
         conditions: vec![condition(
             &previous.conditions,
             "Ready",
@@ -597,7 +594,7 @@ async fn apply_daemonset(
             generation,
         )],
         observed_generation: generation,
-        ..Default::default()
+        ..figures(ctx, pool, &name, &members)
     };
     let patch =
         json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
