@@ -9,6 +9,8 @@ bash scripts/install-deps.sh
 # Fails loudly, naming the package, if a set-up step was skipped wrongly (bindgen would otherwise
 # fail deep inside librocksdb-sys's build script after minutes of compiling).
 bash scripts/install-deps.sh --check
+# The real S3 clients the gateway test drives: boto3 + AWS CLI (PyPI), rclone (Debian).
+bash scripts/s3-tools.sh >/dev/null
 
 # Cargo's target dir may live outside the clone so later runs reuse the RocksDB build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"

@@ -15,7 +15,7 @@
 //!
 //! ## Honest side
 //!
-//! Each of `--clients` clients is the real client library ([`FarmClient`]) with a key of its
+//! Each of `--clients` clients is the real client library ([`PoolClient`]) with a key of its
 //! own: a fresh delegation from the farm root, as 64 users of one pool would have (with
 //! `--shared-key` they all use the farm's `client.key`, as one user on 64 connections; they
 //! then share one identity's replay-cache share on every agent). A client loops until the
@@ -56,8 +56,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use shardfarm_client::FarmClient;
+use shardfarm_client::PoolClient;
 use shardfarm_client::farm::{CLIENT_KEY, ClientKey, FARM_FILE, Farm, ROOT_KEY};
+use shardfarm_client::profile::LOCAL_PROFILE;
 use shardfarm_core::cap::ReadCap;
 use shardfarm_core::identity::{Credential, Identity, NodeId, random_signing_key};
 use shardfarm_core::shard::ShardId;
@@ -308,7 +309,7 @@ async fn timed<T>(f: impl Future<Output = anyhow::Result<T>>) -> (Duration, anyh
 }
 
 /// One honest client: random operations until `deadline` (the one in flight then finishes).
-async fn honest_client(client: Arc<FarmClient>, deadline: Instant) -> Honest {
+async fn honest_client(client: Arc<PoolClient>, deadline: Instant) -> Honest {
     let mut rng = Rng::seeded();
     let mut mine: Vec<Stored> = Vec::new();
     let mut h = Honest::default();
@@ -405,6 +406,7 @@ fn client_dirs(farm: &Path, root: &Path, clients: usize, shared: bool) -> anyhow
         let dir = root.join(format!("client-{i}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::copy(farm.join(FARM_FILE), dir.join(FARM_FILE))?;
+        std::fs::copy(farm.join(LOCAL_PROFILE), dir.join(LOCAL_PROFILE))?;
         if shared {
             std::fs::copy(farm.join(CLIENT_KEY), dir.join(CLIENT_KEY))?;
         } else {
@@ -825,9 +827,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
-    let clients = (0..args.clients)
-        .map(|i| FarmClient::open(&scratch.path().join(format!("client-{i}"))))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let clients = honest_rt.block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..args.clients {
+            let profile = scratch.path().join(format!("client-{i}")).join(LOCAL_PROFILE);
+            clients
+                .push(PoolClient::open(&profile, None, Arc::new(shardfarm_client::Silent)).await?);
+        }
+        anyhow::Ok(clients)
+    })?;
     let duration = Duration::from_secs(args.seconds);
 
     let (mut honest, mut flood_result, secs) = honest_rt.block_on(async {

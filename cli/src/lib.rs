@@ -5,6 +5,8 @@
 #![warn(missing_docs)]
 
 pub mod coordinator;
+pub mod gateway;
+pub mod ids;
 pub mod local;
 pub mod progress;
 

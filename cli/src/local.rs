@@ -323,6 +323,22 @@ async fn stop_child(child: &mut Child, what: &str) {
     }
 }
 
+/// The address a client on this machine dials for a service bound to `addr` (an unspecified
+/// address, 0.0.0.0 or ::, is reached on loopback).
+fn client_address(addr: &str) -> String {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        _ => addr.to_string(),
+    }
+}
+
 /// Runs the farm until SIGTERM/SIGINT.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let dir = &args.data;
@@ -400,6 +416,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let pool_id = pool.to_hex();
     farm.pool_id = Some(pool_id.clone());
     farm.insecure_plaintext = args.insecure_plaintext;
+    // The client profile: every client command, and the gateway, open the pool through it
+    // (the coordinator's address and the pinned pool key), signing with the farm's client key.
+    let mut profile = shardfarm_client::PoolProfile::new(&client_address(&coord_addr), pool);
+    profile.identity = Some(CLIENT_KEY.into());
+    profile.insecure_plaintext = args.insecure_plaintext;
+    profile.save(&dir.join(shardfarm_client::profile::LOCAL_PROFILE))?;
     let farm_key_path = dir.join(FARM_KEY);
     let farm_key = if farm_key_path.exists() {
         Identity::load(&farm_key_path)?

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use shardfarm::ids::{IdentityCommand, PoolCommand};
 use shardfarm::progress::Bar;
-use shardfarm_client::FarmClient;
+use shardfarm_client::PoolClient;
 use shardfarm_core::cap::ReadCap;
 
 /// Shardfarm: files are encrypted on this machine, Reed-Solomon coded into k+m shards and
@@ -17,9 +18,18 @@ use shardfarm_core::cap::ReadCap;
 #[derive(Parser)]
 #[command(name = "shardfarm", version)]
 struct Cli {
-    /// Farm directory written by `shardfarm local up` [default: ./farm].
+    /// The pool: a profile name (see `shardfarm pool add`) or a profile file. Give it before
+    /// the command: `shardfarm --pool NAME put FILE`.
+    #[arg(long, env = "SHARDFARM_POOL")]
+    pool: Option<String>,
+    /// A farm directory written by `shardfarm local up` (its DIR/pool.toml profile)
+    /// [default: ./farm when neither --pool nor --farm is given].
     #[arg(long, global = true, env = "SHARDFARM_FARM")]
     farm: Option<PathBuf>,
+    /// The identity to sign with: a mined identity or a delegated client key [default: the
+    /// profile's `identity`, else $XDG_CONFIG_HOME/shardfarm/identity.key].
+    #[arg(long, global = true, env = "SHARDFARM_IDENTITY")]
+    identity: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -56,6 +66,18 @@ enum Command {
     Nodes,
     /// Rewards recorded in the coordinator's signed ledger, per node and per farm.
     Rewards,
+    /// Client identities: mine one, delegate keys from it, show one.
+    Identity {
+        #[command(subcommand)]
+        command: shardfarm::ids::IdentityCommand,
+    },
+    /// Pool profiles: how to reach a pool and which pool key to pin.
+    Pool {
+        #[command(subcommand)]
+        command: shardfarm::ids::PoolCommand,
+    },
+    /// Serve an S3-compatible endpoint over the pool (see `shardfarm gateway --help`).
+    Gateway(Box<shardfarm::gateway::GatewayArgs>),
     /// Run a whole farm on this machine.
     Local {
         #[command(subcommand)]
@@ -100,9 +122,52 @@ fn parse_cap(s: &str) -> anyhow::Result<ReadCap> {
     s.parse::<ReadCap>().map_err(|e| anyhow::Error::new(Usage(e.to_string())))
 }
 
-/// Where the farm is: `--farm DIR`, else `SHARDFARM_FARM` (both through clap), else `./farm`.
-fn farm_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(|| PathBuf::from("farm"))
+/// Where the pool is and whom to sign as: the global options client commands share.
+struct Target {
+    pool: Option<String>,
+    farm: Option<PathBuf>,
+    identity: Option<PathBuf>,
+}
+
+/// The profile to open: `--pool` (a name or a file), else `--farm DIR`'s `DIR/pool.toml`,
+/// else `./farm/pool.toml`.
+fn profile_path(cli: &Target) -> anyhow::Result<PathBuf> {
+    use shardfarm_client::profile;
+    if let Some(p) = &cli.pool {
+        return profile::resolve(p)
+            .map_err(|e| anyhow::Error::new(Usage(format!("--pool: {e:#}"))));
+    }
+    let dir = cli.farm.clone().unwrap_or_else(|| PathBuf::from("farm"));
+    let path = dir.join(profile::LOCAL_PROFILE);
+    if cli.farm.is_none() && !path.exists() {
+        return Err(anyhow::Error::new(Usage(
+            "no pool: pass --pool NAME|FILE (`shardfarm pool add` saves one) or --farm DIR \
+             (a `shardfarm local up` directory)"
+                .into(),
+        )));
+    }
+    if !path.exists() {
+        anyhow::bail!(
+            "no farm at {}: start one with `shardfarm local up --data {}`, or name a pool with \
+             --pool",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Opens the pool for a client command.
+async fn open(cli: &Target) -> anyhow::Result<Arc<PoolClient>> {
+    let path = profile_path(cli)?;
+    let mut identity = cli.identity.clone();
+    if identity.is_none() {
+        let profile = shardfarm_client::PoolProfile::load(&path)?;
+        if profile.identity.is_none() {
+            identity = Some(shardfarm::ids::default_identity()?);
+        }
+    }
+    PoolClient::open(&path, identity.as_deref(), Arc::new(Bar::default())).await
 }
 
 /// Opens `path`, or spools stdin (`None`) to a temporary file so its length is known.
@@ -120,7 +185,8 @@ fn open_input(path: Option<PathBuf>) -> anyhow::Result<std::fs::File> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let dir = farm_dir(cli.farm.clone());
+    let target = Target { pool: cli.pool, farm: cli.farm, identity: cli.identity };
+    let json = cli.json;
     match cli.command {
         Command::Put { file } => {
             let path = (file != "-").then(|| PathBuf::from(&file));
@@ -129,9 +195,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 anyhow::bail!("cannot read {}: no such file", p.display());
             }
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             let cap = client.put(open_input(path)?).await?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::json!({ "cap": cap.encode() }));
             } else {
                 println!("{cap}");
@@ -139,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get { cap, output } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             if output == "-" {
                 let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
                 client.get_to(&cap, &mut stdout).await?;
@@ -150,9 +216,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stat { cap } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             let st = client.stat(&cap).await?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 println!(
@@ -190,18 +256,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rm { cap } => {
             let cap = parse_cap(&cap)?;
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             let n = client.rm(&cap).await?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::json!({ "deleted_shards": n }));
             } else {
                 eprintln!("deleted {n} shards");
             }
         }
         Command::Nodes => {
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             let nodes = client.nodes().await;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 println!(
@@ -240,7 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Rewards => {
-            let client = FarmClient::open_with(&dir, Arc::new(Bar::default()))?;
+            let client = open(&target).await?;
             let members = client.members().await.ok_or_else(|| {
                 anyhow::anyhow!(
                     "the farm's coordinator does not answer: is `shardfarm local up` running?"
@@ -259,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "rw1": m.rewards_rw1, "rw2": m.rewards_rw2,
                 }));
             }
-            if cli.json {
+            if json {
                 let by_farm: Vec<_> = farms
                     .iter()
                     .map(|(f, (a, b))| serde_json::json!({"farm": f, "rw1": a, "rw2": b}))
@@ -283,6 +349,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Identity { command } => identity(&command, json)?,
+        Command::Pool {
+            command:
+                PoolCommand::Add { name, coordinator, pool_id, identity, insecure_plaintext, force },
+        } => {
+            let path = shardfarm::ids::add_pool(
+                &name,
+                &coordinator,
+                &pool_id,
+                identity,
+                insecure_plaintext,
+                force,
+            )
+            .map_err(|e| anyhow::Error::new(Usage(format!("{e:#}"))))?;
+            eprintln!("wrote {}; use it with `shardfarm --pool {name} …`", path.display());
+        }
+        Command::Pool { command: PoolCommand::Show } => {
+            let client = open(&target).await?;
+            let v = client.view();
+            let out = serde_json::json!({
+                "pool": v.pool, "pool_id": client.profile().pool_id,
+                "coordinator": client.profile().coordinator,
+                "k": v.k, "m": v.m, "partitions": v.partitions,
+                "segment_size": v.segment_size, "min_difficulty": v.min_difficulty,
+                "layout_version": v.layout.layout.version, "nodes": v.nodes().len(),
+                "in_sync": v.layout.previous.is_none(),
+            });
+            if json {
+                println!("{out}");
+            } else {
+                println!(
+                    "pool {} (key {}) at {}\nRS({},{}) over {} partitions, {} segments, identity difficulty {}\nlayout {} over {} nodes{}",
+                    v.pool,
+                    client.profile().pool_id,
+                    client.profile().coordinator,
+                    v.k,
+                    v.m,
+                    v.partitions,
+                    shardfarm_core::human_bytes(v.segment_size),
+                    v.min_difficulty,
+                    v.layout.layout.version,
+                    v.nodes().len(),
+                    if v.layout.previous.is_some() { " (nodes are moving data)" } else { "" }
+                );
+            }
+        }
+        Command::Gateway(args) => {
+            shardfarm_agent::run::init_tracing(args.json_logs);
+            let profile = match args.coordinator {
+                Some(_) => None,
+                None => Some(profile_path(&target)?),
+            };
+            shardfarm::gateway::run(*args, profile).await?
+        }
         Command::Local { command: LocalCommand::Up(args) } => shardfarm::local::up(args).await?,
         Command::Agent(args) => shardfarm_agent::run::run(*args).await?,
         Command::Coordinator(args) => {
@@ -294,6 +414,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shardfarm_agent::run::init_tracing(true);
             shardfarm_operator::run::run(args).await?
         }
+    }
+    Ok(())
+}
+
+fn identity(command: &IdentityCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        IdentityCommand::New(args) => {
+            let path = shardfarm::ids::new_identity(args)?;
+            if json {
+                let id = shardfarm_client::ClientIdentity::load(&path)?;
+                println!("{}", serde_json::json!({"id": id.id().to_hex(), "file": path}));
+            }
+        }
+        IdentityCommand::Delegate(args) => {
+            let ck = shardfarm::ids::delegate(args)?;
+            let id = shardfarm_core::identity::NodeId::of(&ck.key.verifying_key());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": id.to_hex(), "root": ck.cert.issuer_id().to_hex(),
+                                       "expires": ck.cert.expires, "file": args.out})
+                );
+            } else {
+                eprintln!(
+                    "delegated key {} from root {} until unix time {}; wrote {}",
+                    id.to_hex(),
+                    ck.cert.issuer_id().to_hex(),
+                    ck.cert.expires,
+                    args.out.display()
+                );
+            }
+        }
+        IdentityCommand::Show { file } => println!("{}", shardfarm::ids::show(file.clone())?),
     }
     Ok(())
 }

@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use crate::identity::ClientKey;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use shardfarm_core::identity::{Delegation, Identity, NodeId};
+use shardfarm_core::identity::NodeId;
 use shardfarm_core::placement::Layout;
 use shardfarm_proto::PublishedLayout;
 
@@ -153,53 +154,5 @@ impl Farm {
     /// The nodes holding partition `p`, in shard order.
     pub fn holders(&self, p: u32) -> Vec<&NodeEntry> {
         self.layout[p as usize].iter().map(|&i| &self.nodes[i]).collect()
-    }
-}
-
-/// The local user's credential: a fresh key with a delegation from the farm root.
-pub struct ClientKey {
-    /// The key.
-    pub key: ed25519_dalek::SigningKey,
-    /// The delegation certificate.
-    pub cert: Delegation,
-}
-
-impl ClientKey {
-    /// Issues a new client key valid for `days`.
-    pub fn issue(root: &Identity, days: u64) -> Self {
-        let key = shardfarm_core::identity::random_signing_key();
-        let expires = shardfarm_core::auth::now_ms() / 1000 + days * 86_400;
-        let cert = Delegation::issue(root, key.verifying_key(), expires);
-        ClientKey { key, cert }
-    }
-
-    /// Writes it with mode 0600.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let text = format!(
-            "# shardfarm client key and delegation: keep secret (mode 0600)\nsecret = \"{}\"\ndelegation = \"{}\"\n",
-            hex::encode(self.key.to_bytes()),
-            hex::encode(self.cert.to_bytes())
-        );
-        shardfarm_core::identity::write_secret_file(path, text.as_bytes())?;
-        Ok(())
-    }
-
-    /// Reads it back (refusing a group/world-readable file).
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        shardfarm_core::identity::check_private(path)?;
-        let text = std::fs::read_to_string(path)?;
-        let field = |name: &str| -> anyhow::Result<Vec<u8>> {
-            let line = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(name)?.trim().strip_prefix('=').map(str::trim))
-                .with_context(|| format!("{}: no `{name}`", path.display()))?;
-            Ok(hex::decode(line.trim_matches('"'))?)
-        };
-        let secret: [u8; 32] =
-            field("secret")?.try_into().map_err(|_| anyhow::anyhow!("bad secret"))?;
-        Ok(ClientKey {
-            key: ed25519_dalek::SigningKey::from_bytes(&secret),
-            cert: Delegation::from_bytes(&field("delegation")?)?,
-        })
     }
 }

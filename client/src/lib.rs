@@ -1,9 +1,12 @@
 //! The Shardfarm client library: what a program uses to store and read objects on a pool.
 //!
-//! - [`farm`]: the pool profile a client opens (today the local farm's directory: nodes,
-//!   layout, the user's delegated key);
-//! - [`pool`]: [`FarmClient`] — put (streaming from a file), get (streaming into a writer or
-//!   a file that appears only when complete), stat, rm, nodes.
+//! - [`profile`]: a pool profile — the coordinator's address and the pinned pool key id;
+//! - [`identity`]: what a client signs with — a mined identity or a delegated key;
+//! - [`pool`]: [`PoolClient`] — opens a pool from a profile (reads the pool's settings and
+//!   its signed layout from the coordinator, follows later layouts), then put (streaming from
+//!   any reader), get (whole or a byte range, streaming into a writer or a file that appears
+//!   only when complete), stat, rm, nodes;
+//! - [`farm`]: the local farm's own bookkeeping (`shardfarm local up`'s directory).
 //!
 //! It prints nothing and never exits the process: long work is reported through a
 //! [`Progress`] the caller supplies, errors are returned. The `shardfarm` CLI and the S3
@@ -12,6 +15,10 @@
 #![warn(missing_docs)]
 
 pub mod farm;
+pub mod identity;
 pub mod pool;
+pub mod profile;
 
-pub use pool::{FarmClient, NodeStatus, ObjectStat, Progress, SegmentStat, Silent};
+pub use identity::{ClientIdentity, ClientKey};
+pub use pool::{NodeStatus, ObjectStat, PoolClient, PoolView, Progress, SegmentStat, Silent};
+pub use profile::PoolProfile;

@@ -1,9 +1,9 @@
 //! A client bound to one pool: put, get, stat, rm, nodes.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -12,18 +12,24 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use shardfarm_core::cap::ReadCap;
 use shardfarm_core::codec::{CodecParams, Decoder, Encoder};
+use shardfarm_core::identity::NodeId;
 use shardfarm_core::shard::{Cipher, SegmentHeader, ShardId, partition, salt_for};
 use shardfarm_core::tombstone::Tombstone;
-use shardfarm_proto::{AgentClient, Signer};
+use shardfarm_proto::{AgentClient, CoordinatorClient, LayoutGuard, PublishedLayout, Signer};
 
-use crate::farm::{CLIENT_KEY, ClientKey, Farm};
+use crate::identity::ClientIdentity;
+use crate::profile::PoolProfile;
 
 /// How long to wait for a node to accept a connection before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a small call (stat's audit, rm's delete) may take before its node counts as not
-/// answering: a stalled node (SIGSTOPped, black-holed) accepts connections and never answers.
+/// How long a small call (stat's audit, rm's delete, the coordinator's answers) may take
+/// before its peer counts as not answering: a stalled node (SIGSTOPped, black-holed) accepts
+/// connections and never answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest segment a pool may ask clients to buffer (the agents' own limit is the same).
+const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 
 /// A shard transfer's deadline: [`CALL_TIMEOUT`] plus one second per MiB (a 1 MiB/s floor).
 fn transfer_deadline(bytes: u64) -> Duration {
@@ -33,21 +39,106 @@ fn transfer_deadline(bytes: u64) -> Duration {
 /// Runs `f` against `node` within `d`.
 async fn within<T>(
     d: Duration,
-    node: usize,
+    node: &NodeId,
     f: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    tokio::time::timeout(d, f)
-        .await
-        .map_err(|_| anyhow::anyhow!("node {node} did not answer within {} s", d.as_secs()))?
+    tokio::time::timeout(d, f).await.map_err(|_| {
+        anyhow::anyhow!("node {} did not answer within {} s", node.short(), d.as_secs())
+    })?
 }
 
-/// A client bound to one farm.
-pub struct FarmClient {
-    /// The farm description.
-    pub farm: Farm,
+/// What the client knows of the pool: its settings and its newest verified layout.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    /// Pool name (goes into read capabilities).
+    pub pool: String,
+    /// Data shards.
+    pub k: u16,
+    /// Parity shards.
+    pub m: u16,
+    /// Partitions.
+    pub partitions: u32,
+    /// Segment size new objects are cut into.
+    pub segment_size: u64,
+    /// The identity difficulty the pool demands.
+    pub min_difficulty: u8,
+    /// The layout (and its fallback), verified as signed by the pinned pool key.
+    pub layout: PublishedLayout,
+}
+
+impl PoolView {
+    fn new(info: shardfarm_proto::pb::PoolInfo, layout: PublishedLayout) -> anyhow::Result<Self> {
+        let k = u16::try_from(info.k).context("pool: k out of range")?;
+        let m = u16::try_from(info.m).context("pool: m out of range")?;
+        if (k, m) != (layout.layout.k, layout.layout.m)
+            || info.partitions as usize != layout.layout.partitions.len()
+        {
+            bail!(
+                "the coordinator describes RS({k},{m}) over {} partitions, but its signed layout \
+                 is RS({},{}) over {}",
+                info.partitions,
+                layout.layout.k,
+                layout.layout.m,
+                layout.layout.partitions.len()
+            );
+        }
+        if info.segment_size == 0 || info.segment_size > MAX_SEGMENT_SIZE {
+            bail!("the pool's segment size {} is out of range", info.segment_size);
+        }
+        if info.pool.is_empty() || info.pool.len() > 253 {
+            bail!("the pool's name is empty or too long");
+        }
+        Ok(PoolView {
+            pool: info.pool,
+            k,
+            m,
+            partitions: info.partitions,
+            segment_size: info.segment_size,
+            min_difficulty: u8::try_from(info.min_difficulty).unwrap_or(u8::MAX),
+            layout,
+        })
+    }
+
+    /// n = k + m.
+    pub fn n(&self) -> usize {
+        usize::from(self.k) + usize::from(self.m)
+    }
+
+    /// The holders of partition `p` in the current layout, in slot order.
+    pub fn holders(&self, p: u32) -> Vec<NodeId> {
+        self.layout.layout.partitions[p as usize].clone()
+    }
+
+    /// Every node either layout names.
+    pub fn nodes(&self) -> BTreeSet<NodeId> {
+        let l = &self.layout;
+        l.layout
+            .partitions
+            .iter()
+            .chain(l.previous.iter().flat_map(|p| p.partitions.iter()))
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// A client bound to one pool.
+pub struct PoolClient {
+    profile: PoolProfile,
     signer: Arc<Signer>,
-    conns: Mutex<HashMap<usize, AgentClient>>,
+    view: RwLock<Arc<PoolView>>,
+    guard: Mutex<LayoutGuard>,
+    conns: Mutex<HashMap<NodeId, (String, AgentClient)>>,
     progress: Arc<dyn Progress>,
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for PoolClient {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.lock().unwrap().take() {
+            w.abort();
+        }
+    }
 }
 
 /// The verified shards of one segment, ready to decode.
@@ -132,63 +223,208 @@ pub trait Progress: Send + Sync {
 pub struct Silent;
 impl Progress for Silent {}
 
-impl FarmClient {
-    /// Opens the farm in `dir` with the local user's delegated key.
-    pub fn open(dir: &Path) -> anyhow::Result<Arc<Self>> {
-        Self::open_with(dir, Arc::new(Silent))
+impl PoolClient {
+    /// Opens the pool a profile file describes, signing with `identity` (else the profile's
+    /// identity file).
+    pub async fn open(
+        profile: &Path,
+        identity: Option<&Path>,
+        progress: Arc<dyn Progress>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let profile = PoolProfile::load(profile)?;
+        let path = identity.map(Path::to_path_buf).or_else(|| profile.identity_path());
+        let Some(path) = path else {
+            bail!(
+                "no client identity: pass --identity FILE, set `identity` in {}, or mine one with \
+                 `shardfarm identity new`",
+                profile.origin.as_deref().unwrap_or(Path::new("the profile")).display()
+            );
+        };
+        let id = ClientIdentity::load(&path)
+            .with_context(|| format!("reading the client identity {}", path.display()))?;
+        Self::connect(profile, &id, progress).await
     }
 
-    /// Opens the farm in `dir`, reporting long work to `progress`.
-    pub fn open_with(dir: &Path, progress: Arc<dyn Progress>) -> anyhow::Result<Arc<Self>> {
-        let farm = Farm::load(dir)?;
-        let ck = ClientKey::load(&dir.join(CLIENT_KEY))
-            .with_context(|| format!("reading the client key in {}", dir.display()))?;
-        let security = shardfarm_proto::Security::from_flag(farm.insecure_plaintext);
-        let signer = Arc::new(Signer::delegated(ck.cert, ck.key).with_security(security));
-        Ok(Arc::new(FarmClient { farm, signer, conns: Mutex::new(HashMap::new()), progress }))
+    /// Connects to the pool's coordinator, which must prove the pinned pool key, reads the
+    /// pool's settings and its signed layout, and follows later layouts in the background.
+    pub async fn connect(
+        profile: PoolProfile,
+        identity: &ClientIdentity,
+        progress: Arc<dyn Progress>,
+    ) -> anyhow::Result<Arc<Self>> {
+        profile.validate()?;
+        let pool = profile.pool()?;
+        let security = shardfarm_proto::Security::from_flag(profile.insecure_plaintext);
+        let signer = Arc::new(identity.signer().with_security(security));
+        let mut guard = LayoutGuard::new(pool);
+        let view = fetch_view(&profile.coordinator, &signer, &mut guard).await?;
+        let client = Arc::new(PoolClient {
+            profile,
+            signer,
+            view: RwLock::new(Arc::new(view)),
+            guard: Mutex::new(guard),
+            conns: Mutex::new(HashMap::new()),
+            progress,
+            watcher: Mutex::new(None),
+        });
+        let task = tokio::spawn(follow_layouts(Arc::downgrade(&client)));
+        *client.watcher.lock().unwrap() = Some(task);
+        Ok(client)
     }
 
-    async fn conn(&self, node: usize) -> anyhow::Result<AgentClient> {
-        if let Some(c) = self.conns.lock().unwrap().get(&node) {
+    /// The pool as the client sees it now.
+    pub fn view(&self) -> Arc<PoolView> {
+        self.view.read().unwrap().clone()
+    }
+
+    /// The profile it was opened with.
+    pub fn profile(&self) -> &PoolProfile {
+        &self.profile
+    }
+
+    /// The key requests are signed with (the uploader of what this client stores).
+    pub fn key(&self) -> &ed25519_dalek::SigningKey {
+        self.signer.key()
+    }
+
+    /// Takes in a signed layout if it is the pinned pool's and newer than the one held.
+    fn offer(&self, signed: &shardfarm_proto::pb::SignedLayout) -> Result<bool, String> {
+        let accepted = self.guard.lock().unwrap().accept(signed).map_err(|e| e.to_string())?;
+        let Some(layout) = accepted else { return Ok(false) };
+        let mut view = self.view.write().unwrap();
+        if layout.layout.k != view.k
+            || layout.layout.m != view.m
+            || layout.layout.partitions.len() != view.partitions as usize
+        {
+            return Err("a layout with another profile or partition count".into());
+        }
+        let mut next = (**view).clone();
+        next.layout = layout;
+        *view = Arc::new(next);
+        Ok(true)
+    }
+
+    /// Asks the coordinator for its current layout now (after a failure that a newer layout
+    /// may explain). True if a newer one was taken in.
+    pub async fn refresh(&self) -> bool {
+        let r = async {
+            let mut c = CoordinatorClient::connect(
+                &self.profile.coordinator,
+                self.signer.clone(),
+                self.profile.pool().ok()?,
+            )
+            .await
+            .ok()?;
+            let l = c.get_layout().await.ok()?;
+            l.signed
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, r).await.ok().flatten() {
+            Some(signed) => self.offer(&signed).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    async fn conn(&self, node: &NodeId, view: &PoolView) -> anyhow::Result<AgentClient> {
+        let addr = view
+            .layout
+            .address(node)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("node {} has no address in the layout", node.short()))?
+            .to_string();
+        self.conn_at(node, &addr).await
+    }
+
+    async fn conn_at(&self, node: &NodeId, addr: &str) -> anyhow::Result<AgentClient> {
+        if let Some((a, c)) = self.conns.lock().unwrap().get(node)
+            && a == addr
+        {
             return Ok(c.clone());
         }
-        let addr = &self.farm.nodes[node].grpc;
-        let id = shardfarm_core::identity::NodeId::from_hex(&self.farm.nodes[node].id)
-            .map_err(|_| anyhow::anyhow!("node {node} ({addr}) has no known id yet"))?;
         let c = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            AgentClient::connect(addr, id, self.signer.clone()),
+            AgentClient::connect(addr, *node, self.signer.clone()),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("node {node} ({addr}) did not answer in time"))?
+        .map_err(|_| anyhow::anyhow!("node {} ({addr}) did not answer in time", node.short()))?
         .map_err(|e| {
             let why = shardfarm_proto::tls::why(&e);
-            anyhow::anyhow!("node {node} ({addr}) is unreachable: {why}")
+            anyhow::anyhow!("node {} ({addr}) is unreachable: {why}", node.short())
         })?;
-        self.conns.lock().unwrap().insert(node, c.clone());
+        self.conns.lock().unwrap().insert(*node, (addr.to_string(), c.clone()));
         Ok(c)
     }
 
-    fn params(&self) -> CodecParams {
+    fn params(view: &PoolView) -> CodecParams {
         CodecParams {
-            k: self.farm.k,
-            m: self.farm.m,
-            segment_size: self.farm.segment_size,
+            k: view.k,
+            m: view.m,
+            segment_size: view.segment_size,
             cipher: Cipher::preferred(),
         }
     }
 
-    /// Stores an open file from its current position to its end (its length must be known
-    /// up front: spool a pipe to a temporary file first) and returns its read capability.
+    /// Stores an open file from its current position to its end and returns its read
+    /// capability.
     pub async fn put(self: &Arc<Self>, file: std::fs::File) -> anyhow::Result<ReadCap> {
         use std::io::Seek;
         let mut file = file;
         let len = file.metadata()?.len().saturating_sub(file.stream_position()?);
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        self.put_reader(reader, len).await
+    }
+
+    /// Stores exactly `len` bytes read from `reader` (a blocking reader: it is read on a
+    /// blocking thread) and returns the read capability. Fails, storing nothing the
+    /// capability could name, if the reader ends early or errs.
+    pub async fn put_reader(
+        self: &Arc<Self>,
+        reader: impl Read + Send + 'static,
+        len: u64,
+    ) -> anyhow::Result<ReadCap> {
+        let view = self.view();
         let now = shardfarm_core::auth::now_ms() / 1000;
-        let mut enc = Encoder::new(self.params(), len, self.signer.key().clone(), now, 0)?;
+        let enc = Encoder::new(Self::params(&view), len, self.signer.key().clone(), now, 0)?;
+        self.put_encoded(enc, &view, reader, len).await
+    }
+
+    /// Stores `data` under the object key `key` (so its capability can be derived again from
+    /// whatever made the key): a gateway's namespace log lives at such derived ids.
+    pub async fn put_with_key(
+        self: &Arc<Self>,
+        key: [u8; 32],
+        data: Vec<u8>,
+    ) -> anyhow::Result<ReadCap> {
+        let view = self.view();
+        let now = shardfarm_core::auth::now_ms() / 1000;
+        let len = data.len() as u64;
+        let enc =
+            Encoder::with_key(Self::params(&view), len, self.signer.key().clone(), key, now, 0)?;
+        self.put_encoded(enc, &view, std::io::Cursor::new(data), len).await
+    }
+
+    /// The capability of the object this client would store under `key`.
+    pub fn cap_for_key(&self, key: [u8; 32]) -> ReadCap {
+        let salt = salt_for(&key);
+        let uploader = self.signer.key().verifying_key();
+        ReadCap {
+            pool: self.view().pool.clone(),
+            pool_id: self.profile.pool().ok().map(|id| id.0),
+            object_id: shardfarm_core::shard::object_id_for(&uploader, &salt),
+            key,
+            uploader: uploader.to_bytes(),
+        }
+    }
+
+    async fn put_encoded(
+        self: &Arc<Self>,
+        mut enc: Encoder,
+        view: &PoolView,
+        reader: impl Read + Send + 'static,
+        len: u64,
+    ) -> anyhow::Result<ReadCap> {
         let cap = ReadCap {
-            pool: self.farm.pool.clone(),
-            pool_id: self.pool_id()?.map(|id| id.0),
+            pool: view.pool.clone(),
+            pool_id: Some(self.profile.pool()?.0),
             object_id: enc.object_id(),
             key: enc.key(),
             uploader: enc.uploader(),
@@ -198,7 +434,6 @@ impl FarmClient {
         self.progress.begin("put", len);
         let progress = self.progress.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let reader = std::io::BufReader::with_capacity(1 << 20, file);
             enc.encode_reader(reader, |seg| {
                 let shards: Vec<Bytes> =
                     seg.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
@@ -218,33 +453,56 @@ impl FarmClient {
 
     /// Acks a segment needs: all but one when m ≥ 2 (repair rebuilds the missing shard, and
     /// until then any m − 1 more losses lose nothing), all when m ≤ 1.
-    fn success_threshold(&self) -> usize {
-        if self.farm.m >= 2 { self.farm.n() - 1 } else { self.farm.n() }
+    fn success_threshold(view: &PoolView) -> usize {
+        if view.m >= 2 { view.n() - 1 } else { view.n() }
     }
 
-    /// Sends the n shards of a segment to the nodes the layout names, in parallel. Success
-    /// needs [`Self::success_threshold`] acks (see ARCHITECTURE.md, "Upload success
-    /// threshold"); each failed shard is retried once.
+    /// Sends the n shards of a segment to the nodes the layout names. When too few accept,
+    /// the layout may have changed under the transfer: the client asks the coordinator for
+    /// the newest one and, if there is one, sends the segment again by it.
     async fn store_segment(
         &self,
         header_bytes: Vec<u8>,
         header: &SegmentHeader,
         shards: Vec<Bytes>,
     ) -> anyhow::Result<()> {
-        let p = partition(&header.object_id, header.segment_index, self.farm.partitions);
-        let holders = self.farm.layout[p as usize].clone();
         let header_bytes = Bytes::from(header_bytes);
+        let first = self.store_segment_by(&self.view(), &header_bytes, header, &shards).await;
+        match first {
+            Err(e) if self.refresh().await => {
+                self.progress.warn(&format!(
+                    "{e:#}; the pool published layout {} meanwhile: sending the segment again",
+                    self.view().layout.layout.version
+                ));
+                self.store_segment_by(&self.view(), &header_bytes, header, &shards).await
+            }
+            r => r,
+        }
+    }
+
+    /// Sends the n shards of a segment to the nodes `view`'s layout names, in parallel.
+    /// Success needs [`Self::success_threshold`] acks (see ARCHITECTURE.md, "Upload success
+    /// threshold"); each failed shard is retried once.
+    async fn store_segment_by(
+        &self,
+        view: &PoolView,
+        header_bytes: &Bytes,
+        header: &SegmentHeader,
+        shards: &[Bytes],
+    ) -> anyhow::Result<()> {
+        let p = partition(&header.object_id, header.segment_index, view.partitions);
+        let holders = view.holders(p);
         let mut tasks = FuturesUnordered::new();
-        for (i, shard) in shards.into_iter().enumerate() {
+        for (i, shard) in shards.iter().enumerate() {
             let node = holders[i];
-            let hb = header_bytes.clone();
             tasks.push(async move {
                 let mut last = None;
                 for _attempt in 0..2 {
-                    let r = within(transfer_deadline(shard.len() as u64), node, async {
-                        let mut c = self.conn(node).await?;
-                        c.put_shard(&hb, i as u32, shard.clone()).await.map_err(|s| {
-                            anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                    let r = within(transfer_deadline(shard.len() as u64), &node, async {
+                        let mut c = self.conn(&node, view).await?;
+                        c.put_shard(header_bytes, i as u32, shard.clone()).await.map_err(|s| {
+                            let (code, msg) = (code_name(s.code()), s.message().to_string());
+                            anyhow::anyhow!("node {}: {code}: {msg}", node.short())
                         })
                     })
                     .await;
@@ -262,13 +520,13 @@ impl FarmClient {
                 failures.push(format!("{e:#}"));
             }
         }
-        let stored = self.farm.n() - failures.len();
-        if stored < self.success_threshold() {
+        let stored = view.n() - failures.len();
+        let need = Self::success_threshold(view);
+        if stored < need {
             bail!(
-                "segment {} stored on {stored} of {} nodes; at least {} are needed: {}",
+                "segment {} stored on {stored} of {} nodes; at least {need} are needed: {}",
                 header.segment_index,
-                self.farm.n(),
-                self.success_threshold(),
+                view.n(),
                 failures.join("; ")
             );
         }
@@ -276,7 +534,7 @@ impl FarmClient {
             self.progress.warn(&format!(
                 "segment {} stored on {stored} of {} nodes; repair will rebuild the rest ({})",
                 header.segment_index,
-                self.farm.n(),
+                view.n(),
                 failures.join("; ")
             ));
         }
@@ -284,71 +542,75 @@ impl FarmClient {
     }
 
     fn check_cap(&self, cap: &ReadCap) -> anyhow::Result<()> {
-        if cap.pool != self.farm.pool {
+        let view = self.view();
+        if cap.pool != view.pool {
             bail!(
-                "this capability is for pool `{}`, but the farm serves pool `{}`: use the farm it came from",
+                "this capability is for pool `{}`, but this is pool `{}`: use the pool it came from",
                 cap.pool,
-                self.farm.pool
+                view.pool
             );
         }
         // An sf2: capability also names the pool key: a pool of the same name under another
         // key is another pool.
-        if let (Some(theirs), Some(ours)) = (cap.pool_id, self.pool_id()?)
+        let ours = self.profile.pool()?;
+        if let Some(theirs) = cap.pool_id
             && theirs != ours.0
         {
             bail!(
-                "this capability is for the pool whose key is {}, but this farm's pool key is \
-                 {ours}: use the farm it came from",
+                "this capability is for the pool whose key is {}, but the profile's pool key is \
+                 {ours}: use the pool it came from",
                 hex::encode(theirs)
             );
         }
         Ok(())
     }
 
-    /// The farm's pool id, if the farm file names one.
-    fn pool_id(&self) -> anyhow::Result<Option<shardfarm_core::identity::NodeId>> {
-        let Some(hex) = &self.farm.pool_id else { return Ok(None) };
-        let id = shardfarm_core::identity::NodeId::from_hex(hex)
-            .map_err(|e| anyhow::anyhow!("farm file: pool_id: {e}"))?;
-        Ok(Some(id))
-    }
-
     /// Fetches segment `index`: asks every holder, keeps the first k shards that verify
     /// against a header signed by the capability's uploader, cancels the rest. Falls back to
-    /// the previous layout when the newest one cannot serve the segment.
+    /// the previous layout when the newest one cannot serve the segment, and asks the
+    /// coordinator for a newer layout when neither can.
     async fn fetch_segment(self: Arc<Self>, cap: ReadCap, index: u32) -> anyhow::Result<Fetched> {
-        let p = partition(&cap.object_id, index, self.farm.partitions);
-        let mut layouts = vec![self.farm.layout[p as usize].clone()];
-        if let Some(prev) = &self.farm.previous_layout {
-            layouts.push(prev[p as usize].clone());
-        }
         let mut errors = Vec::new();
-        for holders in layouts {
-            match self.fetch_from(&cap, index, &holders).await {
-                Ok(f) => return Ok(f),
-                Err(e) => errors.push(format!("{e:#}")),
+        for round in 0..2 {
+            let view = self.view();
+            let p = partition(&cap.object_id, index, view.partitions);
+            let mut layouts = vec![view.holders(p)];
+            if let Some(prev) = &view.layout.previous {
+                layouts.push(prev.partitions[p as usize].clone());
+            }
+            for holders in layouts {
+                match self.fetch_from(&view, &cap, index, &holders).await {
+                    Ok(f) => return Ok(f),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            if round == 0 && !self.refresh().await {
+                break;
             }
         }
-        bail!("{}", errors.join("; then, with the previous layout: "))
+        bail!("{}", errors.join("; then: "))
     }
 
     async fn fetch_from(
         self: &Arc<Self>,
+        view: &Arc<PoolView>,
         cap: &ReadCap,
         index: u32,
-        holders: &[usize],
+        holders: &[NodeId],
     ) -> anyhow::Result<Fetched> {
-        let k = usize::from(self.farm.k);
+        let k = usize::from(view.k);
         let mut tasks = FuturesUnordered::new();
         for (i, &node) in holders.iter().enumerate() {
             let me = self.clone();
+            let view = view.clone();
             let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
             tasks.push(async move {
-                let d = transfer_deadline(me.farm.segment_size / u64::from(me.farm.k.max(1)));
-                let r = within(d, node, async {
-                    let mut c = me.conn(node).await?;
+                let d = transfer_deadline(view.segment_size / u64::from(view.k.max(1)));
+                let r = within(d, &node, async {
+                    let mut c = me.conn(&node, &view).await?;
                     c.get_shard(id, 0, 0).await.map_err(|s| {
-                        anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                        let (code, msg) = (code_name(s.code()), s.message().to_string());
+                        anyhow::anyhow!("node {}: {code}: {msg}", node.short())
                     })
                 })
                 .await;
@@ -398,7 +660,7 @@ impl FarmClient {
                         break; // dropping `tasks` cancels the slower requests
                     }
                 }
-                Err(e) => failures.push(format!("node {}: shard {i}: {e}", holders[i])),
+                Err(e) => failures.push(format!("node {}: shard {i}: {e}", holders[i].short())),
             }
         }
         drop(tasks);
@@ -415,6 +677,30 @@ impl FarmClient {
             );
         }
         Ok(Fetched { header, shards: good })
+    }
+
+    /// Whether the object is certainly not stored: at least m + 1 holders of its first
+    /// segment answer NotFound, so fewer than k could hold it, while a stored object has at
+    /// least n − 1 shards of every segment. Nodes that do not answer prove nothing.
+    pub async fn absent(self: &Arc<Self>, cap: &ReadCap) -> bool {
+        let view = self.view();
+        let p = partition(&cap.object_id, 0, view.partitions);
+        let tasks = view.holders(p).into_iter().enumerate().map(|(i, node)| {
+            let (me, view) = (self.clone(), view.clone());
+            let id = ShardId { object_id: cap.object_id, segment: 0, shard: i as u32 };
+            async move {
+                let call = async {
+                    let mut c = me.conn(&node, &view).await.ok()?;
+                    Some(c.get_shard(id, 0, 1).await)
+                };
+                matches!(
+                    tokio::time::timeout(CALL_TIMEOUT, call).await,
+                    Ok(Some(Err(s))) if s.code() == tonic::Code::NotFound
+                )
+            }
+        });
+        let not_found = futures::future::join_all(tasks).await.into_iter().filter(|&n| n).count();
+        not_found > usize::from(view.m)
     }
 
     /// Reads an object into the file `path`. It is written to a temporary name beside it and
@@ -441,37 +727,83 @@ impl FarmClient {
         cap: &ReadCap,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<u64> {
+        self.get_range(cap, 0, u64::MAX, None, out).await
+    }
+
+    /// Reads bytes `start ..= end` (clamped to the object) into `out`, fetching only the
+    /// segments the range touches. `segment_size` is the object's segment size if the caller
+    /// knows it (else the pool's current one is tried, and corrected from the first header
+    /// read). Returns the bytes written.
+    pub async fn get_range(
+        self: &Arc<Self>,
+        cap: &ReadCap,
+        start: u64,
+        end: u64,
+        segment_size: Option<u64>,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<u64> {
         self.check_cap(cap)?;
+        let mut seg_size = segment_size.unwrap_or_else(|| self.view().segment_size).max(1);
+        let whole = start == 0 && end == u64::MAX;
         let mut decoder = Decoder::default();
         let mut buf = Vec::new();
-        // Segment i+1 is fetched while segment i is decoded and written.
-        let mut next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), 0)));
+        let mut index = u32::try_from(start / seg_size).context("range start out of range")?;
+        let mut next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index)));
         let mut first: Option<SegmentHeader> = None;
-        let (mut written, mut index) = (0u64, 0u32);
+        let mut written = 0u64;
         let r = async {
             while let Some(task) = next.take() {
                 let seg = task.await??;
+                if first.is_none() && seg.header.segment_size != seg_size {
+                    // The guess was wrong: start again at the right segment.
+                    seg_size = seg.header.segment_size.max(1);
+                    let right = u32::try_from(start / seg_size).context("range out of range")?;
+                    if right != index {
+                        index = right;
+                        next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index)));
+                        continue;
+                    }
+                }
                 let first = first.get_or_insert_with(|| {
-                    self.progress.begin("get", seg.header.object_length);
+                    let len = seg.header.object_length;
+                    let want = if whole {
+                        len
+                    } else {
+                        end.min(len.saturating_sub(1)) + 1 - start.min(len)
+                    };
+                    self.progress.begin("get", want);
                     seg.header.clone()
                 });
                 if seg.header.object_length != first.object_length
                     || seg.header.segment_count != first.segment_count
+                    || seg.header.segment_size != first.segment_size
                 {
-                    bail!("segment {index} disagrees with segment 0 about the object's size");
+                    bail!("segment {index} disagrees with the first about the object's size");
                 }
-                if index + 1 < first.segment_count {
+                let len = first.object_length;
+                if len == 0 || start >= len {
+                    if whole || len == 0 && start == 0 {
+                        break;
+                    }
+                    bail!("range starts at {start}, past the object's {len} bytes");
+                }
+                let last = end.min(len - 1);
+                let last_index = (last / seg_size) as u32;
+                if index < last_index {
                     next = Some(tokio::spawn(self.clone().fetch_segment(cap.clone(), index + 1)));
                 }
+                let seg_start = u64::from(index) * seg_size;
                 tokio::task::block_in_place(|| -> anyhow::Result<()> {
                     let refs: Vec<Option<&[u8]>> =
                         seg.shards.iter().map(|s| s.as_deref()).collect();
                     decoder.decode_segment_into(&cap.key, &seg.header, &refs, &mut buf)?;
-                    out.write_all(&buf)?;
+                    let from = start.saturating_sub(seg_start) as usize;
+                    let to = ((last + 1 - seg_start) as usize).min(buf.len());
+                    out.write_all(&buf[from.min(to)..to])?;
+                    written += (to - from.min(to)) as u64;
+                    self.progress.advance((to - from.min(to)) as u64);
                     Ok(())
                 })?;
-                written += buf.len() as u64;
-                self.progress.advance(buf.len() as u64);
                 index += 1;
             }
             Ok(())
@@ -481,8 +813,8 @@ impl FarmClient {
             self.progress.finish();
         }
         r?;
-        let first = first.expect("at least one segment");
-        if written != first.object_length {
+        let first = first.context("no segment was read")?;
+        if whole && written != first.object_length {
             bail!("decoded {written} bytes but the object has {}", first.object_length);
         }
         out.flush()?;
@@ -501,7 +833,7 @@ impl FarmClient {
                 (Some(h), _) => h,
                 (None, Some(f)) => f.clone(),
                 (None, None) => bail!(
-                    "no node answers for this object's first segment ({} of {} present): it is lost, deleted, or not in this farm",
+                    "no node answers for this object's first segment ({} of {} present): it is lost, deleted, or not in this pool",
                     st.present,
                     st.total
                 ),
@@ -524,16 +856,18 @@ impl FarmClient {
         cap: &ReadCap,
         index: u32,
     ) -> (SegmentStat, Option<SegmentHeader>) {
-        let p = partition(&cap.object_id, index, self.farm.partitions);
-        let holders = self.farm.layout[p as usize].clone();
+        let view = self.view();
+        let p = partition(&cap.object_id, index, view.partitions);
+        let holders = view.holders(p);
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).expect("OS random generator");
-        let tasks = holders.iter().enumerate().map(|(i, &node)| {
+        let tasks = holders.iter().enumerate().map(|(i, node)| {
             let me = self.clone();
+            let view = view.clone();
             let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
             async move {
                 let call = async {
-                    let mut c = me.conn(node).await?;
+                    let mut c = me.conn(node, &view).await?;
                     c.audit(id, &nonce, 1).await.map_err(anyhow::Error::from)
                 };
                 let ans = within(CALL_TIMEOUT, node, call).await.ok()?;
@@ -562,7 +896,7 @@ impl FarmClient {
             index,
             present: holders.len() - missing.len(),
             total: holders.len(),
-            holders: holders.iter().map(|&n| self.farm.nodes[n].id.clone()).collect(),
+            holders: holders.iter().map(NodeId::to_hex).collect(),
             missing,
         };
         (st, header)
@@ -574,8 +908,8 @@ impl FarmClient {
         if self.signer.key().verifying_key().to_bytes() != cap.uploader {
             bail!("only the uploader may delete this object (it was stored by another key)");
         }
-        // One uploader-signed tombstone for the whole object, to every node of the pool: the
-        // holders of every segment (whatever the layout, even with segment 0 lost) delete
+        // One uploader-signed tombstone for the whole object, to every node of either layout:
+        // the holders of every segment (whatever the layout, even with segment 0 lost) delete
         // their shards, and every node refuses the object from now on. A node that does not
         // answer learns of it from its peers' tombstones when it is back.
         let now = shardfarm_core::auth::now_ms();
@@ -584,13 +918,16 @@ impl FarmClient {
             bail!("this capability's object id does not derive from its key and uploader");
         }
         let tombstone = t.encode();
+        let view = self.view();
+        let nodes = view.nodes();
         let mut tasks = FuturesUnordered::new();
-        for node in 0..self.farm.nodes.len() {
-            let tombstone = &tombstone;
+        for node in &nodes {
+            let (tombstone, view) = (&tombstone, &view);
             tasks.push(within(CALL_TIMEOUT, node, async move {
-                let mut c = self.conn(node).await?;
+                let mut c = self.conn(node, view).await?;
                 c.delete_object(tombstone).await.map_err(|s| {
-                    anyhow::anyhow!("node {node}: {}: {}", code_name(s.code()), s.message())
+                    let (code, msg) = (code_name(s.code()), s.message().to_string());
+                    anyhow::anyhow!("node {}: {code}: {msg}", node.short())
                 })
             }));
         }
@@ -611,7 +948,7 @@ impl FarmClient {
             self.progress.warn(&format!(
                 "{} of {} nodes did not answer; they delete the object when they are back ({})",
                 silent.len(),
-                self.farm.nodes.len(),
+                nodes.len(),
                 silent.join("; ")
             ));
         }
@@ -620,38 +957,48 @@ impl FarmClient {
 
     /// The coordinator's view of the members (standing, reputation, rewards), if it answers.
     pub async fn members(&self) -> Option<Vec<shardfarm_proto::pb::NodeStatus>> {
-        let addr = self.farm.coordinator.as_ref()?;
-        let pool = shardfarm_core::identity::NodeId::from_hex(self.farm.pool_id.as_ref()?).ok()?;
+        let pool = self.profile.pool().ok()?;
         let r = async {
             let mut c =
-                shardfarm_proto::CoordinatorClient::connect(addr, self.signer.clone(), pool)
+                CoordinatorClient::connect(&self.profile.coordinator, self.signer.clone(), pool)
                     .await
                     .ok()?;
             c.list_nodes().await.ok()
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, r).await.ok().flatten().map(|r| r.nodes)
+        tokio::time::timeout(CALL_TIMEOUT, r).await.ok().flatten().map(|r| r.nodes)
     }
 
-    /// Asks every node for its state, and the coordinator for their standing.
+    /// Asks every member (and every node the layout names) for its state, and the coordinator
+    /// for their standing.
     pub async fn nodes(self: &Arc<Self>) -> Vec<NodeStatus> {
-        let members: HashMap<String, shardfarm_proto::pb::NodeStatus> = self
+        let members: HashMap<NodeId, shardfarm_proto::pb::NodeStatus> = self
             .members()
             .await
             .unwrap_or_default()
             .into_iter()
-            .map(|m| (hex::encode(&m.node_id), m))
+            .filter_map(|m| Some((NodeId(m.node_id[..].try_into().ok()?), m)))
             .collect();
-        let members = &members;
-        let tasks = self.farm.nodes.iter().map(|n| {
+        let view = self.view();
+        let mut ids: BTreeSet<NodeId> = view.nodes();
+        ids.extend(members.keys().copied());
+        let (members, view) = (&members, &view);
+        let tasks = ids.into_iter().map(|id| {
             let me = self.clone();
             async move {
-                let info = async { me.conn(n.index).await.ok()?.info().await.ok() };
+                let m = members.get(&id);
+                let addr = view
+                    .layout
+                    .address(&id)
+                    .map(str::to_string)
+                    .or_else(|| m.map(|m| m.grpc_address.clone()))
+                    .unwrap_or_default();
+                let info = async { me.conn_at(&id, &addr).await.ok()?.info().await.ok() };
                 let info = tokio::time::timeout(CONNECT_TIMEOUT, info).await.ok().flatten();
-                let m = members.get(&n.id);
+                let label = |k: &str| m.and_then(|m| m.labels.get(k).cloned());
                 NodeStatus {
-                    id: n.id.clone(),
-                    address: n.grpc.clone(),
-                    zone: n.zone.clone(),
+                    id: id.to_hex(),
+                    address: addr,
+                    zone: label("zone").or_else(|| label("farm")).unwrap_or_default(),
                     state: if info.is_some() { "up" } else { "down" }.into(),
                     capacity_bytes: info.as_ref().map_or(0, |i| i.capacity_bytes),
                     used_bytes: info.as_ref().map_or(0, |i| i.used_bytes),
@@ -665,6 +1012,65 @@ impl FarmClient {
             }
         });
         futures::future::join_all(tasks).await
+    }
+}
+
+/// Reads the pool's settings and current layout from its coordinator.
+async fn fetch_view(
+    addr: &str,
+    signer: &Arc<Signer>,
+    guard: &mut LayoutGuard,
+) -> anyhow::Result<PoolView> {
+    let r = async {
+        let mut c =
+            CoordinatorClient::connect(addr, signer.clone(), guard.pool()).await.map_err(|e| {
+                let why = shardfarm_proto::tls::why(&e);
+                anyhow::anyhow!("the coordinator at {addr} is unreachable: {why}")
+            })?;
+        let info = c.get_pool().await.map_err(|s| {
+            anyhow::anyhow!("the coordinator at {addr}: {}: {}", code_name(s.code()), s.message())
+        })?;
+        let published = c.get_layout().await.map_err(|s| {
+            anyhow::anyhow!("the coordinator at {addr}: {}: {}", code_name(s.code()), s.message())
+        })?;
+        anyhow::Ok((info, published))
+    };
+    let (info, published) = tokio::time::timeout(CALL_TIMEOUT, r)
+        .await
+        .map_err(|_| anyhow::anyhow!("the coordinator at {addr} did not answer within 10 s"))??;
+    let signed = published.signed.clone().context("the coordinator sent an unsigned layout")?;
+    let accepted = guard
+        .accept(&signed)
+        .map_err(|e| anyhow::anyhow!("refused the coordinator's layout: {e}"))?
+        .context("refused the coordinator's layout")?;
+    PoolView::new(info, accepted)
+}
+
+/// Follows the pool's layout publications for as long as the client lives, reconnecting
+/// (1 s, doubling to 10 s) whenever the coordinator goes away.
+async fn follow_layouts(client: Weak<PoolClient>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let Some(me) = client.upgrade() else { return };
+        let (addr, signer, pool) =
+            (me.profile.coordinator.clone(), me.signer.clone(), me.profile.pool());
+        drop(me);
+        let Ok(pool) = pool else { return };
+        let stream = async {
+            let mut c = CoordinatorClient::connect(&addr, signer, pool).await.ok()?;
+            c.watch_layout().await.ok()
+        };
+        if let Ok(Some(mut stream)) = tokio::time::timeout(CALL_TIMEOUT, stream).await {
+            backoff = Duration::from_secs(1);
+            while let Ok(Some(signed)) = stream.message().await {
+                let Some(me) = client.upgrade() else { return };
+                if let Err(why) = me.offer(&signed) {
+                    me.progress.warn(&format!("refused a layout from the coordinator: {why}"));
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

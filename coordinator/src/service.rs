@@ -101,6 +101,19 @@ fn node_status(m: &Member, slots: u64, rw: (u64, u64), now: u64) -> proto::NodeS
     }
 }
 
+fn pool_info(cfg: &super::PoolConfig) -> proto::PoolInfo {
+    proto::PoolInfo {
+        pool: cfg.pool.clone(),
+        k: u32::from(cfg.k),
+        m: u32::from(cfg.m),
+        partitions: cfg.partitions,
+        segment_size: cfg.segment_size,
+        min_difficulty: u32::from(cfg.min_difficulty),
+        heartbeat_ms: cfg.heartbeat_ms,
+        failure_domain: cfg.failure_domain.clone(),
+    }
+}
+
 type LayoutStream = Pin<Box<dyn Stream<Item = Result<proto::SignedLayout, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -138,16 +151,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         let cfg = self.c.config();
         Ok(Response::new(proto::JoinResponse {
             node_id: m.id.0.to_vec().into(),
-            pool: Some(proto::PoolInfo {
-                pool: cfg.pool.clone(),
-                k: u32::from(cfg.k),
-                m: u32::from(cfg.m),
-                partitions: cfg.partitions,
-                segment_size: cfg.segment_size,
-                min_difficulty: u32::from(cfg.min_difficulty),
-                heartbeat_ms: cfg.heartbeat_ms,
-                failure_domain: cfg.failure_domain.clone(),
-            }),
+            pool: Some(pool_info(cfg)),
             layout_version: self.c.layout().map_or(0, |l| l.layout.version),
             standing: m.standing.as_str().into(),
         }))
@@ -230,6 +234,14 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             nodes,
             layout_version: layout.map_or(0, |l| l.layout.version),
         }))
+    }
+
+    async fn get_pool(
+        &self,
+        request: Request<proto::GetPoolRequest>,
+    ) -> Result<Response<proto::PoolInfo>, Status> {
+        self.auth(&request, methods::GET_POOL)?;
+        Ok(Response::new(pool_info(self.c.config())))
     }
 }
 

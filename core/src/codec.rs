@@ -337,14 +337,29 @@ impl Encoder {
         created: u64,
         expires: u64,
     ) -> Result<Self> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("OS random generator failed");
+        Self::with_key(params, object_length, uploader, key, created, expires)
+    }
+
+    /// An encoder whose object key is `key` instead of a random one, so the object id (and
+    /// the read capability) can be derived again from what made the key: a gateway's
+    /// namespace log lives at ids derived from its root key. The key must never encrypt
+    /// different content (the nonces derive from the segment index).
+    pub fn with_key(
+        params: CodecParams,
+        object_length: u64,
+        uploader: SigningKey,
+        key: [u8; 32],
+        created: u64,
+        expires: u64,
+    ) -> Result<Self> {
         params.validate()?;
         if params.segment_count(object_length) > u64::from(u32::MAX) {
             return Err(Error::Malformed(format!(
                 "object of {object_length} bytes needs more than 2^32 segments"
             )));
         }
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).expect("OS random generator failed");
         let salt = crate::shard::salt_for(&key);
         let object_id = crate::shard::object_id_for(&uploader.verifying_key(), &salt);
         Ok(Encoder {

@@ -370,6 +370,12 @@ impl CoordinatorClient {
         let req = self.signer.request(self.pool, methods::LIST_NODES, proto::ListNodesRequest {});
         Ok(self.raw.list_nodes(req).await?.into_inner())
     }
+
+    /// The pool's settings.
+    pub async fn get_pool(&mut self) -> Result<proto::PoolInfo, Status> {
+        let req = self.signer.request(self.pool, methods::GET_POOL, proto::GetPoolRequest {});
+        Ok(self.raw.get_pool(req).await?.into_inner())
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub mod methods {
     pub const WATCH_LAYOUT: &str = "/shardfarm.v1.Coordinator/WatchLayout";
     /// Coordinator: ListNodes.
     pub const LIST_NODES: &str = "/shardfarm.v1.Coordinator/ListNodes";
+    /// Coordinator: GetPool.
+    pub const GET_POOL: &str = "/shardfarm.v1.Coordinator/GetPool";
 }
 
 /// The status of an authentication failure.

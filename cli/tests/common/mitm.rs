@@ -212,4 +212,11 @@ impl Coordinator for Proxy {
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
         self.raw.clone().list_nodes(forward(r)).await
     }
+
+    async fn get_pool(
+        &self,
+        r: Request<proto::GetPoolRequest>,
+    ) -> Result<Response<proto::PoolInfo>, Status> {
+        self.raw.clone().get_pool(forward(r)).await
+    }
 }

@@ -1,0 +1,189 @@
+//! `shardfarm gateway`: an S3-compatible endpoint over a pool, on the `s3s` crate (the S3
+//! protocol: types generated from the AWS Smithy model, SigV4 and aws-chunked payloads).
+//!
+//! Each S3 access key maps to a client identity of its own: what a user uploads is signed by
+//! that identity, so only that user can delete it, at the gateway and at every node. The
+//! namespace (buckets, keys → capabilities, sizes, ETags, metadata) lives in an embedded
+//! index and, durably, in the pool as a log signed by the gateway's root key
+//! ([`namespace`]). One gateway per root key: two writers would fork the log.
+
+pub mod namespace;
+mod s3;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use shardfarm_client::{ClientIdentity, PoolClient, PoolProfile, Silent};
+
+/// How long in-flight requests may finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// `shardfarm gateway`.
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    /// Address to serve S3 on.
+    #[arg(long, env = "SHARDFARM_GATEWAY_LISTEN", default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Directory of the gateway's index (RocksDB). It can be lost: a gateway with the same
+    /// root key rebuilds it from the pool.
+    #[arg(long, env = "SHARDFARM_GATEWAY_DATA")]
+    pub data: PathBuf,
+    /// The pool's coordinator, host:port (instead of a profile given with --pool or --farm).
+    #[arg(long, env = "SHARDFARM_COORDINATOR", requires = "pool_id")]
+    pub coordinator: Option<String>,
+    /// The pool key id to pin (64 hex digits), with --coordinator.
+    #[arg(long, env = "SHARDFARM_POOL_ID", requires = "coordinator")]
+    pub pool_id: Option<String>,
+    /// The pool runs without TLS (debugging only), with --coordinator.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// The gateway's root identity file (mined or delegated): it signs the namespace log and
+    /// its key derives where the log lives. Or SHARDFARM_GATEWAY_ROOT_KEY_TEXT (its text).
+    #[arg(long, env = "SHARDFARM_GATEWAY_ROOT_KEY")]
+    pub root_key: Option<PathBuf>,
+    /// The users file (TOML: `[[users]]` with access_key, secret_key or secret_key_env, and
+    /// identity_file or identity_env). Or SHARDFARM_GATEWAY_USERS_TEXT (its text).
+    #[arg(long, env = "SHARDFARM_GATEWAY_USERS")]
+    pub users: Option<PathBuf>,
+    /// The S3 region clients sign for.
+    #[arg(long, env = "SHARDFARM_GATEWAY_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Structured (JSON) logs.
+    #[arg(long, env = "SHARDFARM_JSON_LOGS")]
+    pub json_logs: bool,
+}
+
+/// The users file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    users: Vec<UserEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    access_key: String,
+    secret_key: Option<String>,
+    secret_key_env: Option<String>,
+    identity_file: Option<PathBuf>,
+    identity_env: Option<String>,
+}
+
+/// One S3 user: its secret (for SigV4) and its pool client (its own identity).
+pub struct User {
+    /// The SigV4 secret key.
+    pub secret: String,
+    /// The client signing as this user's identity.
+    pub client: Arc<PoolClient>,
+}
+
+/// Most users one gateway serves.
+const MAX_USERS: usize = 256;
+
+fn env_text(var: &str, what: &str) -> anyhow::Result<String> {
+    std::env::var(var).with_context(|| format!("{what}: environment variable {var} is not set"))
+}
+
+fn load_identity(
+    file: Option<&Path>,
+    env: Option<&str>,
+    what: &str,
+) -> anyhow::Result<ClientIdentity> {
+    match (file, env) {
+        (Some(f), None) => ClientIdentity::load(f).with_context(|| what.to_string()),
+        (None, Some(var)) => ClientIdentity::from_text(&env_text(var, what)?, var),
+        _ => bail!("{what}: give exactly one of identity_file and identity_env"),
+    }
+}
+
+/// Parses the users file and opens one pool client per user.
+async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap<String, User>> {
+    let file: UsersFile = toml::from_str(text).context("the users file is not valid")?;
+    if file.users.len() > MAX_USERS {
+        bail!("the users file lists {} users; at most {MAX_USERS}", file.users.len());
+    }
+    if file.users.is_empty() {
+        tracing::warn!("the users file lists no users: every request will be refused");
+    }
+    let mut users = HashMap::new();
+    for u in file.users {
+        let what = format!("user {}", u.access_key);
+        if u.access_key.len() < 3
+            || u.access_key.len() > 128
+            || !u.access_key.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            bail!("{what}: an access key is 3-128 letters and digits");
+        }
+        let secret = match (u.secret_key, u.secret_key_env) {
+            (Some(s), None) => s,
+            (None, Some(var)) => env_text(&var, &what)?,
+            _ => bail!("{what}: give exactly one of secret_key and secret_key_env"),
+        };
+        if secret.len() < 8 || secret.len() > 128 {
+            bail!("{what}: the secret key must be 8-128 characters");
+        }
+        let id = load_identity(u.identity_file.as_deref(), u.identity_env.as_deref(), &what)?;
+        let client = PoolClient::connect(profile.clone(), &id, Arc::new(Silent)).await?;
+        if users.insert(u.access_key.clone(), User { secret, client }).is_some() {
+            bail!("{what} is listed twice");
+        }
+    }
+    Ok(users)
+}
+
+/// Runs the gateway until SIGTERM/SIGINT. `profile` is the pool profile from --pool/--farm
+/// when --coordinator is not given.
+pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<()> {
+    let profile = match (&args.coordinator, &args.pool_id, profile) {
+        (Some(addr), Some(id), _) => {
+            let id = shardfarm_core::identity::NodeId::from_hex(id)
+                .map_err(|e| anyhow::anyhow!("--pool-id: {e}"))?;
+            let mut p = PoolProfile::new(addr, id);
+            p.insecure_plaintext = args.insecure_plaintext;
+            p
+        }
+        (_, _, Some(path)) => PoolProfile::load(&path)?,
+        _ => bail!("no pool: pass --coordinator and --pool-id, or --pool/--farm before `gateway`"),
+    };
+    let root_id = match (&args.root_key, std::env::var("SHARDFARM_GATEWAY_ROOT_KEY_TEXT")) {
+        (Some(f), _) => ClientIdentity::load(f).context("--root-key")?,
+        (None, Ok(text)) => ClientIdentity::from_text(&text, "SHARDFARM_GATEWAY_ROOT_KEY_TEXT")?,
+        (None, Err(_)) => {
+            bail!("no root key: pass --root-key FILE or set SHARDFARM_GATEWAY_ROOT_KEY_TEXT")
+        }
+    };
+    let users_text = match (&args.users, std::env::var("SHARDFARM_GATEWAY_USERS_TEXT")) {
+        (Some(f), _) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        (None, Ok(text)) => text,
+        (None, Err(_)) => bail!("no users: pass --users FILE or set SHARDFARM_GATEWAY_USERS_TEXT"),
+    };
+    let root = PoolClient::connect(profile.clone(), &root_id, Arc::new(Silent))
+        .await
+        .context("opening the pool with the root key")?;
+    let users = load_users(&users_text, &profile).await?;
+
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating {}", args.data.display()))?;
+    let index = Arc::new(namespace::Index::open(&args.data.join("index"))?);
+    let before = index.next_seq()?;
+    let applied = namespace::catch_up(&root, &index).await?;
+    tracing::info!(
+        entries = applied,
+        from = before,
+        next = index.next_seq()?,
+        "namespace index is up to date with the pool's log"
+    );
+    let log = namespace::Log::start(root.clone(), index.clone());
+    let spool = args.data.join("spool");
+    std::fs::create_dir_all(&spool)?;
+    let gateway = s3::Gateway::new(users, index, log, spool);
+    s3::serve(gateway, args.listen, &args.region, SHUTDOWN_GRACE).await
+}
