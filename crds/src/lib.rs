@@ -304,6 +304,53 @@ pub struct AgentSpec {
     /// Capacity each agent offers (e.g. `500Gi`); default: the volume size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<String>,
+    /// The address the agents tell the pool to reach them on (default: `PodDNS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<Advertise>,
+}
+
+/// How the pool's other parties (agents, clients, gateways) reach a farm's agents.
+///
+/// `PodDNS` (the default) advertises `<pod>.<farm>-agents.<namespace>.svc:7400` (a
+/// `DaemonSet` farm: the pod IP): reachable only from inside the cluster. `HostNetwork` runs
+/// each agent in its machine's network namespace and advertises `<node IP>:<hostPort>`, so
+/// clients outside the cluster that can route to the machines reach it; the agent's TLS gRPC
+/// port is then open on the machine's address, a NetworkPolicy no longer applies to it, and a
+/// machine holds at most one agent of the farm (two farms on one machine need different
+/// `hostPort`s). The mode may change: an agent's key and shards stay on its volume, and the
+/// restarted agent rejoins with its new address, which the coordinator records.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Advertise {
+    /// `PodDNS` or `HostNetwork`.
+    #[serde(default)]
+    #[schemars(extend("maxLength" = 16))]
+    pub mode: AdvertiseMode,
+    /// `HostNetwork` only: the machine's port of the agent's gRPC service; its `/metrics`
+    /// listens on the next port (so at most 65534). Default 7400.
+    #[serde(default = "default_host_port")]
+    #[schemars(range(min = 1024, max = 65534))]
+    pub host_port: u16,
+}
+
+impl Default for Advertise {
+    fn default() -> Self {
+        Advertise { mode: AdvertiseMode::PodDNS, host_port: default_host_port() }
+    }
+}
+
+fn default_host_port() -> u16 {
+    7400
+}
+
+/// The address an agent advertises.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdvertiseMode {
+    /// The pod's DNS name under the farm's headless Service (in-cluster only).
+    #[default]
+    PodDNS,
+    /// The machine's address (`status.hostIP`) and `hostPort`, on the host network.
+    HostNetwork,
 }
 
 /// An agent's volume: a PersistentVolumeClaim template, or a host path.

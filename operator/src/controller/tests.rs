@@ -785,3 +785,106 @@ async fn a_daemonset_farm_runs_one_agent_per_machine_on_its_disk() {
     let r = run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await;
     assert!(r.is_err());
 }
+
+/// The env entry `name` of the agent container of a pod spec.
+fn env_of<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod["containers"][0]["env"].as_array().unwrap().iter().find(|e| e["name"] == name)
+}
+
+#[tokio::test]
+async fn a_host_network_farm_advertises_its_machines_address_on_its_host_port() {
+    let fabric = Arc::new(TestFabric::default());
+    let mut f = farm_json(2);
+    f["spec"]["agent"]["advertise"] = json!({ "mode": "HostNetwork", "hostPort": 7410 });
+    let mut farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let (ctx, handle) = context(fabric);
+    let mut script = farm_key_requests(false);
+    script.extend([
+        expect(Method::GET, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").not_found(),
+        // The headless Service keeps its ports and leads them to the machine's.
+        expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents").body(|b| {
+            let ports = &b["spec"]["ports"];
+            assert_eq!((ports[0]["port"].as_u64(), ports[0]["targetPort"].as_u64()), (Some(7400), Some(7410)));
+            assert_eq!((ports[1]["port"].as_u64(), ports[1]["targetPort"].as_u64()), (Some(7401), Some(7411)));
+        }),
+        expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha"),
+        expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").body(|b| {
+            let pod = &b["spec"]["template"]["spec"];
+            assert_eq!(pod["hostNetwork"], true, "{pod}");
+            assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+            let c = &pod["containers"][0];
+            let args = c["args"].to_string();
+            assert!(args.contains("\"--advertise=$(HOST_IP):7410\""), "{args}");
+            assert!(args.contains("\"--listen=0.0.0.0:7410\""), "{args}");
+            assert!(args.contains("\"--http-listen=0.0.0.0:7411\""), "{args}");
+            assert_eq!(c["ports"][0], json!({ "name": "grpc", "containerPort": 7410, "hostPort": 7410 }));
+            assert_eq!(c["ports"][1], json!({ "name": "http", "containerPort": 7411, "hostPort": 7411 }));
+            let host_ip = env_of(pod, "HOST_IP").expect("HOST_IP from the downward API");
+            assert_eq!(host_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+            // One agent of the farm per machine.
+            let term = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+            assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+            assert_eq!(term["labelSelector"]["matchLabels"]["shardfarm.io/farm"], "alpha");
+            // Probes follow the named port.
+            assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http");
+        }),
+        expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha"))).onto(f),
+    ]);
+    run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await.unwrap();
+}
+
+#[test]
+fn a_host_network_daemonset_advertises_the_host_ip_not_the_pod_ip() {
+    let mut f = farm_json(0);
+    f["spec"]["mode"] = json!("DaemonSet");
+    f["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+    f["spec"]["agent"]["advertise"] = json!({ "mode": "HostNetwork" });
+    let farm: MiningFarm = serde_json::from_value(f).unwrap();
+    let ds = farm::daemonset(&farm, NS, &"0f".repeat(32), None);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    let args = pod["containers"][0]["args"].to_string();
+    // The default host port is the agents' usual port.
+    assert!(args.contains("\"--advertise=$(HOST_IP):7400\""), "{args}");
+    assert!(!args.contains("POD_IP"), "{args}");
+    assert!(env_of(pod, "POD_IP").is_none());
+    assert!(env_of(pod, "HOST_IP").is_some());
+    assert_eq!(pod["containers"][0]["ports"][0]["hostPort"], 7400);
+    assert_eq!(pod["containers"][0]["ports"][1]["hostPort"], 7401);
+    // The machine's directory, as in any DaemonSet farm.
+    assert_eq!(pod["containers"][0]["volumeMounts"][0]["subPathExpr"], "$(NODE_NAME)");
+}
+
+#[test]
+fn a_pod_dns_farm_renders_as_a_farm_that_says_nothing() {
+    for mode in ["StatefulSet", "DaemonSet"] {
+        let mut plain = farm_json(3);
+        plain["spec"]["mode"] = json!(mode);
+        plain["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+        let mut explicit = plain.clone();
+        explicit["spec"]["agent"]["advertise"] = json!({ "mode": "PodDNS", "hostPort": 9000 });
+        let render = |v: Value| {
+            let farm: MiningFarm = serde_json::from_value(v).unwrap();
+            let id = "0f".repeat(32);
+            match farm.spec.mode {
+                shardfarm_crds::FarmMode::StatefulSet => farm::statefulset(&farm, NS, 3, &id, None),
+                shardfarm_crds::FarmMode::DaemonSet => farm::daemonset(&farm, NS, &id, None),
+            }
+        };
+        let (a, b) = (render(plain), render(explicit));
+        assert_eq!(a, b, "{mode}");
+        let pod = &a["spec"]["template"]["spec"];
+        assert!(pod.get("hostNetwork").is_none() && pod.get("affinity").is_none(), "{pod}");
+        assert!(env_of(pod, "HOST_IP").is_none());
+        assert!(pod["containers"][0]["ports"][0].get("hostPort").is_none());
+        let args = pod["containers"][0]["args"].to_string();
+        let want = if mode == "StatefulSet" {
+            "--advertise=$(POD_NAME).alpha-agents.farms.svc:7400"
+        } else {
+            "--advertise=$(POD_IP):7400"
+        };
+        assert!(args.contains(want), "{args}");
+    }
+}
