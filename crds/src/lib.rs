@@ -73,6 +73,37 @@ pub struct StoragePoolSpec {
     #[serde(default = "default_audit_interval")]
     #[schemars(range(min = 10, max = 604_800))]
     pub audit_interval_seconds: u64,
+    /// Programs that store and read objects in the pool (a gateway, an application): for each,
+    /// the operator keeps a key delegated by the pool key in the Secret
+    /// `shardfarm-client-<pool>-<name>` (key `client.key`), owned by the pool; it is issued
+    /// again when less than a fifth of its lifetime is left, and the Secret is deleted when its
+    /// entry goes (the delegation itself stays valid until it expires).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub clients: Vec<PoolClient>,
+}
+
+/// Most client entries a pool takes.
+pub const MAX_CLIENTS: usize = 32;
+/// Longest client name: `shardfarm-client-<pool>-<name>` must stay a valid Secret name.
+pub const MAX_CLIENT_NAME: usize = 40;
+
+/// A client of the pool, issued a delegated key by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolClient {
+    /// Its name: a DNS label of at most 40 characters (`gateway`, `s3-alice`).
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Days each issued key is valid (1 to 3650; default 365).
+    #[serde(default = "default_client_days")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub days: u32,
+}
+
+fn default_client_days() -> u32 {
+    365
 }
 
 /// Data and parity shards per segment.
@@ -202,9 +233,26 @@ pub struct StoragePoolStatus {
     /// Shards still to rebuild.
     #[serde(default)]
     pub degraded_segments: u64,
+    /// The client keys issued for `spec.clients`, as their Secrets hold them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<IssuedClient>,
     /// The generation these facts describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A client key the operator issued.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedClient {
+    /// The entry of `spec.clients`.
+    pub name: String,
+    /// The Secret holding its key (`client.key`).
+    pub secret: String,
+    /// The id of the delegated key (64 hex digits): what servers see as the caller.
+    pub key_id: String,
+    /// When its delegation expires (RFC 3339).
+    pub expires: String,
 }
 
 // ---- MiningFarm ----
