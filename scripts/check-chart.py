@@ -2,8 +2,8 @@
 """Checks the Helm chart, the alerts and the dashboards with the real tools, offline.
 
 - helm lint --strict and helm template of both charts (charts/shardfarm: operator and CRDs;
-  charts/shardfarm-pool: a pool and its farms), with the default values and with each chart's
-  ci/all-features-values.yaml; no release contains a kind defined by a CRD of the same release
+  charts/shardfarm-pool: a pool, its farms and its S3 gateway), with the default values and
+  with each of the chart's ci/*-values.yaml; no release contains a kind defined by a CRD of the same release
   (helm cannot install that on a fresh cluster);
 - every rendered manifest against the Kubernetes schemas (kubernetes-validate --strict), every
   rendered custom resource against its CRD (check-jsonschema), every rendered PrometheusRule
@@ -83,14 +83,14 @@ def main():
     # (a StoragePool and its MiningFarms). Helm maps every manifest of a release before it
     # creates any, so no release may contain a kind that a CRD of the same release defines.
     for chart in [os.path.join(root, "charts", "shardfarm"), os.path.join(root, "charts", "shardfarm-pool")]:
-        for values in [None, os.path.join(chart, "ci", "all-features-values.yaml")]:
+        for values in [None, *sorted(glob.glob(os.path.join(chart, "ci", "*-values.yaml")))]:
             check_release(helm, chart, values, crd_schemas)
 
 
 def check_release(helm, chart, values, crd_schemas):
     name = os.path.basename(chart)
     extra = ["-f", values] if values else []
-    label = "all features" if values else "defaults"
+    label = os.path.basename(values) if values else "defaults"
     run([helm, "lint", "--strict", chart, *extra])
     out = run([helm, "template", "sf", chart, "--namespace", "shardfarm", *extra])
     docs = [d for d in yaml.safe_load_all(out) if d]

@@ -73,6 +73,37 @@ pub struct StoragePoolSpec {
     #[serde(default = "default_audit_interval")]
     #[schemars(range(min = 10, max = 604_800))]
     pub audit_interval_seconds: u64,
+    /// Programs that store and read objects in the pool (a gateway, an application): for each,
+    /// the operator keeps a key delegated by the pool key in the Secret
+    /// `shardfarm-client-<pool>-<name>` (key `client.key`), owned by the pool; it is issued
+    /// again when less than a fifth of its lifetime is left, and the Secret is deleted when its
+    /// entry goes (the delegation itself stays valid until it expires).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub clients: Vec<PoolClient>,
+}
+
+/// Most client entries a pool takes.
+pub const MAX_CLIENTS: usize = 32;
+/// Longest client name: `shardfarm-client-<pool>-<name>` must stay a valid Secret name.
+pub const MAX_CLIENT_NAME: usize = 40;
+
+/// A client of the pool, issued a delegated key by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolClient {
+    /// Its name: a DNS label of at most 40 characters (`gateway`, `s3-alice`).
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Days each issued key is valid (1 to 3650; default 365).
+    #[serde(default = "default_client_days")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub days: u32,
+}
+
+fn default_client_days() -> u32 {
+    365
 }
 
 /// Data and parity shards per segment.
@@ -202,9 +233,26 @@ pub struct StoragePoolStatus {
     /// Shards still to rebuild.
     #[serde(default)]
     pub degraded_segments: u64,
+    /// The client keys issued for `spec.clients`, as their Secrets hold them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<IssuedClient>,
     /// The generation these facts describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A client key the operator issued.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedClient {
+    /// The entry of `spec.clients`.
+    pub name: String,
+    /// The Secret holding its key (`client.key`).
+    pub secret: String,
+    /// The id of the delegated key (64 hex digits): what servers see as the caller.
+    pub key_id: String,
+    /// When its delegation expires (RFC 3339).
+    pub expires: String,
 }
 
 // ---- MiningFarm ----
@@ -304,6 +352,53 @@ pub struct AgentSpec {
     /// Capacity each agent offers (e.g. `500Gi`); default: the volume size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<String>,
+    /// The address the agents tell the pool to reach them on (default: `PodDNS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<Advertise>,
+}
+
+/// How the pool's other parties (agents, clients, gateways) reach a farm's agents.
+///
+/// `PodDNS` (the default) advertises `<pod>.<farm>-agents.<namespace>.svc:7400` (a
+/// `DaemonSet` farm: the pod IP): reachable only from inside the cluster. `HostNetwork` runs
+/// each agent in its machine's network namespace and advertises `<node IP>:<hostPort>`, so
+/// clients outside the cluster that can route to the machines reach it; the agent's TLS gRPC
+/// port is then open on the machine's address, a NetworkPolicy no longer applies to it, and a
+/// machine holds at most one agent of the farm (two farms on one machine need different
+/// `hostPort`s). The mode may change: an agent's key and shards stay on its volume, and the
+/// restarted agent rejoins with its new address, which the coordinator records.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Advertise {
+    /// `PodDNS` or `HostNetwork`.
+    #[serde(default)]
+    #[schemars(extend("maxLength" = 16))]
+    pub mode: AdvertiseMode,
+    /// `HostNetwork` only: the machine's port of the agent's gRPC service; its `/metrics`
+    /// listens on the next port (so at most 65534). Default 7400.
+    #[serde(default = "default_host_port")]
+    #[schemars(range(min = 1024, max = 65534))]
+    pub host_port: u16,
+}
+
+impl Default for Advertise {
+    fn default() -> Self {
+        Advertise { mode: AdvertiseMode::PodDNS, host_port: default_host_port() }
+    }
+}
+
+fn default_host_port() -> u16 {
+    7400
+}
+
+/// The address an agent advertises.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdvertiseMode {
+    /// The pod's DNS name under the farm's headless Service (in-cluster only).
+    #[default]
+    PodDNS,
+    /// The machine's address (`status.hostIP`) and `hostPort`, on the host network.
+    HostNetwork,
 }
 
 /// An agent's volume: a PersistentVolumeClaim template, or a host path.

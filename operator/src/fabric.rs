@@ -98,6 +98,16 @@ impl Fabric for Coordinators {
         Some(self.get(pool)?.identity().id())
     }
 
+    fn delegate(
+        &self,
+        pool: &str,
+        delegate: ed25519_dalek::VerifyingKey,
+        expires: u64,
+    ) -> Option<shardfarm_core::identity::Delegation> {
+        let c = self.get(pool)?;
+        Some(shardfarm_core::identity::Delegation::issue(c.identity(), delegate, expires))
+    }
+
     fn earnings(&self, pool: &str, node: &NodeId) -> u64 {
         self.get(pool)
             .and_then(|c| {

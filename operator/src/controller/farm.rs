@@ -126,6 +126,27 @@ impl AgentSettings {
     }
 }
 
+/// The machine port a `HostNetwork` farm's agents serve gRPC on (their `/metrics` is on the
+/// next one), or None for a farm whose agents advertise their pod's DNS name.
+pub fn host_port(farm: &MiningFarm) -> Option<u16> {
+    farm.spec
+        .agent
+        .advertise
+        .as_ref()
+        .filter(|a| a.mode == shardfarm_crds::AdvertiseMode::HostNetwork)
+        // The schema bounds it to 1024..=65534; a stored object from before that bound (or a
+        // hand-made one) must not wrap the metrics port to 0.
+        .map(|a| a.host_port.clamp(1024, 65534))
+}
+
+/// The gRPC and `/metrics` ports of the farm's agents.
+fn agent_ports(farm: &MiningFarm) -> (u16, u16) {
+    match host_port(farm) {
+        Some(p) => (p, p + 1),
+        None => (AGENT_GRPC_PORT, AGENT_HTTP_PORT),
+    }
+}
+
 /// The uid and gid the agent image runs as (distroless `nonroot`).
 pub const AGENT_UID: i64 = 65532;
 /// Seconds an agent may take to start (mine its identity, scan its store) before the
@@ -144,15 +165,21 @@ pub fn statefulset(
     let name = farm.name_any();
     let spec = &farm.spec;
     let selector = json!({ "app.kubernetes.io/instance": name, "shardfarm.io/farm": name });
+    let host = host_port(farm);
+    let (grpc_port, http_port) = agent_ports(farm);
+    let advertise = match host {
+        Some(p) => format!("--advertise=$(HOST_IP):{p}"),
+        None => format!("--advertise=$(POD_NAME).{name}-agents.{ns}.svc:{AGENT_GRPC_PORT}"),
+    };
     let mut args = vec![
         "agent".to_string(),
         "--data-dir=/data".into(),
-        format!("--listen=0.0.0.0:{AGENT_GRPC_PORT}"),
-        format!("--http-listen=0.0.0.0:{AGENT_HTTP_PORT}"),
+        format!("--listen=0.0.0.0:{grpc_port}"),
+        format!("--http-listen=0.0.0.0:{http_port}"),
         format!("--zone={}", spec.zone),
         format!("--coordinator={}", coordinator_endpoint(farm, ns)),
         format!("--pool-id={pool_id}"),
-        format!("--advertise=$(POD_NAME).{name}-agents.{ns}.svc:{AGENT_GRPC_PORT}"),
+        advertise,
         format!("--label=farm={name}"),
         "--label=pod=$(POD_NAME)".into(),
         // The machine it runs on (a pool whose failure domain is `host`).
@@ -174,6 +201,11 @@ pub fn statefulset(
         json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
         json!({ "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } }),
     ];
+    if host.is_some() {
+        // The machine's address, which the agent advertises (the pod has no address of its
+        // own on the host network).
+        env.push(json!({ "name": "HOST_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.hostIP" } } }));
+    }
     if local_pool(farm) {
         // The farm key vouches for the agents as the owner's own (their labels are trusted).
         // An environment variable, not a file: a Secret volume under an fsGroup is
@@ -227,6 +259,24 @@ pub fn statefulset(
         "nodeSelector": spec.node_selector,
         "tolerations": spec.tolerations,
     });
+    if let Some(p) = host {
+        // The machine's network: the ports are the machine's (declared as host ports so the
+        // scheduler never puts two pods wanting them on one machine, whatever their farm),
+        // and cluster DNS still resolves the coordinator's Service.
+        pod["hostNetwork"] = json!(true);
+        pod["dnsPolicy"] = json!("ClusterFirstWithHostNet");
+        pod["containers"][0]["ports"] = json!([
+            { "name": "grpc", "containerPort": p, "hostPort": p },
+            { "name": "http", "containerPort": p + 1, "hostPort": p + 1 },
+        ]);
+        // At most one agent of the farm per machine: two would advertise the same address.
+        pod["affinity"] = json!({ "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": { "matchLabels": selector.clone() },
+                "topologyKey": "kubernetes.io/hostname",
+            }],
+        } });
+    }
     let mut sts_spec = json!({
         "replicas": replicas,
         "serviceName": format!("{name}-agents"),
@@ -287,7 +337,8 @@ pub fn statefulset(
 
 /// The DaemonSet of a farm in `DaemonSet` mode: one agent on every machine the node selector
 /// matches, on that machine's disk (`hostPath`, one directory per machine), advertising its
-/// pod IP. The pod is the StatefulSet's, with these three differences.
+/// pod IP (on the host network: the machine's address, as the StatefulSet's pod does). The pod
+/// is the StatefulSet's, with these differences.
 pub fn daemonset(
     farm: &MiningFarm,
     ns: &str,
@@ -297,14 +348,19 @@ pub fn daemonset(
     let sts = statefulset(farm, ns, 0, pool_id, settings);
     let mut template = sts["spec"]["template"].clone();
     let pod = &mut template["spec"];
-    if let Some(args) = pod["containers"][0]["args"].as_array_mut() {
+    // On the host network the StatefulSet's pod already advertises the machine's address.
+    if let Some(args) =
+        pod["containers"][0]["args"].as_array_mut().filter(|_| host_port(farm).is_none())
+    {
         for a in args.iter_mut() {
             if a.as_str().is_some_and(|s| s.starts_with("--advertise=")) {
                 *a = json!(format!("--advertise=$(POD_IP):{AGENT_GRPC_PORT}"));
             }
         }
     }
-    if let Some(env) = pod["containers"][0]["env"].as_array_mut() {
+    if let Some(env) =
+        pod["containers"][0]["env"].as_array_mut().filter(|_| host_port(farm).is_none())
+    {
         env.push(json!({ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }));
     }
     // A pod's name changes when it is recreated; the machine's does not.
@@ -356,7 +412,7 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let existing = if daemon { None } else { sts_api.get_opt(&name).await? };
     let current = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).unwrap_or(0);
 
-    let svc = json!({
+    let mut svc = json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": { "name": format!("{name}-agents"), "namespace": ns, "labels": labels(&name), "ownerReferences": [owner] },
@@ -370,6 +426,13 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
             ],
         },
     });
+    if host_port(&farm).is_some() {
+        // The Service keeps its ports (Prometheus and the dashboards find agents by them);
+        // on the host network they lead to the machine's ports.
+        let (grpc, http) = agent_ports(&farm);
+        svc["spec"]["ports"][0]["targetPort"] = json!(grpc);
+        svc["spec"]["ports"][1]["targetPort"] = json!(http);
+    }
     let svc_name = format!("{name}-agents");
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&svc_name, &pp, &Patch::Apply(svc))

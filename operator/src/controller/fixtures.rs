@@ -37,6 +37,8 @@ pub struct TestFabric {
         Mutex<std::collections::BTreeMap<NodeId, std::collections::BTreeMap<String, String>>>,
     /// The pool configuration the coordinator runs with (None: [`test_config`]).
     pub config: Mutex<Option<shardfarm_coordinator::PoolConfig>>,
+    /// Set: this operator does not hold the pool's key (it runs another pool).
+    pub no_pool_key: Mutex<bool>,
 }
 
 /// The pool configuration of the tests' coordinator unless one sets another: RS(4,2), 512
@@ -99,11 +101,27 @@ impl Fabric for TestFabric {
     fn pool_id(&self, pool: &str) -> Option<NodeId> {
         Some(pool_id(pool))
     }
+    fn delegate(
+        &self,
+        pool: &str,
+        delegate: ed25519_dalek::VerifyingKey,
+        expires: u64,
+    ) -> Option<shardfarm_core::identity::Delegation> {
+        (!*self.no_pool_key.lock().unwrap()).then(|| {
+            shardfarm_core::identity::Delegation::issue(&pool_key(pool), delegate, expires)
+        })
+    }
 }
 
-/// The pool id the test fabric reports for `pool`.
+/// The pool id the test fabric reports for `pool`: its [`pool_key`]'s.
 pub fn pool_id(pool: &str) -> NodeId {
-    node(&format!("pool {pool}"))
+    pool_key(pool).id()
+}
+
+/// The key of `pool` the test fabric signs with (derived from its name; not mined).
+pub fn pool_key(pool: &str) -> shardfarm_core::identity::Identity {
+    let seed = blake2b256(&[b"test pool key ", pool.as_bytes()]);
+    shardfarm_core::identity::Identity::from_parts(ed25519_dalek::SigningKey::from_bytes(&seed), 0)
 }
 
 /// A node id named `name`.

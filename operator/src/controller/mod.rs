@@ -3,7 +3,7 @@
 //!
 //! | kind | the reconciler does |
 //! |---|---|
-//! | `StoragePool` | checks the profile against the farms' failure domains (`Degraded` with the exact reason), owns a `ShardPlacement`, aggregates status |
+//! | `StoragePool` | checks the profile against the farms' failure domains (`Degraded` with the exact reason), owns a `ShardPlacement`, issues its clients' delegated keys into Secrets (`clients`), aggregates status |
 //! | `MiningFarm` | a StatefulSet + headless Service + PodDisruptionBudget of agents and the farm key; scale down drains the highest ordinal first, undone on scale-up, held if the profile needs it |
 //! | `NodeSyndication` | admits or refuses nodes from outside the cluster; members in status |
 //! | `ShardPlacement` | the coordinator's declared input (drain list, moves per round) and the mirror of its layout (ConfigMap + status); the coordinator alone computes layouts |
@@ -11,6 +11,7 @@
 //! Everything the reconcilers learn about the running fabric (members, slots, sync) comes from
 //! a [`Fabric`]: in the operator process it is the pool's coordinator.
 
+pub mod clients;
 pub mod farm;
 pub mod placement;
 pub mod pool;
@@ -109,6 +110,15 @@ pub trait Fabric: Send + Sync {
     fn config(&self, pool: &str) -> Option<shardfarm_coordinator::PoolConfig>;
     /// The id of `pool`'s key (its coordinator's identity), once its coordinator runs.
     fn pool_id(&self, pool: &str) -> Option<NodeId>;
+    /// A delegation by `pool`'s key to `delegate` until `expires` (unix seconds), if this
+    /// operator holds that key (it runs the pool's coordinator). The key itself never leaves
+    /// the fabric.
+    fn delegate(
+        &self,
+        pool: &str,
+        delegate: ed25519_dalek::VerifyingKey,
+        expires: u64,
+    ) -> Option<shardfarm_core::identity::Delegation>;
 }
 
 /// Shared state of the controllers.

@@ -1,5 +1,5 @@
-//! StoragePool → validation against the farms' failure domains, an owned ShardPlacement, and
-//! the pool's status aggregated from the coordinator.
+//! StoragePool → validation against the farms' failure domains, an owned ShardPlacement, the
+//! keys of its clients (`clients`), and the pool's status aggregated from the coordinator.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,6 +156,9 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
     Api::<shardfarm_crds::ShardPlacement>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(placement))
         .await?;
+    // The keys of the pool's clients (and the ConfigMap that names the pool to them).
+    let clients =
+        super::clients::reconcile(&pool, ctx, shardfarm_core::auth::now_ms() / 1000).await?;
 
     let previous = pool.status.clone().unwrap_or_default();
     let generation = pool.metadata.generation;
@@ -201,36 +204,51 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         ),
     };
     let up = |s: Standing| members.iter().filter(|x| x.up && x.standing == s).count() as u32;
+    let clients_problem = (!clients.problems.is_empty()).then(|| clients.problems.join("; "));
+    let mut conditions = vec![
+        condition(
+            &previous.conditions,
+            "Ready",
+            ready.is_ok(),
+            if ready.is_ok() { "ProfileSatisfied" } else { "NotReady" },
+            match &ready {
+                Ok(msg) | Err(msg) => msg.clone(),
+            },
+            generation,
+        ),
+        condition(
+            &previous.conditions,
+            "Degraded",
+            degraded.is_some(),
+            if degraded.is_some() { "ProfileUnsatisfiable" } else { "ProfileSatisfiable" },
+            degraded.clone().unwrap_or_default(),
+            generation,
+        ),
+    ];
+    if clients.active {
+        conditions.push(condition(
+            &previous.conditions,
+            "ClientsIssued",
+            clients_problem.is_none(),
+            if clients_problem.is_none() { "KeysValid" } else { "ClientsRefused" },
+            clients_problem.clone().unwrap_or_else(|| {
+                format!("{} client keys issued and valid", clients.issued.len())
+            }),
+            generation,
+        ));
+    }
     let status = StoragePoolStatus {
         phase: Some(phase.into()),
         profile: Some(format!("RS({k},{m})")),
         pool_id: ctx.fabric.pool_id(&name).map(|id| id.to_hex()),
-        conditions: vec![
-            condition(
-                &previous.conditions,
-                "Ready",
-                ready.is_ok(),
-                if ready.is_ok() { "ProfileSatisfied" } else { "NotReady" },
-                match &ready {
-                    Ok(msg) | Err(msg) => msg.clone(),
-                },
-                generation,
-            ),
-            condition(
-                &previous.conditions,
-                "Degraded",
-                degraded.is_some(),
-                if degraded.is_some() { "ProfileUnsatisfiable" } else { "ProfileSatisfiable" },
-                degraded.clone().unwrap_or_default(),
-                generation,
-            ),
-        ],
+        conditions,
         nodes_ready: up(Standing::Active),
         nodes_suspended: up(Standing::Suspended),
         capacity_bytes: members.iter().filter(|x| x.up).map(|x| x.offered_bytes).sum(),
         used_bytes: members.iter().filter(|x| x.up).map(|x| x.used_bytes).sum(),
         layout_version: layout.as_ref().map_or(0, |l| l.version),
         degraded_segments: members.iter().filter(|x| x.up).map(|x| x.repair_backlog).sum(),
+        clients: clients.issued,
         observed_generation: generation,
     };
     let patch =
@@ -242,6 +260,11 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         && !has_condition(&previous.conditions, "Degraded", true)
     {
         ctx.event(&*pool, true, "ProfileUnsatisfiable", reason).await?;
+    }
+    if let Some(why) = clients_problem
+        && !has_condition(&previous.conditions, "ClientsIssued", false)
+    {
+        ctx.event(&*pool, true, "ClientsRefused", why).await?;
     }
     Ok(Action::requeue(REFRESH))
 }

@@ -785,3 +785,347 @@ async fn a_daemonset_farm_runs_one_agent_per_machine_on_its_disk() {
     let r = run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await;
     assert!(r.is_err());
 }
+
+/// The env entry `name` of the agent container of a pod spec.
+fn env_of<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod["containers"][0]["env"].as_array().unwrap().iter().find(|e| e["name"] == name)
+}
+
+#[tokio::test]
+async fn a_host_network_farm_advertises_its_machines_address_on_its_host_port() {
+    let fabric = Arc::new(TestFabric::default());
+    let mut f = farm_json(2);
+    f["spec"]["agent"]["advertise"] = json!({ "mode": "HostNetwork", "hostPort": 7410 });
+    let mut farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let (ctx, handle) = context(fabric);
+    let mut script = farm_key_requests(false);
+    script.extend([
+        expect(Method::GET, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").not_found(),
+        // The headless Service keeps its ports and leads them to the machine's.
+        expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents").body(|b| {
+            let ports = &b["spec"]["ports"];
+            assert_eq!((ports[0]["port"].as_u64(), ports[0]["targetPort"].as_u64()), (Some(7400), Some(7410)));
+            assert_eq!((ports[1]["port"].as_u64(), ports[1]["targetPort"].as_u64()), (Some(7401), Some(7411)));
+        }),
+        expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha"),
+        expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").body(|b| {
+            let pod = &b["spec"]["template"]["spec"];
+            assert_eq!(pod["hostNetwork"], true, "{pod}");
+            assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+            let c = &pod["containers"][0];
+            let args = c["args"].to_string();
+            assert!(args.contains("\"--advertise=$(HOST_IP):7410\""), "{args}");
+            assert!(args.contains("\"--listen=0.0.0.0:7410\""), "{args}");
+            assert!(args.contains("\"--http-listen=0.0.0.0:7411\""), "{args}");
+            assert_eq!(c["ports"][0], json!({ "name": "grpc", "containerPort": 7410, "hostPort": 7410 }));
+            assert_eq!(c["ports"][1], json!({ "name": "http", "containerPort": 7411, "hostPort": 7411 }));
+            let host_ip = env_of(pod, "HOST_IP").expect("HOST_IP from the downward API");
+            assert_eq!(host_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+            // One agent of the farm per machine.
+            let term = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+            assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+            assert_eq!(term["labelSelector"]["matchLabels"]["shardfarm.io/farm"], "alpha");
+            // Probes follow the named port.
+            assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http");
+        }),
+        expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha"))).onto(f),
+    ]);
+    run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await.unwrap();
+}
+
+#[test]
+fn a_host_network_daemonset_advertises_the_host_ip_not_the_pod_ip() {
+    let mut f = farm_json(0);
+    f["spec"]["mode"] = json!("DaemonSet");
+    f["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+    f["spec"]["agent"]["advertise"] = json!({ "mode": "HostNetwork" });
+    let farm: MiningFarm = serde_json::from_value(f).unwrap();
+    let ds = farm::daemonset(&farm, NS, &"0f".repeat(32), None);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    let args = pod["containers"][0]["args"].to_string();
+    // The default host port is the agents' usual port.
+    assert!(args.contains("\"--advertise=$(HOST_IP):7400\""), "{args}");
+    assert!(!args.contains("POD_IP"), "{args}");
+    assert!(env_of(pod, "POD_IP").is_none());
+    assert!(env_of(pod, "HOST_IP").is_some());
+    assert_eq!(pod["containers"][0]["ports"][0]["hostPort"], 7400);
+    assert_eq!(pod["containers"][0]["ports"][1]["hostPort"], 7401);
+    // The machine's directory, as in any DaemonSet farm.
+    assert_eq!(pod["containers"][0]["volumeMounts"][0]["subPathExpr"], "$(NODE_NAME)");
+}
+
+#[test]
+fn a_pod_dns_farm_renders_as_a_farm_that_says_nothing() {
+    for mode in ["StatefulSet", "DaemonSet"] {
+        let mut plain = farm_json(3);
+        plain["spec"]["mode"] = json!(mode);
+        plain["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+        let mut explicit = plain.clone();
+        explicit["spec"]["agent"]["advertise"] = json!({ "mode": "PodDNS", "hostPort": 9000 });
+        let render = |v: Value| {
+            let farm: MiningFarm = serde_json::from_value(v).unwrap();
+            let id = "0f".repeat(32);
+            match farm.spec.mode {
+                shardfarm_crds::FarmMode::StatefulSet => farm::statefulset(&farm, NS, 3, &id, None),
+                shardfarm_crds::FarmMode::DaemonSet => farm::daemonset(&farm, NS, &id, None),
+            }
+        };
+        let (a, b) = (render(plain), render(explicit));
+        assert_eq!(a, b, "{mode}");
+        let pod = &a["spec"]["template"]["spec"];
+        assert!(pod.get("hostNetwork").is_none() && pod.get("affinity").is_none(), "{pod}");
+        assert!(env_of(pod, "HOST_IP").is_none());
+        assert!(pod["containers"][0]["ports"][0].get("hostPort").is_none());
+        let args = pod["containers"][0]["args"].to_string();
+        let want = if mode == "StatefulSet" {
+            "--advertise=$(POD_NAME).alpha-agents.farms.svc:7400"
+        } else {
+            "--advertise=$(POD_IP):7400"
+        };
+        assert!(args.contains(want), "{args}");
+    }
+}
+
+// ---- Client keys ----
+
+fn pool_with_clients(clients: Value) -> StoragePool {
+    let mut p = serde_json::to_value(pool_obj(4, 2)).unwrap();
+    p["spec"]["clients"] = clients;
+    serde_json::from_value(p).unwrap()
+}
+
+/// The requests of a pool pass with no farm, up to the client Secrets: farms, syndications,
+/// the placement, the pool's ConfigMap (read, and created when `cm` is None).
+fn pool_pass_to_clients(cm: Option<Value>) -> Vec<Expect> {
+    let empty = |kind: &str| json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": kind, "metadata": {}, "items": [] });
+    let cm_path = format!("/api/v1/namespaces/{NS}/configmaps/shardfarm-pool-main");
+    let mut script = vec![
+        expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
+            .reply(empty("MiningFarmList")),
+        expect(
+            Method::GET,
+            format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"),
+        )
+        .reply(empty("NodeSyndicationList")),
+        expect(Method::PATCH, sf_path("shardplacements", "main")),
+    ];
+    match cm {
+        Some(cm) => script.push(expect(Method::GET, cm_path).reply(cm)),
+        None => script.extend([
+            expect(Method::GET, cm_path).not_found(),
+            expect(Method::POST, format!("/api/v1/namespaces/{NS}/configmaps")).body(|b| {
+                assert_eq!(b["metadata"]["name"], "shardfarm-pool-main");
+                assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "StoragePool");
+                assert_eq!(b["data"]["poolId"], pool_id("main").to_hex());
+                assert_eq!(b["data"]["coordinator"], "shardfarm-coordinator.farms.svc:7398");
+            }),
+        ]),
+    }
+    script
+}
+
+fn secrets_path() -> String {
+    format!("/api/v1/namespaces/{NS}/secrets")
+}
+
+fn secret_list(items: Vec<Value>) -> Value {
+    json!({ "apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": items })
+}
+
+/// A client Secret of pool `main` as the operator writes it, its key expiring at `expires`.
+fn client_secret(client: &str, expires: u64) -> Value {
+    let key = shardfarm_core::identity::random_signing_key();
+    let cert = shardfarm_core::identity::Delegation::issue(
+        &pool_key("main"),
+        key.verifying_key(),
+        expires,
+    );
+    let text = super::clients::key_text(&key, &cert);
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": format!("shardfarm-client-main-{client}"), "namespace": NS,
+            "resourceVersion": "41",
+            "labels": { "shardfarm.io/client-of": "main", "shardfarm.io/client": client },
+        },
+        "data": { "client.key": base64(text.as_bytes()) },
+    })
+}
+
+fn base64(b: &[u8]) -> String {
+    serde_json::to_value(k8s_openapi::ByteString(b.to_vec())).unwrap().as_str().unwrap().to_string()
+}
+
+/// The delegation in a Secret body the operator sent, checked to be signed by the pool key.
+fn sent_delegation(b: &Value) -> shardfarm_core::identity::Delegation {
+    let bytes: k8s_openapi::ByteString =
+        serde_json::from_value(b["data"]["client.key"].clone()).unwrap();
+    let text = String::from_utf8(bytes.0).unwrap();
+    assert!(text.contains("\nsecret = \""), "{text}");
+    let d = super::clients::parse_delegation(&text).expect("a delegation");
+    assert_eq!(d.issuer_id(), pool_id("main"));
+    d.verify(0, shardfarm_core::auth::now_ms() / 1000).expect("a valid delegation");
+    d
+}
+
+fn now_s() -> u64 {
+    shardfarm_core::auth::now_ms() / 1000
+}
+
+#[tokio::test]
+async fn a_pools_clients_get_delegated_keys_in_secrets_the_pool_owns() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    let pool =
+        pool_with_clients(json!([{ "name": "gateway" }, { "name": "s3-alice", "days": 30 }]));
+    let mut script = pool_pass_to_clients(None);
+    script.push(expect(Method::GET, secrets_path()).reply(secret_list(vec![])));
+    for (client, days) in [("gateway", 365u64), ("s3-alice", 30)] {
+        script.push(expect(Method::POST, secrets_path()).body(move |b| {
+            assert_eq!(b["metadata"]["name"], format!("shardfarm-client-main-{client}"));
+            assert_eq!(b["metadata"]["ownerReferences"][0]["kind"], "StoragePool");
+            assert_eq!(b["metadata"]["labels"]["shardfarm.io/client-of"], "main");
+            assert_eq!(b["metadata"]["labels"]["shardfarm.io/client"], client);
+            assert_eq!(b["immutable"], false);
+            let d = sent_delegation(b);
+            let left = d.expires - now_s();
+            assert!(left > days * 86_400 - 60 && left <= days * 86_400, "{left}");
+        }));
+    }
+    // One Event for the pass, naming both.
+    script.push(expect(Method::POST, events_path()).body(|b| {
+        assert_eq!(
+            (b["reason"].as_str(), b["type"].as_str()),
+            (Some("ClientIssued"), Some("Normal"))
+        );
+        let note = b["note"].as_str().unwrap();
+        assert!(note.contains("gateway: key") && note.contains("s3-alice: key"), "{b}");
+    }));
+    script.push(
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool.clone()).unwrap())
+            .body(|b| {
+                let clients = b["status"]["clients"].as_array().unwrap();
+                assert_eq!(clients.len(), 2, "{b}");
+                assert_eq!(clients[0]["name"], "gateway");
+                assert_eq!(clients[0]["secret"], "shardfarm-client-main-gateway");
+                assert_eq!(clients[0]["keyId"].as_str().unwrap().len(), 64);
+                assert!(clients[1]["expires"].as_str().unwrap().ends_with('Z'), "{b}");
+                let c = b["status"]["conditions"].as_array().unwrap();
+                let issued = c.iter().find(|c| c["type"] == "ClientsIssued").unwrap();
+                assert_eq!(issued["status"], "True", "{issued}");
+            }),
+    );
+    run(handle, script, pool::reconcile(Arc::new(pool), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_near_its_expiry_is_issued_again_in_place_and_a_removed_clients_secret_goes() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric);
+    let pool = pool_with_clients(json!([{ "name": "gateway" }, { "name": "s3-alice" }]));
+    let day = 86_400;
+    // gateway: 10 of 365 days left (under a fifth); s3-alice: 300 left (kept); old: removed.
+    let listed = vec![
+        client_secret("gateway", now_s() + 10 * day),
+        client_secret("s3-alice", now_s() + 300 * day),
+        client_secret("old", now_s() + 300 * day),
+    ];
+    let kept_id = {
+        let s: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(listed[1].clone()).unwrap();
+        let text = String::from_utf8(s.data.unwrap()["client.key"].0.clone()).unwrap();
+        shardfarm_core::identity::NodeId::of(
+            &super::clients::parse_delegation(&text).unwrap().delegate,
+        )
+        .to_hex()
+    };
+    let cm = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "shardfarm-pool-main", "namespace": NS } });
+    let mut script = pool_pass_to_clients(Some(cm));
+    script.extend([
+        expect(Method::GET, secrets_path()).reply(secret_list(listed)),
+        // Replaced at the version read.
+        expect(Method::PUT, format!("{}/shardfarm-client-main-gateway", secrets_path())).body(
+            |b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "41");
+                let d = sent_delegation(b);
+                assert!(d.expires > now_s() + 364 * 86_400);
+            },
+        ),
+        expect(Method::DELETE, format!("{}/shardfarm-client-main-old", secrets_path())).reply(
+            json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {},
+            }),
+        ),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(b["reason"], "ClientIssued");
+            assert!(b["note"].as_str().unwrap().contains("less than a fifth"), "{b}");
+        }),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(b["reason"], "ClientRemoved");
+            assert!(b["note"].as_str().unwrap().contains("stays valid until"), "{b}");
+        }),
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool.clone()).unwrap())
+            .body(move |b| {
+                let clients = b["status"]["clients"].as_array().unwrap();
+                assert_eq!(clients.len(), 2, "{b}");
+                assert_eq!(clients[1]["name"], "s3-alice");
+                assert_eq!(clients[1]["keyId"], kept_id.as_str());
+            }),
+    ]);
+    run(handle, script, pool::reconcile(Arc::new(pool), ctx)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_secret_the_operator_did_not_make_is_never_overwritten() {
+    let fabric = Arc::new(TestFabric::default());
+    let (ctx, handle) = context(fabric.clone());
+    let pool = pool_with_clients(json!([{ "name": "gateway" }]));
+    let cm = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "shardfarm-pool-main", "namespace": NS } });
+    let mut script = pool_pass_to_clients(Some(cm.clone()));
+    script.extend([
+        // Not labelled as ours, so not listed; the create finds it.
+        expect(Method::GET, secrets_path()).reply(secret_list(vec![])),
+        expect(Method::POST, secrets_path()).conflict(),
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool.clone()).unwrap())
+            .body(|b| {
+                assert!(b["status"].get("clients").is_none(), "{b}");
+                let c = b["status"]["conditions"].as_array().unwrap();
+                let issued = c.iter().find(|c| c["type"] == "ClientsIssued").unwrap();
+                assert_eq!(
+                    (issued["status"].as_str(), issued["reason"].as_str()),
+                    (Some("False"), Some("ClientsRefused"))
+                );
+                assert!(issued["message"].as_str().unwrap().contains("did not make"), "{issued}");
+            }),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("ClientsRefused"), Some("Warning"))
+            );
+        }),
+    ]);
+    run(handle, script, pool::reconcile(Arc::new(pool.clone()), ctx)).await.unwrap();
+
+    // An operator that does not hold the pool's key issues nothing, and says why.
+    *fabric.no_pool_key.lock().unwrap() = true;
+    let (ctx, handle) = context(fabric);
+    let mut script = pool_pass_to_clients(Some(cm));
+    script.extend([
+        expect(Method::GET, secrets_path()).reply(secret_list(vec![])),
+        expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+            .onto(serde_json::to_value(pool.clone()).unwrap())
+            .body(|b| {
+                let c = b["status"]["conditions"].as_array().unwrap();
+                let issued = c.iter().find(|c| c["type"] == "ClientsIssued").unwrap();
+                assert!(issued["message"].as_str().unwrap().contains("does not hold"), "{issued}");
+            }),
+        expect(Method::POST, events_path()),
+    ]);
+    run(handle, script, pool::reconcile(Arc::new(pool), ctx)).await.unwrap();
+}
