@@ -48,6 +48,19 @@ fn a_client_with_only_an_address_and_a_pool_key_puts_gets_stats_and_removes() {
     assert!(shown.starts_with("mined identity"), "{shown}");
     let again = sf(&cfg, &["identity", "new", "--difficulty", "8"]);
     assert!(!again.status.success(), "identity new overwrote an existing key");
+    // Delegation: a key from the mined root; never from a delegated key, never for 0 days.
+    let ci = cfg.join("ci.key");
+    ok(sf(&cfg, &["identity", "delegate", "--out", ci.to_str().unwrap()]), "identity delegate");
+    let bad = sf(&cfg, &["identity", "delegate", "--root", ci.to_str().unwrap(), "--out", "x.key"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("only a mined identity"), "{bad:?}");
+    let bad = sf(&cfg, &["identity", "delegate", "--days", "0", "--out", "y.key"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--days"), "{bad:?}");
+    assert!(!cfg.join("x.key").exists() && !cfg.join("y.key").exists());
+    // A profile name that is not one, and a pool id that is not hex: usage errors.
+    let bad = sf(&cfg, &["pool", "add", "Bad Name", "--coordinator", "a:1", "--pool-id", "00"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let bad = sf(&cfg, &["pool", "add", "p", "--coordinator", "a:1", "--pool-id", "zz"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
 
     // The profile: address + pinned pool key, nothing else.
     ok(

@@ -102,23 +102,23 @@ fn load_identity(
     }
 }
 
-/// Parses the users file and opens one pool client per user.
-async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap<String, User>> {
+/// Parses and checks the users file: (access key, secret, identity) per user.
+fn parse_users(text: &str) -> anyhow::Result<Vec<(String, String, ClientIdentity)>> {
     let file: UsersFile = toml::from_str(text).context("the users file is not valid")?;
     if file.users.len() > MAX_USERS {
         bail!("the users file lists {} users; at most {MAX_USERS}", file.users.len());
     }
-    if file.users.is_empty() {
-        tracing::warn!("the users file lists no users: every request will be refused");
-    }
-    let mut users = HashMap::new();
+    let mut out: Vec<(String, String, ClientIdentity)> = Vec::new();
     for u in file.users {
         let what = format!("user {}", u.access_key);
         if u.access_key.len() < 3
             || u.access_key.len() > 128
-            || !u.access_key.bytes().all(|b| b.is_ascii_alphanumeric())
+            || !u.access_key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
         {
-            bail!("{what}: an access key is 3-128 letters and digits");
+            bail!("{what}: an access key is 3-128 of A-Z a-z 0-9 . _ ~ -");
+        }
+        if out.iter().any(|(k, _, _)| *k == u.access_key) {
+            bail!("{what} is listed twice");
         }
         let secret = match (u.secret_key, u.secret_key_env) {
             (Some(s), None) => s,
@@ -129,10 +129,21 @@ async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap
             bail!("{what}: the secret key must be 8-128 characters");
         }
         let id = load_identity(u.identity_file.as_deref(), u.identity_env.as_deref(), &what)?;
+        out.push((u.access_key, secret, id));
+    }
+    Ok(out)
+}
+
+/// Parses the users file and opens one pool client per user.
+async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap<String, User>> {
+    let parsed = parse_users(text)?;
+    if parsed.is_empty() {
+        tracing::warn!("the users file lists no users: every request will be refused");
+    }
+    let mut users = HashMap::new();
+    for (access_key, secret, id) in parsed {
         let client = PoolClient::connect(profile.clone(), &id, Arc::new(Silent)).await?;
-        if users.insert(u.access_key.clone(), User { secret, client }).is_some() {
-            bail!("{what} is listed twice");
-        }
+        users.insert(access_key, User { secret, client });
     }
     Ok(users)
 }
@@ -186,4 +197,59 @@ pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<
     std::fs::create_dir_all(&spool)?;
     let gateway = s3::Gateway::new(users, index, log, spool);
     s3::serve(gateway, args.listen, &args.region, SHUTDOWN_GRACE).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file(dir: &Path) -> PathBuf {
+        let root = shardfarm_core::identity::Identity::from_parts(
+            shardfarm_core::identity::random_signing_key(),
+            0,
+        );
+        let path = dir.join("k.key");
+        shardfarm_client::ClientKey::issue(&root, 1).save(&path).unwrap();
+        path
+    }
+
+    fn user(access: &str, secret: &str, key: &Path) -> String {
+        format!(
+            "[[users]]\naccess_key = \"{access}\"\nsecret_key = \"{secret}\"\nidentity_file = \"{}\"\n",
+            key.display()
+        )
+    }
+
+    #[test]
+    fn a_good_users_file_parses_and_an_empty_one_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path());
+        let users = parse_users(&(user("ALICE", "a-secret-key", &key) + &user("bob.2", "b-secret-key", &key))).unwrap();
+        assert_eq!(users.len(), 2);
+        assert_eq!(users[1].0, "bob.2");
+        assert!(parse_users("users = []").unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_users_files_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path());
+        let ok = user("ALICE", "a-secret-key", &key);
+        let cases = [
+            (user("A", "a-secret-key", &key), "access key"),
+            (user("AL ICE", "a-secret-key", &key), "access key"),
+            (user("ALICE", "short", &key), "8-128"),
+            (ok.clone() + &ok, "twice"),
+            (ok.replace("secret_key = \"a-secret-key\"", "secret_key_env = \"SF_NO_SUCH_VAR\""), "SF_NO_SUCH_VAR"),
+            (ok.replace("identity_file", "identity_env = \"X\"\nidentity_file"), "exactly one"),
+            (ok.clone() + "color = \"red\"\n", "not valid"),
+            (user("ALICE", "a-secret-key", &dir.path().join("missing.key")), "ALICE"),
+        ];
+        for (text, why) in cases {
+            let e = format!("{:#}", parse_users(&text).err().unwrap_or_else(|| panic!("accepted:\n{text}")));
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        let many: String = (0..=MAX_USERS).map(|i| user(&format!("U{i:04}"), "a-secret-key", &key)).collect();
+        assert!(format!("{:#}", parse_users(&many).err().unwrap()).contains("at most"));
+    }
 }

@@ -33,7 +33,7 @@ use kube::{Resource, ResourceExt};
 use shardfarm_core::identity::{Delegation, NodeId};
 use shardfarm_crds::{IssuedClient, MAX_CLIENT_NAME, MAX_CLIENTS, PoolClient, StoragePool};
 
-use super::farm::{COORDINATOR_PORT, COORDINATOR_SERVICE};
+use super::{COORDINATOR_PORT, COORDINATOR_SERVICE};
 use super::{Context, MANAGER, Result};
 
 // ---- Public interface ----
@@ -67,11 +67,7 @@ pub fn config_map_name(pool: &str) -> String {
 /// The text `shardfarm_client::farm::ClientKey::save` writes for `key` and `cert` (the same
 /// bytes, so `ClientKey::load` and `shardfarm gateway` read it).
 pub fn key_text(key: &ed25519_dalek::SigningKey, cert: &Delegation) -> String {
-    format!(
-        "# shardfarm client key and delegation: keep secret (mode 0600)\nsecret = \"{}\"\ndelegation = \"{}\"\n",
-        hex::encode(key.to_bytes()),
-        hex::encode(cert.to_bytes())
-    )
+    shardfarm_client::ClientKey { key: key.clone(), cert: cert.clone() }.to_text()
 }
 
 /// The delegation in a client key text, if it holds a well-formed one.
@@ -399,6 +395,10 @@ mod tests {
         assert!(lines[0].starts_with('#'));
         assert_eq!(lines[1], format!("secret = \"{}\"", hex::encode([3u8; 32])));
         assert!(lines[2].starts_with("delegation = \"") && text.ends_with("\"\n"));
+        // What the client library (and so the gateway) reads.
+        let read = shardfarm_client::ClientIdentity::from_text(&text, "secret").unwrap();
+        assert_eq!(read.id(), shardfarm_core::identity::NodeId::of(&key.verifying_key()));
+        assert_eq!(read.root(), root.id());
         let back = parse_delegation(&text).unwrap();
         assert_eq!(back, cert);
         assert!(back.verify(0, 1_800_000_000).is_ok());

@@ -25,10 +25,7 @@ use shardfarm_coordinator::Member;
 pub const AGENT_GRPC_PORT: u16 = 7400;
 /// Port of the agents' /metrics.
 pub const AGENT_HTTP_PORT: u16 = 7401;
-/// The in-cluster coordinator Service (created by the chart) and its port.
-pub const COORDINATOR_SERVICE: &str = "shardfarm-coordinator";
-/// Coordinator gRPC port.
-pub const COORDINATOR_PORT: u16 = 7398;
+pub use super::{COORDINATOR_PORT, COORDINATOR_SERVICE};
 /// Requeue while draining: drains are watched, not waited on.
 const DRAIN_POLL: Duration = Duration::from_secs(10);
 /// Requeue otherwise, to refresh status from the coordinator.

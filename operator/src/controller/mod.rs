@@ -24,6 +24,12 @@ mod tests;
 
 use std::sync::Arc;
 
+/// The in-cluster coordinator Service (the operator creates it) and its port: where agents and
+/// in-cluster clients reach the pool.
+pub const COORDINATOR_SERVICE: &str = "shardfarm-coordinator";
+/// Coordinator gRPC port.
+pub const COORDINATOR_PORT: u16 = 7398;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
