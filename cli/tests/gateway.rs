@@ -3,7 +3,7 @@
 //!
 //! One farm, one story: populate through the gateway (sizes, multipart, ranges, 1 500 keys,
 //! copy, delete), abuse it (wrong secrets, another user's key, malformed requests), sync a
-//! tree both ways with rclone, kill -9 two agents (RS(4,2)) and read everything back, then
+//! tree both ways with rclone, stall an agent (SIGSTOP), kill -9 two agents (RS(4,2)) and read everything back, then
 //! kill the gateway, delete its index, and let a new one rebuild the namespace from the pool.
 
 mod common;
@@ -145,7 +145,11 @@ fn s3_clients_store_and_read_through_the_gateway_and_it_survives_loss() {
     let (python, rclone_bin) = s3_tools();
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("farm");
-    let farm = Farm::start_with(&dir, common::free_base_port(), &["--segment-size", "1MiB"]);
+    let farm = Farm::start_with(
+        &dir,
+        common::free_base_port(),
+        &["--segment-size", "1MiB", "--repair-interval", "2"],
+    );
     common::settled(&farm);
 
     // Identities: the gateway's root key (its namespace log) and one per S3 user.
@@ -197,6 +201,17 @@ fn s3_clients_store_and_read_through_the_gateway_and_it_survives_loss() {
     rclone(&rclone_bin, &conf, &["sync", t, "sf:tree"]);
     rclone(&rclone_bin, &conf, &["check", t, "sf:tree"]);
     eprintln!("ok: rclone sync up and down, rclone check clean, changes and deletions synced");
+
+    // An agent stalls (SIGSTOP): stores and reads go on without it.
+    let shards = || farm.agent_metric_sum(6, "shardfarm_agent_shards");
+    let before = shards();
+    let stalled = farm.agent_pid(2).to_string();
+    assert!(Command::new("kill").args(["-STOP", &stalled]).status().unwrap().success());
+    boto(&python, &gw, "stalled", &state);
+    assert!(Command::new("kill").args(["-CONT", &stalled]).status().unwrap().success());
+    // What it missed (acknowledged at n − 1) is rebuilt once it answers again: 4 segments of
+    // the object and 1 of its log entry, 6 shards each. Only then may two more nodes die.
+    farm.wait_for(120, "the stalled agent to rebuild what it missed", || shards() >= before + 30.0);
 
     // Two agents die: every object still reads through the gateway.
     farm.kill9(1);

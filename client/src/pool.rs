@@ -28,6 +28,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// connections and never answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the last holders of a segment may take once enough others have acknowledged it.
+const STRAGGLER_GRACE: Duration = Duration::from_secs(2);
+
 /// Largest segment a pool may ask clients to buffer (the agents' own limit is the same).
 const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 
@@ -514,14 +517,37 @@ impl PoolClient {
                 Err(last.expect("at least one attempt"))
             });
         }
-        let mut failures = Vec::new();
-        while let Some(r) = tasks.next().await {
-            if let Err(e) = r {
-                failures.push(format!("{e:#}"));
+        let need = Self::success_threshold(view);
+        let (mut stored, mut failures) = (0, Vec::new());
+        // Once enough holders have acknowledged, the rest get a short grace: a stalled node
+        // (it accepts connections and never answers) must not hold every segment up for its
+        // full deadline; what it misses, repair rebuilds.
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                Some(until) => match tokio::time::timeout_at(until, tasks.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let late = tasks.len();
+                        failures.push(format!(
+                            "{late} holder(s) did not answer within {} s of the others",
+                            STRAGGLER_GRACE.as_secs()
+                        ));
+                        break;
+                    }
+                },
+                None => tasks.next().await,
+            };
+            match next {
+                Some(Ok(())) => stored += 1,
+                Some(Err(e)) => failures.push(format!("{e:#}")),
+                None => break,
+            }
+            if stored >= need && grace.is_none() {
+                grace = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
             }
         }
-        let stored = view.n() - failures.len();
-        let need = Self::success_threshold(view);
+        drop(tasks);
         if stored < need {
             bail!(
                 "segment {} stored on {stored} of {} nodes; at least {need} are needed: {}",

@@ -22,7 +22,9 @@ the list). */}}
 {{- end }}
 {{- if .Values.gateway.enabled }}
 {{- $days := .Values.gateway.clientDays | int }}
-{{- $out = append $out (dict "name" "gateway" "days" $days) }}
+{{- /* The gateway's root key places and signs its namespace log: a new key cannot find the
+       old log, so it gets the longest life there is (renewed only after eight years). */}}
+{{- $out = append $out (dict "name" "gateway" "days" 3650) }}
 {{- range .Values.gateway.users }}
 {{- $out = append $out (dict "name" (printf "s3-%s" .name) "days" $days) }}
 {{- end }}

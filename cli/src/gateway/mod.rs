@@ -104,7 +104,11 @@ fn load_identity(
 
 /// Parses and checks the users file: (access key, secret, identity) per user.
 fn parse_users(text: &str) -> anyhow::Result<Vec<(String, String, ClientIdentity)>> {
-    let file: UsersFile = toml::from_str(text).context("the users file is not valid")?;
+    // Not the parser's own message: it quotes the offending line, which may hold a secret.
+    let file: UsersFile = toml::from_str(text).map_err(|e| {
+        let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+        anyhow::anyhow!("the users file is not valid: {} (line {line})", e.message())
+    })?;
     if file.users.len() > MAX_USERS {
         bail!("the users file lists {} users; at most {MAX_USERS}", file.users.len());
     }
@@ -224,7 +228,10 @@ mod tests {
     fn a_good_users_file_parses_and_an_empty_one_is_allowed() {
         let dir = tempfile::tempdir().unwrap();
         let key = key_file(dir.path());
-        let users = parse_users(&(user("ALICE", "a-secret-key", &key) + &user("bob.2", "b-secret-key", &key))).unwrap();
+        let users = parse_users(
+            &(user("ALICE", "a-secret-key", &key) + &user("bob.2", "b-secret-key", &key)),
+        )
+        .unwrap();
         assert_eq!(users.len(), 2);
         assert_eq!(users[1].0, "bob.2");
         assert!(parse_users("users = []").unwrap().is_empty());
@@ -240,16 +247,27 @@ mod tests {
             (user("AL ICE", "a-secret-key", &key), "access key"),
             (user("ALICE", "short", &key), "8-128"),
             (ok.clone() + &ok, "twice"),
-            (ok.replace("secret_key = \"a-secret-key\"", "secret_key_env = \"SF_NO_SUCH_VAR\""), "SF_NO_SUCH_VAR"),
+            (
+                ok.replace("secret_key = \"a-secret-key\"", "secret_key_env = \"SF_NO_SUCH_VAR\""),
+                "SF_NO_SUCH_VAR",
+            ),
             (ok.replace("identity_file", "identity_env = \"X\"\nidentity_file"), "exactly one"),
             (ok.clone() + "color = \"red\"\n", "not valid"),
             (user("ALICE", "a-secret-key", &dir.path().join("missing.key")), "ALICE"),
         ];
+        // A broken line is named by its number, never quoted: it may hold a secret.
+        let broken = "[[users]]\naccess_key = \"ALICE\"\nsecret_key = \"s3cr3t-value\n";
+        let e = format!("{:#}", parse_users(broken).err().unwrap());
+        assert!(e.contains("line 3") && !e.contains("s3cr3t"), "{e}");
         for (text, why) in cases {
-            let e = format!("{:#}", parse_users(&text).err().unwrap_or_else(|| panic!("accepted:\n{text}")));
+            let e = format!(
+                "{:#}",
+                parse_users(&text).err().unwrap_or_else(|| panic!("accepted:\n{text}"))
+            );
             assert!(e.contains(why), "{why}: {e}");
         }
-        let many: String = (0..=MAX_USERS).map(|i| user(&format!("U{i:04}"), "a-secret-key", &key)).collect();
+        let many: String =
+            (0..=MAX_USERS).map(|i| user(&format!("U{i:04}"), "a-secret-key", &key)).collect();
         assert!(format!("{:#}", parse_users(&many).err().unwrap()).contains("at most"));
     }
 }

@@ -25,8 +25,11 @@ const LOG_DOMAIN: &[u8] = b"shardfarm-gateway-log-v1";
 const MAX_OPS_PER_ENTRY: usize = 1000;
 /// Largest log entry read back (a thousand object records are ~1 MiB).
 const MAX_ENTRY_BYTES: usize = 16 << 20;
-/// Index keys.
+/// Index keys: the next log sequence number, and the entry being written (its exact bytes).
 const NEXT_SEQ: &[u8] = b"m/next_seq";
+const PENDING: &[u8] = b"m/pending";
+/// The id of the root key whose log the index follows.
+const ROOT_ID: &[u8] = b"m/root";
 
 /// One stored piece of an object: a pool object (a multipart object has one per part).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -159,10 +162,39 @@ impl Index {
             }
         }
         batch.put(NEXT_SEQ, (seq + 1).to_le_bytes());
+        batch.delete(PENDING);
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
         self.db.write_opt(batch, &w)?;
         Ok(())
+    }
+
+    /// The entry being written, if a write did not finish: its exact bytes.
+    fn pending(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.db.get(PENDING)?)
+    }
+
+    /// Records the bytes of the entry about to be written (synced), so that whatever happens
+    /// to the write, that sequence number is only ever written with these bytes: its object
+    /// key is derived, and one key must never encrypt two contents.
+    fn set_pending(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        Ok(self.db.put_opt(PENDING, bytes, &w)?)
+    }
+
+    /// Checks that the index follows the log of `root` (and records it for an empty index).
+    pub fn check_root(&self, root: &shardfarm_core::identity::NodeId) -> anyhow::Result<()> {
+        match self.db.get(ROOT_ID)? {
+            Some(id) if id[..] == root.0 => Ok(()),
+            Some(id) => bail!(
+                "this index follows the namespace log of root key {}, not {root}: start the \
+                 gateway with that key (a log cannot move to another key), or with an empty \
+                 --data to start a new namespace",
+                hex::encode(id)
+            ),
+            None => Ok(self.db.put(ROOT_ID, root.0)?),
+        }
     }
 
     /// A bucket's record.
@@ -332,11 +364,30 @@ impl Log {
 }
 
 async fn commit(root: &Arc<PoolClient>, index: &Index, ops: Vec<Op>) -> anyhow::Result<()> {
+    finish_pending(root, index).await?;
     let seq = index.next_seq()?;
     let entry = serde_json::to_vec(&Entry { seq, ops })?;
-    root.put_with_key(entry_key(root.key(), seq), entry.clone()).await?;
-    let Entry { ops, .. } = serde_json::from_slice(&entry)?;
-    index.apply(seq, &ops)
+    index.set_pending(&entry)?;
+    write_entry(root, index, &entry).await
+}
+
+/// Writes an entry already recorded as pending, then applies it (which clears it).
+async fn write_entry(root: &Arc<PoolClient>, index: &Index, bytes: &[u8]) -> anyhow::Result<()> {
+    let entry: Entry = serde_json::from_slice(bytes)?;
+    root.put_with_key(entry_key(root.key(), entry.seq), bytes.to_vec()).await?;
+    index.apply(entry.seq, &entry.ops)
+}
+
+/// An entry whose write did not finish (the gateway stopped, the pool refused, the disk was
+/// full) is written again, byte for byte, before anything else: its changes were never
+/// acknowledged, but some nodes may hold it, so that sequence number is taken by it.
+async fn finish_pending(root: &Arc<PoolClient>, index: &Index) -> anyhow::Result<()> {
+    let Some(bytes) = index.pending()? else { return Ok(()) };
+    let entry: Entry = serde_json::from_slice(&bytes).context("corrupt pending log entry")?;
+    if entry.seq != index.next_seq()? {
+        bail!("the pending log entry is {}, but the next is {}", entry.seq, index.next_seq()?);
+    }
+    write_entry(root, index, &bytes).await.context("writing the unfinished log entry again")
 }
 
 /// Reads log entry `seq` from the pool: `None` if no holder has it.
@@ -363,6 +414,7 @@ async fn read_entry(root: &Arc<PoolClient>, seq: u64) -> anyhow::Result<Option<V
 /// Brings the index up to the log: applies every entry from the index's next sequence on
 /// (all of them for an empty index). Returns how many were applied.
 pub async fn catch_up(root: &Arc<PoolClient>, index: &Index) -> anyhow::Result<u64> {
+    index.check_root(&shardfarm_core::identity::NodeId::of(&root.key().verifying_key()))?;
     let mut applied = 0;
     loop {
         let seq = index.next_seq()?;
@@ -373,16 +425,19 @@ pub async fn catch_up(root: &Arc<PoolClient>, index: &Index) -> anyhow::Result<u
             }
             None => {
                 // The end of the log, unless a later entry exists (then `seq` is lost, and
-                // skipping it would silently drop changes).
+                // skipping it would silently drop changes). A probe that cannot tell stops the
+                // start: better no gateway than a namespace cut short.
                 for later in seq + 1..seq + 3 {
-                    if let Ok(Some(_)) = read_entry(root, later).await {
+                    if read_entry(root, later).await?.is_some() {
                         bail!(
                             "namespace log entry {seq} cannot be read but entry {later} exists: \
                              the pool lost more than it can repair"
                         );
                     }
                 }
-                return Ok(applied);
+                // An entry that was being written when the gateway stopped: write it now.
+                finish_pending(root, index).await?;
+                return Ok(applied + u64::from(index.next_seq()? > seq));
             }
         }
     }

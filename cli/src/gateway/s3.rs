@@ -27,6 +27,10 @@ const MIN_PART: u64 = 5 << 20;
 const MAX_PARTS: i32 = 10_000;
 /// Most keys one listing returns, as in S3.
 const MAX_KEYS: usize = 1000;
+/// Most connections served at once (each holds a task and a socket).
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a connection may take to send a request's headers (slow-header floods).
+const HEADER_DEADLINE: Duration = Duration::from_secs(30);
 /// Largest user metadata (names and values), as in S3.
 const MAX_METADATA: usize = 2048;
 
@@ -103,6 +107,47 @@ fn part_key(id: &str, n: i32) -> String {
     format!("p/{id}/{n:05}")
 }
 
+/// Where a listing resumes: after a key, or after every key under a common prefix.
+#[derive(Debug, Clone, PartialEq)]
+enum Resume {
+    Key(String),
+    Prefix(String),
+}
+
+impl Resume {
+    /// The continuation token: hex of a tag byte and the key or prefix.
+    fn token(&self) -> String {
+        match self {
+            Resume::Key(k) => hex::encode(format!("k{k}")),
+            Resume::Prefix(p) => hex::encode(format!("p{p}")),
+        }
+    }
+
+    fn from_token(t: &str) -> Option<Self> {
+        let s = String::from_utf8(hex::decode(t).ok()?).ok()?;
+        match s.split_at_checked(1)? {
+            ("k", k) => Some(Resume::Key(k.to_string())),
+            ("p", p) => Some(Resume::Prefix(p.to_string())),
+            _ => None,
+        }
+    }
+
+    /// ListObjects v1's marker: a key, or (ending in the delimiter) the common prefix the
+    /// previous page ended on.
+    fn from_marker(m: &str, delimiter: Option<&str>) -> Self {
+        match delimiter {
+            Some(d) if !d.is_empty() && m.ends_with(d) => Resume::Prefix(m.to_string()),
+            _ => Resume::Key(m.to_string()),
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Resume::Key(s) | Resume::Prefix(s) => s,
+        }
+    }
+}
+
 /// Hashes what is read through it.
 struct Md5Reader<R> {
     inner: R,
@@ -123,7 +168,12 @@ impl<R: Read> Read for Md5Reader<R> {
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
     buf: Vec<u8>,
+    rt: tokio::runtime::Handle,
 }
+
+/// How long a GET's client may take to accept the next MiB before the gateway gives up on it
+/// (a reader that stops reading must not hold a thread and the pool reads forever).
+const READER_DEADLINE: Duration = Duration::from_secs(60);
 
 impl ChannelWriter {
     fn rest(&mut self) -> Option<Bytes> {
@@ -136,9 +186,23 @@ impl Write for ChannelWriter {
         self.buf.extend_from_slice(data);
         if self.buf.len() >= 1 << 20 {
             let chunk = Bytes::from(std::mem::take(&mut self.buf));
-            self.tx.blocking_send(Ok(chunk)).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left")
-            })?;
+            let sent =
+                self.rt.block_on(tokio::time::timeout(READER_DEADLINE, self.tx.send(Ok(chunk))));
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "the client left",
+                    ));
+                }
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    ));
+                }
+            }
         }
         Ok(data.len())
     }
@@ -249,26 +313,42 @@ impl Gateway {
     }
 
     /// Commits a new object under `bucket/key` for `owner` (refusing to replace another
-    /// user's), then deletes what it replaced.
+    /// user's), then deletes what it replaced (but any piece the new record still uses).
     async fn commit_object(&self, bucket: &str, key: &str, record: ObjectRecord) -> S3Result<()> {
-        let owner = record.owner.clone();
-        let old = {
-            let _ns = self.ns.lock().await;
-            self.bucket(bucket)?;
-            let old = self.index.object(bucket, key).map_err(internal)?;
-            if let Some(o) = &old
-                && o.owner != owner
-            {
-                return Err(s3_error!(AccessDenied, "this key holds another user's object"));
-            }
-            let op = Op::PutObject { bucket: bucket.into(), key: key.into(), record };
-            self.log.commit(vec![op]).await.map_err(unavailable)?;
-            old
-        };
-        if let Some(o) = old {
-            self.discard(&owner, o.pieces).await;
-        }
+        let _ns = self.ns.lock().await;
+        let old = self.commit_locked(bucket, key, record.clone()).await?;
+        drop(_ns);
+        self.discard_replaced(&record, old).await;
         Ok(())
+    }
+
+    /// The check and the commit, under the namespace lock the caller holds.
+    async fn commit_locked(
+        &self,
+        bucket: &str,
+        key: &str,
+        record: ObjectRecord,
+    ) -> S3Result<Option<ObjectRecord>> {
+        self.bucket(bucket)?;
+        let old = self.index.object(bucket, key).map_err(internal)?;
+        if let Some(o) = &old
+            && o.owner != record.owner
+        {
+            return Err(s3_error!(AccessDenied, "this key holds another user's object"));
+        }
+        let op = Op::PutObject { bucket: bucket.into(), key: key.into(), record };
+        self.log.commit(vec![op]).await.map_err(unavailable)?;
+        Ok(old)
+    }
+
+    /// Deletes the pieces of `old` that `new` does not use (a repeated CompleteMultipartUpload
+    /// commits the same pieces again: they must stay).
+    async fn discard_replaced(&self, new: &ObjectRecord, old: Option<ObjectRecord>) {
+        let Some(old) = old else { return };
+        let keep: std::collections::HashSet<&str> =
+            new.pieces.iter().map(|p| p.cap.as_str()).collect();
+        let gone = old.pieces.into_iter().filter(|p| !keep.contains(p.cap.as_str())).collect();
+        self.discard(&old.owner, gone).await;
     }
 
     /// Deletes `bucket/key` for `owner`: Ok if it is gone (or never was).
@@ -304,7 +384,11 @@ impl Gateway {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let pieces = record.pieces.clone();
         tokio::spawn(async move {
-            let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::new() };
+            let mut w = ChannelWriter {
+                tx: tx.clone(),
+                buf: Vec::new(),
+                rt: tokio::runtime::Handle::current(),
+            };
             let mut offset = 0u64;
             for p in pieces {
                 let (start, end) = (offset, offset + p.size);
@@ -336,22 +420,29 @@ impl Gateway {
         Ok(StreamingBlob::wrap(futures::stream::iter(first).chain(rest)))
     }
 
-    /// One page of a listing: objects and common prefixes after `after`.
+    /// One page of a listing: objects and common prefixes after `after`, and where the next
+    /// page starts if there is one.
     #[allow(clippy::type_complexity)]
     fn list(
         &self,
         bucket: &str,
         prefix: &str,
         delimiter: Option<&str>,
-        after: Option<&str>,
+        after: Option<&Resume>,
         max: usize,
-    ) -> S3Result<(Vec<(String, ObjectRecord)>, Vec<String>, Option<String>)> {
+    ) -> S3Result<(Vec<(String, ObjectRecord)>, Vec<String>, Option<Resume>)> {
         self.bucket(bucket)?;
         let (mut objects, mut prefixes) = (Vec::new(), Vec::<String>::new());
         let mut next = None;
-        let mut last: Option<String> = None;
-        let skip_under =
-            after.filter(|a| delimiter.is_some_and(|d| !d.is_empty() && a.ends_with(d)));
+        let mut last: Option<Resume> = None;
+        // Resuming after a common prefix skips every key under it.
+        let skip_under = match after {
+            Some(Resume::Prefix(p)) => Some(p.as_str()),
+            _ => None,
+        };
+        let after = after.map(|a| match a {
+            Resume::Prefix(p) | Resume::Key(p) => p.as_str(),
+        });
         self.index
             .scan(bucket, prefix, after, |key, rec| {
                 if skip_under.is_some_and(|s| key.starts_with(s)) {
@@ -372,11 +463,11 @@ impl Gateway {
                 }
                 match grouped {
                     Some(cp) => {
-                        last = Some(cp.clone());
+                        last = Some(Resume::Prefix(cp.clone()));
                         prefixes.push(cp);
                     }
                     None => {
-                        last = Some(key.clone());
+                        last = Some(Resume::Key(key.clone()));
                         objects.push((key, rec));
                     }
                 }
@@ -699,15 +790,13 @@ impl S3 for Gateway {
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(MAX_KEYS as i32).clamp(0, MAX_KEYS as i32) as usize;
         let after = match &input.continuation_token {
-            Some(t) => {
-                Some(hex::decode(t).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(
-                    || s3_error!(InvalidArgument, "the continuation token is not valid"),
-                )?)
-            }
-            None => input.start_after.clone(),
+            Some(t) => Some(Resume::from_token(t).ok_or_else(|| {
+                s3_error!(InvalidArgument, "the continuation token is not valid")
+            })?),
+            None => input.start_after.clone().map(Resume::Key),
         };
         let (objects, prefixes, next) =
-            self.list(&input.bucket, &prefix, input.delimiter.as_deref(), after.as_deref(), max)?;
+            self.list(&input.bucket, &prefix, input.delimiter.as_deref(), after.as_ref(), max)?;
         let count = (objects.len() + prefixes.len()) as i32;
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
@@ -717,7 +806,7 @@ impl S3 for Gateway {
             key_count: Some(count),
             is_truncated: Some(next.is_some()),
             continuation_token: input.continuation_token,
-            next_continuation_token: next.map(hex::encode),
+            next_continuation_token: next.map(|n| n.token()),
             start_after: input.start_after,
             encoding_type: input.encoding_type,
             contents: Some(objects.into_iter().map(|(k, r)| Self::to_object(k, &r)).collect()),
@@ -736,13 +825,10 @@ impl S3 for Gateway {
         let input = req.input;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(MAX_KEYS as i32).clamp(0, MAX_KEYS as i32) as usize;
-        let (objects, prefixes, next) = self.list(
-            &input.bucket,
-            &prefix,
-            input.delimiter.as_deref(),
-            input.marker.as_deref(),
-            max,
-        )?;
+        let marker =
+            input.marker.as_deref().map(|m| Resume::from_marker(m, input.delimiter.as_deref()));
+        let (objects, prefixes, next) =
+            self.list(&input.bucket, &prefix, input.delimiter.as_deref(), marker.as_ref(), max)?;
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(input.bucket),
             prefix: Some(prefix),
@@ -750,7 +836,7 @@ impl S3 for Gateway {
             marker: input.marker,
             max_keys: Some(max as i32),
             is_truncated: Some(next.is_some()),
-            next_marker: next,
+            next_marker: next.map(Resume::into_string),
             encoding_type: input.encoding_type,
             contents: Some(objects.into_iter().map(|(k, r)| Self::to_object(k, &r)).collect()),
             common_prefixes: Some(
@@ -805,11 +891,22 @@ impl S3 for Gateway {
         }
         let (piece, md5) = self.store(&user.client, input.body, input.content_length).await?;
         let key = part_key(&input.upload_id, input.part_number);
-        let old = self.index.get_local(&key).map_err(internal)?;
         let rec = PartRecord { piece, md5: md5.clone(), modified_ms: now_ms() };
-        self.index
-            .put_local(&key, &serde_json::to_vec(&rec).map_err(internal)?)
-            .map_err(internal)?;
+        // Under the lock: a Complete or Abort of this upload either saw this part or the
+        // upload is gone (then this part is not kept).
+        let old = {
+            let _ns = self.ns.lock().await;
+            if let Err(e) = self.upload(&input.upload_id, &owner) {
+                drop(_ns);
+                self.discard(&owner, vec![rec.piece]).await;
+                return Err(e);
+            }
+            let old = self.index.get_local(&key).map_err(internal)?;
+            self.index
+                .put_local(&key, &serde_json::to_vec(&rec).map_err(internal)?)
+                .map_err(internal)?;
+            old
+        };
         if let Some(old) = old.and_then(|o| serde_json::from_slice::<PartRecord>(&o).ok()) {
             self.discard(&owner, vec![old.piece]).await;
         }
@@ -822,6 +919,9 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let (owner, _) = self.caller(&req)?;
         let input = req.input;
+        // The whole completion holds the namespace lock: the parts it reads are the parts an
+        // UploadPart or Abort may not change meanwhile, and a second Complete finds no upload.
+        let ns = self.ns.lock().await;
         let u = self.upload(&input.upload_id, &owner)?;
         if u.bucket != input.bucket || u.key != input.key {
             return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
@@ -873,9 +973,11 @@ impl S3 for Gateway {
             modified_ms: now_ms(),
             owner: owner.clone(),
         };
-        self.commit_object(&input.bucket, &input.key, record).await?;
+        let old = self.commit_locked(&input.bucket, &input.key, record.clone()).await?;
         self.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
         self.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
+        drop(ns);
+        self.discard_replaced(&record, old).await;
         // Parts uploaded but not named are not part of the object.
         self.discard(&owner, stored.into_values().map(|p| p.piece).collect()).await;
         Ok(S3Response::new(CompleteMultipartUploadOutput {
@@ -892,10 +994,14 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         let (owner, _) = self.caller(&req)?;
         let input = req.input;
-        self.upload(&input.upload_id, &owner)?;
-        let parts = self.parts(&input.upload_id)?;
-        self.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
-        self.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
+        let parts = {
+            let _ns = self.ns.lock().await;
+            self.upload(&input.upload_id, &owner)?;
+            let parts = self.parts(&input.upload_id)?;
+            self.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
+            self.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
+            parts
+        };
         self.discard(&owner, parts.into_iter().map(|(_, p)| p.piece).collect()).await;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
@@ -1005,16 +1111,30 @@ pub async fn serve(
     eprintln!("S3 gateway listening on http://{}", listener.local_addr()?);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Past the connection limit a newcomer is dropped at once.
+                let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                 let _ = stream.set_nodelay(true);
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_DEADLINE)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(slot);
                 });
             }
             _ = term.recv() => break,
