@@ -28,6 +28,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// connections and never answers.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a read waits without any holder answering before it asks one more.
+const HEDGE: Duration = Duration::from_secs(2);
+
 /// How long the last holders of a segment may take once enough others have acknowledged it.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(2);
 
@@ -625,12 +628,14 @@ impl PoolClient {
         holders: &[NodeId],
     ) -> anyhow::Result<Fetched> {
         let k = usize::from(view.k);
-        let mut tasks = FuturesUnordered::new();
-        for (i, &node) in holders.iter().enumerate() {
-            let me = self.clone();
-            let view = view.clone();
+        // Ask the k data-shard holders first (a segment whose data shards all arrive needs no
+        // Reed-Solomon decode, and on a small machine the n − k other answers are pure waste);
+        // ask one more holder for each that fails, and one more whenever none has answered for
+        // HEDGE (a stalled node).
+        let fetch = |i: usize| {
+            let (me, view, node) = (self.clone(), view.clone(), holders[i]);
             let id = ShardId { object_id: cap.object_id, segment: index, shard: i as u32 };
-            tasks.push(async move {
+            async move {
                 let d = transfer_deadline(view.segment_size / u64::from(view.k.max(1)));
                 let r = within(d, &node, async {
                     let mut c = me.conn(&node, &view).await?;
@@ -641,16 +646,36 @@ impl PoolClient {
                 })
                 .await;
                 (i, r)
-            });
+            }
+        };
+        let mut tasks = FuturesUnordered::new();
+        let mut asked = k.min(holders.len());
+        for i in 0..asked {
+            tasks.push(fetch(i));
         }
         let mut header: Option<(Vec<u8>, SegmentHeader)> = None;
         let mut good: Vec<Option<Vec<u8>>> = vec![None; holders.len()];
         let (mut have, mut failures) = (0, Vec::new());
-        while let Some((i, r)) = tasks.next().await {
+        loop {
+            let hedge = tokio::time::sleep(HEDGE);
+            let next = tokio::select! {
+                n = tasks.next() => n,
+                _ = hedge, if asked < holders.len() => {
+                    tasks.push(fetch(asked));
+                    asked += 1;
+                    continue;
+                }
+            };
+            let Some((i, r)) = next else { break };
+            let failed_before = failures.len();
             let shard = match r {
                 Ok(s) => s,
                 Err(e) => {
                     failures.push(format!("{e:#}"));
+                    if asked < holders.len() {
+                        tasks.push(fetch(asked));
+                        asked += 1;
+                    }
                     continue;
                 }
             };
@@ -687,6 +712,10 @@ impl PoolClient {
                     }
                 }
                 Err(e) => failures.push(format!("node {}: shard {i}: {e}", holders[i].short())),
+            }
+            if failures.len() > failed_before && asked < holders.len() {
+                tasks.push(fetch(asked));
+                asked += 1;
             }
         }
         drop(tasks);

@@ -27,6 +27,8 @@ const MIN_PART: u64 = 5 << 20;
 const MAX_PARTS: i32 = 10_000;
 /// Most keys one listing returns, as in S3.
 const MAX_KEYS: usize = 1000;
+/// Stripes of the per-key lock.
+const STRIPES: usize = 256;
 /// Most connections served at once (each holds a task and a socket).
 const MAX_CONNECTIONS: usize = 1024;
 /// How long a connection may take to send a request's headers (slow-header floods).
@@ -40,8 +42,14 @@ pub struct Gateway {
     index: Arc<Index>,
     log: Log,
     spool: PathBuf,
-    /// Held from an ownership check to its commit, so no two changes race past each other.
-    ns: tokio::sync::Mutex<()>,
+    /// Bucket creation and deletion hold it for writing; every change of an object holds it
+    /// for reading (so a bucket cannot vanish under a put, nor be emptied-then-filled while
+    /// its deletion checks it).
+    buckets: tokio::sync::RwLock<()>,
+    /// Held from an object's ownership check to its commit, striped by bucket and key: two
+    /// changes of one key never race past each other, and changes of different keys commit
+    /// concurrently (the log writer puts them in one entry).
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// An upload in progress (kept by this gateway only; see ARCHITECTURE.md).
@@ -230,10 +238,22 @@ impl<W: Write> Write for Md5Writer<W> {
     }
 }
 
+/// Guards of one object's change: the bucket lock for reading, then the key's stripe.
+type KeyGuard<'a> = (tokio::sync::RwLockReadGuard<'a, ()>, tokio::sync::MutexGuard<'a, ()>);
+
 impl Gateway {
+    /// Locks the namespace for a change of `bucket/key`.
+    async fn lock_key(&self, bucket: &str, key: &str) -> KeyGuard<'_> {
+        let read = self.buckets.read().await;
+        let h = shardfarm_core::identity::blake2b256(&[bucket.as_bytes(), b"/", key.as_bytes()]);
+        let i = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as usize % STRIPES;
+        (read, self.stripes[i].lock().await)
+    }
+
     /// A gateway over `index` and `log`, for `users`.
     pub fn new(users: HashMap<String, User>, index: Arc<Index>, log: Log, spool: PathBuf) -> Self {
-        Gateway { users, index, log, spool, ns: tokio::sync::Mutex::new(()) }
+        let stripes = (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        Gateway { users, index, log, spool, buckets: tokio::sync::RwLock::new(()), stripes }
     }
 
     /// The caller's access key and user (s3s has checked the signature).
@@ -315,7 +335,7 @@ impl Gateway {
     /// Commits a new object under `bucket/key` for `owner` (refusing to replace another
     /// user's), then deletes what it replaced (but any piece the new record still uses).
     async fn commit_object(&self, bucket: &str, key: &str, record: ObjectRecord) -> S3Result<()> {
-        let _ns = self.ns.lock().await;
+        let _ns = self.lock_key(bucket, key).await;
         let old = self.commit_locked(bucket, key, record.clone()).await?;
         drop(_ns);
         self.discard_replaced(&record, old).await;
@@ -354,7 +374,7 @@ impl Gateway {
     /// Deletes `bucket/key` for `owner`: Ok if it is gone (or never was).
     async fn delete(&self, owner: &str, bucket: &str, key: &str) -> S3Result<()> {
         let old = {
-            let _ns = self.ns.lock().await;
+            let _ns = self.lock_key(bucket, key).await;
             self.bucket(bucket)?;
             let Some(old) = self.index.object(bucket, key).map_err(internal)? else {
                 return Ok(());
@@ -538,7 +558,7 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<CreateBucketOutput>> {
         let (owner, _) = self.caller(&req)?;
         let bucket = req.input.bucket;
-        let _ns = self.ns.lock().await;
+        let _ns = self.buckets.write().await;
         if let Some(b) = self.index.bucket(&bucket).map_err(internal)? {
             return Err(if b.owner == owner {
                 s3_error!(BucketAlreadyOwnedByYou)
@@ -560,7 +580,7 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         let (owner, _) = self.caller(&req)?;
         let bucket = req.input.bucket;
-        let _ns = self.ns.lock().await;
+        let _ns = self.buckets.write().await;
         let b = self.bucket(&bucket)?;
         if b.owner != owner {
             return Err(s3_error!(AccessDenied, "only the bucket's creator may delete it"));
@@ -895,7 +915,7 @@ impl S3 for Gateway {
         // Under the lock: a Complete or Abort of this upload either saw this part or the
         // upload is gone (then this part is not kept).
         let old = {
-            let _ns = self.ns.lock().await;
+            let _ns = self.lock_key(&input.bucket, &input.key).await;
             if let Err(e) = self.upload(&input.upload_id, &owner) {
                 drop(_ns);
                 self.discard(&owner, vec![rec.piece]).await;
@@ -921,7 +941,7 @@ impl S3 for Gateway {
         let input = req.input;
         // The whole completion holds the namespace lock: the parts it reads are the parts an
         // UploadPart or Abort may not change meanwhile, and a second Complete finds no upload.
-        let ns = self.ns.lock().await;
+        let ns = self.lock_key(&input.bucket, &input.key).await;
         let u = self.upload(&input.upload_id, &owner)?;
         if u.bucket != input.bucket || u.key != input.key {
             return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
@@ -995,8 +1015,11 @@ impl S3 for Gateway {
         let (owner, _) = self.caller(&req)?;
         let input = req.input;
         let parts = {
-            let _ns = self.ns.lock().await;
-            self.upload(&input.upload_id, &owner)?;
+            let _ns = self.lock_key(&input.bucket, &input.key).await;
+            let u = self.upload(&input.upload_id, &owner)?;
+            if u.bucket != input.bucket || u.key != input.key {
+                return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
+            }
             let parts = self.parts(&input.upload_id)?;
             self.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
             self.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
