@@ -440,16 +440,34 @@ impl PoolClient {
         self.progress.begin("put", len);
         let progress = self.progress.clone();
         let r = tokio::task::spawn_blocking(move || {
-            enc.encode_reader(reader, |seg| {
-                let shards: Vec<Bytes> =
-                    seg.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
-                let plen = seg.header.plaintext_len();
-                handle
-                    .block_on(me.store_segment(seg.header.encode(), &seg.header, shards))
+            // Segment i is stored while segment i + 1 is read and encoded (the agents' disk
+            // work overlaps the client's CPU work); at most two segments are in memory.
+            type Storing = tokio::task::JoinHandle<anyhow::Result<u64>>;
+            let wait = |t: Storing| -> shardfarm_core::Result<()> {
+                let plen = handle
+                    .block_on(t)
+                    .map_err(|e| shardfarm_core::Error::Malformed(format!("store task: {e}")))?
                     .map_err(|e| shardfarm_core::Error::Malformed(format!("{e:#}")))?;
                 progress.advance(plen);
                 Ok(())
-            })
+            };
+            let mut storing: Option<Storing> = None;
+            let encoded = enc.encode_reader(reader, |seg| {
+                let shards: Vec<Bytes> =
+                    seg.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
+                let (me, header) = (me.clone(), seg.header.clone());
+                let next = handle.spawn(async move {
+                    me.store_segment(header.encode(), &header, shards).await?;
+                    Ok(header.plaintext_len())
+                });
+                if let Some(previous) = storing.replace(next) {
+                    wait(previous)?;
+                }
+                Ok(())
+            });
+            // The last segment's store, or (after an error) whatever is still in flight.
+            let last = storing.map_or(Ok(()), wait);
+            encoded.and(last)
         })
         .await;
         self.progress.finish();
