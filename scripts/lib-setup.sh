@@ -50,3 +50,16 @@ apt_install() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' \
     || fail "$1 is still not installed: run 'apt-get install $1'"
 }
+
+# ensure_venv DIR: a virtualenv in DIR whose pip runs (made anew if broken), installing Debian's
+# python3-venv first when the machine lacks it.
+ensure_venv() {
+  "$1/bin/python" -m pip --version >/dev/null 2>&1 && return 0
+  rm -rf "$1"
+  if ! python3 -m venv "$1" >/dev/null 2>&1; then
+    rm -rf "$1"
+    apt_install python3-venv "python's virtualenv module"
+    python3 -m venv "$1" >&2 || fail "python3 -m venv still fails: run 'apt-get install python3-venv'"
+  fi
+  step "created virtualenv $1"
+}

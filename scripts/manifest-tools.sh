@@ -10,15 +10,7 @@ validators_ok() {
   "$VENV/bin/python" -c 'import kubernetes_validate, check_jsonschema' >/dev/null 2>&1
 }
 if ! validators_ok; then
-  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-    rm -rf "$VENV"
-    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-      rm -rf "$VENV"
-      apt_install python3-venv "python's virtualenv module"
-      python3 -m venv "$VENV" >&2 || fail "python3 -m venv still fails: run 'apt-get install python3-venv'"
-    fi
-    step "created virtualenv $VENV"
-  fi
+  ensure_venv "$VENV"
   step "installing kubernetes-validate and check-jsonschema into $VENV (PyPI)"
   "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate check-jsonschema >&2 \
     || fail "pip install kubernetes-validate check-jsonschema failed (is PyPI reachable?)"

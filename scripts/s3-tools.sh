@@ -10,15 +10,7 @@ clients_ok() {
   "$VENV/bin/python" -c 'import boto3' >/dev/null 2>&1 && "$VENV/bin/aws" --version >/dev/null 2>&1
 }
 if ! clients_ok; then
-  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-    rm -rf "$VENV"
-    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-      rm -rf "$VENV"
-      apt_install python3-venv "python's virtualenv module"
-      python3 -m venv "$VENV" >&2 || fail "python3 -m venv still fails: run 'apt-get install python3-venv'"
-    fi
-    step "created virtualenv $VENV"
-  fi
+  ensure_venv "$VENV"
   step "installing boto3 and awscli into $VENV (PyPI)"
   "$VENV/bin/pip" install -q --disable-pip-version-check boto3 awscli >&2 \
     || fail "pip install boto3 awscli failed (is PyPI reachable?)"
