@@ -107,6 +107,26 @@ fn check_metadata(meta: &Option<Metadata>) -> S3Result<BTreeMap<String, String>>
     Ok(m)
 }
 
+/// Reads (and drops) up to 1 MiB of a body the gateway refuses before answering, so an HTTP/1.1
+/// connection stays in step: a client that sent `Expect: 100-continue` gets its 100 and sends
+/// the body, which is consumed instead of being left where the next request on that
+/// connection would start. A larger body is left to the server, which closes the connection.
+async fn refuse_body(body: Option<StreamingBlob>, error: S3Error) -> S3Error {
+    if let Some(mut body) = body {
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(chunk)) = body.next().await {
+                seen += chunk.len();
+                if seen > 1 << 20 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+    error
+}
+
 fn upload_key(id: &str) -> String {
     format!("u/{id}")
 }
@@ -615,14 +635,22 @@ impl S3 for Gateway {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let (owner, user) = self.caller(&req)?;
-        let input = req.input;
-        self.bucket(&input.bucket)?;
-        let metadata = check_metadata(&input.metadata)?;
-        if let Some(o) = self.index.object(&input.bucket, &input.key).map_err(internal)?
-            && o.owner != owner
-        {
-            return Err(s3_error!(AccessDenied, "this key holds another user's object"));
+        let mut input = req.input;
+        let checked = async {
+            self.bucket(&input.bucket)?;
+            let metadata = check_metadata(&input.metadata)?;
+            if let Some(o) = self.index.object(&input.bucket, &input.key).map_err(internal)?
+                && o.owner != owner
+            {
+                return Err(s3_error!(AccessDenied, "this key holds another user's object"));
+            }
+            Ok(metadata)
         }
+        .await;
+        let metadata = match checked {
+            Ok(m) => m,
+            Err(e) => return Err(refuse_body(input.body.take(), e).await),
+        };
         let (piece, md5) = self.store(&user.client, input.body, input.content_length).await?;
         let record = ObjectRecord {
             size: piece.size,
@@ -901,13 +929,19 @@ impl S3 for Gateway {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let (owner, user) = self.caller(&req)?;
-        let input = req.input;
-        let u = self.upload(&input.upload_id, &owner)?;
-        if u.bucket != input.bucket || u.key != input.key {
-            return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
-        }
-        if !(1..=MAX_PARTS).contains(&input.part_number) {
-            return Err(s3_error!(InvalidArgument, "part numbers are 1 to {MAX_PARTS}"));
+        let mut input = req.input;
+        let checked = (|| {
+            let u = self.upload(&input.upload_id, &owner)?;
+            if u.bucket != input.bucket || u.key != input.key {
+                return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
+            }
+            if !(1..=MAX_PARTS).contains(&input.part_number) {
+                return Err(s3_error!(InvalidArgument, "part numbers are 1 to {MAX_PARTS}"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = checked {
+            return Err(refuse_body(input.body.take(), e).await);
         }
         let (piece, md5) = self.store(&user.client, input.body, input.content_length).await?;
         let key = part_key(&input.upload_id, input.part_number);
