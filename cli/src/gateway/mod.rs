@@ -50,9 +50,6 @@ pub struct GatewayArgs {
     /// identity_file or identity_env). Or SHARDFARM_GATEWAY_USERS_TEXT (its text).
     #[arg(long, env = "SHARDFARM_GATEWAY_USERS")]
     pub users: Option<PathBuf>,
-    /// The S3 region clients sign for.
-    #[arg(long, env = "SHARDFARM_GATEWAY_REGION", default_value = "us-east-1")]
-    pub region: String,
     /// Structured (JSON) logs.
     #[arg(long, env = "SHARDFARM_JSON_LOGS")]
     pub json_logs: bool,
@@ -200,7 +197,7 @@ pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<
     let spool = args.data.join("spool");
     std::fs::create_dir_all(&spool)?;
     let gateway = s3::Gateway::new(users, index, log, spool);
-    s3::serve(gateway, args.listen, &args.region, SHUTDOWN_GRACE).await
+    s3::serve(gateway, args.listen, SHUTDOWN_GRACE).await
 }
 
 #[cfg(test)]

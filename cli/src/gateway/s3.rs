@@ -1149,18 +1149,13 @@ impl s3s::auth::S3Auth for Auth {
 }
 
 /// Serves S3 on `listen` until SIGTERM/SIGINT, then lets requests in flight finish for up
-/// to `grace`.
-pub async fn serve(
-    gateway: Gateway,
-    listen: SocketAddr,
-    region: &str,
-    grace: Duration,
-) -> anyhow::Result<()> {
+/// to `grace`. Clients may sign for any region: SigV4 is checked against the region each
+/// request's credential scope names.
+pub async fn serve(gateway: Gateway, listen: SocketAddr, grace: Duration) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let secrets = gateway.users.iter().map(|(k, u)| (k.clone(), u.secret.clone())).collect();
     let mut builder = s3s::service::S3ServiceBuilder::new(gateway);
     builder.set_auth(Auth(secrets));
-    let _ = region; // SigV4 takes the region from each request's credential scope.
     let service = builder.build();
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
