@@ -1,8 +1,8 @@
 //! The local farm's state directory: `farm.json` (pool, profile, nodes, layout) and the keys.
 //!
-//! `shardfarm local up` is the coordinator of a local farm: it owns this directory. Client
-//! commands read it (`--farm DIR` or `SHARDFARM_FARM`) to find the nodes, the layout and the
-//! local user's delegated credential.
+//! `shardfarm local up` owns this directory and keeps `farm.json` as its own bookkeeping (and
+//! for tests and benchmarks that look at the nodes). Clients do not read it: they open the
+//! pool profile `pool.toml` beside it, like any other pool.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -149,10 +149,5 @@ impl Farm {
         self.layout_version = published.layout.version;
         self.layout = to_indices(&published.layout);
         self.previous_layout = published.previous.as_ref().map(to_indices);
-    }
-
-    /// The nodes holding partition `p`, in shard order.
-    pub fn holders(&self, p: u32) -> Vec<&NodeEntry> {
-        self.layout[p as usize].iter().map(|&i| &self.nodes[i]).collect()
     }
 }
