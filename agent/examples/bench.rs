@@ -10,6 +10,8 @@
 //! - `tls [rounds]`: what TLS costs. The same put/get runs (1 and 16 MiB shards, 1 and 8
 //!   clients, 4 KiB shards, fresh connections) against an agent serving TLS and one serving
 //!   `--insecure-plaintext`, alternated, best of `rounds` each, side by side.
+//! - `getshard [rounds]`: GetShard alone (16 MiB shards, one client, read `rounds` times)
+//!   beside TCP and TLS copies of the same bytes; the loop to run under a profiler.
 //! - `store [GiB]`: the payload layout decision. The same sustained workload (4 MiB values,
 //!   durable writes, a bounded live set so old values are deleted) on our store (files +
 //!   RocksDB index) and on RocksDB BlobDB; throughput and write amplification measured from
@@ -82,6 +84,46 @@ fn tcp_copy(total: usize, chunk: usize) -> f64 {
         sent += chunk;
     }
     server.join().unwrap();
+    total as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// The same copy as [`tcp_copy`] through a TLS 1.3 stream with the agents' own configuration
+/// (rustls, ring, ed25519 raw public keys): the most a TLS GetShard could reach on this
+/// machine, since every byte is encrypted on one side and decrypted on the other.
+async fn tls_copy(total: usize, chunk: usize) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let (client, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        shardfarm_proto::tls::server_config(server.signing_key()).unwrap(),
+    );
+    let connector = tokio_rustls::TlsConnector::from(
+        shardfarm_proto::tls::client_config(client.signing_key(), server.id()).unwrap(),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let reader = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let mut buf = vec![0u8; MIB];
+        let mut n = 0;
+        while n < total {
+            n += s.read(&mut buf).await.unwrap();
+        }
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("shardfarm").unwrap();
+    let mut c = connector.connect(name, tcp).await.unwrap();
+    let buf = vec![7u8; chunk];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        c.write_all(&buf).await.unwrap();
+        sent += chunk;
+    }
+    c.flush().await.unwrap();
+    reader.await.unwrap();
     total as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
@@ -177,6 +219,41 @@ async fn put_get(
     (put, get)
 }
 
+/// GetShard alone, for profiling the read path: 32 shards of 16 MiB stored once, then read by
+/// one client `rounds` times over TLS; each round's rate beside the TCP and TLS copies.
+async fn getshard(rounds: usize) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let (mut child, addr, node) = start_agent(&dir.path().join("agent"), &[]).await;
+    let (me, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let signer = Arc::new(Signer::identity(&me));
+    let set = shards(&me, 32, 16 * MIB);
+    let total: usize = set.iter().map(|(_, s)| s.len()).sum();
+    let mut conn = AgentClient::connect(&addr, node, signer).await.unwrap();
+    for (h, s) in &set {
+        conn.put_shard(h, 0, s.clone()).await.unwrap();
+    }
+    let tcp = tcp_copy(total, 4 * MIB);
+    let tls = tls_copy(total, 4 * MIB).await;
+    println!("GetShard, 16 MiB shards, 1 client; TCP copy {tcp:.2} GB/s, TLS copy {tls:.2} GB/s");
+    for round in 0..rounds {
+        let t = Instant::now();
+        for (h, _) in &set {
+            let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(h).unwrap();
+            let id = ShardId { object_id: hd.object_id, segment: 0, shard: 0 };
+            let got = conn.get_shard(id, 0, 0).await.unwrap();
+            assert_eq!(got.data.len(), hd.shard_length as usize);
+        }
+        let get = total as f64 / t.elapsed().as_secs_f64() / 1e9;
+        println!(
+            "  round {round}: {get:.2} GB/s ({:.0} % of TCP, {:.0} % of TLS)",
+            100.0 * get / tcp,
+            100.0 * get / tls
+        );
+    }
+    unsafe_term(child.id());
+    let _ = child.wait();
+}
+
 /// The cost of TLS: the same put/get runs against an agent serving TLS and one serving
 /// plaintext (`--insecure-plaintext`), alternated, best of `rounds` each.
 async fn tls(rounds: usize) {
@@ -256,6 +333,7 @@ async fn rpc() {
         let count = total_mib / shard_mib;
         let set = Arc::new(shards(&me, count, shard_mib * MIB));
         let tcp = tcp_copy(total_mib * MIB, shard_mib.min(4) * MIB);
+        let tls = tls_copy(total_mib * MIB, shard_mib.min(4) * MIB).await;
         // Raw store writes of the same values (no gRPC), in a separate store on the same disk.
         let raw_dir = dir.path().join(format!("raw{shard_mib}"));
         let store = Store::open(&raw_dir).unwrap();
@@ -272,9 +350,10 @@ async fn rpc() {
         for clients in [1usize, 8] {
             let (put, get) = put_get(&addr, node, &signer, &set, clients).await;
             println!(
-                "  {shard_mib:>2} MiB shards, {clients} client(s): put {put:.2} GB/s ({:.0} % of raw store {raw:.2}) | get {get:.2} GB/s ({:.0} % of TCP copy {tcp:.2})",
+                "  {shard_mib:>2} MiB shards, {clients} client(s): put {put:.2} GB/s ({:.0} % of raw store {raw:.2}) | get {get:.2} GB/s ({:.0} % of TCP copy {tcp:.2}, {:.0} % of TLS copy {tls:.2})",
                 100.0 * put / raw,
-                100.0 * get / tcp
+                100.0 * get / tcp,
+                100.0 * get / tls
             );
         }
     }
@@ -434,6 +513,10 @@ fn main() {
             let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(3);
             tokio::runtime::Runtime::new().unwrap().block_on(tls(rounds))
         }
+        Some("getshard") => {
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(5);
+            tokio::runtime::Runtime::new().unwrap().block_on(getshard(rounds))
+        }
         Some("tcp") => {
             let gib: usize = args.get(2).and_then(|g| g.parse().ok()).unwrap_or(2);
             println!("loopback TCP copy, 1 MiB writes: {:.2} GB/s", tcp_copy(gib << 30, MIB));
@@ -441,7 +524,7 @@ fn main() {
         Some("store") => store(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(20)),
         _ => {
             eprintln!(
-                "usage: bench rpc | bench tls [rounds, default 3] | bench store [GiB, default 20] \
+                "usage: bench rpc | bench tls [rounds, default 3] | bench getshard [rounds, default 5] | bench store [GiB, default 20] \
                  | bench tcp [GiB]"
             );
             std::process::exit(2);

@@ -194,10 +194,16 @@ impl Agent for AgentService {
         self.authenticate(&request, methods::GET)?;
         let req = request.into_inner();
         let id = shard_id(req.key)?;
-        let out =
-            self.observe(methods::GET, start, self.node.get(id, req.offset, req.length).await)?;
-        // A bounded channel fed by a task: a client that goes away stops the work.
+        // A shard that opens is counted when its stream ends (below), with the check's result.
+        let out = match self.node.get(id, req.offset, req.length).await {
+            Ok(out) => out,
+            Err(e) => return Err(self.observe::<()>(methods::GET, start, Err(e)).unwrap_err()),
+        };
+        // A bounded channel fed by a task: a client that goes away stops the work. The shard
+        // is checked against its root while it streams; the last chunk waits for the check,
+        // so a corrupt shard ends in DataLoss, never in a complete stream.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let metrics = self.node.metrics.clone();
         tokio::spawn(async move {
             use proto::get_shard_response::Part;
             let header = Part::SegmentHeader(Bytes::from(out.header));
@@ -205,13 +211,26 @@ impl Agent for AgentService {
                 return;
             }
             let mut data = out.data;
-            while !data.is_empty() {
-                let chunk = data.split_to(CHUNK.min(data.len()));
+            while data.len() > CHUNK {
+                let chunk = data.split_to(CHUNK);
                 let msg = proto::GetShardResponse { part: Some(Part::Chunk(chunk)) };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
             }
+            let checked = out.verified.wait().await;
+            let label = checked.as_ref().map_or_else(Error::metric_label, |()| "ok");
+            metrics.requests.with_label_values(&["GetShard", label]).inc();
+            metrics
+                .request_seconds
+                .with_label_values(&["GetShard"])
+                .observe(start.elapsed().as_secs_f64());
+            let last = match checked {
+                Ok(()) if data.is_empty() => return,
+                Ok(()) => Ok(proto::GetShardResponse { part: Some(Part::Chunk(data)) }),
+                Err(e) => Err(to_status(&e)),
+            };
+            let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }

@@ -205,8 +205,31 @@ pub struct PutOutcome {
 pub struct GetOutcome {
     /// The signed header.
     pub header: Vec<u8>,
-    /// The requested bytes.
+    /// The requested bytes, mapped from the payload file and not yet verified.
     pub data: bytes::Bytes,
+    /// The check of the whole shard against its signed root, running beside the caller.
+    pub verified: Verification,
+}
+
+/// A shard check running on the blocking pool.
+#[derive(Debug)]
+pub struct Verification(tokio::task::JoinHandle<Result<()>>);
+
+impl Verification {
+    /// Waits for the check: `Ok` if the shard matched its signed root.
+    pub async fn wait(self) -> Result<()> {
+        self.0.await.map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+/// A stored shard mapped with its header, before its bytes are checked.
+struct OpenShard {
+    id: ShardId,
+    partition: u32,
+    root: [u8; 32],
+    header: SegmentHeader,
+    header_bytes: Vec<u8>,
+    shard: bytes::Bytes,
 }
 
 impl Node {
@@ -395,26 +418,32 @@ impl Node {
         })
     }
 
-    /// Reads a shard (all of it, or `length` bytes from `offset`; `length` 0 = to the end),
-    /// verified against its signed root first. A corrupt shard is quarantined and answered
-    /// with [`Error::DataLoss`].
+    /// Reads a shard (all of it, or `length` bytes from `offset`; `length` 0 = to the end).
+    /// The bytes are mapped, not yet verified: [`GetOutcome::verified`] checks the whole
+    /// shard against its signed root while the caller streams them, and the caller holds
+    /// back the last chunk until it has passed. A corrupt shard is quarantined and the check
+    /// answers [`Error::DataLoss`], so no reader gets a complete corrupt shard from here.
     pub async fn get(
         self: &Arc<Self>,
         id: ShardId,
         offset: u64,
         length: u64,
     ) -> Result<GetOutcome> {
-        let (header, shard) = self.read_verified(id, "get").await?;
-        let len = shard.len() as u64;
+        let me = self.clone();
+        let opened = blocking(move || me.open_shard(id, "get")).await?;
+        let len = opened.shard.len() as u64;
         if offset > len {
             return Err(Error::InvalidArgument(format!(
                 "offset {offset} is past the shard's {len} bytes"
             )));
         }
         let end = if length == 0 { len } else { offset.saturating_add(length).min(len) };
-        let data = shard.slice(offset as usize..end as usize);
+        let data = opened.shard.slice(offset as usize..end as usize);
+        let header = opened.header_bytes.clone();
+        let me = self.clone();
+        let verified = tokio::task::spawn_blocking(move || me.check_shard(opened, "get"));
         self.metrics.bytes_out.inc_by(data.len() as u64);
-        Ok(GetOutcome { header, data })
+        Ok(GetOutcome { header, data, verified: Verification(verified) })
     }
 
     /// Checks a stored shard against its signed root (scrub); quarantines it if corrupt.
@@ -434,52 +463,79 @@ impl Node {
     ) -> Result<(Vec<u8>, bytes::Bytes)> {
         let me = self.clone();
         blocking(move || {
-            let p = me.partition_of(&id.object_id, id.segment);
-            let not_found = || Error::NotFound(format!("no shard {} here", id.file_name()));
-            let record = me.store.record(&id, p)?.ok_or_else(not_found)?;
-            let header_bytes = me.store.header(&id)?.ok_or_else(not_found)?;
-            let header = SegmentHeader::decode_unverified(&header_bytes)
-                .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
-            let reason = match me.store.map(&id, record.length) {
-                Ok(shard) => match header.verify_shard(id.shard as usize, &shard) {
-                    Ok(()) if record.root == header.shard_roots[id.shard as usize] => {
-                        return Ok((header_bytes, shard));
-                    }
-                    Ok(()) => "index record disagrees with the header".to_string(),
-                    Err(e) => e.to_string(),
-                },
-                // A payload of the wrong length is corrupt. A missing payload is corrupt only if
-                // the index still names it after the failed open (else a delete raced us: not
-                // found). Any other failure to read it (EMFILE, ENOMEM from mmap, EIO that may
-                // pass) says nothing about the bytes: it is reported and retried, never
-                // quarantined.
-                Err(e @ StoreError::Record { .. }) => e.to_string(),
-                Err(StoreError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    if me.store.record(&id, p)?.is_none() {
-                        return Err(not_found());
-                    }
-                    "payload file is missing".to_string()
-                }
-                Err(e) => {
-                    me.metrics.read_errors.inc();
-                    tracing::warn!(shard = %id.file_name(), found_by, error = %e, "shard could not be read");
-                    return Err(Error::Unavailable(format!(
-                        "shard {} could not be read on this node ({e}): retry, or read it from \
-                         other holders",
-                        id.file_name()
-                    )));
-                }
-            };
-            me.quarantine(&id, p, found_by, &reason)?;
-            Err(Error::DataLoss(format!(
-                "shard {} is corrupt on this node ({reason}); it was quarantined: read it from \
-                 other holders, repair will rebuild it",
-                id.file_name()
-            )))
+            let opened = me.open_shard(id, found_by)?;
+            let out = (opened.header_bytes.clone(), opened.shard.clone());
+            me.check_shard(opened, found_by)?;
+            Ok(out)
         })
         .await
+    }
+
+    /// Maps a stored shard and reads its header, unverified. A payload of the wrong length
+    /// or missing while the index names it is quarantined here ([`Error::DataLoss`]).
+    fn open_shard(&self, id: ShardId, found_by: &'static str) -> Result<OpenShard> {
+        let p = self.partition_of(&id.object_id, id.segment);
+        let not_found = || Error::NotFound(format!("no shard {} here", id.file_name()));
+        let record = self.store.record(&id, p)?.ok_or_else(not_found)?;
+        let header_bytes = self.store.header(&id)?.ok_or_else(not_found)?;
+        let header = SegmentHeader::decode_unverified(&header_bytes)
+            .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
+        let reason = match self.store.map(&id, record.length) {
+            Ok(shard) => {
+                return Ok(OpenShard {
+                    id,
+                    partition: p,
+                    root: record.root,
+                    header,
+                    header_bytes,
+                    shard,
+                });
+            }
+            // A payload of the wrong length is corrupt. A missing payload is corrupt only if the
+            // index still names it after the failed open (else a delete raced us: not found).
+            // Any other failure to read it (EMFILE, ENOMEM from mmap, EIO that may pass) says
+            // nothing about the bytes: it is reported and retried, never quarantined.
+            Err(e @ StoreError::Record { .. }) => e.to_string(),
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                if self.store.record(&id, p)?.is_none() {
+                    return Err(not_found());
+                }
+                "payload file is missing".to_string()
+            }
+            Err(e) => {
+                self.metrics.read_errors.inc();
+                tracing::warn!(shard = %id.file_name(), found_by, error = %e, "shard could not be read");
+                return Err(Error::Unavailable(format!(
+                    "shard {} could not be read on this node ({e}): retry, or read it from other \
+                     holders",
+                    id.file_name()
+                )));
+            }
+        };
+        Err(self.corrupt(&id, p, found_by, &reason))
+    }
+
+    /// Checks an opened shard's bytes against its signed root; quarantines it if corrupt.
+    fn check_shard(&self, opened: OpenShard, found_by: &'static str) -> Result<()> {
+        let OpenShard { id, partition, root, header, shard, .. } = opened;
+        let reason = match header.verify_shard(id.shard as usize, &shard) {
+            Ok(()) if root == header.shard_roots[id.shard as usize] => return Ok(()),
+            Ok(()) => "index record disagrees with the header".to_string(),
+            Err(e) => e.to_string(),
+        };
+        Err(self.corrupt(&id, partition, found_by, &reason))
+    }
+
+    /// Quarantines a corrupt shard; the error to answer with (or the quarantine's own).
+    fn corrupt(&self, id: &ShardId, partition: u32, found_by: &'static str, reason: &str) -> Error {
+        if let Err(e) = self.quarantine(id, partition, found_by, reason) {
+            return e;
+        }
+        Error::DataLoss(format!(
+            "shard {} is corrupt on this node ({reason}); it was quarantined: read it from other \
+             holders, repair will rebuild it",
+            id.file_name()
+        ))
     }
 
     /// Quarantines a corrupt shard and counts it.

@@ -220,6 +220,35 @@ async fn corrupt_files_answer_data_loss_and_scrub_quarantines_them() {
     assert_eq!(std::fs::read_dir(agent.dir.join("quarantine")).unwrap().count(), 3);
 }
 
+/// GetShard streams a shard while checking it: a corrupt shard of several chunks ends in
+/// DataLoss before its last chunk, so no caller ever receives a complete corrupt shard, and it
+/// is quarantined. An intact shard of several chunks still arrives whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_shard_never_streams_to_its_end() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &["--scrub-interval", "3600"]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    // RS(2,1) of 7 MiB: shards of 3.5 MiB, four 1 MiB chunks each.
+    let bad = segment(&me, 7 << 20, 2, 1);
+    let good = segment(&me, (7 << 20) + 1, 2, 1);
+    for s in [&bad, &good] {
+        c.put_shard(&s.header_bytes, 0, s.shards[0].clone()).await.unwrap();
+    }
+    flip_byte(&agent.shard_file(&bad.id(0)), 10);
+    let err = c.get_shard(bad.id(0), 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("quarantined"), "{}", err.message());
+    assert_eq!(c.get_shard(bad.id(0), 0, 0).await.unwrap_err().code(), Code::NotFound);
+    let got = c.get_shard(good.id(0), 0, 0).await.unwrap();
+    assert_eq!(got.data.len(), good.shards[0].len());
+    good.header.verify_shard(0, &got.data).unwrap();
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "shardfarm_agent_corrupt_shards_total{found_by=\"get\"}"), Some(1.0));
+    let data_loss = "shardfarm_agent_requests_total{method=\"GetShard\",result=\"data_loss\"}";
+    assert_eq!(metric(&m, data_loss), Some(1.0), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn audits_verify_and_a_node_that_lost_the_shard_cannot_answer() {
     let dir = tmp();
