@@ -1,10 +1,33 @@
 #!/usr/bin/env python3
-"""Generates the Grafana dashboards (farm control panel, pool health, node detail) into
-dashboards/ and the chart's copy (charts/shardfarm/files/dashboards/). Run after editing;
-the test command checks that both copies match this output and that every metric they use is
-exported by a running agent or coordinator."""
+"""Generates the Grafana dashboards (farm control panel, pool health, node detail) with Grafana's
+typed builders (PyPI grafana-foundation-sdk) into dashboards/ and the chart's copy
+(charts/shardfarm/files/dashboards/). Run after editing, with the python of the set-up venv
+(it has the pinned SDK):
+
+    PY=$(bash scripts/manifest-tools.sh | tail -1); "$PY" dashboards/generate.py
+
+`--out DIR` writes the three files into DIR only (the test command generates into a temporary
+directory and fails if the committed JSON differs). The test command also checks that every
+metric the dashboards use is exported by a running agent or coordinator.
+
+The queries are the tables in farm_panel(), pool_health() and node_detail(): one list per row,
+stat tiles as (title, expr, unit), time series as (title, [(expr, legend), ...], unit)."""
+import argparse
 import json
 import os
+import sys
+
+try:
+    from grafana_foundation_sdk.builders import common as cb
+    from grafana_foundation_sdk.builders import dashboard as db
+    from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common as cm
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+except ImportError:
+    sys.exit("grafana-foundation-sdk is not installed for this python: run "
+             "PY=$(bash scripts/manifest-tools.sh | tail -1); \"$PY\" dashboards/generate.py")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.join(HERE, "..", "charts", "shardfarm", "files", "dashboards")
@@ -12,86 +35,94 @@ C = 'cluster=~"$cluster"'
 # Boards with a pool variable also filter by it (in a cluster a pool is a namespace: the
 # ServiceMonitor/PodMonitor targets carry it as the `namespace` label).
 P = 'cluster=~"$cluster", namespace=~"$pool"'
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = cm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Grid heights (Grafana's grid is 24 columns wide; a height unit is 30 px).
+ROW_H, STAT_H, SERIES_H, TABLE_H = 1, 4, 8, 8
 
 
 class Board:
-    def __init__(self, uid, title, tags, variables):
-        self.uid, self.title, self.tags, self.variables = uid, title, tags, variables
-        self.panels, self.y, self.next_id = [], 0, 1
+    """A dashboard laid out top to bottom: a row header, then lines of panels that share the
+    24 columns equally. Positions and panel ids are set here, not by the SDK's auto-layout, so
+    the JSON does not depend on how the SDK packs panels."""
 
-    def row(self, title):
-        self.panels.append({"type": "row", "title": title, "id": self._id(), "collapsed": False,
-                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []})
-        self.y += 1
+    def __init__(self, uid, title, tags, variables):
+        self.b = (db.Dashboard(title).uid(uid).tags(["shardfarm", *tags]).readonly()
+                  .refresh("30s").version(1).time("now-6h", "now").timezone("utc")
+                  .tooltip(dm.DashboardCursorSync.CROSSHAIR).annotations([]).links([])
+                  .variables(variables))
+        self.y, self.next_id = 0, 1
 
     def _id(self):
         self.next_id += 1
         return self.next_id - 1
 
-    def _targets(self, exprs):
-        return [{"refId": chr(65 + i), "expr": e, "legendFormat": l, "datasource": DS}
-                for i, (e, l) in enumerate(exprs)]
+    def _place(self, panel, i, w, h):
+        return panel.id(self._id()).datasource(DS).grid_pos(dm.GridPos(h=h, w=w, x=i * w, y=self.y))
+
+    def row(self, title):
+        self.b.with_row(db.Row(title).id(self._id()).collapsed(False)
+                        .grid_pos(dm.GridPos(h=ROW_H, w=24, x=0, y=self.y)))
+        self.y += ROW_H
 
     def stats(self, tiles):
         w = 24 // len(tiles)
         for i, (title, expr, unit) in enumerate(tiles):
-            self.panels.append({
-                "type": "stat", "title": title, "id": self._id(), "datasource": DS,
-                "gridPos": {"h": 4, "w": w, "x": i * w, "y": self.y},
-                "targets": self._targets([(expr, "")]),
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                            "colorMode": "value", "graphMode": "area", "textMode": "auto"},
-            })
-        self.y += 4
+            self.b.with_panel(self._place(stat.Panel(), i, w, STAT_H).title(title).unit(unit)
+                              .with_target(query("A", expr, ""))
+                              .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"])
+                                              .fields("").values(False))
+                              .color_mode(cm.BigValueColorMode.VALUE)
+                              .graph_mode(cm.BigValueGraphMode.AREA)
+                              .text_mode(cm.BigValueTextMode.AUTO))
+        self.y += STAT_H
 
     def series(self, panels):
         w = 24 // len(panels)
         for i, (title, exprs, unit) in enumerate(panels):
-            self.panels.append({
-                "type": "timeseries", "title": title, "id": self._id(), "datasource": DS,
-                "gridPos": {"h": 8, "w": w, "x": i * w, "y": self.y},
-                "targets": self._targets(exprs),
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                            "tooltip": {"mode": "multi", "sort": "desc"}},
-            })
-        self.y += 8
+            p = (self._place(timeseries.Panel(), i, w, SERIES_H).title(title).unit(unit)
+                 .legend(cb.VizLegendOptions().display_mode(cm.LegendDisplayMode.LIST)
+                         .placement(cm.LegendPlacement.BOTTOM).show_legend(True))
+                 .tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI)
+                          .sort(cm.SortOrder.DESCENDING)))
+            for j, (expr, legend) in enumerate(exprs):
+                p.with_target(query(chr(65 + j), expr, legend))
+            self.b.with_panel(p)
+        self.y += SERIES_H
 
     def table(self, title, expr):
-        self.panels.append({
-            "type": "table", "title": title, "id": self._id(), "datasource": DS,
-            "gridPos": {"h": 8, "w": 24, "x": 0, "y": self.y},
-            "targets": [{"refId": "A", "expr": expr, "format": "table", "instant": True, "datasource": DS}],
-            "fieldConfig": {"defaults": {}, "overrides": []}, "options": {"showHeader": True},
-        })
-        self.y += 8
+        self.b.with_panel(self._place(table.Panel(), 0, 24, TABLE_H).title(title).show_header(True)
+                          .with_target(query("A", expr).format(PromQueryFormat.TABLE).instant()))
+        self.y += TABLE_H
 
     def json(self):
-        return {
-            "uid": self.uid, "title": self.title, "tags": ["shardfarm", *self.tags],
-            "editable": False, "refresh": "30s", "schemaVersion": 39, "version": 1,
-            "time": {"from": "now-6h", "to": "now"}, "timezone": "utc", "graphTooltip": 1,
-            "annotations": {"list": []}, "links": [],
-            "templating": {"list": self.variables}, "panels": self.panels,
-        }
+        return json.loads(JSONEncoder().encode(self.b.build()))
+
+
+def query(ref, expr, legend=None):
+    q = prometheus.Dataquery().ref_id(ref).expr(expr).datasource(DS)
+    return q if legend is None else q.legend_format(legend)
 
 
 def var_ds():
-    return {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-            "current": {}, "hide": 0, "refresh": 1}
+    v = (db.DatasourceVariable("datasource").label("Data source").type("prometheus")
+         .hide(dm.VariableHide.DONT_HIDE))
+    # The builder has no refresh() for a datasource variable; the model has the field, and
+    # Grafana's own export writes 1 (on dashboard load), as the hand-written JSON did.
+    v.build().refresh = dm.VariableRefresh.ON_DASHBOARD_LOAD
+    return v
 
 
-def var_q(name, label, query, hide=0, include_all=True):
-    return {"name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": name}, "definition": query, "refresh": 2,
-            "includeAll": include_all, "allValue": ".+", "multi": include_all, "hide": hide,
-            "current": {}, "sort": 1}
+def var_q(name, label, expr, hide=dm.VariableHide.DONT_HIDE, include_all=True):
+    return (db.QueryVariable(name).label(label).datasource(DS).query({"query": expr, "refId": name})
+            .definition(expr).refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .include_all(include_all).multi(include_all).all_value(".+").hide(hide)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC))
 
 
 def cluster():
-    return var_q("cluster", "Cluster", "label_values(shardfarm_agent_build_info, cluster)", hide=2)
+    return var_q("cluster", "Cluster", "label_values(shardfarm_agent_build_info, cluster)",
+                 hide=dm.VariableHide.HIDE_VARIABLE)
 
 
 A = f'{P}, farm=~"$farm"'
@@ -242,14 +273,23 @@ def node_detail():
     return b
 
 
+BOARDS = [("farm-control-panel", farm_panel), ("pool-health", pool_health), ("node-detail", node_detail)]
+
+
 def main():
-    os.makedirs(CHART, exist_ok=True)
-    for name, board in [("farm-control-panel", farm_panel()), ("pool-health", pool_health()), ("node-detail", node_detail())]:
-        text = json.dumps(board.json(), indent=2, sort_keys=True) + "\n"
-        for d in (HERE, CHART):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", metavar="DIR",
+                    help="write the dashboards into DIR only (default: dashboards/ and the chart's copy)")
+    args = ap.parse_args()
+    dirs = [args.out] if args.out else [HERE, CHART]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    for name, build in BOARDS:
+        text = json.dumps(build().json(), indent=2, sort_keys=True) + "\n"
+        for d in dirs:
             with open(os.path.join(d, f"{name}.json"), "w") as f:
                 f.write(text)
-    print("wrote dashboards/*.json and charts/shardfarm/files/dashboards/*.json")
+    print(f"wrote {', '.join(f'{n}.json' for n, _ in BOARDS)} into {' and '.join(os.path.normpath(d) for d in dirs)}")
 
 
 if __name__ == "__main__":

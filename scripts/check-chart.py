@@ -9,8 +9,10 @@
   rendered custom resource against its CRD (check-jsonschema), every rendered PrometheusRule
   with promtool check rules; the chart's CRDs identical to crds/*.yaml;
 - promtool check rules and promtool test rules on the alert rules (one test per alert);
-- every dashboard: a Grafana dashboard model (uid, schemaVersion, panels with gridPos and
-  datasource, variables), and its chart copy identical to dashboards/.
+- every dashboard: dashboards/*.json identical to what dashboards/generate.py (Grafana's
+  grafana-foundation-sdk builders, pinned in scripts/manifest-tools.sh) writes now, a Grafana
+  dashboard model (uid, schemaVersion, panels with gridPos and datasource, variables), and its
+  chart copy identical to dashboards/.
 
 Usage: python check-chart.py HELM [ROOT]   (python from the manifest-tools virtualenv)
 """
@@ -52,7 +54,9 @@ def main():
     for f in glob.glob(os.path.join(root, "crds", "*.yaml")):
         if open(f).read() != open(os.path.join(chart, "files", "crds", os.path.basename(f))).read():
             sys.exit(f"chart CRD {os.path.basename(f)} differs from crds/: run crdgen")
-    # Dashboards.
+    # Dashboards: the committed JSON is the generator's output (run with this python, which
+    # has the pinned SDK), then the chart's copy is the committed JSON.
+    check_generated(root)
     for f in sorted(glob.glob(os.path.join(root, "dashboards", "*.json"))):
         text = open(f).read()
         if text != open(os.path.join(chart, "files", "dashboards", os.path.basename(f))).read():
@@ -85,6 +89,31 @@ def main():
     for chart in [os.path.join(root, "charts", "shardfarm"), os.path.join(root, "charts", "shardfarm-pool")]:
         for values in [None, *sorted(glob.glob(os.path.join(chart, "ci", "*-values.yaml")))]:
             check_release(helm, chart, values, crd_schemas)
+
+
+def check_generated(root):
+    """Fails if dashboards/*.json differ from a fresh run of dashboards/generate.py."""
+    committed = os.path.join(root, "dashboards")
+    with tempfile.TemporaryDirectory() as tmp:
+        run([sys.executable, os.path.join(committed, "generate.py"), "--out", tmp])
+        fresh = sorted(os.listdir(tmp))
+        have = sorted(os.path.basename(f) for f in glob.glob(os.path.join(committed, "*.json")))
+        if fresh != have:
+            sys.exit(f"dashboards/ holds {have}, dashboards/generate.py writes {fresh}: "
+                     "run dashboards/generate.py (and delete the dashboards it no longer writes)")
+        for name in fresh:
+            if open(os.path.join(tmp, name)).read() != open(os.path.join(committed, name)).read():
+                sys.exit(f"dashboards/{name} differs from what dashboards/generate.py writes "
+                         f"(grafana-foundation-sdk {sdk_version()}): run {sys.executable} dashboards/generate.py")
+    print(f"ok  dashboards/*.json = dashboards/generate.py output (grafana-foundation-sdk {sdk_version()})")
+
+
+def sdk_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("grafana_foundation_sdk")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def check_release(helm, chart, values, crd_schemas):
