@@ -66,15 +66,18 @@ class Board:
         self.y += ROW_H
 
     def stats(self, tiles):
+        """Tiles (title, expr, unit) show the value; (title, expr, unit, legend) show the
+        series' name instead (a state: the query's value is 1 for the state it names)."""
         w = 24 // len(tiles)
-        for i, (title, expr, unit) in enumerate(tiles):
+        for i, (title, expr, unit, *legend) in enumerate(tiles):
+            mode = cm.BigValueTextMode.NAME if legend else cm.BigValueTextMode.AUTO
             self.b.with_panel(self._place(stat.Panel(), i, w, STAT_H).title(title).unit(unit)
-                              .with_target(query("A", expr, ""))
+                              .with_target(query("A", expr, legend[0] if legend else ""))
                               .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"])
                                               .fields("").values(False))
                               .color_mode(cm.BigValueColorMode.VALUE)
                               .graph_mode(cm.BigValueGraphMode.AREA)
-                              .text_mode(cm.BigValueTextMode.AUTO))
+                              .text_mode(mode))
         self.y += STAT_H
 
     def series(self, panels):
@@ -126,6 +129,13 @@ def cluster():
 
 
 A = f'{P}, farm=~"$farm"'
+# Coordinator-side series of the chosen farm: its per-node series carry `farm` and `node` with
+# the values the PodMonitor gives the agents (see coordinator/src/metrics.rs).
+F = A
+# A node is proving storage when it passed an audit within this window: two audit intervals
+# at the pool's default (a StoragePool's auditIntervalSeconds, 1 h), so one missed round does
+# not flip it.
+PROVING = "2h"
 
 
 def farm_panel():
@@ -134,15 +144,47 @@ def farm_panel():
         var_q("pool", "Pool", "label_values(shardfarm_coordinator_layout_version, namespace)"),
         var_q("farm", "Farm", "label_values(shardfarm_agent_build_info, farm)"),
     ])
-    b.row("Nodes")
+    # What a miner looks at first: is each node doing the work (audits passed, not heartbeats),
+    # what did it earn, how full is it, what is left to repair.
+    b.row("Farm at a glance")
     b.stats([
-        ("Agents up", f"count(shardfarm_agent_build_info{{{A}}})", "none"),
-        ("Proving storage (audits answered, 1 h)", f'count(increase(shardfarm_agent_audits_total{{{A}, result="answered"}}[1h]) > 0)', "none"),
-        ("Suspended", f'sum(shardfarm_coordinator_nodes{{{P}, state=~"suspended.*"}})', "none"),
-        ("Down", f'sum(shardfarm_coordinator_nodes{{{P}, state=~".*_down"}})', "none"),
+        (f"Nodes proving storage (audit passed, {PROVING})", f'sum(increase(shardfarm_coordinator_node_audits_total{{{F}, result="pass"}}[{PROVING}]) > bool 0)', "none"),
+        ("Nodes down (silent)", f'sum(shardfarm_coordinator_node_state{{{F}, state=~".*_down"}})', "none"),
+        ("Earnings, last closed epoch", f"sum(shardfarm_coordinator_epoch_rewards{{{F}}})", "none"),
+        ("Earnings, all epochs", f"sum(shardfarm_coordinator_farm_rewards{{{F}}})", "none"),
+        ("Capacity used", f"sum(shardfarm_agent_stored_bytes{{{A}}}) / sum(shardfarm_agent_capacity_bytes{{{A}}})", "percentunit"),
+        ("Repair backlog (shards)", f"sum(shardfarm_agent_repair_backlog_shards{{{A}}})", "none"),
+    ])
+    b.table("Nodes: standing (active, suspended, disqualified; _down when silent)",
+            f"max by (farm, node, node_id, state) (shardfarm_coordinator_node_state{{{F}}}) == 1")
+    b.row("Per node")
+    b.series([
+        (f"Audits per node ({PROVING})", [
+            (f'sum by (node) (increase(shardfarm_coordinator_node_audits_total{{{F}, result="pass"}}[{PROVING}]))', "{{node}} passed"),
+            (f'sum by (node) (increase(shardfarm_coordinator_node_audits_total{{{F}, result="fail"}}[{PROVING}]))', "{{node}} failed"),
+        ], "none"),
+        ("Audit score per node", [(f"shardfarm_coordinator_node_audit_score{{{F}}}", "{{node}}")], "percentunit"),
     ])
     b.series([
-        ("Nodes by state", [(f"sum by (state) (shardfarm_coordinator_nodes{{{P}}})", "{{state}}")], "none"),
+        ("Earnings per node, last closed epoch", [(f"sum by (node) (shardfarm_coordinator_epoch_rewards{{{F}}})", "{{node}}")], "none"),
+        ("Earnings per node, all epochs", [(f"sum by (node) (shardfarm_coordinator_rewards{{{F}}})", "{{node}}")], "none"),
+    ])
+    b.series([
+        ("Capacity offered vs stored per node", [
+            (f"shardfarm_agent_capacity_bytes{{{A}}}", "{{node}} offered"),
+            (f"shardfarm_agent_stored_bytes{{{A}}}", "{{node}} stored"),
+        ], "bytes"),
+        ("Repair backlog per node", [(f"sum by (node) (shardfarm_agent_repair_backlog_shards{{{A}}})", "{{node}}")], "none"),
+    ])
+    b.row("Nodes")
+    b.stats([
+        ("Agents scraped", f"count(shardfarm_agent_build_info{{{A}}})", "none"),
+        ("Audits answered by agents (1 h)", f'count(increase(shardfarm_agent_audits_total{{{A}, result="answered"}}[1h]) > 0)', "none"),
+        ("Suspended", f'sum(shardfarm_coordinator_node_state{{{F}, state=~"suspended.*"}})', "none"),
+        ("Disqualified", f'sum(shardfarm_coordinator_node_state{{{F}, state=~"disqualified.*"}})', "none"),
+    ])
+    b.series([
+        ("Nodes by state", [(f"sum by (state) (shardfarm_coordinator_node_state{{{F}}})", "{{state}}")], "none"),
         ("Agents per farm", [(f"count by (farm) (shardfarm_agent_build_info{{{A}}})", "{{farm}}")], "none"),
     ])
     b.row("Capacity and traffic")
@@ -161,18 +203,18 @@ def farm_panel():
     ])
     b.row("Audits, reputation, earnings")
     b.series([
-        ("Audits passed vs failed", [(f"sum by (result) (rate(shardfarm_coordinator_audits_total{{{P}}}[$__rate_interval]))", "{{result}}")], "ops"),
+        ("Audits passed vs failed", [(f"sum by (result) (rate(shardfarm_coordinator_node_audits_total{{{F}}}[$__rate_interval]))", "{{result}}")], "ops"),
         ("Audit answer latency p50", [(f"histogram_quantile(0.5, sum by (le) (rate(shardfarm_agent_request_duration_seconds_bucket{{{A}, method=\"Audit\"}}[$__rate_interval])))", "audit answer p50 latency")], "s"),
     ])
     b.series([
-        ("Reputation (audit score) per node", [(f"shardfarm_coordinator_node_audit_score{{{P}}}", "{{node}}")], "percentunit"),
-        ("Earnings per farm", [(f"shardfarm_coordinator_farm_rewards{{{P}}}", "{{farm}}")], "none"),
+        ("Uptime per node (7 days)", [(f"shardfarm_coordinator_node_uptime_ratio{{{F}}}", "{{node}}")], "percentunit"),
+        ("Earnings per farm, all epochs", [(f"shardfarm_coordinator_farm_rewards{{{F}}}", "{{farm}}")], "none"),
     ])
     b.series([
         ("Capacity proof: solve time", [(f'shardfarm_agent_capacity_proof{{{A}, input="solve_seconds"}}', "{{node}}")], "s"),
         ("Identity difficulty", [(f"shardfarm_agent_identity_difficulty_bits{{{A}}}", "{{node}}")], "none"),
     ])
-    b.table("Nodes failing audits", f"sort(shardfarm_coordinator_node_audit_score{{{P}}} < 1)")
+    b.table("Nodes failing audits", f"sort(shardfarm_coordinator_node_audit_score{{{F}}} < 1)")
     return b
 
 
@@ -208,7 +250,9 @@ def pool_health():
             (f"sum(shardfarm_agent_capacity_bytes{{{P}}})", "offered"),
             (f"sum(shardfarm_agent_stored_bytes{{{P}}})", "stored"),
         ], "bytes"),
-        ("Capacity forecast (7 days ahead)", [(f"predict_linear(sum(shardfarm_agent_stored_bytes{{{P}}})[1d:1h], 7 * 86400)", "stored in 7 days")], "bytes"),
+        # Each agent's trend over the last day (from its second scrape on), summed: a
+        # [1d:1h] subquery of the sum had no point until two hour boundaries had passed.
+        ("Capacity forecast (7 days ahead)", [(f"sum(predict_linear(shardfarm_agent_stored_bytes{{{P}}}[1d], 7 * 86400))", "stored in 7 days")], "bytes"),
     ])
     b.series([
         ("Joins", [(f"sum by (result) (rate(shardfarm_coordinator_joins_total{{{P}}}[$__rate_interval]))", "{{result}}")], "ops"),
@@ -237,6 +281,13 @@ def node_detail():
         ("Layout synced", f"shardfarm_agent_synced_layout_version{{{N}}}", "none"),
         ("Repair backlog", f"shardfarm_agent_repair_backlog_shards{{{N}}}", "none"),
         ("Identity difficulty", f"shardfarm_agent_identity_difficulty_bits{{{N}}}", "none"),
+    ])
+    b.row("The pool's view: standing, audits, earnings")
+    b.stats([
+        ("Standing", f"max by (state) (shardfarm_coordinator_node_state{{{N}}}) == 1", "none", "{{state}}"),
+        ("Audit score", f"max(shardfarm_coordinator_node_audit_score{{{N}}})", "percentunit"),
+        (f"Audits passed ({PROVING})", f'sum(increase(shardfarm_coordinator_node_audits_total{{{N}, result="pass"}}[{PROVING}]))', "none"),
+        ("Earnings, last closed epoch", f"sum(shardfarm_coordinator_epoch_rewards{{{N}}})", "none"),
     ])
     b.row("Requests")
     b.series([

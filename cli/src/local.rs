@@ -9,6 +9,11 @@
 //! `farm.json`. It restarts the coordinator whenever it exits and an agent that dies (unless
 //! `--no-restart`), and stops them all with SIGTERM when it gets SIGTERM or Ctrl-C. A later
 //! `local up` on the same dir resumes with the same identities, ports and data.
+//!
+//! Its agents carry the labels a MiningFarm's pods carry in a cluster: `farm` (the data dir's
+//! name, assigned to every agent the farm key vouches for) and `pod=node-<i>`, which is how
+//! the coordinator names them in its per-node metrics; scrape agent i with the target labels
+//! `farm=<dir name>, node=node-<i>` and dashboards line both sides up as in a cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -115,10 +120,17 @@ impl UpArgs {
         std::net::SocketAddr::new(self.host, self.coordinator_port()).to_string()
     }
 
+    /// The farm's name: its data dir's (the `farm` label of its agents and their rewards).
+    fn farm_name(&self) -> String {
+        let name = self.data.file_name().map(|n| n.to_string_lossy().into_owned());
+        name.filter(|n| !n.is_empty()).unwrap_or_else(|| "farm".into())
+    }
+
     fn pool(&self, segment_size: u64, farm: &Identity) -> PoolConfig {
         PoolConfig {
-            // This farm's agents' labels are trusted as they are (it set them).
-            farms: [(farm.id().to_hex(), Default::default())].into(),
+            // This farm's agents' labels are trusted as they are (it set them), and it names
+            // itself in every one, as a MiningFarm does.
+            farms: [(farm.id().to_hex(), [("farm".to_string(), self.farm_name())].into())].into(),
             pool: "local".into(),
             k: self.k,
             m: self.m,
@@ -168,6 +180,7 @@ fn spawn_agent(a: &NodeEntry, dir: &Path, args: &UpArgs, pool: &str) -> anyhow::
         .arg("--data-dir")
         .arg(dir)
         .args(["--listen", &a.grpc, "--http-listen", &a.http, "--zone", &a.zone])
+        .args(["--label", &format!("pod=node-{}", a.index)])
         .args(["--identity-difficulty", &d, "--pool-difficulty", &d])
         .args(["--partitions", &args.partitions.to_string(), "--capacity", &args.capacity])
         .args(["--coordinator", &args.coordinator_address()])

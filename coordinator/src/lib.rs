@@ -615,7 +615,8 @@ impl Coordinator {
             .is_some_and(|m| m.verified_version < version && r.synced_version >= version);
         let nothing_new = unchecked && st.gained(&caller.id).is_empty();
         // Only members can be suspects (bounded metric labels, no made-up ids).
-        let members: std::collections::BTreeSet<NodeId> = st.nodes.values().map(|m| m.id).collect();
+        let members: BTreeMap<NodeId, [String; 3]> =
+            st.nodes.values().map(|m| (m.id, m.metric_labels())).collect();
         let m = st.nodes.get_mut(&caller.id.to_hex()).ok_or_else(|| {
             Refusal::NotFound(format!("node {} has not joined: call Join first", caller.id))
         })?;
@@ -626,9 +627,10 @@ impl Coordinator {
         m.scrub_errors = r.scrub_errors;
         m.repair_backlog = r.repair_backlog;
         m.lost_segments = r.lost_segments;
-        for peer in r.suspect_peers.iter().filter(|p| members.contains(p)) {
+        for peer in &r.suspect_peers {
+            let Some(l) = members.get(peer) else { continue };
             tracing::warn!(reporter = %caller.id, suspect = %peer, "a node served a repair source that did not verify");
-            self.metrics.peer_complaints.with_label_values(&[&peer.to_hex()]).inc();
+            self.metrics.peer_complaints.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
         }
         m.synced_version = r.synced_version;
         if nothing_new {
@@ -1091,9 +1093,7 @@ impl Coordinator {
         for s in [Standing::Active, Standing::Suspended, Standing::Disqualified] {
             for up in [true, false] {
                 let n = st.nodes.values().filter(|x| x.standing == s && x.up == up).count();
-                let state =
-                    if up { s.as_str().to_string() } else { format!("{}_down", s.as_str()) };
-                m.nodes.with_label_values(&[&state]).set(n as i64);
+                m.nodes.with_label_values(&[&state_label(s, up)]).set(n as i64);
             }
         }
         m.layout_version.set(st.layout.as_ref().map_or(0, |l| l.version) as i64);
@@ -1102,20 +1102,52 @@ impl Coordinator {
             .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog)));
         m.lost_segments
             .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.lost_segments)));
-        for x in st.nodes.values() {
-            let id = x.id.short();
-            m.audit_score.with_label_values(&[&id]).set(x.audit.score());
-            m.uptime.with_label_values(&[&id]).set(x.uptime.ratio(st.last_tick_ms.unwrap_or(0)));
+        // Per node: the labels it is exported under, by hex id (see `metrics`' module doc).
+        let named: BTreeMap<String, [String; 3]> =
+            st.nodes.iter().map(|(hex, x)| (hex.clone(), x.metric_labels())).collect();
+        m.forget_nodes_except(&named.keys().cloned().collect());
+        for (hex, x) in &st.nodes {
+            let l = &named[hex];
+            m.name_node(hex, l);
+            let [a, b, c] = [l[0].as_str(), l[1].as_str(), l[2].as_str()];
+            m.audit_score.with_label_values(&[a, b, c]).set(x.audit.score());
+            m.uptime
+                .with_label_values(&[a, b, c])
+                .set(x.uptime.ratio(st.last_tick_ms.unwrap_or(0)));
+            let current = state_label(x.standing, x.up);
+            for s in crate::metrics::NODE_STATES {
+                m.node_state.with_label_values(&[a, b, c, s]).set(i64::from(s == current));
+            }
+            for r in ["pass", "fail"] {
+                m.node_audits.with_label_values(&[a, b, c, r]);
+            }
         }
         drop(st);
-        let (by_node, by_farm) = self.reward_totals();
-        let farms: BTreeMap<String, String> =
-            self.members().into_iter().map(|x| (x.id.to_hex(), x.farm())).collect();
-        for (node, t) in by_node {
-            let farm = farms.get(&node).cloned().unwrap_or_default();
-            let short = &node[..12.min(node.len())];
-            m.rewards.with_label_values(&[short, &farm, "rw1"]).set(t.rw1 as i64);
-            m.rewards.with_label_values(&[short, &farm, "rw2"]).set(t.rw2 as i64);
+        // Rewards: the ledger's totals, and the last closed epoch's, of every current member
+        // (a node that left keeps its share in its farm's total).
+        let (by_node, by_farm, last_epoch, last) = {
+            let l = self.ledger.lock().unwrap();
+            let last_epoch = l.last_epoch();
+            let mut last: BTreeMap<String, crate::ledger::Totals> = BTreeMap::new();
+            for e in l.entries().iter().rev().take_while(|e| Some(e.epoch) == last_epoch) {
+                let t = last.entry(e.reward.node.clone()).or_default();
+                t.rw1 = t.rw1.saturating_add(e.reward.rw1);
+                t.rw2 = t.rw2.saturating_add(e.reward.rw2);
+                t.epochs += 1;
+            }
+            (l.by_node(), l.by_farm(), last_epoch, last)
+        };
+        if let Some(e) = last_epoch {
+            m.last_epoch.set(i64::try_from(e).unwrap_or(i64::MAX));
+        }
+        for (hex, l) in &named {
+            let [a, b, c] = [l[0].as_str(), l[1].as_str(), l[2].as_str()];
+            for (gauge, totals) in [(&m.rewards, &by_node), (&m.epoch_rewards, &last)] {
+                // Zero until the node earns: its row of the earnings table is never empty.
+                let t = totals.get(hex).cloned().unwrap_or_default();
+                gauge.with_label_values(&[a, b, c, "rw1"]).set(saturating_sum([t.rw1]));
+                gauge.with_label_values(&[a, b, c, "rw2"]).set(saturating_sum([t.rw2]));
+            }
         }
         for (farm, t) in by_farm {
             m.farm_rewards.with_label_values(&[&farm]).set(saturating_sum([t.rw1, t.rw2]));
@@ -1164,7 +1196,10 @@ impl Coordinator {
         let mut st = self.state.lock().unwrap();
         let cfg = &self.config.reputation;
         let now = st.last_tick_ms.unwrap_or(0);
+        let result = if passed { "pass" } else { "fail" };
         if let Some(m) = st.nodes.get_mut(&node.to_hex()) {
+            let l = m.metric_labels();
+            self.metrics.node_audits.with_label_values(&[&l[0], &l[1], &l[2], result]).inc();
             m.audit.record(passed, cfg);
             m.epoch_total += 1;
             if passed {
@@ -1180,7 +1215,6 @@ impl Coordinator {
                 st.dirty = true;
             }
         }
-        let result = if passed { "pass" } else { "fail" };
         self.metrics.audits.with_label_values(&[result]).inc();
     }
 
@@ -1231,6 +1265,12 @@ impl Coordinator {
         let _ = sync_checks.await;
         let _ = self.persist();
     }
+}
+
+/// The `state` label of a node's standing and up/down in `shardfarm_coordinator_nodes` and
+/// `shardfarm_coordinator_node_state`.
+fn state_label(s: Standing, up: bool) -> String {
+    if up { s.as_str().to_string() } else { format!("{}_down", s.as_str()) }
 }
 
 /// Labels the operator reads to find a farm's agents: kept only on nodes a farm vouches for.

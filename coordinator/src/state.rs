@@ -137,6 +137,15 @@ impl Member {
     pub fn farm(&self) -> String {
         self.labels.get("farm").cloned().unwrap_or_else(|| self.domain.clone())
     }
+
+    /// The values of its per-node metric labels (`crate::metrics::NODE_LABELS`): the name its
+    /// agent is scraped under (its `pod` label, which only a farm's own agents keep; else its
+    /// short id), its short id, its farm.
+    pub fn metric_labels(&self) -> [String; 3] {
+        let short = self.id.short();
+        let name = self.labels.get("pod").cloned().unwrap_or_else(|| short.clone());
+        [name, short, self.farm()]
+    }
 }
 
 /// Everything the coordinator keeps.

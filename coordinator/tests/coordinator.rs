@@ -431,6 +431,70 @@ async fn each_epoch_records_rewards_in_the_signed_ledger() {
     assert_eq!(l.entries().len(), 2);
 }
 
+/// The per-node series name a node as Prometheus scrapes its agent (its `pod` label, kept for a
+/// farm's own agents), carry its short id and farm, show its state (1 for the state it is in, 0
+/// for the others) and its earnings of the last closed epoch beside its total; a node that
+/// leaves the pool takes its series with it.
+#[tokio::test]
+async fn per_node_metrics_name_nodes_as_scraped_and_show_state_and_earnings() {
+    let mut cfg = pool();
+    cfg.rewards.epoch_seconds = 10;
+    cfg.rewards.pool_reward = 1_000;
+    cfg.rewards.pma = 1.0;
+    cfg.rewards.pmb = 0.0;
+    cfg.grace_ms = 5_000;
+    let r = start(cfg).await;
+    let mut ids = Vec::new();
+    for i in 0..2u16 {
+        let (id, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+        let mut c = client(&r, Signer::identity(&id)).await;
+        let ch = c.challenge().await.unwrap();
+        let report =
+            CapacityReport::prove(&id, &ch.challenge, ch.difficulty as u8, machine()).unwrap();
+        let mut req = join_req("zone-0", 9500 + 2 * i, report.encode());
+        req.labels.insert("pod".into(), format!("alpha-{i}"));
+        req.farm_grant = grant(&r, &id).into();
+        c.join(req).await.unwrap();
+        ids.push(id);
+    }
+    let now = shardfarm_core::auth::now_ms();
+    r.c.tick(now);
+    let short = ids[0].id().short();
+    let labels = format!("farm=\"zone-0\",node=\"alpha-0\",node_id=\"{short}\"");
+    let text = r.c.metrics.render();
+    for want in [
+        format!("shardfarm_coordinator_node_state{{{labels},state=\"active\"}} 1"),
+        format!("shardfarm_coordinator_node_state{{{labels},state=\"active_down\"}} 0"),
+        format!("shardfarm_coordinator_node_audits_total{{{labels},result=\"pass\"}} 0"),
+        format!("shardfarm_coordinator_rewards{{{labels},share=\"rw1\"}} 0"),
+    ] {
+        assert!(text.lines().any(|l| l == want), "no `{want}` in\n{text}");
+    }
+    // Two epochs close (each pays 1 000 between two equal nodes); both nodes are silent by
+    // then, so they are down, and silent for most of their life, so suspended too.
+    r.c.tick(now + 10_000);
+    r.c.tick(now + 20_000);
+    let text = r.c.metrics.render();
+    for want in [
+        format!("shardfarm_coordinator_node_state{{{labels},state=\"active\"}} 0"),
+        format!("shardfarm_coordinator_node_state{{{labels},state=\"suspended_down\"}} 1"),
+        format!("shardfarm_coordinator_epoch_rewards{{{labels},share=\"rw1\"}} 500"),
+        format!("shardfarm_coordinator_rewards{{{labels},share=\"rw1\"}} 1000"),
+        "shardfarm_coordinator_farm_rewards{farm=\"zone-0\"} 2000".to_string(),
+    ] {
+        assert!(text.lines().any(|l| l == want), "no `{want}` in\n{text}");
+    }
+    let last_epoch = (now + 10_000) / 10_000;
+    assert!(text.lines().any(|l| l == format!("shardfarm_coordinator_last_epoch {last_epoch}")));
+    // The node leaves: its series go, its farm keeps its earnings.
+    r.c.remove(&ids[0].id());
+    r.c.tick(now + 20_500);
+    let text = r.c.metrics.render();
+    assert!(!text.contains("node=\"alpha-0\""), "{text}");
+    assert!(text.contains("node=\"alpha-1\""), "{text}");
+    assert!(text.lines().any(|l| l == "shardfarm_coordinator_farm_rewards{farm=\"zone-0\"} 2000"));
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
