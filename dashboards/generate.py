@@ -37,6 +37,20 @@ C = 'cluster=~"$cluster"'
 P = 'cluster=~"$cluster", namespace=~"$pool"'
 DS = cm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
+# Stat tiles that turn red, by title, and from which value; every other tile stays green.
+ALARM = {
+    "Nodes down (silent)": 1, "Suspended": 1, "Disqualified": 1, "Capacity used": 0.85,
+    "Used": 0.85, "Degraded shards": 1, "Repair failures (1 h)": 1,
+}
+
+
+def thresholds(title):
+    steps = [dm.Threshold(value=None, color="green")]
+    if title in ALARM:
+        steps.append(dm.Threshold(value=ALARM[title], color="red"))
+    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(steps)
+
+
 # Grid heights (Grafana's grid is 24 columns wide; a height unit is 30 px).
 ROW_H, STAT_H, SERIES_H, TABLE_H = 1, 4, 8, 8
 
@@ -67,7 +81,9 @@ class Board:
 
     def stats(self, tiles):
         """Tiles (title, expr, unit) show the value; (title, expr, unit, legend) show the
-        series' name instead (a state: the query's value is 1 for the state it names)."""
+        series' name instead (a state: the query's value is 1 for the state it names). A tile
+        is green, or red from its value in ALARM (Grafana's default, red from 80, would paint
+        a normal byte count or an earnings total red)."""
         w = 24 // len(tiles)
         for i, (title, expr, unit, *legend) in enumerate(tiles):
             mode = cm.BigValueTextMode.NAME if legend else cm.BigValueTextMode.AUTO
@@ -77,7 +93,7 @@ class Board:
                                               .fields("").values(False))
                               .color_mode(cm.BigValueColorMode.VALUE)
                               .graph_mode(cm.BigValueGraphMode.AREA)
-                              .text_mode(mode))
+                              .text_mode(mode).thresholds(thresholds(title)))
         self.y += STAT_H
 
     def series(self, panels):
