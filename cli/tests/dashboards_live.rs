@@ -465,18 +465,42 @@ fn dashboards_and_alerts_show_a_live_farm() {
     farm.kill9(KILLED);
     // Down after the grace period; on a farm this young its uptime soon falls below the
     // pool's threshold too, so it may be `suspended_down` by then.
-    farm.wait_for(60, "the killed agent down and its shards repaired", || {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         let c = farm.coordinator_metrics();
         let state = |s: &str| {
-            common::metric(&c, &format!(
-                "shardfarm_coordinator_node_state{{farm=\"farm\",node=\"node-{KILLED}\",node_id=\"{killed_short}\",state=\"{s}\"}}"
-            ))
+            common::metric(
+                &c,
+                &format!(
+                    "shardfarm_coordinator_node_state{{farm=\"farm\",node=\"node-{KILLED}\",node_id=\"{killed_short}\",state=\"{s}\"}}"
+                ),
+            )
         };
         let repaired = |m: &str| {
-            farm.agent_metric_sum(KILLED, &format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}"))
+            farm.agent_metric_sum(
+                KILLED,
+                &format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}"),
+            )
         };
-        state("active_down") + state("suspended_down") == 1.0 && repaired("rebuild") + repaired("copy") > 0.0
-    });
+        let down = state("active_down") + state("suspended_down");
+        let rebuilt = repaired("rebuild") + repaired("copy");
+        if down == 1.0 && rebuilt > 0.0 {
+            break;
+        }
+        // On failure, say which half is missing and what the coordinator thinks of the node.
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 60 s waiting for the killed agent down (active_down + suspended_down = \
+             {down}) and its shards repaired (rebuilt or copied: {rebuilt}); the coordinator \
+             says:\n{}",
+            c.lines()
+                .filter(|l| l.contains(&killed_short)
+                    || l.starts_with("shardfarm_coordinator_degraded"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     common::read_all_back(&farm, &files, tmp.path(), "degraded");
 
     // The alert: ShardfarmNodeDown fires and names the killed agent.
