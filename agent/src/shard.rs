@@ -226,7 +226,9 @@ impl Verification {
 struct OpenShard {
     id: ShardId,
     partition: u32,
-    root: [u8; 32],
+    /// The index record of the copy mapped: a copy found corrupt is quarantined only while
+    /// the index still names it.
+    record: ShardRecord,
     header: SegmentHeader,
     header_bytes: Vec<u8>,
     shard: bytes::Bytes,
@@ -482,14 +484,7 @@ impl Node {
             .map_err(|e| Error::Internal(format!("stored header does not parse: {e}")))?;
         let reason = match self.store.map(&id, record.length) {
             Ok(shard) => {
-                return Ok(OpenShard {
-                    id,
-                    partition: p,
-                    root: record.root,
-                    header,
-                    header_bytes,
-                    shard,
-                });
+                return Ok(OpenShard { id, partition: p, record, header, header_bytes, shard });
             }
             // A payload of the wrong length is corrupt. A missing payload is corrupt only if the
             // index still names it after the failed open (else a delete raced us: not found).
@@ -512,23 +507,30 @@ impl Node {
                 )));
             }
         };
-        Err(self.corrupt(&id, p, found_by, &reason))
+        Err(self.corrupt(&id, p, &record, found_by, &reason))
     }
 
     /// Checks an opened shard's bytes against its signed root; quarantines it if corrupt.
     fn check_shard(&self, opened: OpenShard, found_by: &'static str) -> Result<()> {
-        let OpenShard { id, partition, root, header, shard, .. } = opened;
+        let OpenShard { id, partition, record, header, shard, .. } = opened;
         let reason = match header.verify_shard(id.shard as usize, &shard) {
-            Ok(()) if root == header.shard_roots[id.shard as usize] => return Ok(()),
+            Ok(()) if record.root == header.shard_roots[id.shard as usize] => return Ok(()),
             Ok(()) => "index record disagrees with the header".to_string(),
             Err(e) => e.to_string(),
         };
-        Err(self.corrupt(&id, partition, found_by, &reason))
+        Err(self.corrupt(&id, partition, &record, found_by, &reason))
     }
 
     /// Quarantines a corrupt shard; the error to answer with (or the quarantine's own).
-    fn corrupt(&self, id: &ShardId, partition: u32, found_by: &'static str, reason: &str) -> Error {
-        if let Err(e) = self.quarantine(id, partition, found_by, reason) {
+    fn corrupt(
+        &self,
+        id: &ShardId,
+        partition: u32,
+        found: &ShardRecord,
+        found_by: &'static str,
+        reason: &str,
+    ) -> Error {
+        if let Err(e) = self.quarantine(id, partition, found, found_by, reason) {
             return e;
         }
         Error::DataLoss(format!(
@@ -538,17 +540,22 @@ impl Node {
         ))
     }
 
-    /// Quarantines a corrupt shard and counts it.
+    /// Quarantines a corrupt shard (the copy `found` names) and counts it. A copy the index no
+    /// longer names (quarantined already by a concurrent reader or scrub, or replaced by a
+    /// repaired one) is left alone and not counted again.
     pub fn quarantine(
         &self,
         id: &ShardId,
         partition: u32,
+        found: &ShardRecord,
         found_by: &'static str,
         reason: &str,
     ) -> Result<()> {
+        if self.store.quarantine(id, partition, found)?.is_none() {
+            return Ok(());
+        }
         tracing::error!(shard = %id.file_name(), found_by, reason, "corrupt shard quarantined");
         self.metrics.corrupt_shards.with_label_values(&[found_by]).inc();
-        self.store.quarantine(id, partition)?;
         self.refresh_gauges();
         Ok(())
     }

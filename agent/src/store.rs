@@ -477,15 +477,24 @@ impl Store {
     /// Removes a shard: index record, quota, payload; the header too when no other shard of
     /// its segment remains here. Returns the removed record.
     pub fn remove(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
-        self.remove_to(id, partition, None)
+        self.remove_to(id, partition, None, None)
     }
 
     /// Removes a shard from the index and moves its payload to `quarantine/` (kept for
     /// inspection and still counted as used, no longer served), so repair rebuilds it like a
     /// lost one; the copy is freed when the slot is stored here again or it expires.
-    pub fn quarantine(&self, id: &ShardId, partition: u32) -> Result<Option<ShardRecord>> {
+    ///
+    /// `found` is the record of the copy found corrupt: if the index now names another copy (a
+    /// repair stored a good one since the bad one was opened), nothing changes and `None` is
+    /// returned, as when the shard is gone.
+    pub fn quarantine(
+        &self,
+        id: &ShardId,
+        partition: u32,
+        found: &ShardRecord,
+    ) -> Result<Option<ShardRecord>> {
         let dest = self.quarantined_path(id);
-        self.remove_to(id, partition, Some(dest))
+        self.remove_to(id, partition, Some(dest), Some(found))
     }
 
     fn remove_to(
@@ -493,11 +502,15 @@ impl Store {
         id: &ShardId,
         partition: u32,
         keep: Option<PathBuf>,
+        only: Option<&ShardRecord>,
     ) -> Result<Option<ShardRecord>> {
         let _guard = self.commit.lock().unwrap();
         let key = id.index_key(partition);
         let Some(old) = self.db.get_cf(self.cf(CF_INDEX), key)? else { return Ok(None) };
         let old = ShardRecord::decode(&old)?;
+        if only.is_some_and(|want| *want != old) {
+            return Ok(None);
+        }
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_INDEX), key);
         let quota = self.quota_used(&old.owner)?.saturating_sub(old.length);
@@ -785,6 +798,30 @@ mod tests {
         ShardId { object_id: [9; 32], segment: u32::from(slot / 3), shard: u32::from(slot % 3) }
     }
 
+    /// A reader that found a copy corrupt quarantines that copy only: once a repair has
+    /// stored a good copy in its place, the late quarantine leaves the good one served.
+    #[test]
+    fn a_late_quarantine_does_not_remove_a_newer_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let put = |fill: u8, now_ms: u64| {
+            let mut p = store.begin().unwrap();
+            p.write(&[fill; 100]).unwrap();
+            let root = p.root();
+            store.commit(p, root, &id(1), 0, b"header", [7; 32], now_ms).unwrap();
+        };
+        put(1, 1);
+        let bad = store.record(&id(1), 0).unwrap().unwrap();
+        store.remove(&id(1), 0).unwrap();
+        put(2, 2);
+        let good = store.record(&id(1), 0).unwrap().unwrap();
+        assert_eq!(store.quarantine(&id(1), 0, &bad).unwrap(), None);
+        assert_eq!(store.record(&id(1), 0).unwrap(), Some(good.clone()));
+        assert_eq!(store.quarantined_bytes(), 0);
+        assert_eq!(store.quarantine(&id(1), 0, &good).unwrap(), Some(good));
+        assert_eq!(store.record(&id(1), 0).unwrap(), None);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -808,7 +845,9 @@ mod tests {
                         store.remove(&id(slot), 0).unwrap();
                     }
                     Op::Quarantine { slot } => {
-                        store.quarantine(&id(slot), 0).unwrap();
+                        if let Some(found) = store.record(&id(slot), 0).unwrap() {
+                            store.quarantine(&id(slot), 0, &found).unwrap().unwrap();
+                        }
                     }
                 }
                 let listed = store.list(0, None, 100).unwrap();
