@@ -164,8 +164,8 @@ def farm_panel():
     # what did it earn, how full is it, what is left to repair.
     b.row("Farm at a glance")
     b.stats([
-        (f"Nodes proving storage (audit passed, {PROVING})", f'sum(increase(shardfarm_coordinator_node_audits_total{{{F}, result="pass"}}[{PROVING}]) > bool 0)', "none"),
-        ("Nodes down (silent)", f'sum(shardfarm_coordinator_node_state{{{F}, state=~".*_down"}})', "none"),
+        (f"Nodes proving storage (audit passed, {PROVING})", f'count(sum by (node_id) (increase(shardfarm_coordinator_node_audits_total{{{F}, result="pass"}}[{PROVING}])) > 0) or vector(0)', "none"),
+        ("Nodes down (silent)", f'sum(shardfarm_coordinator_node_state{{{F}, state=~"active_down|suspended_down"}})', "none"),
         ("Earnings, last closed epoch", f"sum(shardfarm_coordinator_epoch_rewards{{{F}}})", "none"),
         ("Earnings, all epochs", f"sum(shardfarm_coordinator_farm_rewards{{{F}}})", "none"),
         ("Capacity used", f"sum(shardfarm_agent_stored_bytes{{{A}}}) / sum(shardfarm_agent_capacity_bytes{{{A}}})", "percentunit"),
@@ -195,7 +195,7 @@ def farm_panel():
     b.row("Nodes")
     b.stats([
         ("Agents scraped", f"count(shardfarm_agent_build_info{{{A}}})", "none"),
-        ("Audits answered by agents (1 h)", f'count(increase(shardfarm_agent_audits_total{{{A}, result="answered"}}[1h]) > 0)', "none"),
+        ("Audits answered by agents (1 h)", f'count(sum by (node) (increase(shardfarm_agent_audits_total{{{A}, result="answered"}}[1h])) > 0) or vector(0)', "none"),
         ("Suspended", f'sum(shardfarm_coordinator_node_state{{{F}, state=~"suspended.*"}})', "none"),
         ("Disqualified", f'sum(shardfarm_coordinator_node_state{{{F}, state=~"disqualified.*"}})', "none"),
     ])
