@@ -59,6 +59,25 @@ const MAY_BE_EMPTY: &[(&str, &str, &str)] = &[(
     "lists nodes whose audit score is below 1; every node of this farm passes its audits",
 )];
 
+/// Tiles whose value this farm fixes, by dashboard uid and a prefix of the panel title: the
+/// latest value of the first series must lie in `min..=max`. A tile that is present but says
+/// the wrong thing (counts series instead of nodes, an epoch that never closes) fails here.
+const EXPECT: &[(&str, &str, f64, f64)] = &[
+    // Every node passed audits before one was killed; the killed one still counts within 2 h.
+    ("shardfarm-farm", "Nodes proving storage", (NODES - 1) as f64, NODES as f64),
+    ("shardfarm-farm", "Nodes down (silent)", 1.0, 1.0),
+    ("shardfarm-farm", "Earnings, last closed epoch", 1.0, f64::MAX),
+    ("shardfarm-farm", "Earnings, all epochs", 1.0, f64::MAX),
+    ("shardfarm-farm", "Agents scraped", (NODES - 1) as f64, (NODES - 1) as f64),
+];
+
+/// The latest value of the first series of a query result.
+fn latest(series: &[Value]) -> Option<f64> {
+    let s = series.first()?;
+    let p = s["values"].as_array().and_then(|v| v.last().cloned()).unwrap_or(s["value"].clone());
+    p[1].as_str().and_then(|v| v.parse().ok())
+}
+
 /// Alerts other than `ShardfarmNodeDown` that may be pending or firing after one agent died
 /// for good, with the reason. Every other alert must stay silent.
 const MAY_BE_ACTIVE: &[(&str, &str)] = &[
@@ -452,11 +471,16 @@ fn dashboards_and_alerts_show_a_live_farm() {
     // Work: files in and out, audits, a closed epoch.
     let files = common::store_files(&farm, tmp.path(), &[3 << 20, 2 << 20, 1 << 20], 11);
     common::read_all_back(&farm, &files, tmp.path(), "healthy");
+    // Closed: the last epoch is set and some node earned in it (every gauge starts at 0).
     farm.wait_for(60, "audits and a closed rewards epoch", || {
         let c = farm.coordinator_metrics();
+        let earned = c.lines().any(|l| {
+            l.starts_with("shardfarm_coordinator_epoch_rewards{")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+        });
         common::metric(&c, "shardfarm_coordinator_audits_total{result=\"pass\"}") > 0.0
-            && c.contains("shardfarm_coordinator_epoch_rewards{")
-            && c.lines().any(|l| l.starts_with("shardfarm_coordinator_last_epoch "))
+            && common::metric(&c, "shardfarm_coordinator_last_epoch") > 0.0
+            && earned
     });
 
     // One agent dies for good: it goes down, its slots are re-placed and rebuilt.
@@ -593,6 +617,7 @@ fn dashboards_and_alerts_show_a_live_farm() {
 
     // ---- Dashboards ----
     let mut evaluated = 0;
+    let mut checked_values = 0;
     for board in boards() {
         for (uid, title, _) in MAY_BE_EMPTY {
             if *uid == board.uid && !board.titles.contains(*title) {
@@ -655,11 +680,23 @@ fn dashboards_and_alerts_show_a_live_farm() {
                     if let Some(p) = unit_problem(unit, &values(&r), farm_age) {
                         problems.push(format!("{at}: {p}\n    {q}"));
                     }
+                    let expected =
+                        EXPECT.iter().find(|(u, t, ..)| *u == board.uid && title.starts_with(t));
+                    if let Some((.., min, max)) = expected {
+                        let v = latest(&r).unwrap_or(f64::NAN);
+                        if !(*min..=*max).contains(&v) {
+                            problems.push(format!(
+                                "{at}: shows {v}, this farm has {min}..={max}\n    {q}"
+                            ));
+                        }
+                        checked_values += 1;
+                    }
                 }
             }
         }
     }
     assert!(evaluated > 30, "only {evaluated} panel targets found");
+    assert_eq!(checked_values, EXPECT.len(), "a tile of EXPECT was not found on its dashboard");
 
     if let Ok(dir) = std::env::var("SHARDFARM_RENDER_DIR") {
         render(&prom, Path::new(&dir));
