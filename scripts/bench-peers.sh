@@ -78,6 +78,7 @@ TOML
   printf -v "GS_$name" '%s' "$(echo "$keys" | awk '/Secret key/ {print $NF}')"
   g bucket create bench >/dev/null
   g bucket allow --read --write --owner bench --key bench >/dev/null
+  unset -f g
 }
 start_garage garage 3900 false
 start_garage gsync 3950 true
