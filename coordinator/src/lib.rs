@@ -134,6 +134,10 @@ pub struct PoolConfig {
     pub heartbeat_ms: u64,
     /// A node silent this long is down and its slots are re-placed, ms.
     pub grace_ms: u64,
+    /// A member silent this long that holds no slot in the current or the previous layout is
+    /// forgotten, ms (0: never). Its series leave the metrics and its alerts stop; if it comes
+    /// back it joins again as a newcomer. Its recorded rewards stay in the ledger.
+    pub forget_after_ms: u64,
     /// Each node is audited about this often, ms.
     pub audit_interval_ms: u64,
     /// Leading zero bits a capacity proof must find.
@@ -171,6 +175,7 @@ impl Default for PoolConfig {
             failure_domain: "zone".into(),
             heartbeat_ms: 5_000,
             grace_ms: 60_000,
+            forget_after_ms: 7 * 24 * 3600 * 1000,
             audit_interval_ms: 60_000,
             capacity_difficulty: 12,
             max_delegated_per_root: 16,
@@ -847,6 +852,29 @@ impl Coordinator {
                 tracing::warn!(node = %m.id, from = m.standing.as_str(), to = judged.as_str(), "standing changed");
                 m.standing = judged;
                 dirty = true;
+            }
+        }
+        // Members long gone and holding nothing any reader may still need are forgotten: without
+        // this a replaced machine (a new id under the same pod) stayed a down member for ever,
+        // alerting and counted, and every identity that ever joined kept its series.
+        let forget = self.config.forget_after_ms;
+        if forget > 0 {
+            let holds = |id: &NodeId| {
+                st.layout.iter().chain(st.previous.iter()).any(|l| !l.slots_of(id).is_empty())
+            };
+            let gone: Vec<String> = st
+                .nodes
+                .iter()
+                .filter(|(_, m)| !m.up && now_ms.saturating_sub(m.last_seen_ms) > forget)
+                .filter(|(_, m)| !holds(&m.id))
+                .map(|(hex, _)| hex.clone())
+                .collect();
+            for hex in gone {
+                if let Some(m) = st.nodes.remove(&hex) {
+                    let silent_s = now_ms.saturating_sub(m.last_seen_ms) / 1000;
+                    tracing::warn!(node = %m.id, silent_s, "forgotten: silent past the retention and holding no slot");
+                    dirty = true;
+                }
             }
         }
         st.dirty |= dirty;

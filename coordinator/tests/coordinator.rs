@@ -750,3 +750,83 @@ async fn label_sets_beyond_bounds_are_refused() {
     }
     assert!(r.c.members().is_empty());
 }
+
+/// A heartbeat from every node of `ids`.
+async fn keep_alive(r: &Running, ids: &[&Identity]) {
+    for id in ids {
+        let mut c = client(r, Signer::identity(id)).await;
+        c.report(proto::ReportRequest::default()).await.unwrap();
+    }
+}
+
+/// Reports `version` as synced for every node of `ids` and records the auditor's checks as
+/// passed, then ticks: the fallback layout is dropped once all of them hold what they gained.
+async fn sync_all(r: &Running, ids: &[&Identity], version: u64) {
+    for id in ids {
+        let mut c = client(r, Signer::identity(id)).await;
+        let req = proto::ReportRequest { synced_version: version, ..Default::default() };
+        c.report(req).await.unwrap();
+    }
+    for (node, _) in r.c.sync_work().nodes {
+        r.c.record_sync_check(&node, version, true);
+    }
+    r.c.tick(shardfarm_core::auth::now_ms());
+}
+
+/// A member silent past the retention is forgotten only once it holds nothing a reader may
+/// still need: while the fallback layout still gives it slots it stays; once the layout
+/// without it is in sync, it leaves the members, the node list and the metrics.
+#[tokio::test]
+async fn members_long_gone_are_forgotten_once_they_hold_nothing() {
+    let r = start(PoolConfig { forget_after_ms: 1_500, ..pool() }).await;
+    let mut ids = Vec::new();
+    for i in 0..7u16 {
+        let (id, res) = join(&r, &format!("zone-{}", i % 3), 9500 + 2 * i).await;
+        res.unwrap();
+        ids.push(id);
+    }
+    let gone = ids.pop().unwrap();
+    let mut c = client(&r, Signer::identity(&ids[0])).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        r.c.tick(shardfarm_core::auth::now_ms());
+        match c.get_layout().await {
+            Ok(l) if !l.layout.slots_of(&gone.id()).is_empty() && l.previous.is_none() => break l,
+            Ok(l) => {
+                sync_all(&r, &ids.iter().chain([&gone]).collect::<Vec<_>>(), l.layout.version).await
+            }
+            Err(_) => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "no layout giving the seventh slots");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The seventh falls silent; the others keep reporting. Past the grace (1 s) it is down and
+    // a new layout re-places its slots, with the old one as the readers' fallback.
+    let live: Vec<&Identity> = ids.iter().collect();
+    let silent_from = std::time::Instant::now();
+    while silent_from.elapsed() < Duration::from_millis(2_000) {
+        keep_alive(&r, &live).await;
+        r.c.tick(shardfarm_core::auth::now_ms());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let second = c.get_layout().await.unwrap();
+    assert!(second.layout.version > first.layout.version);
+    assert!(second.layout.slots_of(&gone.id()).is_empty());
+    assert!(second.previous.as_ref().is_some_and(|p| !p.slots_of(&gone.id()).is_empty()));
+    // Silent past the retention (1.5 s), but the fallback still names it: it stays.
+    assert!(r.c.members().iter().any(|m| m.id == gone.id() && !m.up));
+
+    // The layout without it is in sync: the fallback is dropped, and the seventh forgotten.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.c.members().iter().any(|m| m.id == gone.id()) {
+        keep_alive(&r, &live).await;
+        sync_all(&r, &live, second.layout.version).await;
+        assert!(std::time::Instant::now() < deadline, "the seventh was never forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.list_nodes().await.unwrap().nodes.len(), 6);
+    let short = &gone.id().to_hex()[..12];
+    let m = r.c.metrics.render();
+    assert!(!m.contains(short), "its series are still exported:\n{m}");
+}
