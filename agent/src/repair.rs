@@ -453,7 +453,15 @@ impl RepairWorker {
     }
 
     /// Lists everything `peer` holds in partition `p`.
-    async fn list_all(client: &mut AgentClient, p: u32) -> Result<Vec<ShardId>, tonic::Status> {
+    /// Lists a peer's shards of partition `p`, page by page. A peer that lists a shard index
+    /// no segment of this pool has (`n` shards per segment) is lying: its listing is refused
+    /// at once rather than paged through (an endless member would otherwise cost every
+    /// co-holder [`MAX_LIST_PAGES`] pages per partition and pass).
+    async fn list_all(
+        client: &mut AgentClient,
+        p: u32,
+        n: usize,
+    ) -> Result<Vec<ShardId>, tonic::Status> {
         let mut out = Vec::new();
         let mut after = None;
         for _ in 0..MAX_LIST_PAGES {
@@ -463,7 +471,14 @@ impl RepairWorker {
             let full = page.len() == PAGE as usize;
             for e in page {
                 if let Some(k) = e.key {
-                    out.push(ShardId::try_from(k)?);
+                    let id = ShardId::try_from(k)?;
+                    if id.shard as usize >= n {
+                        return Err(tonic::Status::out_of_range(format!(
+                            "the peer listed shard {} of a segment; this pool has {n} per segment",
+                            id.shard
+                        )));
+                    }
+                    out.push(id);
                 }
             }
             match (full, out.last()) {
@@ -604,7 +619,7 @@ impl RepairWorker {
             let mut all_answered = true;
             for peer in &peers {
                 let listed = match self.client(&mut clients, published, peer).await {
-                    Some(c) => Self::list_all(c, p).await.ok(),
+                    Some(c) => Self::list_all(c, p, layout.partitions[p as usize].len()).await.ok(),
                     None => None,
                 };
                 let Some(list) = listed else {
