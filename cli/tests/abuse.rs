@@ -149,12 +149,21 @@ fn a_member_that_never_stops_sending_cannot_exhaust_its_peers() {
     farm.kill9(1);
     let survivors: Vec<usize> = (0..7).filter(|&i| i != 1).collect();
     let pids: Vec<u32> = survivors.iter().map(|&i| farm.agent_pid(i)).collect();
-    // Generous: under a full test run's load (floods in the tests beside it) a repair pass
-    // that lists the endless member has taken over 120 s to be counted.
+    // Repair passes that met the endless member: its peers called it, and a pass got as far as
+    // repairing (a shard rebuilt or copied — the killed node's slots may be copied from their
+    // holders of the fallback layout — or a repair that failed). Before, only rebuilds and
+    // failures counted, and a run whose repairs were all copies waited for ever.
+    let served_before_kill = fake.served();
     farm.wait_for(240, "repair passes that met the endless member", || {
-        farm.agent_metric_sum(7, "shardfarm_agent_repair_failures_total") > 0.0
-            || farm.agent_metric_sum(7, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}")
-                > 0.0
+        let repaired = |m: &str| {
+            farm.agent_metric_sum(
+                7,
+                &format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}"),
+            )
+        };
+        fake.served() > served_before_kill
+            && (farm.agent_metric_sum(7, "shardfarm_agent_repair_failures_total") > 0.0
+                || repaired("rebuild") + repaired("copy") > 0.0)
     });
     // Several more repair passes (2 s apart) against it.
     std::thread::sleep(Duration::from_secs(10));

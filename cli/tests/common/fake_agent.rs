@@ -41,6 +41,8 @@ pub enum Behaviour {
 pub struct FakeAgent {
     pub id: String,
     pub grpc: String,
+    /// GetShard and ListShards calls its peers made to it.
+    served: Arc<std::sync::atomic::AtomicU64>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -53,6 +55,7 @@ struct Service {
     honest: Vec<(String, NodeId)>,
     signer: Arc<Signer>,
     calls: Arc<std::sync::atomic::AtomicU64>,
+    served: Arc<std::sync::atomic::AtomicU64>,
     behaviour: Behaviour,
     partitions: u32,
 }
@@ -109,6 +112,7 @@ impl Agent for Service {
         &self,
         request: Request<proto::GetShardRequest>,
     ) -> Result<Response<Self::GetShardStream>, Status> {
+        self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = shardfarm_proto::convert::shard_id(request.into_inner().key)?;
         if self.behaviour == Behaviour::Overflow {
             let header = match self.real_shard(id).await {
@@ -156,6 +160,7 @@ impl Agent for Service {
         &self,
         request: Request<proto::ListShardsRequest>,
     ) -> Result<Response<Self::ListShardsStream>, Status> {
+        self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = request.into_inner().partition;
         if self.behaviour == Behaviour::Overflow {
             // One made-up object in the partition, listed with ever new shard indexes (the
@@ -220,6 +225,11 @@ impl Agent for Service {
 }
 
 impl FakeAgent {
+    /// GetShard and ListShards calls its peers have made to it so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Joins the farm whose coordinator is at `coordinator`, learning honest segments from
     /// `honest` (addresses) over `partitions`.
     pub fn join(farm: &Farm, honest: Vec<String>, zone: &str) -> FakeAgent {
@@ -253,6 +263,7 @@ impl FakeAgent {
             .unwrap();
         let signer = Arc::new(Signer::identity(&evil));
         let known: Known = Arc::default();
+        let served: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let grpc = listener.local_addr().unwrap().to_string();
         let svc = Service {
@@ -261,6 +272,7 @@ impl FakeAgent {
             honest: honest.clone(),
             signer: signer.clone(),
             calls: Arc::default(),
+            served: served.clone(),
             behaviour,
             partitions,
         };
@@ -276,9 +288,15 @@ impl FakeAgent {
                 .serve_with_incoming(incoming)
                 .await
         });
-        // Learns what honest nodes list, keeps learning.
+        // Learns what honest nodes list, keeps learning: the junk it serves names their ids. An
+        // overflowing member needs none of it (it makes its ids up), and its learning — every
+        // partition of every node, every second — would load the farm more than its attack.
         let (learn_signer, learn_known) = (signer.clone(), known.clone());
+        let learn = behaviour != Behaviour::Overflow;
         rt.spawn(async move {
+            if !learn {
+                return;
+            }
             loop {
                 for (addr, node) in &honest {
                     let Ok(mut c) = AgentClient::connect(addr, *node, learn_signer.clone()).await
@@ -342,7 +360,7 @@ impl FakeAgent {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
-        FakeAgent { id: evil.id().to_hex(), grpc, rt }
+        FakeAgent { id: evil.id().to_hex(), grpc, served, rt }
     }
 }
 
