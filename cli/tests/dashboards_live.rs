@@ -45,8 +45,6 @@ const SCRAPE_SECONDS: u64 = 1;
 const RATE_INTERVAL: &str = "10s";
 /// Agents: RS(4,2) needs six nodes, so with seven the pool re-places a lost node's slots.
 const NODES: usize = 7;
-/// The agent killed for good (the last one: the first value of `$node` stays a live agent).
-const KILLED: usize = NODES - 1;
 /// The cluster and namespace (pool) labels the test's scrape config sets.
 const CLUSTER: &str = "local";
 const NAMESPACE: &str = "shardfarm";
@@ -484,18 +482,26 @@ fn dashboards_and_alerts_show_a_live_farm() {
             && earned
     });
 
-    // The agent to kill holds shards first (the last to join may have got its slots after the
-    // files were stored, and hold them only once it has copied them): killing it then leaves
-    // something to rebuild.
-    let killed_metrics = format!("127.0.0.1:{}", farm.base_port as usize + 2 * KILLED + 1);
-    farm.wait_for(60, "the agent to kill holding shards", || {
-        common::metric(&http_get(&killed_metrics, "/metrics"), "shardfarm_agent_shards") > 0.0
+    // The agent killed for good is one that holds shards (a node may hold none of a few
+    // segments, and then killing it leaves nothing to rebuild), in zone 0 (`local up` puts node
+    // i in zone i % 3: only zone 0 has three nodes, so losing one still leaves 2 + 2 + 2 slots
+    // per partition and the pool can re-place), and never node-0, so the first value of
+    // `$node` stays a live agent: node-3 or node-6.
+    let shards_of = |i: usize| {
+        let addr = format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1);
+        common::metric(&http_get(&addr, "/metrics"), "shardfarm_agent_shards")
+    };
+    let candidates = [3, 6];
+    farm.wait_for(60, "node-3 or node-6 holding shards", || {
+        candidates.iter().any(|&i| shards_of(i) > 0.0)
     });
+    let killed =
+        candidates.into_iter().max_by(|&a, &b| shards_of(a).total_cmp(&shards_of(b))).unwrap();
 
     // One agent dies for good: it goes down, its slots are re-placed and rebuilt.
-    let killed_id = common::hostile::farm_file(&farm.dir).nodes[KILLED].id.clone();
+    let killed_id = common::hostile::farm_file(&farm.dir).nodes[killed].id.clone();
     let killed_short = killed_id[..12].to_string();
-    farm.kill9(KILLED);
+    farm.kill9(killed);
     // Down after the grace period; on a farm this young its uptime soon falls below the
     // pool's threshold too, so it may be `suspended_down` by then.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -505,15 +511,19 @@ fn dashboards_and_alerts_show_a_live_farm() {
             common::metric(
                 &c,
                 &format!(
-                    "shardfarm_coordinator_node_state{{farm=\"farm\",node=\"node-{KILLED}\",node_id=\"{killed_short}\",state=\"{s}\"}}"
+                    "shardfarm_coordinator_node_state{{farm=\"farm\",node=\"node-{killed}\",node_id=\"{killed_short}\",state=\"{s}\"}}"
                 ),
             )
         };
         let repaired = |m: &str| {
-            farm.agent_metric_sum(
-                KILLED,
-                &format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}"),
-            )
+            let series = format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}");
+            (0..NODES)
+                .filter(|&i| i != killed)
+                .map(|i| {
+                    let addr = format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1);
+                    common::metric(&http_get(&addr, "/metrics"), &series)
+                })
+                .sum::<f64>()
         };
         let down = state("active_down") + state("suspended_down");
         let rebuilt = repaired("rebuild") + repaired("copy");
@@ -538,7 +548,7 @@ fn dashboards_and_alerts_show_a_live_farm() {
 
     // The alert: ShardfarmNodeDown fires and names the killed agent.
     let down_alert = format!(
-        "ALERTS{{alertname=\"ShardfarmNodeDown\", alertstate=\"firing\", node=\"node-{KILLED}\"}}"
+        "ALERTS{{alertname=\"ShardfarmNodeDown\", alertstate=\"firing\", node=\"node-{killed}\"}}"
     );
     farm.wait_for(60, "ShardfarmNodeDown firing for the killed agent", || {
         prom.query(&down_alert).is_ok_and(|r| !r.is_empty())
@@ -583,7 +593,7 @@ fn dashboards_and_alerts_show_a_live_farm() {
         let m = &a["metric"];
         let name = m["alertname"].as_str().unwrap_or_default();
         let node = m["node"].as_str();
-        let about_killed = node == Some(&format!("node-{KILLED}"));
+        let about_killed = node == Some(&format!("node-{killed}"));
         if matches!(
             name,
             "ShardfarmNodeDown" | "ShardfarmNodeSuspended" | "ShardfarmNodeDisqualified"
