@@ -487,10 +487,7 @@ fn dashboards_and_alerts_show_a_live_farm() {
     // i in zone i % 3: only zone 0 has three nodes, so losing one still leaves 2 + 2 + 2 slots
     // per partition and the pool can re-place), and never node-0, so the first value of
     // `$node` stays a live agent: node-3 or node-6.
-    let shards_of = |i: usize| {
-        let addr = format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1);
-        common::metric(&http_get(&addr, "/metrics"), "shardfarm_agent_shards")
-    };
+    let shards_of = |i: usize| farm.agent_metric(i, "shardfarm_agent_shards");
     let candidates = [3, 6];
     farm.wait_for(60, "node-3 or node-6 holding shards", || {
         candidates.iter().any(|&i| shards_of(i) > 0.0)
@@ -517,13 +514,7 @@ fn dashboards_and_alerts_show_a_live_farm() {
         };
         let repaired = |m: &str| {
             let series = format!("shardfarm_agent_repaired_shards_total{{method=\"{m}\"}}");
-            (0..NODES)
-                .filter(|&i| i != killed)
-                .map(|i| {
-                    let addr = format!("127.0.0.1:{}", farm.base_port as usize + 2 * i + 1);
-                    common::metric(&http_get(&addr, "/metrics"), &series)
-                })
-                .sum::<f64>()
+            (0..NODES).filter(|&i| i != killed).map(|i| farm.agent_metric(i, &series)).sum::<f64>()
         };
         let down = state("active_down") + state("suspended_down");
         let rebuilt = repaired("rebuild") + repaired("copy");

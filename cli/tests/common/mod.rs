@@ -152,12 +152,13 @@ impl Farm {
 
     /// The sum of `series` over the metrics of local nodes `0..nodes`.
     pub fn agent_metric_sum(&self, nodes: usize, series: &str) -> f64 {
-        (0..nodes)
-            .map(|i| {
-                let addr = format!("127.0.0.1:{}", self.base_port as usize + 2 * i + 1);
-                metric(&http_get(&addr, "/metrics"), series)
-            })
-            .sum()
+        (0..nodes).map(|i| self.agent_metric(i, series)).sum()
+    }
+
+    /// The value of `series` in agent `i`'s `/metrics` (0 if absent).
+    pub fn agent_metric(&self, i: usize, series: &str) -> f64 {
+        let addr = format!("127.0.0.1:{}", self.base_port as usize + 2 * i + 1);
+        metric(&http_get(&addr, "/metrics"), series)
     }
 
     /// Polls `f` every 100 ms until it returns true; panics with `what` after `secs`.
