@@ -77,7 +77,8 @@ pub enum PoolCommand {
         /// The coordinator's gRPC address, host:port.
         #[arg(long)]
         coordinator: String,
-        /// The pool key id (64 hex digits), from the pool's owner (`kubectl get sp` shows it).
+        /// The pool key id (64 hex digits), from the pool's owner; in a cluster,
+        /// `kubectl get sfpool NAME -o jsonpath='{.status.poolId}'`.
         #[arg(long)]
         pool_id: String,
         /// The identity file to sign with (else --identity or the default identity.key).
