@@ -877,7 +877,7 @@ mod tests {
     fn committed_yaml_matches_the_types() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         for (file, crd) in all() {
-            for copy in [dir.join(file), dir.join("../charts/shardfarm/files/crds").join(file)] {
+            for copy in [dir.join(file), dir.join("../charts/shardfarm/crds").join(file)] {
                 let committed = std::fs::read_to_string(&copy).unwrap_or_default();
                 assert!(
                     committed == to_yaml(&crd),

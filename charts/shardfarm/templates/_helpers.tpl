@@ -40,3 +40,27 @@ app.kubernetes.io/component: operator
 {{- define "shardfarm.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* "true" when the monitoring object of kind (ServiceMonitor, PodMonitor or PrometheusRule)
+is enabled in the values and the cluster serves monitoring.coreos.com/v1/<kind>; empty
+otherwise. Called as (list $ kind). */}}
+{{- define "shardfarm.monitor" -}}
+{{- $ := index . 0 -}}
+{{- $kind := index . 1 -}}
+{{- $key := printf "%s%s" (lower (substr 0 1 $kind)) (substr 1 -1 $kind) -}}
+{{- if and (index $.Values.monitoring $key).enabled ($.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The monitoring objects enabled in the values whose kind the cluster does not serve. */}}
+{{- define "shardfarm.skippedMonitors" -}}
+{{- $out := list -}}
+{{- range $kind := list "ServiceMonitor" "PodMonitor" "PrometheusRule" -}}
+{{- $key := printf "%s%s" (lower (substr 0 1 $kind)) (substr 1 -1 $kind) -}}
+{{- if and (index $.Values.monitoring $key).enabled (not (include "shardfarm.monitor" (list $ $kind))) -}}
+{{- $out = append $out $kind -}}
+{{- end -}}
+{{- end -}}
+{{- join ", " $out -}}
+{{- end -}}
