@@ -3,7 +3,13 @@
 # libFuzzer), on the stable toolchain. Builds the targets of fuzz/ in their own target dir,
 # runs each on a scratch copy of the committed seeds (fuzz/corpus/<target>/, so the work tree
 # stays clean), prints executions, exec/s and coverage per target, and fails on any crash,
-# naming the input that caused it.
+# naming the input that caused it. The targets' bodies are the functions of fuzz/lib
+# (shardfarm_fuzz::targets); fuzz/fuzz_targets/ hands each to libFuzzer.
+#
+# This is the campaign, run by hand or as a separate CI-length job (a cold instrumented build is
+# ~14 min on 2 cores): the test command does not fuzz, it replays the committed corpus through
+# the same functions in the ordinary build (fuzz/lib/tests/corpus.rs). Commit a crash's input,
+# once fixed, as fuzz/corpus/<target>/regression-<what>.
 #
 # Usage: bash scripts/fuzz.sh [--seconds N] [--runs N] [TARGET...] [-- LIBFUZZER_ARGS...]
 #   --seconds N   run each target N seconds (default 30)
@@ -30,7 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) [ $# -ge 2 ] || fail "--seconds needs a number"; seconds=$2; shift 2 ;;
     --runs) [ $# -ge 2 ] || fail "--runs needs a number"; runs=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     -*) fail "unknown option $1 (see --help)" ;;
     *) targets+=("$1"); shift ;;

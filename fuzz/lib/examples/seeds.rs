@@ -1,6 +1,6 @@
-//! Writes the seed corpus: `cargo run --manifest-path fuzz/Cargo.toml --example seeds`
-//! (optionally with the corpus dir; default `fuzz/corpus`). Replaces the `seed-*` files of
-//! each target and leaves the others (minimised crash inputs, `regression-*`) alone.
+//! Writes the seed corpus: `cargo run -p shardfarm-fuzz --example seeds` (optionally with the
+//! corpus dir; default `fuzz/corpus`). Replaces the `seed-*` files of each target and leaves
+//! the others (minimised crash inputs, `regression-*`) alone.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,7 @@ fn main() -> std::io::Result<()> {
     let root = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../corpus"));
     for (target, seeds) in shardfarm_fuzz::seeds::all() {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;

@@ -128,7 +128,10 @@ fn capability() -> Seeds {
         out.push((format!("payload-{name}"), payload));
     }
     let s = caps[0].1.encode();
-    out.push(("text-uppercase-padded".into(), format!("  {}{}\n", &s[..4], s[4..].to_uppercase()).into()));
+    out.push((
+        "text-uppercase-padded".into(),
+        format!("  {}{}\n", &s[..4], s[4..].to_uppercase()).into(),
+    ));
     out
 }
 

@@ -1,6 +1,11 @@
-//! What the fuzz targets share: a byte cursor that never fails, the fixed keys the targets
-//! re-sign with, an in-memory [`StateStore`], and the seed inputs ([`seeds`]) that
-//! `examples/seeds.rs` writes to `fuzz/corpus/<target>/`.
+//! The fuzz targets of the decoders that take bytes from the network or disk ([`targets`]),
+//! what they share (a byte cursor that never fails, the fixed keys the targets re-sign with, an
+//! in-memory [`StateStore`]), and the seed inputs ([`seeds`]) that `examples/seeds.rs` writes to
+//! `fuzz/corpus/<target>/`.
+//!
+//! A member of the main workspace with no fuzzing dependency: libFuzzer only comes in with the
+//! thin binaries of `fuzz/` (cargo-fuzz, its own workspace), so the test command replays the
+//! committed corpus in the one ordinary build (`tests/corpus.rs`).
 //!
 //! Most decoders here check a signature or a hash before anything else, which a fuzzer cannot
 //! forge. So besides feeding raw bytes, several targets have a second, "re-signing" mode: the
@@ -18,6 +23,7 @@ use shardfarm_coordinator::store::StateStore;
 use shardfarm_core::identity::Identity;
 
 pub mod seeds;
+pub mod targets;
 
 // ---- Public interface ----
 
