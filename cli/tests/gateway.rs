@@ -2,7 +2,9 @@
 //! (Debian), installed by scripts/s3-tools.sh.
 //!
 //! One farm, one story: populate through the gateway (sizes, multipart, ranges, 1 500 keys,
-//! copy, delete), abuse it (wrong secrets, another user's key, malformed requests), sync a
+//! copy, delete), abuse it (wrong secrets, another user's key, malformed requests), list and
+//! delete 1 000 awkward keys with encoding-type=url, race create-only PUTs, check conditional
+//! requests, S3's refusals, headers and SSE answers, sync a
 //! tree both ways with rclone, stall an agent (SIGSTOP), kill -9 two agents (RS(4,2)) and read everything back, then
 //! kill the gateway, delete its index, and let a new one rebuild the namespace from the pool.
 
@@ -174,6 +176,12 @@ fn s3_clients_store_and_read_through_the_gateway_and_it_survives_loss() {
     let gw = start_gateway(&farm, work.path(), &index);
     boto(&python, &gw, "populate", &state);
     boto(&python, &gw, "abuse", &state);
+    // What standard clients at their defaults rely on (issue 31): listings of awkward keys
+    // with encoding-type=url, conditional requests and the create-only race, refusals, headers
+    // and server-side encryption.
+    boto(&python, &gw, "listing", &state);
+    boto(&python, &gw, "conditional", &state);
+    boto(&python, &gw, "refusals", &state);
 
     // rclone: a tree up, back down, `rclone check` clean both ways.
     let conf = work.path().join("rclone.conf");

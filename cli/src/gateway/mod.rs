@@ -20,6 +20,10 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use shardfarm_client::{ClientIdentity, PoolClient, PoolProfile, Silent};
 
+/// How often completed multipart uploads older than their retention are forgotten (an hour:
+/// they are ~200 bytes each, and the retention is a day).
+const FORGET_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// How long in-flight requests may finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
@@ -193,6 +197,20 @@ pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<
         next = index.next_seq()?,
         "namespace index is up to date with the pool's log"
     );
+    // Completed multipart uploads are remembered for retried Completes, then forgotten.
+    let forgetting = index.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(FORGET_INTERVAL);
+        loop {
+            every.tick().await;
+            let idx = forgetting.clone();
+            match tokio::task::spawn_blocking(move || idx.forget_completed_uploads()).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(n, "forgot old completed uploads"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not forget completed uploads"),
+                _ => {}
+            }
+        }
+    });
     let log = namespace::Log::start(root.clone(), index.clone());
     let spool = args.data.join("spool");
     std::fs::create_dir_all(&spool)?;

@@ -61,7 +61,58 @@ pub struct ObjectRecord {
     pub modified_ms: u64,
     /// The access key that stored it (only it may overwrite or delete it).
     pub owner: String,
+    /// The standard HTTP headers stored with it and returned by GET and HEAD.
+    #[serde(default, skip_serializing_if = "HttpHeaders::is_empty")]
+    pub headers: HttpHeaders,
 }
+
+/// The HTTP headers S3 stores with an object (set on PUT, CopyObject with REPLACE, or
+/// CreateMultipartUpload) and returns on GET and HEAD.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct HttpHeaders {
+    /// Cache-Control.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<String>,
+    /// Content-Disposition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_disposition: Option<String>,
+    /// Content-Encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
+    /// Content-Language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_language: Option<String>,
+    /// Expires, unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+}
+
+impl HttpHeaders {
+    /// Whether none is set.
+    pub fn is_empty(&self) -> bool {
+        *self == HttpHeaders::default()
+    }
+}
+
+/// A multipart upload that completed: a retried CompleteMultipartUpload answers it again.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CompletedUpload {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// The access key that completed it.
+    pub owner: String,
+    /// The object's ETag, without quotes.
+    pub etag: String,
+    /// When it completed, unix milliseconds.
+    pub completed_ms: u64,
+}
+
+/// How long a completed upload is remembered, so that an SDK retrying a CompleteMultipartUpload
+/// whose answer it lost (a timeout, a dropped connection) gets the same answer again. SDKs retry
+/// within seconds to minutes; a day covers any retry policy and costs ~200 bytes per upload.
+pub const COMPLETED_UPLOAD_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// A bucket.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -75,6 +126,9 @@ pub struct BucketRecord {
 /// One change to the namespace.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
+// Ops live briefly (one request, one log entry) and few at a time: the object record inline is
+// simpler than a Box, and the JSON is the same either way.
+#[allow(clippy::large_enum_variant)]
 pub enum Op {
     /// A bucket is created.
     CreateBucket {
@@ -96,6 +150,9 @@ pub enum Op {
         key: String,
         /// Record.
         record: ObjectRecord,
+        /// The multipart upload this completes, if any (remembered for retried Completes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload: Option<String>,
     },
     /// An object is deleted.
     DeleteObject {
@@ -120,6 +177,11 @@ pub struct Index {
 
 fn bucket_key(bucket: &str) -> Vec<u8> {
     format!("b/{bucket}").into_bytes()
+}
+
+/// The index key of a completed multipart upload.
+fn completed_key(id: &str) -> Vec<u8> {
+    format!("c/{id}").into_bytes()
 }
 
 /// The index key of an object: bucket names cannot contain `/`, so keys sort within their
@@ -155,8 +217,18 @@ impl Index {
                     batch.put(bucket_key(bucket), serde_json::to_vec(record)?)
                 }
                 Op::DeleteBucket { bucket } => batch.delete(bucket_key(bucket)),
-                Op::PutObject { bucket, key, record } => {
-                    batch.put(object_key(bucket, key), serde_json::to_vec(record)?)
+                Op::PutObject { bucket, key, record, upload } => {
+                    batch.put(object_key(bucket, key), serde_json::to_vec(record)?);
+                    if let Some(id) = upload {
+                        let done = CompletedUpload {
+                            bucket: bucket.clone(),
+                            key: key.clone(),
+                            owner: record.owner.clone(),
+                            etag: record.etag.clone(),
+                            completed_ms: record.modified_ms,
+                        };
+                        batch.put(completed_key(id), serde_json::to_vec(&done)?)
+                    }
                 }
                 Op::DeleteObject { bucket, key } => batch.delete(object_key(bucket, key)),
             }
@@ -222,6 +294,41 @@ impl Index {
             .get(object_key(bucket, key))?
             .map(|v| serde_json::from_slice(&v).context("corrupt object record"))
             .transpose()
+    }
+
+    /// A multipart upload completed less than [`COMPLETED_UPLOAD_TTL_MS`] ago.
+    pub fn completed_upload(&self, id: &str) -> anyhow::Result<Option<CompletedUpload>> {
+        let Some(v) = self.db.get(completed_key(id))? else { return Ok(None) };
+        let done: CompletedUpload =
+            serde_json::from_slice(&v).context("corrupt completed upload record")?;
+        let fresh = done.completed_ms.saturating_add(COMPLETED_UPLOAD_TTL_MS)
+            > shardfarm_core::auth::now_ms();
+        Ok(fresh.then_some(done))
+    }
+
+    /// Forgets completed uploads older than [`COMPLETED_UPLOAD_TTL_MS`]; returns how many.
+    /// They are derived from the log (a rebuilt index has them again until the next pass),
+    /// so they are dropped from the index only, not through the log.
+    pub fn forget_completed_uploads(&self) -> anyhow::Result<usize> {
+        let cutoff = shardfarm_core::auth::now_ms().saturating_sub(COMPLETED_UPLOAD_TTL_MS);
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.prefix_iterator(b"c/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"c/") {
+                break;
+            }
+            let old = match serde_json::from_slice::<CompletedUpload>(&v) {
+                Ok(d) => d.completed_ms < cutoff,
+                Err(_) => true,
+            };
+            if old {
+                batch.delete(k);
+                n += 1;
+            }
+        }
+        self.db.write(batch)?;
+        Ok(n)
     }
 
     /// Objects of `bucket` whose keys start with `prefix` and sort after `after`, in key
@@ -308,8 +415,85 @@ impl Index {
     }
 }
 
-/// Changes waiting for the next entry, each with whom to tell when it is committed.
-type Pending = (Vec<Op>, oneshot::Sender<Result<(), String>>);
+// ---- Conditional changes ----
+//
+// A change may carry conditions on the objects it touches (S3's If-None-Match: * and If-Match,
+// and the rule that only an object's owner may replace or delete it). They are decided by the
+// log writer, the one task that orders every change, against the index as it will be once the
+// changes ahead of it in the same entry are applied: nothing can commit between the check and
+// the change, whatever the callers' locks. Two create-only PUTs of one key therefore cannot
+// both win — the second is checked against a namespace that already holds the first. Only the
+// changes whose conditions held are written to the log, so replaying it needs no conditions.
+
+/// What a change requires of one object before it may commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expect {
+    /// No object under the key (If-None-Match: *).
+    Absent,
+    /// An object whose ETag is this one (If-Match); `None` for any object (If-Match: *).
+    ETag(Option<String>),
+    /// No object, or one stored by this access key.
+    OwnedByOrAbsent(String),
+}
+
+/// A condition on `bucket/key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// What it requires.
+    pub expect: Expect,
+}
+
+/// Why a conditional change was not committed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The object exists (Absent), or its ETag differs (ETag): S3's 412 PreconditionFailed.
+    PreconditionFailed,
+    /// There is no object (ETag): S3's 404 NoSuchKey.
+    NoSuchKey,
+    /// Another access key stored the object.
+    NotOwner,
+}
+
+/// The outcome of a commit.
+#[derive(Debug)]
+pub enum CommitError {
+    /// A condition did not hold: nothing was written.
+    Refused(Refusal),
+    /// The log could not be written (the pool refused, the gateway stops).
+    Failed(anyhow::Error),
+}
+
+impl Check {
+    /// Whether this condition holds for `current` (the object under its key, if any).
+    pub fn verdict(&self, current: Option<&ObjectRecord>) -> Result<(), Refusal> {
+        match (&self.expect, current) {
+            (Expect::Absent, None) => Ok(()),
+            (Expect::Absent, Some(_)) => Err(Refusal::PreconditionFailed),
+            (Expect::ETag(_), None) => Err(Refusal::NoSuchKey),
+            (Expect::ETag(None), Some(_)) => Ok(()),
+            (Expect::ETag(Some(e)), Some(o)) if *e == o.etag => Ok(()),
+            (Expect::ETag(Some(_)), Some(_)) => Err(Refusal::PreconditionFailed),
+            (Expect::OwnedByOrAbsent(_), None) => Ok(()),
+            (Expect::OwnedByOrAbsent(a), Some(o)) if *a == o.owner => Ok(()),
+            (Expect::OwnedByOrAbsent(_), Some(_)) => Err(Refusal::NotOwner),
+        }
+    }
+}
+
+/// What each committed change replaced: the object records its keys held before it (`None`
+/// where there was none, and for bucket changes), in the order of the ops.
+pub type Replaced = Vec<Option<ObjectRecord>>;
+
+/// Changes waiting for the next entry, their conditions, and whom to tell how it went.
+struct Pending {
+    checks: Vec<Check>,
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<Replaced, Result<Refusal, String>>>,
+}
 
 /// The log writer: commits changes to the pool, then to the index.
 #[derive(Clone)]
@@ -322,6 +506,69 @@ fn entry_key(root: &ed25519_dalek::SigningKey, seq: u64) -> [u8; 32] {
     shardfarm_core::identity::blake2b256(&[LOG_DOMAIN, &root.to_bytes(), &seq.to_le_bytes()])
 }
 
+/// The (bucket, key) an op changes, if it changes an object.
+fn op_object(op: &Op) -> Option<(&str, &str)> {
+    match op {
+        Op::PutObject { bucket, key, .. } | Op::DeleteObject { bucket, key } => Some((bucket, key)),
+        _ => None,
+    }
+}
+
+/// Decides which pending changes commit: each is checked against the index as changed by
+/// those before it in `batch`. Returns the ops to write and, per pending change, what it
+/// replaced or why it was refused.
+#[allow(clippy::type_complexity)]
+fn decide(
+    index: &Index,
+    batch: &[Pending],
+) -> anyhow::Result<(Vec<Op>, Vec<Result<Replaced, Refusal>>)> {
+    use std::collections::HashMap;
+    let mut view: HashMap<(String, String), Option<ObjectRecord>> = HashMap::new();
+    let current = |view: &mut HashMap<(String, String), Option<ObjectRecord>>,
+                   bucket: &str,
+                   key: &str|
+     -> anyhow::Result<Option<ObjectRecord>> {
+        let k = (bucket.to_string(), key.to_string());
+        if let Some(v) = view.get(&k) {
+            return Ok(v.clone());
+        }
+        let v = index.object(bucket, key)?;
+        view.insert(k, v.clone());
+        Ok(v)
+    };
+    let (mut ops, mut verdicts) = (Vec::new(), Vec::new());
+    for p in batch {
+        let mut refused = None;
+        for c in &p.checks {
+            if let Err(r) = c.verdict(current(&mut view, &c.bucket, &c.key)?.as_ref()) {
+                refused = Some(r);
+                break;
+            }
+        }
+        if let Some(r) = refused {
+            verdicts.push(Err(r));
+            continue;
+        }
+        let mut replaced = Vec::new();
+        for op in &p.ops {
+            match op_object(op) {
+                Some((bucket, key)) => {
+                    replaced.push(current(&mut view, bucket, key)?);
+                    let new = match op {
+                        Op::PutObject { record, .. } => Some(record.clone()),
+                        _ => None,
+                    };
+                    view.insert((bucket.to_string(), key.to_string()), new);
+                }
+                None => replaced.push(None),
+            }
+            ops.push(op.clone());
+        }
+        verdicts.push(Ok(replaced));
+    }
+    Ok((ops, verdicts))
+}
+
 impl Log {
     /// Starts the writer. `root` is the client of the gateway's root identity: it signs the
     /// entries, and its key derives their object keys.
@@ -329,24 +576,49 @@ impl Log {
         let (tx, mut rx) = mpsc::channel::<Pending>(1024);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
+                let mut count = first.ops.len();
                 let mut batch = vec![first];
-                let mut count = batch[0].0.len();
                 while count < MAX_OPS_PER_ENTRY {
                     match rx.try_recv() {
                         Ok(p) => {
-                            count += p.0.len();
+                            count += p.ops.len();
                             batch.push(p);
                         }
                         Err(_) => break,
                     }
                 }
-                let ops: Vec<Op> = batch.iter().flat_map(|(ops, _)| ops.clone()).collect();
-                let r = commit(&root, &index, ops).await.map_err(|e| format!("{e:#}"));
+                // An entry left unwritten by an earlier failure lands first: the checks must
+                // see the namespace its changes make.
+                let decided = match finish_pending(&root, &index).await {
+                    Ok(()) => decide(&index, &batch),
+                    Err(e) => Err(e),
+                };
+                let (ops, verdicts) = match decided {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        tracing::error!(error = %e, "could not decide the namespace changes");
+                        for p in batch {
+                            let _ = p.done.send(Err(Err(e.clone())));
+                        }
+                        continue;
+                    }
+                };
+                let r = if ops.is_empty() {
+                    Ok(())
+                } else {
+                    commit(&root, &index, ops).await.map_err(|e| format!("{e:#}"))
+                };
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "could not write the namespace log");
                 }
-                for (_, done) in batch {
-                    let _ = done.send(r.clone());
+                for (p, verdict) in batch.into_iter().zip(verdicts) {
+                    let answer = match (verdict, &r) {
+                        (Err(refusal), _) => Err(Ok(refusal)),
+                        (Ok(replaced), Ok(())) => Ok(replaced),
+                        (Ok(_), Err(e)) => Err(Err(e.clone())),
+                    };
+                    let _ = p.done.send(answer);
                 }
             }
         });
@@ -355,11 +627,28 @@ impl Log {
 
     /// Commits `ops`: when this returns Ok they are in the pool and in the index.
     pub async fn commit(&self, ops: Vec<Op>) -> anyhow::Result<()> {
+        match self.commit_checked(Vec::new(), ops).await {
+            Ok(_) => Ok(()),
+            Err(CommitError::Failed(e)) => Err(e),
+            Err(CommitError::Refused(r)) => Err(anyhow::anyhow!("refused: {r:?}")),
+        }
+    }
+
+    /// Commits `ops` if every check holds when the log writer reaches them (atomically with
+    /// the changes ordered before them): what they replaced, or why they were refused.
+    pub async fn commit_checked(
+        &self,
+        checks: Vec<Check>,
+        ops: Vec<Op>,
+    ) -> Result<Replaced, CommitError> {
+        let stopped = || CommitError::Failed(anyhow::anyhow!("the log writer stopped"));
         let (done, wait) = oneshot::channel();
-        self.tx.send((ops, done)).await.map_err(|_| anyhow::anyhow!("the log writer stopped"))?;
-        wait.await
-            .map_err(|_| anyhow::anyhow!("the log writer stopped"))?
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        self.tx.send(Pending { checks, ops, done }).await.map_err(|_| stopped())?;
+        match wait.await.map_err(|_| stopped())? {
+            Ok(replaced) => Ok(replaced),
+            Err(Ok(refusal)) => Err(CommitError::Refused(refusal)),
+            Err(Err(e)) => Err(CommitError::Failed(anyhow::anyhow!("{e}"))),
+        }
     }
 }
 
@@ -440,5 +729,87 @@ pub async fn catch_up(root: &Arc<PoolClient>, index: &Index) -> anyhow::Result<u
                 return Ok(applied + u64::from(index.next_seq()? > seq));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(etag: &str, owner: &str) -> ObjectRecord {
+        ObjectRecord {
+            pieces: Vec::new(),
+            size: 1,
+            etag: etag.into(),
+            content_type: None,
+            metadata: BTreeMap::new(),
+            modified_ms: 1,
+            owner: owner.into(),
+            headers: HttpHeaders::default(),
+        }
+    }
+
+    fn pending(checks: Vec<Check>, ops: Vec<Op>) -> Pending {
+        Pending { checks, ops, done: oneshot::channel().0 }
+    }
+
+    fn put(key: &str, etag: &str) -> Op {
+        let record = record(etag, "ALICE");
+        Op::PutObject { bucket: "b".into(), key: key.into(), record, upload: None }
+    }
+
+    fn check(key: &str, expect: Expect) -> Check {
+        Check { bucket: "b".into(), key: key.into(), expect }
+    }
+
+    /// Two create-only PUTs of one key in one entry: the second sees the first.
+    #[test]
+    fn conditions_are_decided_against_the_changes_ahead_in_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        index.apply(0, &[put("old", "e0")]).unwrap();
+        let batch = vec![
+            pending(vec![check("k", Expect::Absent)], vec![put("k", "e1")]),
+            pending(vec![check("k", Expect::Absent)], vec![put("k", "e2")]),
+            pending(vec![check("k", Expect::ETag(Some("e1".into())))], vec![put("k", "e3")]),
+            pending(vec![check("old", Expect::ETag(Some("nope".into())))], vec![put("old", "x")]),
+            pending(vec![check("none", Expect::ETag(None))], vec![put("none", "x")]),
+            pending(vec![check("old", Expect::OwnedByOrAbsent("BOB".into()))], vec![]),
+            pending(
+                vec![check("old", Expect::ETag(Some("e0".into())))],
+                vec![Op::DeleteObject { bucket: "b".into(), key: "old".into() }],
+            ),
+        ];
+        let (ops, verdicts) = decide(&index, &batch).unwrap();
+        assert_eq!(ops, vec![put("k", "e1"), put("k", "e3"), batch[6].ops[0].clone()]);
+        assert_eq!(verdicts[0], Ok(vec![None]));
+        assert_eq!(verdicts[1], Err(Refusal::PreconditionFailed));
+        assert_eq!(verdicts[2], Ok(vec![Some(record("e1", "ALICE"))]));
+        assert_eq!(verdicts[3], Err(Refusal::PreconditionFailed));
+        assert_eq!(verdicts[4], Err(Refusal::NoSuchKey));
+        assert_eq!(verdicts[5], Err(Refusal::NotOwner));
+        assert_eq!(verdicts[6], Ok(vec![Some(record("e0", "ALICE"))]));
+    }
+
+    #[test]
+    fn a_completed_upload_is_remembered_then_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let mut rec = record("abc-1", "ALICE");
+        rec.modified_ms = shardfarm_core::auth::now_ms();
+        let op = |id: &str, rec: ObjectRecord| Op::PutObject {
+            bucket: "b".into(),
+            key: "k".into(),
+            record: rec,
+            upload: Some(id.into()),
+        };
+        let mut old = rec.clone();
+        old.modified_ms -= COMPLETED_UPLOAD_TTL_MS + 1;
+        index.apply(0, &[op("fresh", rec), op("stale", old)]).unwrap();
+        let done = index.completed_upload("fresh").unwrap().unwrap();
+        assert_eq!((done.etag.as_str(), done.key.as_str()), ("abc-1", "k"));
+        assert!(index.completed_upload("stale").unwrap().is_none());
+        assert_eq!(index.forget_completed_uploads().unwrap(), 1);
+        assert!(index.completed_upload("fresh").unwrap().is_some());
     }
 }

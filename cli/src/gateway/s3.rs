@@ -17,7 +17,10 @@ use shardfarm_client::PoolClient;
 use shardfarm_core::cap::ReadCap;
 
 use super::User;
-use super::namespace::{BucketRecord, Index, Log, ObjectRecord, Op, Piece};
+use super::namespace::{
+    BucketRecord, Check, CommitError, Expect, HttpHeaders, Index, Log, ObjectRecord, Op, Piece,
+    Refusal,
+};
 
 /// Largest object one PUT (or one part) may carry, as in S3.
 const MAX_PUT: u64 = 5 << 30;
@@ -61,6 +64,8 @@ struct Upload {
     created_ms: u64,
     content_type: Option<String>,
     metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    headers: HttpHeaders,
 }
 
 /// A part of an upload in progress.
@@ -95,6 +100,184 @@ fn unavailable(e: impl std::fmt::Display) -> S3Error {
     s3_error!(ServiceUnavailable, "the pool could not serve this request: {e}")
 }
 
+/// S3's `encoding-type=url` for listings: every byte of a key (prefix, delimiter, marker) but
+/// the unreserved characters (RFC 3986: `A-Z a-z 0-9 - . _ ~`) and `/` as `%XX` of its UTF-8.
+/// SDKs decode with a form decoder (botocore: `unquote_plus`), so `+` must be sent as `%2B`
+/// and space as `%20` (a raw `+` would come back as a space).
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a listing asked for `encoding-type=url`.
+fn url_encoding(t: &Option<EncodingType>) -> bool {
+    t.as_ref().is_some_and(|t| t.as_str() == EncodingType::URL)
+}
+
+/// Applies a listing's encoding to one value.
+fn encoded(url: bool, s: String) -> String {
+    if url { url_encode(&s) } else { s }
+}
+
+/// Whole seconds since the epoch of an S3 timestamp (HTTP dates have a one-second
+/// resolution, so Last-Modified is compared in seconds).
+fn secs(t: &Timestamp) -> i64 {
+    let mut buf = Vec::new();
+    if t.format(TimestampFormat::EpochSeconds, &mut buf).is_err() {
+        return 0;
+    }
+    String::from_utf8_lossy(&buf).parse::<f64>().map_or(0, |f| f.floor() as i64)
+}
+
+/// The timestamp of unix milliseconds.
+fn ts_ms(ms: i64) -> Timestamp {
+    let t = if ms >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    };
+    Timestamp::from(t)
+}
+
+/// Whether an ETag condition names this object (`*` names any).
+fn etag_matches(cond: &ETagCondition, rec: &ObjectRecord) -> bool {
+    match cond {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == rec.etag,
+    }
+}
+
+/// A read's preconditions that did not hold.
+#[derive(Debug, PartialEq)]
+enum Unmet {
+    /// 304 Not Modified (GET and HEAD; CopyObject answers 412 instead).
+    NotModified,
+    /// 412 Precondition Failed.
+    Failed,
+}
+
+/// The conditional headers of a read, with S3's precedence (RFC 7232 §6): If-Match decides
+/// and If-Unmodified-Since is then ignored (If-Match true + If-Unmodified-Since false = 200);
+/// If-None-Match decides and If-Modified-Since is then ignored (If-None-Match false +
+/// If-Modified-Since true = 304). The 412 checks come before the 304 ones.
+fn read_preconditions(
+    rec: &ObjectRecord,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+    if_modified_since: Option<&Timestamp>,
+    if_unmodified_since: Option<&Timestamp>,
+) -> Result<(), Unmet> {
+    let modified = (rec.modified_ms / 1000) as i64;
+    match (if_match, if_unmodified_since) {
+        (Some(m), _) if !etag_matches(m, rec) => return Err(Unmet::Failed),
+        (None, Some(t)) if modified > secs(t) => return Err(Unmet::Failed),
+        _ => {}
+    }
+    match (if_none_match, if_modified_since) {
+        (Some(m), _) if etag_matches(m, rec) => Err(Unmet::NotModified),
+        (None, Some(t)) if modified <= secs(t) => Err(Unmet::NotModified),
+        _ => Ok(()),
+    }
+}
+
+fn precondition_failed() -> S3Error {
+    s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold")
+}
+
+/// A write's If-None-Match / If-Match headers as conditions on the object it replaces.
+/// If-None-Match takes only `*` on writes (S3: "Expects the '*' character").
+fn write_conditions(
+    if_none_match: Option<&ETagCondition>,
+    if_match: Option<&ETagCondition>,
+) -> S3Result<Vec<Expect>> {
+    let mut out = Vec::new();
+    match if_none_match {
+        None => {}
+        Some(ETagCondition::Any) => out.push(Expect::Absent),
+        Some(ETagCondition::ETag(_)) => {
+            return Err(s3_error!(
+                NotImplemented,
+                "If-None-Match on a write takes only '*' (create only)"
+            ));
+        }
+    }
+    match if_match {
+        None => {}
+        Some(ETagCondition::Any) => out.push(Expect::ETag(None)),
+        Some(ETagCondition::ETag(e)) => out.push(Expect::ETag(Some(e.value().to_string()))),
+    }
+    Ok(out)
+}
+
+/// A condition checked now, before the body is read (the log writer checks it again at the
+/// commit, which decides).
+fn check_now(check: &Check, current: Option<&ObjectRecord>) -> Result<(), Refusal> {
+    check.verdict(current)
+}
+
+/// The S3 error of a refused conditional change.
+fn refusal(r: Refusal) -> S3Error {
+    match r {
+        Refusal::PreconditionFailed => precondition_failed(),
+        Refusal::NoSuchKey => s3_error!(NoSuchKey),
+        Refusal::NotOwner => s3_error!(AccessDenied, "this key holds another user's object"),
+    }
+}
+
+/// Checks a write's server-side encryption request: SSE-S3 (AES256) is what the pool does to
+/// every object (AES-256-GCM before any byte leaves the gateway), so it is granted; SSE-KMS
+/// and SSE-C are not done, and are refused rather than silently ignored.
+fn check_sse(
+    sse: Option<&ServerSideEncryption>,
+    kms_key: Option<&str>,
+    sse_c: Option<&str>,
+) -> S3Result<()> {
+    if sse_c.is_some() {
+        return Err(s3_error!(
+            NotImplemented,
+            "SSE-C (customer-provided keys) is not implemented: the pool encrypts every object \
+             with AES-256-GCM under keys of its own (SSE-S3, AES256)"
+        ));
+    }
+    if kms_key.is_some() || sse.is_some_and(|s| s.as_str() != ServerSideEncryption::AES256) {
+        return Err(s3_error!(
+            NotImplemented,
+            "SSE-KMS is not implemented: the pool encrypts every object with AES-256-GCM under \
+             keys of its own (SSE-S3, AES256)"
+        ));
+    }
+    Ok(())
+}
+
+/// What every object is: encrypted with AES-256 (the answer to SSE-S3).
+fn aes256() -> Option<ServerSideEncryption> {
+    Some(ServerSideEncryption::from_static(ServerSideEncryption::AES256))
+}
+
+/// The stored HTTP headers of a write.
+fn http_headers(
+    cache_control: Option<String>,
+    content_disposition: Option<String>,
+    content_encoding: Option<String>,
+    content_language: Option<String>,
+    expires: Option<&Timestamp>,
+) -> HttpHeaders {
+    HttpHeaders {
+        cache_control,
+        content_disposition,
+        content_encoding,
+        content_language,
+        expires_ms: expires.map(|t| secs(t).saturating_mul(1000)),
+    }
+}
+
 fn check_metadata(meta: &Option<Metadata>) -> S3Result<BTreeMap<String, String>> {
     let m: BTreeMap<String, String> = meta.clone().unwrap_or_default().into_iter().collect();
     let size: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -125,6 +308,11 @@ async fn refuse_body(body: Option<StreamingBlob>, error: S3Error) -> S3Error {
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     }
     error
+}
+
+/// The Location of a completed upload: the object's path.
+fn location(bucket: &str, key: &str) -> String {
+    format!("/{bucket}/{}", url_encode(key))
 }
 
 fn upload_key(id: &str) -> String {
@@ -352,33 +540,53 @@ impl Gateway {
         }
     }
 
-    /// Commits a new object under `bucket/key` for `owner` (refusing to replace another
-    /// user's), then deletes what it replaced (but any piece the new record still uses).
-    async fn commit_object(&self, bucket: &str, key: &str, record: ObjectRecord) -> S3Result<()> {
-        let _ns = self.lock_key(bucket, key).await;
-        let old = self.commit_locked(bucket, key, record.clone()).await?;
-        drop(_ns);
-        self.discard_replaced(&record, old).await;
-        Ok(())
+    /// Commits a new object under `bucket/key` for its owner if `conds` hold (and it replaces
+    /// no other user's object), then deletes what it replaced (but any piece the new record
+    /// still uses). A refused object's pieces are deleted: nothing will ever reference them.
+    async fn commit_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        record: ObjectRecord,
+        conds: Vec<Expect>,
+    ) -> S3Result<()> {
+        let ns = self.lock_key(bucket, key).await;
+        let r = self.commit_locked(bucket, key, record.clone(), conds, None).await;
+        drop(ns);
+        match r {
+            Ok(Ok(old)) => {
+                self.discard_replaced(&record, old).await;
+                Ok(())
+            }
+            Ok(Err(r)) => {
+                self.discard(&record.owner, record.pieces).await;
+                Err(refusal(r))
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// The check and the commit, under the namespace lock the caller holds.
+    /// The commit, under the namespace lock the caller holds. The conditions (and the owner
+    /// check) are decided by the log writer, atomically with the change: the inner error is a
+    /// refusal (nothing was written), the outer one a failure (the change may still land).
     async fn commit_locked(
         &self,
         bucket: &str,
         key: &str,
         record: ObjectRecord,
-    ) -> S3Result<Option<ObjectRecord>> {
+        conds: Vec<Expect>,
+        upload: Option<String>,
+    ) -> S3Result<Result<Option<ObjectRecord>, Refusal>> {
         self.bucket(bucket)?;
-        let old = self.index.object(bucket, key).map_err(internal)?;
-        if let Some(o) = &old
-            && o.owner != record.owner
-        {
-            return Err(s3_error!(AccessDenied, "this key holds another user's object"));
+        let check = |expect| Check { bucket: bucket.into(), key: key.into(), expect };
+        let mut checks = vec![check(Expect::OwnedByOrAbsent(record.owner.clone()))];
+        checks.extend(conds.into_iter().map(check));
+        let op = Op::PutObject { bucket: bucket.into(), key: key.into(), record, upload };
+        match self.log.commit_checked(checks, vec![op]).await {
+            Ok(replaced) => Ok(Ok(replaced.into_iter().next().flatten())),
+            Err(CommitError::Refused(r)) => Ok(Err(r)),
+            Err(CommitError::Failed(e)) => Err(unavailable(format!("{e:#}"))),
         }
-        let op = Op::PutObject { bucket: bucket.into(), key: key.into(), record };
-        self.log.commit(vec![op]).await.map_err(unavailable)?;
-        Ok(old)
     }
 
     /// Deletes the pieces of `old` that `new` does not use (a repeated CompleteMultipartUpload
@@ -391,25 +599,49 @@ impl Gateway {
         self.discard(&old.owner, gone).await;
     }
 
-    /// Deletes `bucket/key` for `owner`: Ok if it is gone (or never was).
-    async fn delete(&self, owner: &str, bucket: &str, key: &str) -> S3Result<()> {
+    /// Deletes `bucket/key` for `owner`: Ok if it is gone (or never was). `expect` is the
+    /// DELETE's own condition (If-Match, or a DeleteObjects entry's ETag), decided by the log
+    /// writer with the change; `matches` checks the rest (size, last-modified time) first.
+    async fn delete(
+        &self,
+        owner: &str,
+        bucket: &str,
+        key: &str,
+        expect: Option<Expect>,
+        matches: impl Fn(&ObjectRecord) -> bool,
+    ) -> S3Result<()> {
         let old = {
             let _ns = self.lock_key(bucket, key).await;
             self.bucket(bucket)?;
-            let Some(old) = self.index.object(bucket, key).map_err(internal)? else {
-                return Ok(());
+            let current = self.index.object(bucket, key).map_err(internal)?;
+            let Some(current) = current else {
+                return match expect {
+                    Some(_) => Err(s3_error!(NoSuchKey)),
+                    None => Ok(()),
+                };
             };
-            if old.owner != owner {
+            if current.owner != owner {
                 return Err(s3_error!(
                     AccessDenied,
                     "only the user who stored an object may delete it"
                 ));
             }
+            if !matches(&current) {
+                return Err(precondition_failed());
+            }
+            let check = |expect| Check { bucket: bucket.into(), key: key.into(), expect };
+            let mut checks = vec![check(Expect::OwnedByOrAbsent(owner.to_string()))];
+            checks.extend(expect.map(check));
             let op = Op::DeleteObject { bucket: bucket.into(), key: key.into() };
-            self.log.commit(vec![op]).await.map_err(unavailable)?;
-            old
+            match self.log.commit_checked(checks, vec![op]).await {
+                Ok(replaced) => replaced.into_iter().next().flatten(),
+                Err(CommitError::Refused(r)) => return Err(refusal(r)),
+                Err(CommitError::Failed(e)) => return Err(unavailable(format!("{e:#}"))),
+            }
         };
-        self.discard(owner, old.pieces).await;
+        if let Some(old) = old {
+            self.discard(&old.owner, old.pieces).await;
+        }
         Ok(())
     }
 
@@ -517,9 +749,12 @@ impl Gateway {
         Ok((objects, prefixes, next))
     }
 
-    fn to_object(key: String, r: &ObjectRecord) -> Object {
+    /// A listed object; `url` applies `encoding-type=url` to its key, `owner` adds its owner.
+    fn to_object(key: String, r: &ObjectRecord, url: bool, owner: bool) -> Object {
         Object {
-            key: Some(key),
+            key: Some(encoded(url, key)),
+            owner: owner
+                .then(|| Owner { id: Some(r.owner.clone()), display_name: Some(r.owner.clone()) }),
             size: Some(r.size as i64),
             e_tag: Some(etag(&r.etag)),
             last_modified: Some(ts(r.modified_ms)),
@@ -578,6 +813,9 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<CreateBucketOutput>> {
         let (owner, _) = self.caller(&req)?;
         let bucket = req.input.bucket;
+        if !bucket_name_allowed(&bucket) {
+            return Err(s3_error!(InvalidBucketName, "the bucket name is not valid in S3"));
+        }
         let _ns = self.buckets.write().await;
         if let Some(b) = self.index.bucket(&bucket).map_err(internal)? {
             return Err(if b.owner == owner {
@@ -621,6 +859,46 @@ impl S3 for Gateway {
         Ok(S3Response::new(HeadBucketOutput::default()))
     }
 
+    async fn get_bucket_encryption(
+        &self,
+        req: S3Request<GetBucketEncryptionInput>,
+    ) -> S3Result<S3Response<GetBucketEncryptionOutput>> {
+        self.caller(&req)?;
+        self.bucket(&req.input.bucket)?;
+        // Every bucket's default is what the pool does to every object: AES-256.
+        let rule = ServerSideEncryptionRule {
+            apply_server_side_encryption_by_default: Some(ServerSideEncryptionByDefault {
+                kms_master_key_id: None,
+                sse_algorithm: ServerSideEncryption::from_static(ServerSideEncryption::AES256),
+            }),
+            bucket_key_enabled: Some(false),
+        };
+        Ok(S3Response::new(GetBucketEncryptionOutput {
+            server_side_encryption_configuration: Some(ServerSideEncryptionConfiguration {
+                rules: vec![rule],
+            }),
+        }))
+    }
+
+    async fn put_bucket_encryption(
+        &self,
+        req: S3Request<PutBucketEncryptionInput>,
+    ) -> S3Result<S3Response<PutBucketEncryptionOutput>> {
+        let (owner, _) = self.caller(&req)?;
+        let input = req.input;
+        if self.bucket(&input.bucket)?.owner != owner {
+            return Err(s3_error!(AccessDenied, "only the bucket's creator may configure it"));
+        }
+        // SSE-S3 (AES256) is what every object gets anyway: accepted. Anything else is refused,
+        // not recorded and ignored.
+        for rule in &input.server_side_encryption_configuration.rules {
+            if let Some(d) = &rule.apply_server_side_encryption_by_default {
+                check_sse(Some(&d.sse_algorithm), d.kms_master_key_id.as_deref(), None)?;
+            }
+        }
+        Ok(S3Response::new(PutBucketEncryptionOutput::default()))
+    }
+
     async fn get_bucket_location(
         &self,
         req: S3Request<GetBucketLocationInput>,
@@ -636,22 +914,48 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let (owner, user) = self.caller(&req)?;
         let mut input = req.input;
+        // The cheap refusals come before the body is read: a create-only PUT of an existing
+        // key is refused here (and, if another PUT wins the key meanwhile, at the commit).
         let checked = async {
             self.bucket(&input.bucket)?;
+            check_sse(
+                input.server_side_encryption.as_ref(),
+                input.ssekms_key_id.as_deref(),
+                input.sse_customer_algorithm.as_deref(),
+            )?;
             let metadata = check_metadata(&input.metadata)?;
-            if let Some(o) = self.index.object(&input.bucket, &input.key).map_err(internal)?
+            let conds = write_conditions(input.if_none_match.as_ref(), input.if_match.as_ref())?;
+            let current = self.index.object(&input.bucket, &input.key).map_err(internal)?;
+            if let Some(o) = &current
                 && o.owner != owner
             {
                 return Err(s3_error!(AccessDenied, "this key holds another user's object"));
             }
-            Ok(metadata)
+            for c in &conds {
+                let check = Check {
+                    bucket: input.bucket.clone(),
+                    key: input.key.clone(),
+                    expect: c.clone(),
+                };
+                if let Err(r) = check_now(&check, current.as_ref()) {
+                    return Err(refusal(r));
+                }
+            }
+            Ok((metadata, conds))
         }
         .await;
-        let metadata = match checked {
+        let (metadata, conds) = match checked {
             Ok(m) => m,
             Err(e) => return Err(refuse_body(input.body.take(), e).await),
         };
         let (piece, md5) = self.store(&user.client, input.body, input.content_length).await?;
+        let headers = http_headers(
+            input.cache_control,
+            input.content_disposition,
+            input.content_encoding,
+            input.content_language,
+            input.expires.as_ref(),
+        );
         let record = ObjectRecord {
             size: piece.size,
             pieces: vec![piece],
@@ -660,9 +964,14 @@ impl S3 for Gateway {
             metadata,
             modified_ms: now_ms(),
             owner,
+            headers,
         };
-        self.commit_object(&input.bucket, &input.key, record).await?;
-        Ok(S3Response::new(PutObjectOutput { e_tag: Some(etag(&md5)), ..Default::default() }))
+        self.commit_object(&input.bucket, &input.key, record, conds).await?;
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(etag(&md5)),
+            server_side_encryption: aes256(),
+            ..Default::default()
+        }))
     }
 
     async fn get_object(
@@ -672,6 +981,28 @@ impl S3 for Gateway {
         let (_, user) = self.caller(&req)?;
         let input = req.input;
         let rec = self.object(&input.bucket, &input.key)?;
+        let unmet = read_preconditions(
+            &rec,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        );
+        match unmet {
+            Ok(()) => {}
+            Err(Unmet::Failed) => return Err(precondition_failed()),
+            Err(Unmet::NotModified) => {
+                // 304 carries the validators and no body (RFC 7232 §4.1).
+                let mut resp = S3Response::new(GetObjectOutput {
+                    e_tag: Some(etag(&rec.etag)),
+                    last_modified: Some(ts(rec.modified_ms)),
+                    ..Default::default()
+                });
+                // s3s answers GET and HEAD 200 whatever the status asked: the front makes it 304.
+                resp.extensions.insert(NotModified);
+                return Ok(resp);
+            }
+        }
         let (range, content_range) = match &input.range {
             None => (0..rec.size, None),
             Some(r) => {
@@ -683,6 +1014,7 @@ impl S3 for Gateway {
         };
         let len = range.end - range.start;
         let body = self.stream(user.client.clone(), &rec, range).await?;
+        let h = rec.headers.clone();
         let out = GetObjectOutput {
             body: Some(body),
             content_length: Some(len as i64),
@@ -692,6 +1024,12 @@ impl S3 for Gateway {
             e_tag: Some(etag(&rec.etag)),
             last_modified: Some(ts(rec.modified_ms)),
             metadata: Some(rec.metadata.clone().into_iter().collect()),
+            cache_control: h.cache_control,
+            content_disposition: h.content_disposition,
+            content_encoding: h.content_encoding,
+            content_language: h.content_language,
+            expires: h.expires_ms.map(ts_ms),
+            server_side_encryption: aes256(),
             ..Default::default()
         };
         let mut resp = S3Response::new(out);
@@ -706,7 +1044,30 @@ impl S3 for Gateway {
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         self.caller(&req)?;
-        let rec = self.object(&req.input.bucket, &req.input.key)?;
+        let input = req.input;
+        let rec = self.object(&input.bucket, &input.key)?;
+        let unmet = read_preconditions(
+            &rec,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        );
+        match unmet {
+            Ok(()) => {}
+            Err(Unmet::Failed) => return Err(precondition_failed()),
+            Err(Unmet::NotModified) => {
+                let mut resp = S3Response::new(HeadObjectOutput {
+                    e_tag: Some(etag(&rec.etag)),
+                    last_modified: Some(ts(rec.modified_ms)),
+                    ..Default::default()
+                });
+                // s3s answers GET and HEAD 200 whatever the status asked: the front makes it 304.
+                resp.extensions.insert(NotModified);
+                return Ok(resp);
+            }
+        }
+        let h = rec.headers.clone();
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(rec.size as i64),
             accept_ranges: Some("bytes".into()),
@@ -714,6 +1075,12 @@ impl S3 for Gateway {
             e_tag: Some(etag(&rec.etag)),
             last_modified: Some(ts(rec.modified_ms)),
             metadata: Some(rec.metadata.clone().into_iter().collect()),
+            cache_control: h.cache_control,
+            content_disposition: h.content_disposition,
+            content_encoding: h.content_encoding,
+            content_language: h.content_language,
+            expires: h.expires_ms.map(ts_ms),
+            server_side_encryption: aes256(),
             ..Default::default()
         }))
     }
@@ -723,7 +1090,21 @@ impl S3 for Gateway {
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let (owner, _) = self.caller(&req)?;
-        self.delete(&owner, &req.input.bucket, &req.input.key).await?;
+        let input = req.input;
+        let expect = input.if_match.as_ref().map(|m| match m {
+            ETagCondition::Any => Expect::ETag(None),
+            ETagCondition::ETag(e) => Expect::ETag(Some(e.value().to_string())),
+        });
+        let (when, size) = (input.if_match_last_modified_time, input.if_match_size);
+        let matches = |r: &ObjectRecord| {
+            when.as_ref().is_none_or(|t| secs(t) == (r.modified_ms / 1000) as i64)
+                && size.is_none_or(|s| s == r.size as i64)
+        };
+        let expect = match (expect, when.is_some() || size.is_some()) {
+            (None, true) => Some(Expect::ETag(None)),
+            (e, _) => e,
+        };
+        self.delete(&owner, &input.bucket, &input.key, expect, matches).await?;
         Ok(S3Response::new(DeleteObjectOutput::default()))
     }
 
@@ -740,7 +1121,18 @@ impl S3 for Gateway {
         let quiet = input.delete.quiet.unwrap_or(false);
         let (mut deleted, mut errors) = (Vec::new(), Vec::new());
         for o in input.delete.objects {
-            match self.delete(&owner, &input.bucket, &o.key).await {
+            // An entry's ETag, LastModifiedTime and Size are its conditions (412 if unmet).
+            let expect = o.e_tag.as_ref().map(|e| Expect::ETag(Some(e.value().to_string())));
+            let (when, size) = (o.last_modified_time.clone(), o.size);
+            let matches = |r: &ObjectRecord| {
+                when.as_ref().is_none_or(|t| secs(t) == (r.modified_ms / 1000) as i64)
+                    && size.is_none_or(|s| s == r.size as i64)
+            };
+            let expect = match (expect, when.is_some() || size.is_some()) {
+                (None, true) => Some(Expect::ETag(None)),
+                (e, _) => e,
+            };
+            match self.delete(&owner, &input.bucket, &o.key, expect, matches).await {
                 Ok(()) => {
                     if !quiet {
                         deleted.push(DeletedObject { key: Some(o.key), ..Default::default() })
@@ -772,6 +1164,29 @@ impl S3 for Gateway {
         };
         let src = self.object(src_bucket, src_key)?;
         self.bucket(&input.bucket)?;
+        check_sse(
+            input.server_side_encryption.as_ref(),
+            input.ssekms_key_id.as_deref(),
+            input.sse_customer_algorithm.as_deref(),
+        )?;
+        if input.copy_source_sse_customer_algorithm.is_some() {
+            return Err(s3_error!(
+                NotImplemented,
+                "SSE-C (customer-provided keys) is not implemented"
+            ));
+        }
+        // x-amz-copy-source-if-*: S3's precedence as for GET, and every unmet one is a 412.
+        if read_preconditions(
+            &src,
+            input.copy_source_if_match.as_ref(),
+            input.copy_source_if_none_match.as_ref(),
+            input.copy_source_if_modified_since.as_ref(),
+            input.copy_source_if_unmodified_since.as_ref(),
+        )
+        .is_err()
+        {
+            return Err(precondition_failed());
+        }
         if src.size > MAX_PUT {
             return Err(s3_error!(
                 InvalidRequest,
@@ -782,6 +1197,22 @@ impl S3 for Gateway {
             .metadata_directive
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        // S3 refuses a copy onto itself that changes nothing (metadata, storage class,
+        // encryption, website redirect).
+        if **src_bucket == *input.bucket
+            && **src_key == *input.key
+            && !replace
+            && input.storage_class.is_none()
+            && input.server_side_encryption.is_none()
+            && input.website_redirect_location.is_none()
+        {
+            return Err(s3_error!(
+                InvalidRequest,
+                "This copy request is illegal because it is trying to copy an object to itself \
+                 without changing the object's metadata, storage class, website redirect \
+                 location or encryption attributes."
+            ));
+        }
         // Spool the source, then store it as the caller's own object (a copy is a new object:
         // deleting either leaves the other).
         let spool = tempfile::tempfile_in(&self.spool).map_err(internal)?;
@@ -802,10 +1233,17 @@ impl S3 for Gateway {
         let segment_size = user.client.view().segment_size;
         let cap = user.client.put(file).await.map_err(unavailable)?;
         let md5 = hex::encode(hasher.finalize());
-        let (content_type, metadata) = if replace {
-            (input.content_type.clone(), check_metadata(&input.metadata)?)
+        let (content_type, metadata, headers) = if replace {
+            let h = http_headers(
+                input.cache_control.clone(),
+                input.content_disposition.clone(),
+                input.content_encoding.clone(),
+                input.content_language.clone(),
+                input.expires.as_ref(),
+            );
+            (input.content_type.clone(), check_metadata(&input.metadata)?, h)
         } else {
-            (src.content_type.clone(), src.metadata.clone())
+            (src.content_type.clone(), src.metadata.clone(), src.headers.clone())
         };
         let modified_ms = now_ms();
         let record = ObjectRecord {
@@ -816,8 +1254,9 @@ impl S3 for Gateway {
             metadata,
             modified_ms,
             owner,
+            headers,
         };
-        self.commit_object(&input.bucket, &input.key, record).await?;
+        self.commit_object(&input.bucket, &input.key, record, Vec::new()).await?;
         let result = CopyObjectResult {
             e_tag: Some(etag(&md5)),
             last_modified: Some(ts(modified_ms)),
@@ -825,6 +1264,7 @@ impl S3 for Gateway {
         };
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(result),
+            server_side_encryption: aes256(),
             ..Default::default()
         }))
     }
@@ -835,31 +1275,40 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
         self.caller(&req)?;
         let input = req.input;
+        let url = url_encoding(&input.encoding_type);
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(MAX_KEYS as i32).clamp(0, MAX_KEYS as i32) as usize;
-        let after = match &input.continuation_token {
+        // An empty token is no token (S3 lists from the start, or from StartAfter).
+        let token = input.continuation_token.clone().filter(|t| !t.is_empty());
+        let after = match &token {
             Some(t) => Some(Resume::from_token(t).ok_or_else(|| {
                 s3_error!(InvalidArgument, "the continuation token is not valid")
             })?),
-            None => input.start_after.clone().map(Resume::Key),
+            None => input.start_after.clone().filter(|s| !s.is_empty()).map(Resume::Key),
         };
         let (objects, prefixes, next) =
             self.list(&input.bucket, &prefix, input.delimiter.as_deref(), after.as_ref(), max)?;
         let count = (objects.len() + prefixes.len()) as i32;
+        let owner = input.fetch_owner.unwrap_or(false);
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
-            prefix: Some(prefix),
-            delimiter: input.delimiter,
+            prefix: Some(encoded(url, prefix)),
+            delimiter: input.delimiter.map(|d| encoded(url, d)),
             max_keys: Some(max as i32),
             key_count: Some(count),
             is_truncated: Some(next.is_some()),
             continuation_token: input.continuation_token,
             next_continuation_token: next.map(|n| n.token()),
-            start_after: input.start_after,
+            start_after: input.start_after.map(|s| encoded(url, s)),
             encoding_type: input.encoding_type,
-            contents: Some(objects.into_iter().map(|(k, r)| Self::to_object(k, &r)).collect()),
+            contents: Some(
+                objects.into_iter().map(|(k, r)| Self::to_object(k, &r, url, owner)).collect(),
+            ),
             common_prefixes: Some(
-                prefixes.into_iter().map(|p| CommonPrefix { prefix: Some(p) }).collect(),
+                prefixes
+                    .into_iter()
+                    .map(|p| CommonPrefix { prefix: Some(encoded(url, p)) })
+                    .collect(),
             ),
             ..Default::default()
         }))
@@ -871,24 +1320,35 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<ListObjectsOutput>> {
         self.caller(&req)?;
         let input = req.input;
+        let url = url_encoding(&input.encoding_type);
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(MAX_KEYS as i32).clamp(0, MAX_KEYS as i32) as usize;
-        let marker =
-            input.marker.as_deref().map(|m| Resume::from_marker(m, input.delimiter.as_deref()));
+        let marker = input
+            .marker
+            .as_deref()
+            .filter(|m| !m.is_empty())
+            .map(|m| Resume::from_marker(m, input.delimiter.as_deref()));
         let (objects, prefixes, next) =
             self.list(&input.bucket, &prefix, input.delimiter.as_deref(), marker.as_ref(), max)?;
+        // S3 returns NextMarker only with a delimiter (clients resume after the last key
+        // otherwise); returning it always is allowed and saves them the guess.
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(input.bucket),
-            prefix: Some(prefix),
-            delimiter: input.delimiter,
-            marker: input.marker,
+            prefix: Some(encoded(url, prefix)),
+            delimiter: input.delimiter.map(|d| encoded(url, d)),
+            marker: Some(encoded(url, input.marker.unwrap_or_default())),
             max_keys: Some(max as i32),
             is_truncated: Some(next.is_some()),
-            next_marker: next.map(Resume::into_string),
+            next_marker: next.map(|n| encoded(url, n.into_string())),
             encoding_type: input.encoding_type,
-            contents: Some(objects.into_iter().map(|(k, r)| Self::to_object(k, &r)).collect()),
+            contents: Some(
+                objects.into_iter().map(|(k, r)| Self::to_object(k, &r, url, true)).collect(),
+            ),
             common_prefixes: Some(
-                prefixes.into_iter().map(|p| CommonPrefix { prefix: Some(p) }).collect(),
+                prefixes
+                    .into_iter()
+                    .map(|p| CommonPrefix { prefix: Some(encoded(url, p)) })
+                    .collect(),
             ),
             ..Default::default()
         }))
@@ -901,7 +1361,19 @@ impl S3 for Gateway {
         let (owner, _) = self.caller(&req)?;
         let input = req.input;
         self.bucket(&input.bucket)?;
+        check_sse(
+            input.server_side_encryption.as_ref(),
+            input.ssekms_key_id.as_deref(),
+            input.sse_customer_algorithm.as_deref(),
+        )?;
         let metadata = check_metadata(&input.metadata)?;
+        let headers = http_headers(
+            input.cache_control,
+            input.content_disposition,
+            input.content_encoding,
+            input.content_language,
+            input.expires.as_ref(),
+        );
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(internal)?;
         let id = hex::encode(id);
@@ -912,6 +1384,7 @@ impl S3 for Gateway {
             created_ms: now_ms(),
             content_type: input.content_type,
             metadata,
+            headers,
         };
         self.index
             .put_local(&upload_key(&id), &serde_json::to_vec(&u).map_err(internal)?)
@@ -920,6 +1393,7 @@ impl S3 for Gateway {
             bucket: Some(input.bucket),
             key: Some(input.key),
             upload_id: Some(id),
+            server_side_encryption: aes256(),
             ..Default::default()
         }))
     }
@@ -964,7 +1438,11 @@ impl S3 for Gateway {
         if let Some(old) = old.and_then(|o| serde_json::from_slice::<PartRecord>(&o).ok()) {
             self.discard(&owner, vec![old.piece]).await;
         }
-        Ok(S3Response::new(UploadPartOutput { e_tag: Some(etag(&md5)), ..Default::default() }))
+        Ok(S3Response::new(UploadPartOutput {
+            e_tag: Some(etag(&md5)),
+            server_side_encryption: aes256(),
+            ..Default::default()
+        }))
     }
 
     async fn complete_multipart_upload(
@@ -973,9 +1451,28 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let (owner, _) = self.caller(&req)?;
         let input = req.input;
+        let conds = write_conditions(input.if_none_match.as_ref(), input.if_match.as_ref())?;
         // The whole completion holds the namespace lock: the parts it reads are the parts an
-        // UploadPart or Abort may not change meanwhile, and a second Complete finds no upload.
+        // UploadPart or Abort may not change meanwhile, and a second Complete finds the first
+        // one's result.
         let ns = self.lock_key(&input.bucket, &input.key).await;
+        // A retried Complete (the SDK lost the answer) is answered again, as S3 does.
+        if let Some(done) = self.index.completed_upload(&input.upload_id).map_err(internal)?
+            && done.bucket == input.bucket
+            && done.key == input.key
+        {
+            if done.owner != owner {
+                return Err(s3_error!(AccessDenied, "this upload belongs to another user"));
+            }
+            return Ok(S3Response::new(CompleteMultipartUploadOutput {
+                location: Some(location(&done.bucket, &done.key)),
+                bucket: Some(done.bucket),
+                key: Some(done.key),
+                e_tag: Some(etag(&done.etag)),
+                server_side_encryption: aes256(),
+                ..Default::default()
+            }));
+        }
         let u = self.upload(&input.upload_id, &owner)?;
         if u.bucket != input.bucket || u.key != input.key {
             return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
@@ -1026,8 +1523,14 @@ impl S3 for Gateway {
             metadata: u.metadata,
             modified_ms: now_ms(),
             owner: owner.clone(),
+            headers: u.headers,
         };
-        let old = self.commit_locked(&input.bucket, &input.key, record.clone()).await?;
+        let id = Some(input.upload_id.clone());
+        // A refused Complete (If-None-Match / If-Match) leaves the upload as it was.
+        let old = self
+            .commit_locked(&input.bucket, &input.key, record.clone(), conds, id)
+            .await?
+            .map_err(refusal)?;
         self.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
         self.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
         drop(ns);
@@ -1035,9 +1538,11 @@ impl S3 for Gateway {
         // Parts uploaded but not named are not part of the object.
         self.discard(&owner, stored.into_values().map(|p| p.piece).collect()).await;
         Ok(S3Response::new(CompleteMultipartUploadOutput {
+            location: Some(location(&input.bucket, &input.key)),
             bucket: Some(input.bucket),
             key: Some(input.key),
             e_tag: Some(etag(&etag_value)),
+            server_side_encryption: aes256(),
             ..Default::default()
         }))
     }
@@ -1106,33 +1611,106 @@ impl S3 for Gateway {
         self.caller(&req)?;
         let input = req.input;
         self.bucket(&input.bucket)?;
+        let url = url_encoding(&input.encoding_type);
         let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let max = input.max_uploads.unwrap_or(1000).clamp(0, 1000) as usize;
-        let mut uploads = Vec::new();
+        let mut all = Vec::new();
         for (k, v) in self.index.scan_local("u/").map_err(internal)? {
             let u: Upload = serde_json::from_slice(&v).map_err(internal)?;
             if u.bucket != input.bucket || !u.key.starts_with(&prefix) {
                 continue;
             }
-            uploads.push(MultipartUpload {
-                key: Some(u.key),
-                upload_id: k.strip_prefix("u/").map(str::to_string),
-                initiated: Some(ts(u.created_ms)),
-                ..Default::default()
-            });
+            let id = k.strip_prefix("u/").unwrap_or(&k).to_string();
+            all.push((u.key, u.created_ms, id));
         }
-        uploads.sort_by(|a, b| a.key.cmp(&b.key));
-        let truncated = uploads.len() > max;
-        uploads.truncate(max);
+        // S3's order: by key, then by initiation time.
+        all.sort();
+        // Resume after (KeyMarker, UploadIdMarker), or after every upload of KeyMarker.
+        let key_marker = input.key_marker.clone().filter(|m| !m.is_empty());
+        let after_marker = |(key, created, id): &(String, u64, String)| match &key_marker {
+            None => true,
+            Some(m) => match &input.upload_id_marker {
+                Some(idm) if key == m => all
+                    .iter()
+                    .find(|(k, _, i)| k == m && i == idm)
+                    .is_some_and(|(_, c, i)| (*created, id) > (*c, i)),
+                _ => key > m,
+            },
+        };
+        let (mut uploads, mut prefixes) = (Vec::new(), Vec::<String>::new());
+        let (mut next_key, mut next_id, mut truncated) = (None, None, false);
+        for entry in all.iter().filter(|e| after_marker(e)) {
+            let (key, created, id) = entry;
+            let grouped = delimiter.as_deref().and_then(|d| {
+                key[prefix.len()..].find(d).map(|i| key[..prefix.len() + i + d.len()].to_string())
+            });
+            if let Some(cp) = &grouped
+                && prefixes.last() == Some(cp)
+            {
+                continue;
+            }
+            // Resuming after a common prefix skips every upload under it.
+            if grouped.is_some() && grouped == key_marker {
+                continue;
+            }
+            if uploads.len() + prefixes.len() >= max {
+                truncated = true;
+                break;
+            }
+            match grouped {
+                Some(cp) => {
+                    next_key = Some(cp.clone());
+                    next_id = None;
+                    prefixes.push(cp);
+                }
+                None => {
+                    next_key = Some(key.clone());
+                    next_id = Some(id.clone());
+                    uploads.push(MultipartUpload {
+                        key: Some(encoded(url, key.clone())),
+                        upload_id: Some(id.clone()),
+                        initiated: Some(ts(*created)),
+                        storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
-            prefix: input.prefix,
+            prefix: Some(encoded(url, prefix)),
+            delimiter: delimiter.map(|d| encoded(url, d)),
+            key_marker: input.key_marker.map(|m| encoded(url, m)),
+            upload_id_marker: input.upload_id_marker,
             max_uploads: Some(max as i32),
             is_truncated: Some(truncated),
+            next_key_marker: if truncated { next_key.map(|k| encoded(url, k)) } else { None },
+            next_upload_id_marker: if truncated { next_id } else { None },
+            encoding_type: input.encoding_type,
             uploads: Some(uploads),
+            common_prefixes: Some(
+                prefixes
+                    .into_iter()
+                    .map(|p| CommonPrefix { prefix: Some(encoded(url, p)) })
+                    .collect(),
+            ),
             ..Default::default()
         }))
     }
+}
+
+/// S3's bucket naming rules beyond the syntax s3s checks (3-63 of `a-z 0-9 . -`, a letter or
+/// digit at both ends, no `..`, not an IP address, no `xn--`): every dot-separated label
+/// starts and ends with a letter or digit (no `.-` or `-.`), and the names S3 reserves.
+fn bucket_name_allowed(name: &str) -> bool {
+    const PREFIXES: [&str; 4] = ["xn--", "sthree-", "sthree-configurator", "amzn-s3-demo-"];
+    const SUFFIXES: [&str; 5] = ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"];
+    s3s::path::check_bucket_name(name)
+        && !name.contains(".-")
+        && !name.contains("-.")
+        && !PREFIXES.iter().any(|p| name.starts_with(p))
+        && !SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
 /// SigV4 secrets by access key.
@@ -1148,15 +1726,223 @@ impl s3s::auth::S3Auth for Auth {
     }
 }
 
+// ---- The HTTP front ----
+//
+// What S3 does around every operation and s3s leaves to its user: a request id in the
+// `x-amz-request-id` header and in the `<RequestId>` of every error body (clients print it,
+// operators grep for it), the presigned-URL expiry limit (at most 7 days, checked before the
+// signature), and PUTs whose length is unknown (`Transfer-Encoding: chunked`, no
+// Content-Length), which s3s refuses: their body is spooled to disk first, bounded by 5 GiB,
+// and then handed to s3s with its length.
+
+/// Marks a GET or HEAD response whose preconditions answer 304 Not Modified.
+#[derive(Clone, Copy)]
+struct NotModified;
+
+/// The longest a SigV4 presigned URL may live (S3: 604 800 s, 7 days).
+const MAX_PRESIGNED_EXPIRY: i64 = 7 * 24 * 3600;
+
+/// The s3s service behind the HTTP front.
+struct Front {
+    s3: s3s::service::S3Service,
+    spool: PathBuf,
+}
+
+/// A fresh request id: 16 upper-case hex digits, as S3's.
+fn request_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    hex::encode_upper(b)
+}
+
+/// An S3 error response of the front's own.
+fn error_response(
+    status: http::StatusCode,
+    code: &str,
+    message: &str,
+) -> http::Response<s3s::Body> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    let mut resp = http::Response::new(s3s::Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
+    resp
+}
+
+/// The presigned-URL limits S3 enforces before the signature: a SigV4 X-Amz-Expires above 7
+/// days (or not a number) is refused, a negative one has expired. A SigV2 URL (which boto3
+/// makes for a custom endpoint) names its expiry as a time: one more than 7 days ahead is
+/// refused the same way, so no URL the gateway serves outlives a week.
+fn presigned_refusal(uri: &http::Uri) -> Option<http::Response<s3s::Body>> {
+    let query = uri.query()?;
+    let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(name));
+    let denied = |msg: &str| Some(error_response(http::StatusCode::FORBIDDEN, "AccessDenied", msg));
+    let too_long = "X-Amz-Expires must be less than a week (in seconds) that is; 604800";
+    if param("X-Amz-Signature=").is_some() {
+        let expires = param("X-Amz-Expires=")?;
+        return match expires.parse::<i64>() {
+            Ok(e) if e < 0 => denied("Request has expired"),
+            Ok(e) if e <= MAX_PRESIGNED_EXPIRY => None,
+            _ => denied(too_long),
+        };
+    }
+    if param("Signature=").is_some() {
+        let expires = param("Expires=")?.parse::<i64>().ok()?;
+        let now = (now_ms() / 1000) as i64;
+        if expires.saturating_sub(now) > MAX_PRESIGNED_EXPIRY {
+            return denied(too_long);
+        }
+    }
+    None
+}
+
+impl Front {
+    async fn handle(&self, req: http::Request<hyper::body::Incoming>) -> http::Response<s3s::Body> {
+        let id = request_id();
+        let head = req.method() == http::Method::HEAD;
+        let mut resp = match presigned_refusal(req.uri()) {
+            Some(refused) => refused,
+            None => match self.with_length(req.map(s3s::Body::from)).await {
+                Err(refused) => refused,
+                Ok(req) => match self.s3.call(req).await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        tracing::error!(error = ?e, "the S3 service failed");
+                        error_response(
+                            http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "InternalError",
+                            "We encountered an internal error. Please try again.",
+                        )
+                    }
+                },
+            },
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-amz-request-id", v);
+        }
+        if resp.extensions_mut().remove::<NotModified>().is_some() {
+            // 304 carries the validators (ETag, Last-Modified) and no body (RFC 9110 §15.4.5).
+            *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+            *resp.body_mut() = s3s::Body::empty();
+            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+        }
+        let failed = resp.status().is_client_error() || resp.status().is_server_error();
+        if failed && !head {
+            let body = std::mem::take(resp.body_mut());
+            let body = match body.bytes() {
+                Some(b) => with_request_id(&b, &id),
+                None => body,
+            };
+            if let Some(len) = body.bytes().map(|b| b.len()) {
+                resp.headers_mut().insert(http::header::CONTENT_LENGTH, len.into());
+            }
+            *resp.body_mut() = body;
+        }
+        resp
+    }
+
+    /// A PUT sent with `Transfer-Encoding: chunked` and no length is spooled to disk (at most
+    /// 5 GiB), then passed on with its Content-Length. The length is not part of such a
+    /// request's signature (it had none), so adding it changes no signed byte.
+    async fn with_length(
+        &self,
+        req: http::Request<s3s::Body>,
+    ) -> Result<http::Request<s3s::Body>, http::Response<s3s::Body>> {
+        let h = req.headers();
+        let chunked = h
+            .get(http::header::TRANSFER_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let streaming = h
+            .get("x-amz-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("STREAMING-"));
+        if req.method() != http::Method::PUT
+            || !chunked
+            || streaming
+            || h.contains_key(http::header::CONTENT_LENGTH)
+        {
+            return Ok(req);
+        }
+        let (mut parts, mut body) = req.into_parts();
+        let spooled = async {
+            use tokio::io::AsyncWriteExt;
+            let file = tempfile::tempfile_in(&self.spool)?;
+            let mut out = tokio::fs::File::from_std(file.try_clone()?);
+            let mut len = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                len += chunk.len() as u64;
+                if len > MAX_PUT {
+                    return Ok(None);
+                }
+                out.write_all(&chunk).await?;
+            }
+            out.flush().await?;
+            Ok::<_, std::io::Error>(Some((file, len)))
+        }
+        .await;
+        match spooled {
+            Ok(Some((file, len))) => {
+                use std::io::Seek;
+                let mut file = file;
+                if file.rewind().is_err() {
+                    return Err(error_response(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                        "could not spool the body",
+                    ));
+                }
+                let stream = tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(file),
+                    1 << 20,
+                );
+                parts.headers.remove(http::header::TRANSFER_ENCODING);
+                parts.headers.insert(http::header::CONTENT_LENGTH, len.into());
+                Ok(http::Request::from_parts(parts, s3s::Body::from(StreamingBlob::wrap(stream))))
+            }
+            Ok(None) => Err(error_response(
+                http::StatusCode::BAD_REQUEST,
+                "EntityTooLarge",
+                "Your proposed upload exceeds the maximum allowed object size.",
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not spool a chunked PUT");
+                Err(error_response(
+                    http::StatusCode::BAD_REQUEST,
+                    "IncompleteBody",
+                    "the body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+/// An error body with `<RequestId>` set to the header's id (s3s writes none).
+fn with_request_id(body: &[u8], id: &str) -> s3s::Body {
+    let text = String::from_utf8_lossy(body);
+    if !text.contains("</Error>") || text.contains("<RequestId>") {
+        return s3s::Body::from(bytes::Bytes::copy_from_slice(body));
+    }
+    s3s::Body::from(text.replacen("</Error>", &format!("<RequestId>{id}</RequestId></Error>"), 1))
+}
+
 /// Serves S3 on `listen` until SIGTERM/SIGINT, then lets requests in flight finish for up
 /// to `grace`. Clients may sign for any region: SigV4 is checked against the region each
 /// request's credential scope names.
 pub async fn serve(gateway: Gateway, listen: SocketAddr, grace: Duration) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let secrets = gateway.users.iter().map(|(k, u)| (k.clone(), u.secret.clone())).collect();
+    let spool = gateway.spool.clone();
     let mut builder = s3s::service::S3ServiceBuilder::new(gateway);
     builder.set_auth(Auth(secrets));
-    let service = builder.build();
+    let front = Arc::new(Front { s3: builder.build(), spool });
+    let service = hyper::service::service_fn(move |req| {
+        let front = front.clone();
+        async move { Ok::<_, std::convert::Infallible>(front.handle(req).await) }
+    });
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "S3 gateway serving");
@@ -1198,4 +1984,96 @@ pub async fn serve(gateway: Gateway, listen: SocketAddr, grace: Duration) -> any
         tracing::warn!("requests still in flight after the grace period: stopping anyway");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(etag: &str, modified_ms: u64) -> ObjectRecord {
+        ObjectRecord {
+            pieces: Vec::new(),
+            size: 0,
+            etag: etag.into(),
+            content_type: None,
+            metadata: BTreeMap::new(),
+            modified_ms,
+            owner: "ALICE".into(),
+            headers: HttpHeaders::default(),
+        }
+    }
+
+    #[test]
+    fn url_encoding_is_what_form_decoders_undo() {
+        assert_eq!(url_encode("foo+1/bar baz"), "foo%2B1/bar%20baz");
+        assert_eq!(url_encode("%2B~._-"), "%252B~._-");
+        assert_eq!(url_encode("é/日"), "%C3%A9/%E6%97%A5");
+        assert_eq!(url_encode("a&b=c?d;"), "a%26b%3Dc%3Fd%3B");
+    }
+
+    #[test]
+    fn read_preconditions_follow_s3_precedence() {
+        let rec = record("abc", 1_000_000_500);
+        let tag = |e: &str| ETagCondition::ETag(ETag::Strong(e.into()));
+        let (yes, no, any) = (tag("abc"), tag("x"), ETagCondition::Any);
+        // Last-Modified is 1 000 000 s (milliseconds are cut, as in the HTTP date).
+        let (same, before) = (ts(1_000_000_000), ts(999_999_000));
+        let check = |m, n, ims, ius| read_preconditions(&rec, m, n, ims, ius);
+        assert_eq!(check(Some(&yes), None, None, None), Ok(()));
+        assert_eq!(check(Some(&no), None, None, None), Err(Unmet::Failed));
+        assert_eq!(check(Some(&any), None, None, None), Ok(()));
+        assert_eq!(check(None, Some(&yes), None, None), Err(Unmet::NotModified));
+        assert_eq!(check(None, Some(&any), None, None), Err(Unmet::NotModified));
+        assert_eq!(check(None, Some(&no), None, None), Ok(()));
+        assert_eq!(check(None, None, Some(&same), None), Err(Unmet::NotModified));
+        assert_eq!(check(None, None, Some(&before), None), Ok(()));
+        assert_eq!(check(None, None, None, Some(&before)), Err(Unmet::Failed));
+        assert_eq!(check(None, None, None, Some(&same)), Ok(()));
+        // If-Match true + If-Unmodified-Since false: 200.
+        assert_eq!(check(Some(&yes), None, None, Some(&before)), Ok(()));
+        // If-None-Match false + If-Modified-Since true: 304.
+        assert_eq!(check(None, Some(&yes), Some(&before), None), Err(Unmet::NotModified));
+        // If-None-Match true + If-Modified-Since false: 200 (If-None-Match decides).
+        assert_eq!(check(None, Some(&no), Some(&same), None), Ok(()));
+        // 412 before 304.
+        assert_eq!(check(Some(&no), Some(&yes), None, None), Err(Unmet::Failed));
+    }
+
+    #[test]
+    fn write_conditions_take_star_for_if_none_match() {
+        let tag = ETagCondition::ETag(ETag::Strong("abc".into()));
+        assert_eq!(write_conditions(Some(&ETagCondition::Any), None).unwrap(), [Expect::Absent]);
+        assert_eq!(write_conditions(None, Some(&tag)).unwrap(), [Expect::ETag(Some("abc".into()))]);
+        assert!(write_conditions(Some(&tag), None).is_err());
+    }
+
+    #[test]
+    fn bucket_names_s3_refuses_are_refused() {
+        for bad in ["foo.-bar", "foo-.bar", "xn--abc", "sthree-x", "abc-s3alias", "a..b", "AB"] {
+            assert!(!bucket_name_allowed(bad), "{bad}");
+        }
+        for good in ["foo.bar", "foo-bar", "a1.b-2.c3", "abc"] {
+            assert!(bucket_name_allowed(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn presigned_urls_past_seven_days_or_negative_are_refused() {
+        let uri = |q: &str| format!("/b/k?X-Amz-Signature=ab&{q}").parse::<http::Uri>().unwrap();
+        assert!(presigned_refusal(&uri("X-Amz-Expires=604800")).is_none());
+        assert!(presigned_refusal(&uri("X-Amz-Expires=604801")).is_some());
+        assert!(presigned_refusal(&uri("X-Amz-Expires=-1")).is_some());
+        assert!(presigned_refusal(&"/b/k?X-Amz-Expires=9999999".parse().unwrap()).is_none());
+        let now = (now_ms() / 1000) as i64;
+        let v2 = |e: i64| format!("/b/k?AWSAccessKeyId=A&Signature=x&Expires={e}").parse().unwrap();
+        assert!(presigned_refusal(&v2(now + 3600)).is_none());
+        assert!(presigned_refusal(&v2(now + 609_901)).is_some());
+    }
+
+    #[test]
+    fn error_bodies_get_the_request_id() {
+        let body = b"<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code></Error>";
+        let out = with_request_id(body, "ABC123").bytes().unwrap();
+        assert!(String::from_utf8_lossy(&out).ends_with("<RequestId>ABC123</RequestId></Error>"));
+    }
 }
