@@ -2,9 +2,9 @@
 """Renders the Grafana dashboards to PNG from a live Prometheus: one image per dashboard, drawn
 the way Grafana shows it to a user who opens it and keeps the first choice of every variable.
 
-Usage (python of the set-up venv, which has matplotlib):
+Usage (python of the set-up venv, with matplotlib):
 
-    PY=$(bash scripts/manifest-tools.sh | tail -1)
+    PY=$(bash scripts/manifest-tools.sh --render | tail -1)
     "$PY" scripts/render-dashboards.py --prometheus http://127.0.0.1:9090 --out DIR \\
         [--dashboards dashboards] [--minutes 10] [--rate-interval 1m] [--var node=node-3]
 

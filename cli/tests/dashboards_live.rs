@@ -722,7 +722,8 @@ fn dashboards_and_alerts_show_a_live_farm() {
 }
 
 /// Renders every dashboard from the live Prometheus with `scripts/render-dashboards.py` (with
-/// the set-up venv's python, which has matplotlib), when the script exists.
+/// the set-up venv's python, matplotlib installed by `manifest-tools.sh --render`), when the
+/// script exists.
 fn render(prom: &Prometheus, out: &Path) {
     let script = root().join("scripts/render-dashboards.py");
     if !script.exists() {
@@ -732,7 +733,8 @@ fn render(prom: &Prometheus, out: &Path) {
         );
         return;
     }
-    let py = Command::new("bash").arg(root().join("scripts/manifest-tools.sh")).output().unwrap();
+    let tools = root().join("scripts/manifest-tools.sh");
+    let py = Command::new("bash").arg(tools).arg("--render").output().unwrap();
     let py = String::from_utf8_lossy(&py.stdout).lines().last().unwrap_or("python3").to_string();
     // The farm lives a minute or two: draw its whole life, with the test's rate interval.
     let status = Command::new(py)
