@@ -12,21 +12,71 @@ use shardfarm_coordinator::{Coordinator, Member};
 /// Coordinators by pool name.
 #[derive(Default)]
 pub struct Coordinators {
-    pools: RwLock<BTreeMap<String, Arc<Coordinator>>>,
+    /// The running coordinators and when (unix ms) each was registered.
+    pools: RwLock<BTreeMap<String, (Arc<Coordinator>, u64)>>,
+    /// Pools this operator runs (or will, once their coordinator starts).
+    expected: RwLock<std::collections::BTreeSet<String>>,
 }
 
 impl Coordinators {
-    /// Registers the coordinator of `pool`.
+    /// Declares that this operator runs `pool`: until its coordinator is registered, the
+    /// pool's view is incomplete ([`Fabric::view`]), not empty.
+    pub fn expect(&self, pool: &str) {
+        self.expected.write().unwrap().insert(pool.to_string());
+    }
+
+    /// Registers the coordinator of `pool` (its state loaded).
     pub fn insert(&self, pool: &str, c: Arc<Coordinator>) {
-        self.pools.write().unwrap().insert(pool.to_string(), c);
+        self.insert_at(pool, c, shardfarm_core::auth::now_ms());
+    }
+
+    /// Registers the coordinator of `pool` as started at `started_ms`.
+    pub fn insert_at(&self, pool: &str, c: Arc<Coordinator>, started_ms: u64) {
+        self.expect(pool);
+        self.pools.write().unwrap().insert(pool.to_string(), (c, started_ms));
     }
 
     fn get(&self, pool: &str) -> Option<Arc<Coordinator>> {
-        self.pools.read().unwrap().get(pool).cloned()
+        self.pools.read().unwrap().get(pool).map(|(c, _)| c.clone())
+    }
+
+    /// [`Fabric::view`] at `now_ms`.
+    pub fn view_at(&self, pool: &str, now_ms: u64) -> Result<(), String> {
+        let Some((c, started)) = self.pools.read().unwrap().get(pool).cloned() else {
+            return if self.expected.read().unwrap().contains(pool) {
+                Err(format!(
+                    "pool {pool}'s coordinator has not started in this operator yet (it loads \
+                     the pool's state, or mines its key, first)"
+                ))
+            } else {
+                Ok(())
+            };
+        };
+        let grace = c.config().grace_ms;
+        if now_ms >= started.saturating_add(grace) {
+            return Ok(());
+        }
+        let members = c.members();
+        let silent = members.iter().filter(|m| m.last_seen_ms < started).count();
+        if members.is_empty() || silent > 0 {
+            return Err(format!(
+                "pool {pool}'s coordinator started {}s ago and has heard from {} of its {} \
+                 members since; its view is complete when all have reported or after {}s",
+                now_ms.saturating_sub(started) / 1000,
+                members.len() - silent,
+                members.len(),
+                grace / 1000
+            ));
+        }
+        Ok(())
     }
 }
 
 impl Fabric for Coordinators {
+    fn view(&self, pool: &str) -> Result<(), String> {
+        self.view_at(pool, shardfarm_core::auth::now_ms())
+    }
+
     fn members(&self, pool: &str) -> Vec<Member> {
         self.get(pool).map(|c| c.members()).unwrap_or_default()
     }

@@ -1,5 +1,6 @@
 //! The Shardfarm operator: kube-rs controllers and the `shardfarm operator` process.
 //!
+//! - [`api_rules`]: what kube-apiserver refuses, which the tests' API servers enforce;
 //! - [`controller`]: the Kubernetes reconcilers (StoragePool, MiningFarm, NodeSyndication,
 //!   ShardPlacement) over a [`controller::Fabric`];
 //! - [`fabric`]: the fabric the controllers see, backed by the pool's coordinator
@@ -12,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api_rules;
 pub mod controller;
 pub mod fabric;
 pub mod lease;

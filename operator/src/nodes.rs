@@ -15,6 +15,7 @@ use serde_json::json;
 use shardfarm_core::identity::NodeId;
 use shardfarm_crds::{StorageNode, StorageNodeStatus};
 
+use crate::api_rules::label_value;
 use crate::controller::{Fabric, MANAGER};
 
 /// How often the views are refreshed.
@@ -53,7 +54,8 @@ impl NodeViews {
             Some(w) => w,
             None => {
                 // The first pass: objects an earlier leader wrote, whatever their state.
-                let lp = ListParams::default().labels(&format!("shardfarm.io/pool={}", self.pool));
+                let lp = ListParams::default()
+                    .labels(&format!("shardfarm.io/pool={}", label_value(&self.pool)));
                 let mut w = HashMap::new();
                 for o in self.api.list(&lp).await?.items {
                     if let Ok(id) = NodeId::from_hex(&o.spec.node_id) {
@@ -104,7 +106,7 @@ impl NodeViews {
                 "kind": "StorageNode",
                 "metadata": {
                     "name": name,
-                    "labels": { "shardfarm.io/pool": self.pool, "app.kubernetes.io/managed-by": MANAGER },
+                    "labels": { "shardfarm.io/pool": label_value(&self.pool), "app.kubernetes.io/managed-by": MANAGER },
                     "ownerReferences": self.owner.iter().collect::<Vec<_>>(),
                 },
                 "spec": { "poolRef": self.pool, "nodeId": m.id.to_hex() },

@@ -23,8 +23,9 @@ use shardfarm_core::identity::Identity;
 
 /// The Secret's data key holding the identity text.
 pub const DATA_KEY: &str = "identity";
-/// Label naming the pool id on the Secret (public: the id, never the key).
-pub const POOL_ID_LABEL: &str = "shardfarm.io/pool-id";
+/// Annotation naming the pool id on the Secret (public: the id, never the key). An
+/// annotation, not a label: the id is 64 hex digits and a label value holds at most 63.
+pub const POOL_ID_ANNOTATION: &str = "shardfarm.io/pool-id";
 
 /// The name of the Secret holding `pool`'s key.
 pub fn secret_name(pool: &str) -> String {
@@ -38,14 +39,14 @@ pub fn farm_secret_name(farm: &str) -> String {
 
 /// The Secret for `identity`, immutable.
 pub fn secret(pool: &str, identity: &Identity) -> Secret {
-    key_secret(
+    let mut s = key_secret(
         secret_name(pool),
-        BTreeMap::from([
-            ("shardfarm.io/pool".to_string(), pool.to_string()),
-            (POOL_ID_LABEL.to_string(), identity.id().to_hex()),
-        ]),
+        BTreeMap::from([("shardfarm.io/pool".to_string(), crate::api_rules::label_value(pool))]),
         identity,
-    )
+    );
+    s.metadata.annotations =
+        Some(BTreeMap::from([(POOL_ID_ANNOTATION.to_string(), identity.id().to_hex())]));
+    s
 }
 
 fn key_secret(name: String, labels: BTreeMap<String, String>, identity: &Identity) -> Secret {
@@ -105,7 +106,7 @@ pub async fn farm_key(
     let (identity, _) = Identity::generate(0, 1, &|_| {})?;
     let mut s = key_secret(
         name,
-        BTreeMap::from([("shardfarm.io/farm".to_string(), farm.to_string())]),
+        BTreeMap::from([("shardfarm.io/farm".to_string(), crate::api_rules::label_value(farm))]),
         &identity,
     );
     s.metadata.owner_references = Some(vec![owner]);
@@ -188,7 +189,9 @@ mod tests {
             expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets")).body(move |b| {
                 assert_eq!(b["immutable"], true, "{b}");
                 assert_eq!(b["metadata"]["name"], "shardfarm-pool-key-main");
-                assert_eq!(b["metadata"]["labels"][POOL_ID_LABEL], id.as_str());
+                assert_eq!(b["metadata"]["annotations"][POOL_ID_ANNOTATION], id.as_str());
+                // No label holds it: a label value is at most 63 characters.
+                assert!(!b["metadata"]["labels"].to_string().contains(id.as_str()), "{b}");
                 assert!(b["data"][DATA_KEY].is_string(), "{b}");
             }),
         ];
@@ -196,6 +199,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got.id(), key.id());
+    }
+
+    /// Issue 28: the real API server refused the pool key's Secret (the 64-hex pool id as a
+    /// label value) and the operator crash-looped. The tests' API server refuses it the same
+    /// way now, and takes the Secret the operator writes.
+    #[tokio::test]
+    async fn the_api_server_refuses_a_64_hex_label_and_takes_the_secret_written_now() {
+        let key = identity();
+        let id = key.id().to_hex();
+        let mut before = secret("main", &key);
+        before.metadata.labels.as_mut().unwrap().insert("shardfarm.io/pool-id".into(), id.clone());
+        let (first, handle) = api();
+        let script = vec![expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets"))];
+        let err = fixtures::run(handle, script, first.create(&PostParams::default(), &before))
+            .await
+            .unwrap_err();
+        let kube::Error::Api(status) = err else { panic!("{err}") };
+        assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+        assert_eq!(
+            status.message,
+            format!(
+                "Secret \"shardfarm-pool-key-main\" is invalid: metadata.labels: Invalid value: \
+                 \"{id}\": must be no more than 63 bytes"
+            )
+        );
+        let (again, handle) = api();
+        let script = vec![expect(Method::POST, format!("/api/v1/namespaces/{NS}/secrets"))];
+        fixtures::run(handle, script, again.create(&PostParams::default(), &secret("main", &key)))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

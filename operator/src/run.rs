@@ -171,6 +171,9 @@ async fn lead(
     let ns = &args.namespace;
     let cfg = || watcher::Config::default().any_semantic();
     let pools = Arc::new(Coordinators::default());
+    // Until its coordinator runs, the pool's view is incomplete, not empty: the farm
+    // controller, which starts first, takes no decision that can lose redundancy from it.
+    pools.expect(&args.pool);
     let metrics = Arc::new(ControllerMetrics::new(&health.controllers));
     let ctx = Arc::new(Context::new(client.clone(), pools.clone(), metrics));
     // Farms first: a farm's deletion must complete even when its pool is gone (an operator

@@ -2,7 +2,15 @@
 //!
 //! The state document (members and their standing, drain flags, the current and fallback
 //! layouts with their versions, the epoch) is kept in the ConfigMap
-//! `shardfarm-state-<pool>`, key `coordinator.json`. The rewards ledger, which the coordinator
+//! `shardfarm-state-<pool>`, in a compact form ([`compact`]): every 64-hex string of the
+//! document (node ids, owner roots, farm keys) is written once, in a table (key `nodeIds`, one
+//! a line), and stands in the document (key `coordinator.compact.json`) as `~<line>`. A
+//! layout of 1024 partitions × RS(10,4) names 14 336 slots, twice (current and fallback):
+//! 64 hex digits each came to 1.9 MB, over the 1 MiB a ConfigMap holds; as `"~12"` they are
+//! about 200 kB (see the test `the_state_of_1024_partitions_of_rs_10_4_fits_a_configmap`).
+//! A state written by an earlier operator under `coordinator.json` is still read.
+//!
+//! The rewards ledger, which the coordinator
 //! appends to a file, is copied into the API every time the state is saved, before it — the
 //! coordinator saves right after closing an epoch, so the ledger in the API is never older
 //! than the epoch the state says was closed. A ConfigMap holds at most 1 MiB, so the ledger is
@@ -16,16 +24,100 @@
 //! An operator upgraded from one that kept its state only in its volume reads that file once;
 //! its first save creates the ConfigMap.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
+use serde_json::Value;
 use shardfarm_coordinator::store::StateStore;
 use shardfarm_coordinator::{Error, Result};
 
-/// The ConfigMap's key for the state document.
+/// The ConfigMap's key for the state document as it is (an earlier operator's form, and a
+/// document that is not JSON).
 pub const STATE_KEY: &str = "coordinator.json";
+/// The ConfigMap's key for the state document in its compact form ([`compact`]).
+pub const COMPACT_KEY: &str = "coordinator.compact.json";
+/// The ConfigMap's key for the id table of the compact form: one 64-hex id a line.
+pub const IDS_KEY: &str = "nodeIds";
+
+/// The mark of a table reference in the compact form (`~12`); a string of the document that
+/// starts with it is written with another in front (`~~x` for `~x`).
+const MARK: char = '~';
+
+fn is_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The compact form of a JSON `document`: the document with every string (value or key) of
+/// 64 lower-case hex digits replaced by `~<n>`, `n` its line in the returned table. None if
+/// the document is not JSON (it is then stored as it is).
+pub fn compact(document: &[u8]) -> Option<(String, String)> {
+    fn squeeze(s: String, ids: &mut Vec<String>, index: &mut HashMap<String, usize>) -> String {
+        if is_id(&s) {
+            let n = *index.entry(s.clone()).or_insert_with(|| {
+                ids.push(s);
+                ids.len() - 1
+            });
+            format!("{MARK}{n}")
+        } else if s.starts_with(MARK) {
+            format!("{MARK}{s}")
+        } else {
+            s
+        }
+    }
+    fn walk(v: Value, ids: &mut Vec<String>, index: &mut HashMap<String, usize>) -> Value {
+        match v {
+            Value::String(s) => Value::String(squeeze(s, ids, index)),
+            Value::Array(a) => Value::Array(a.into_iter().map(|v| walk(v, ids, index)).collect()),
+            Value::Object(m) => Value::Object(
+                m.into_iter().map(|(k, v)| (squeeze(k, ids, index), walk(v, ids, index))).collect(),
+            ),
+            other => other,
+        }
+    }
+    let doc: Value = serde_json::from_slice(document).ok()?;
+    let (mut ids, mut index) = (Vec::new(), HashMap::new());
+    let doc = walk(doc, &mut ids, &mut index);
+    Some((serde_json::to_string(&doc).expect("a JSON value"), ids.join("\n")))
+}
+
+/// The document whose compact form is `doc` with the id table `ids` ([`compact`]).
+pub fn expand(doc: &str, ids: &str) -> std::result::Result<Vec<u8>, String> {
+    let ids: Vec<&str> = ids.lines().collect();
+    let open = |s: String| -> std::result::Result<String, String> {
+        match s.strip_prefix(MARK) {
+            None => Ok(s),
+            Some(rest) if rest.starts_with(MARK) => Ok(rest.to_string()),
+            Some(rest) => rest
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| ids.get(n))
+                .map(|id| id.to_string())
+                .ok_or_else(|| format!("`{s}` names no id of the table ({} ids)", ids.len())),
+        }
+    };
+    fn walk(
+        v: Value,
+        open: &dyn Fn(String) -> std::result::Result<String, String>,
+    ) -> std::result::Result<Value, String> {
+        Ok(match v {
+            Value::String(s) => Value::String(open(s)?),
+            Value::Array(a) => Value::Array(
+                a.into_iter().map(|v| walk(v, open)).collect::<std::result::Result<_, _>>()?,
+            ),
+            Value::Object(m) => Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| Ok((open(k)?, walk(v, open)?)))
+                    .collect::<std::result::Result<_, String>>()?,
+            ),
+            other => other,
+        })
+    }
+    let doc: Value = serde_json::from_str(doc).map_err(|e| e.to_string())?;
+    Ok(serde_json::to_vec(&walk(doc, &open)?).expect("a JSON value"))
+}
 /// A ledger chunk's key.
 pub const LEDGER_KEY: &str = "ledger.jsonl";
 /// The state ConfigMap's key for the number of ledger chunks.
@@ -188,7 +280,7 @@ impl KubeStore {
                 "kind": "ConfigMap",
                 "metadata": { "name": name, "labels": {
                     "app.kubernetes.io/managed-by": "shardfarm-operator",
-                    "shardfarm.io/pool": self.pool,
+                    "shardfarm.io/pool": crate::api_rules::label_value(&self.pool),
                 } },
                 "data": { LEDGER_KEY: part },
             }))
@@ -222,7 +314,13 @@ impl StateStore for KubeStore {
         match cm {
             Some(cm) => {
                 *self.version.lock().unwrap() = cm.metadata.resource_version.clone();
-                Ok(cm.data.and_then(|mut d| d.remove(STATE_KEY)).map(String::into_bytes))
+                let mut data = cm.data.unwrap_or_default();
+                match data.remove(COMPACT_KEY) {
+                    Some(doc) => expand(&doc, &data.remove(IDS_KEY).unwrap_or_default())
+                        .map(Some)
+                        .map_err(|e| self.err("reading the compact state", e)),
+                    None => Ok(data.remove(STATE_KEY).map(String::into_bytes)),
+                }
             }
             None => match std::fs::read(&self.legacy) {
                 Ok(b) => {
@@ -239,6 +337,23 @@ impl StateStore for KubeStore {
         let text = String::from_utf8(document.to_vec()).map_err(|e| self.err("encoding", e))?;
         // The ledger first: the state never names an epoch whose rewards the API lacks.
         let chunks = self.save_ledger()?;
+        let mut data: std::collections::BTreeMap<String, String> = match compact(document) {
+            Some((doc, ids)) => [(COMPACT_KEY.to_string(), doc), (IDS_KEY.to_string(), ids)].into(),
+            None => [(STATE_KEY.to_string(), text)].into(),
+        };
+        data.insert(CHUNKS_KEY.to_string(), chunks.to_string());
+        let size: usize = data.values().map(String::len).sum();
+        if size > crate::api_rules::MAX_DATA {
+            // Said plainly, not left to the API server's 422 on every save.
+            return Err(self.err(
+                "writing",
+                format!(
+                    "the pool's state is {size} bytes in its compact form, more than the \
+                     {} a ConfigMap holds",
+                    crate::api_rules::MAX_DATA
+                ),
+            ));
+        }
         let version = self.version.lock().unwrap().clone();
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -250,16 +365,16 @@ impl StateStore for KubeStore {
                             "app.kubernetes.io/managed-by".to_string(),
                             "shardfarm-operator".to_string(),
                         ),
-                        ("shardfarm.io/pool".to_string(), self.pool.clone()),
+                        (
+                            "shardfarm.io/pool".to_string(),
+                            crate::api_rules::label_value(&self.pool),
+                        ),
                     ]
                     .into(),
                 ),
                 ..Default::default()
             },
-            data: Some(
-                [(STATE_KEY.to_string(), text), (CHUNKS_KEY.to_string(), chunks.to_string())]
-                    .into(),
-            ),
+            data: Some(data),
             ..Default::default()
         };
         let pp = PostParams::default();
@@ -298,6 +413,95 @@ mod tests {
         assert!(chunks("", 10).is_empty());
     }
 
+    /// A pool's state as the coordinator writes it: `members` members (each with a week of
+    /// uptime), a current and a fallback layout of `partitions` × RS(10,4).
+    fn big_state(members: usize, partitions: usize) -> Value {
+        use shardfarm_coordinator::economics::Day;
+        let ms: Vec<shardfarm_coordinator::Member> = (0..members)
+            .map(|i| {
+                let mut m = crate::controller::fixtures::member(
+                    &format!("node-{i}"),
+                    &format!("zone-{}", i % 16),
+                    &[("farm", &format!("farm-{}", i % 16)), ("pod", &format!("farm-{i}"))],
+                );
+                m.grpc = format!("farm-{i}.farm-agents.farms.svc:7400");
+                m.http = format!("farm-{i}.farm-agents.farms.svc:7401");
+                m.uptime.days = (0..7)
+                    .map(|d| Day { day: 20_000 + d, up_ms: 86_000_000, observed_ms: 86_400_000 })
+                    .collect();
+                m
+            })
+            .collect();
+        let layout = |version: u64, shift: usize| shardfarm_core::placement::Layout {
+            version,
+            k: 10,
+            m: 4,
+            partitions: (0..partitions)
+                .map(|p| (0..14).map(|s| ms[(p * 7 + s * 13 + shift) % members].id).collect())
+                .collect(),
+        };
+        json!({
+            "version": 1,
+            "nodes": ms.iter().map(|m| (m.id.to_hex(), serde_json::to_value(m).unwrap()))
+                .collect::<serde_json::Map<_, _>>(),
+            "layout": layout(41, 0),
+            "previous": layout(40, 1),
+            "layout_published_ms": 1_800_000_000_000u64,
+            "epoch": 12,
+            "deferred": 0,
+            "publication": 1_800_000_000_001u64,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_state_of_1024_partitions_of_rs_10_4_fits_a_configmap() {
+        let doc = big_state(300, 1024);
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        // As it was written before, the API server refuses it.
+        let old = json!({ "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": "shardfarm-state-main" },
+            "data": { STATE_KEY: String::from_utf8(bytes.clone()).unwrap(), CHUNKS_KEY: "0" } });
+        let refused = check_write(Write::Create, "/api/v1/namespaces/farms/configmaps", &old, None)
+            .unwrap_err();
+        assert_eq!(refused.code, 422);
+        assert!(
+            refused.message().ends_with("[]: Too long: may not be more than 1048576 bytes"),
+            "{}",
+            refused.message()
+        );
+        // Now it is saved through the API server's rules and read back whole.
+        let objects = Arc::new(Mutex::new(HashMap::new()));
+        let client = fake_api(objects.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (store(&client, dir.path()), store(&client, dir.path()));
+        let read = tokio::task::spawn_blocking(move || {
+            first.save(&bytes).unwrap();
+            second.load().unwrap().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&read).unwrap(), doc);
+        let cm = objects.lock().unwrap()["shardfarm-state-main"].clone();
+        let size: usize =
+            cm["data"].as_object().unwrap().values().map(|v| v.as_str().unwrap().len()).sum();
+        // With room to spare: the size of the state is no longer set by the layouts.
+        assert!(size < 512 * 1024, "{size} bytes");
+    }
+
+    #[test]
+    fn the_compact_form_reads_back_every_string() {
+        let id = "ab".repeat(32);
+        let doc = json!({ id.clone(): [id.clone(), "~x", "~~", "~1", "AB".repeat(32), 3, null],
+                          "k": { "~": id.clone() } });
+        let (c, ids) = compact(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        assert_eq!(ids, id);
+        assert!(!c.contains(&id), "{c}");
+        let back: Value = serde_json::from_slice(&expand(&c, &ids).unwrap()).unwrap();
+        assert_eq!(back, doc);
+        assert!(compact(b"not json").is_none());
+        assert!(expand("[\"~7\"]", &id).is_err());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_long_ledger_spans_configmaps_and_is_restored_whole() {
         let objects = Arc::new(Mutex::new(HashMap::new()));
@@ -331,10 +535,13 @@ mod tests {
     use shardfarm_core::identity::Identity;
     use tower_test::mock;
 
+    use crate::api_rules::{Write, check_write};
+
     const NS: &str = "farms";
 
-    /// A fake API server for ConfigMaps: GET, POST and PUT with resourceVersion checks, over
-    /// objects the test can read and change.
+    /// A fake API server for ConfigMaps: GET, POST, PUT and PATCH judged by the rules of
+    /// kube-apiserver (`api_rules::check_write`: sizes, names, labels, resourceVersion
+    /// conflicts), over objects the test can read and change.
     fn fake_api(objects: Arc<Mutex<HashMap<String, Value>>>) -> Client {
         let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         tokio::spawn(async move {
@@ -355,32 +562,31 @@ mod tests {
                         Some(o) => (StatusCode::OK, o.clone()),
                         None => status(404, "NotFound"),
                     },
-                    Method::PATCH => {
-                        // Server-side apply of a whole object: create or replace it.
+                    Method::PATCH | Method::POST | Method::PUT => {
+                        // Judged as kube-apiserver would (sizes, names, labels, versions).
                         let mut o: Value = serde_json::from_slice(&body).unwrap();
-                        next_version += 1;
-                        o["metadata"]["resourceVersion"] = json!(next_version.to_string());
-                        map.insert(name.clone(), o.clone());
-                        (StatusCode::OK, o)
-                    }
-                    Method::POST | Method::PUT => {
-                        let mut o: Value = serde_json::from_slice(&body).unwrap();
-                        let name = o["metadata"]["name"].as_str().unwrap().to_string();
-                        let current =
-                            map.get(&name).map(|c| c["metadata"]["resourceVersion"].clone());
-                        let conflict = match (&method, &current) {
-                            (&Method::POST, Some(_)) => true,
-                            (&Method::PUT, Some(v)) => *v != o["metadata"]["resourceVersion"],
-                            (&Method::PUT, None) => true,
-                            _ => false,
+                        let (write, name) = match method {
+                            Method::POST => (
+                                Write::Create,
+                                o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                            ),
+                            Method::PUT => (Write::Replace, name),
+                            _ => (Write::Patch, name),
                         };
-                        if conflict {
-                            status(409, "Conflict")
+                        let stored = map.get(&name);
+                        if write == Write::Replace && stored.is_none() {
+                            status(404, "NotFound")
                         } else {
-                            next_version += 1;
-                            o["metadata"]["resourceVersion"] = json!(next_version.to_string());
-                            map.insert(name, o.clone());
-                            (StatusCode::OK, o)
+                            match check_write(write, &path, &o, stored) {
+                                Err(r) => (StatusCode::from_u16(r.code).unwrap(), r.status),
+                                Ok(()) => {
+                                    next_version += 1;
+                                    o["metadata"]["resourceVersion"] =
+                                        json!(next_version.to_string());
+                                    map.insert(name, o.clone());
+                                    (StatusCode::OK, o)
+                                }
+                            }
                         }
                     }
                     _ => status(405, "MethodNotAllowed"),
@@ -394,6 +600,13 @@ mod tests {
             }
         });
         Client::new(svc, NS)
+    }
+
+    /// The state document a stored ConfigMap holds.
+    fn state_in(cm: &Value) -> String {
+        let data = &cm["data"];
+        let doc = expand(data[COMPACT_KEY].as_str().unwrap(), data[IDS_KEY].as_str().unwrap());
+        String::from_utf8(doc.unwrap()).unwrap()
     }
 
     fn store(client: &Client, dir: &std::path::Path) -> KubeStore {
@@ -491,7 +704,9 @@ mod tests {
         let (version, sequence, drained, members) = a;
         assert!(version >= 2, "layout version {version}");
         let saved = objects.lock().unwrap()["shardfarm-state-main"].clone();
-        assert!(saved["data"]["coordinator.json"].as_str().unwrap().contains(&drained.to_hex()));
+        assert!(state_in(&saved).contains(&drained.to_hex()));
+        // In the compact form the drained node's id is written once, in the table.
+        assert!(!saved["data"][COMPACT_KEY].as_str().unwrap().contains(&drained.to_hex()));
 
         // The leader's pod is gone with its volume; another replica leads, with an empty dir.
         let second_dir = tempfile::tempdir().unwrap();
@@ -549,8 +764,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let saved =
-            objects.lock().unwrap()["shardfarm-state-main"]["data"]["coordinator.json"].clone();
+        let saved = state_in(&objects.lock().unwrap()["shardfarm-state-main"]);
         assert_eq!(saved, "{\"by\":\"new\"}");
         let ledger =
             objects.lock().unwrap()["shardfarm-ledger-main-0"]["data"]["ledger.jsonl"].clone();
@@ -572,7 +786,7 @@ mod tests {
         .await
         .unwrap();
         let cm = objects.lock().unwrap()["shardfarm-state-main"].clone();
-        assert_eq!(cm["data"]["coordinator.json"], "{\"legacy\":true}");
+        assert_eq!(state_in(&cm), "{\"legacy\":true}");
         assert_eq!(cm["data"]["ledgerChunks"], "1");
         assert_eq!(
             objects.lock().unwrap()["shardfarm-ledger-main-0"]["data"]["ledger.jsonl"],

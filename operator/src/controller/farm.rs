@@ -379,10 +379,35 @@ pub fn daemonset(
     })
 }
 
+/// Longest farm name: its StatefulSet's pods carry the label `controller-revision-hash:
+/// <name>-<10 characters>`, and a label value holds at most 63.
+pub const MAX_FARM_NAME: usize = 52;
+
+/// Whether the objects a farm named `name` needs can be named after it: its Service
+/// `<name>-agents` must be a DNS-1035 label (the API server refuses it otherwise) and its
+/// pods' labels fit (see [`MAX_FARM_NAME`]). `Err` says what to do.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let service = serde_json::json!({ "metadata": { "name": format!("{name}-agents") } });
+    let errors = crate::api_rules::validate("Service", &service, true);
+    if name.len() > MAX_FARM_NAME || !errors.is_empty() {
+        return Err(format!(
+            "the farm's name cannot name its agents: it must be at most {MAX_FARM_NAME} \
+             characters of lower case letters, digits and '-', starting with a letter (its \
+             Service is {name}-agents, its pods are labelled {name}-<revision>); create the \
+             farm under such a name"
+        ));
+    }
+    Ok(())
+}
+
 async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let name = farm.name_any();
     let ns = farm.namespace().unwrap_or_default();
     let pool = pool_key(&farm);
+    if let Err(why) = check_name(&name) {
+        ctx.event(&*farm, true, "InvalidFarm", why.clone()).await?;
+        return Err(Error::Invalid(why));
+    }
     let Some(pool_id) = pool_id(&ctx, &farm) else {
         // The agents must pin the pool key; the local pool's coordinator has not started.
         tracing::info!(farm = %name, pool = %pool, "waiting for the pool's coordinator");
@@ -472,6 +497,11 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
             .await?;
         }
         (desired, None)
+    } else if let Err(why) = ctx.fabric.view(&pool) {
+        // Whether the agent holds data, and whether the pool can do without it, is not known
+        // yet: nothing is drained or removed until it is.
+        held = Some(("ViewIncomplete", format!("scale-down to {desired} waits: {why}")));
+        (current, None)
     } else {
         let ord = current - 1;
         let pod = format!("{name}-{ord}");
@@ -501,7 +531,7 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
                         ) {
                             ctx.event(&*farm, true, "ScaleDownHeld", why.clone()).await?;
                         }
-                        held = Some(why);
+                        held = Some(("ProfileNeedsIt", why));
                         (current, None)
                     }
                     Ok(()) => {
@@ -577,8 +607,8 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
                 &previous.conditions,
                 "ScaleDownHeld",
                 held.is_some(),
-                if held.is_some() { "ProfileNeedsIt" } else { "NotHeld" },
-                held.clone().unwrap_or_default(),
+                held.as_ref().map_or("NotHeld", |h| h.0),
+                held.as_ref().map(|h| h.1.clone()).unwrap_or_default(),
                 generation,
             ),
             condition(
@@ -602,7 +632,8 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let patch =
         json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
     api.patch_status(&name, &pp, &Patch::Apply(patch)).await?;
-    Ok(Action::requeue(if draining.is_some() { DRAIN_POLL } else { REFRESH }))
+    let waiting = held.as_ref().is_some_and(|h| h.0 == "ViewIncomplete");
+    Ok(Action::requeue(if draining.is_some() || waiting { DRAIN_POLL } else { REFRESH }))
 }
 
 /// What a farm's status says of its members, in either mode: its selector, what its agents
@@ -673,7 +704,6 @@ async fn apply_daemonset(
 async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
     let pool = pool_key(&farm);
     let ns = farm.namespace().unwrap_or_default();
-    let members = farm_members(&ctx, &farm);
     let pool_going = match &farm.spec.pool_ref.name {
         Some(p) if local_pool(&farm) => {
             Api::<shardfarm_crds::StoragePool>::namespaced(ctx.client.clone(), &ns)
@@ -683,6 +713,17 @@ async fn cleanup(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         }
         _ => true,
     };
+    // Which nodes are the farm's, and whether the pool can do without them, is read from the
+    // pool's view: an operator just restarted or failed over has none yet (or one its members
+    // have not reported to), and "no members" there is not "nothing to lose".
+    if !pool_going && let Err(why) = ctx.fabric.view(&pool) {
+        let why = format!("deletion waits: {why}; retried until the pool's view is complete");
+        if let Err(e) = ctx.event(&*farm, false, "DeletionWaiting", why.clone()).await {
+            tracing::warn!(error = %e, "could not record the waiting deletion");
+        }
+        return Err(Error::Held(why));
+    }
+    let members = farm_members(&ctx, &farm);
     if !pool_going && !members.is_empty() {
         let rest: Vec<Member> = ctx
             .fabric

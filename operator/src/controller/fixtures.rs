@@ -1,7 +1,7 @@
 //! Test fixtures: a mocked API server that expects an exact sequence of requests, a fabric
 //! whose members the test sets, and builders of the objects under test.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use shardfarm_core::placement::Layout;
 use tower_test::mock;
 
 use super::{Context, ControllerMetrics, Fabric};
+use crate::api_rules::{self, Write};
 use shardfarm_coordinator::Member;
 use shardfarm_coordinator::economics::{ReputationConfig, Standing};
 
@@ -39,6 +40,8 @@ pub struct TestFabric {
     pub config: Mutex<Option<shardfarm_coordinator::PoolConfig>>,
     /// Set: this operator does not hold the pool's key (it runs another pool).
     pub no_pool_key: Mutex<bool>,
+    /// Set: the pool's view is incomplete, for this reason ([`Fabric::view`]).
+    pub incomplete: Mutex<Option<String>>,
 }
 
 /// The pool configuration of the tests' coordinator unless one sets another: RS(4,2), 512
@@ -48,6 +51,9 @@ pub fn test_config() -> shardfarm_coordinator::PoolConfig {
 }
 
 impl Fabric for TestFabric {
+    fn view(&self, _pool: &str) -> Result<(), String> {
+        self.incomplete.lock().unwrap().clone().map_or(Ok(()), Err)
+    }
     fn members(&self, _pool: &str) -> Vec<Member> {
         self.members.lock().unwrap().clone()
     }
@@ -226,7 +232,10 @@ impl Expect {
     }
 }
 
-/// Serves `script` in order and fails the test on any other request.
+/// Serves `script` in order and fails the test on any other request. Every write is first
+/// judged as kube-apiserver would (`api_rules::check_write`, over the objects this server
+/// answered or took so far): one the real server refuses is refused the same way (a 422
+/// Invalid, a 409 Conflict at a stale resourceVersion, …), whatever the script says.
 pub fn serve(
     handle: mock::Handle<Request<Body>, Response<Body>>,
     script: Vec<Expect>,
@@ -234,6 +243,9 @@ pub fn serve(
     tokio::spawn(async move {
         let mut handle = handle;
         let mut script: VecDeque<Expect> = script.into();
+        // The objects as the server holds them, by path; and the last resourceVersion given.
+        let mut cluster: HashMap<String, Value> = HashMap::new();
+        let mut version = 1000u64;
         while let Some(e) = script.pop_front() {
             let (req, send) = handle.next_request().await.expect("a request");
             let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -264,14 +276,42 @@ pub fn serve(
             if let Some(check) = e.check {
                 check(&body);
             }
+            let path = uri.path().to_string();
+            let status_of = path.ends_with("/status");
+            let write = match method {
+                Method::POST => Some(Write::Create),
+                Method::PUT => Some(Write::Replace),
+                Method::PATCH => Some(Write::Patch),
+                _ => None,
+            };
+            // The object's own path.
+            let object_path = match write {
+                Some(Write::Create) => {
+                    format!("{path}/{}", body["metadata"]["name"].as_str().unwrap_or_default())
+                }
+                _ => path.trim_end_matches("/status").to_string(),
+            };
+            if let Some(w) = write.filter(|_| e.status.is_success()) {
+                let stored = cluster.get(&object_path);
+                if let Err(refusal) = api_rules::check_write(w, &path, &body, stored) {
+                    send.send_response(
+                        Response::builder()
+                            .status(refusal.code)
+                            .body(Body::from(serde_json::to_vec(&refusal.status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
+            }
             // Echo the body, as the API server would answer a patch with the object; a status
             // patch carries no metadata, so give it the name from the path.
             let onto = e.onto.map(|mut o| {
                 o["status"] = body["status"].clone();
                 o
             });
-            let reply = e.reply.or(onto).unwrap_or_else(|| {
-                let mut body = body;
+            let echoed = e.reply.is_none() && onto.is_none();
+            let mut reply = e.reply.or(onto).unwrap_or_else(|| {
+                let mut body = body.clone();
                 if body.is_object() && body.get("metadata").is_none() {
                     let segs: Vec<&str> = uri.path().split('/').collect();
                     let name = if segs.last() == Some(&"status") {
@@ -283,6 +323,35 @@ pub fn serve(
                 }
                 body
             });
+            if e.status.is_success() {
+                match (&method, write) {
+                    (_, Some(_)) if !status_of && body.is_object() => {
+                        // What was written is what the server now holds, at a new version.
+                        if echoed && reply["metadata"].is_object() {
+                            version += 1;
+                            reply["metadata"]["resourceVersion"] = json!(version.to_string());
+                        }
+                        cluster.insert(object_path, reply.clone());
+                    }
+                    (&Method::GET, _) => match reply["items"].as_array() {
+                        Some(items) => {
+                            for item in items {
+                                let name = item["metadata"]["name"].as_str().unwrap_or_default();
+                                cluster.insert(format!("{path}/{name}"), item.clone());
+                            }
+                        }
+                        None => {
+                            cluster.insert(path.clone(), reply.clone());
+                        }
+                    },
+                    (&Method::DELETE, _) => {
+                        cluster.remove(&path);
+                    }
+                    _ => {}
+                }
+            } else if method == Method::GET && e.status == StatusCode::NOT_FOUND {
+                cluster.remove(&path);
+            }
             send.send_response(
                 Response::builder()
                     .status(e.status)
@@ -296,6 +365,16 @@ pub fn serve(
 /// A context over a mocked API server and `fabric`.
 pub fn context(
     fabric: Arc<TestFabric>,
+) -> (Arc<Context>, mock::Handle<Request<Body>, Response<Body>>) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, NS);
+    let metrics = Arc::new(ControllerMetrics::new(&prometheus::Registry::new()));
+    (Arc::new(Context::new(client, fabric, metrics)), handle)
+}
+
+/// A context over a mocked API server and any fabric (an operator's own, say).
+pub fn context_over(
+    fabric: Arc<dyn Fabric>,
 ) -> (Arc<Context>, mock::Handle<Request<Body>, Response<Body>>) {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, NS);

@@ -83,6 +83,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What the reconcilers need to know of, and ask of, the running fabric.
 pub trait Fabric: Send + Sync {
+    /// Whether this operator's view of `pool` (its members, their state, its layout) may be
+    /// acted on by a decision that can lose redundancy: removing a deleted farm's nodes,
+    /// draining, shrinking a farm. `Err` says why not yet: the pool's coordinator has not
+    /// started in this process (an operator restarted or failed over mines or loads it
+    /// first), or it started less than a grace period ago and has not heard from every member
+    /// since. Such decisions wait (requeued) rather than read an empty or stale view as the
+    /// truth. A pool this operator does not run is `Ok`: it has no members here to lose.
+    fn view(&self, pool: &str) -> std::result::Result<(), String>;
     /// The members of `pool`.
     fn members(&self, pool: &str) -> Vec<Member>;
     /// The current layout of `pool`, if any.

@@ -44,27 +44,49 @@ async fn apply(sp: Arc<ShardPlacement>, ctx: &Context) -> Result<Action> {
 
     // Declared input: the drain list (ids that are not members are ignored until they join)
     // and the move budget.
-    let wanted: BTreeSet<NodeId> =
-        sp.spec.drain.iter().filter_map(|id| NodeId::from_hex(id).ok()).collect();
-    let before: BTreeSet<NodeId> =
-        previous.drained.iter().filter_map(|id| NodeId::from_hex(id).ok()).collect();
-    for id in wanted.difference(&before).filter(|id| known.contains(id)) {
-        ctx.fabric.drain(pool, *id);
-        ctx.event(&*sp, false, "Draining", format!("draining node {id}: its slots are re-placed"))
+    // An incomplete view (an operator just restarted) applies no drain or undrain and keeps
+    // the drained list it had: read as "no members", it would forget drains it must undo.
+    let view = ctx.fabric.view(pool);
+    let drained: Vec<String> = if view.is_ok() {
+        let wanted: BTreeSet<NodeId> =
+            sp.spec.drain.iter().filter_map(|id| NodeId::from_hex(id).ok()).collect();
+        let before: BTreeSet<NodeId> =
+            previous.drained.iter().filter_map(|id| NodeId::from_hex(id).ok()).collect();
+        for id in wanted.difference(&before).filter(|id| known.contains(id)) {
+            ctx.fabric.drain(pool, *id);
+            ctx.event(
+                &*sp,
+                false,
+                "Draining",
+                format!("draining node {id}: its slots are re-placed"),
+            )
             .await?;
-    }
-    for id in before.difference(&wanted).filter(|id| known.contains(id)) {
-        ctx.fabric.undrain(pool, *id);
-        ctx.event(&*sp, false, "Undrained", format!("node {id} is no longer drained")).await?;
-    }
-    let drained: Vec<String> =
-        wanted.iter().filter(|id| known.contains(id)).map(|id| id.to_hex()).collect();
+        }
+        for id in before.difference(&wanted).filter(|id| known.contains(id)) {
+            ctx.fabric.undrain(pool, *id);
+            ctx.event(&*sp, false, "Undrained", format!("node {id} is no longer drained")).await?;
+        }
+        wanted.iter().filter(|id| known.contains(id)).map(|id| id.to_hex()).collect()
+    } else {
+        previous.drained.clone()
+    };
+    let view_condition = condition(
+        &previous.conditions,
+        "ViewComplete",
+        view.is_ok(),
+        if view.is_ok() { "CoordinatorReporting" } else { "ViewIncomplete" },
+        match &view {
+            Ok(()) => "drains are applied".to_string(),
+            Err(why) => format!("drains wait: {why}"),
+        },
+        generation,
+    );
     ctx.fabric.set_max_moves(pool, sp.spec.max_moves_per_round.map(|x| x as usize));
 
     // The mirror: the coordinator's layout.
     let pp = PatchParams::apply(MANAGER).force();
     let cm_name = format!("{name}-layout");
-    let status = match ctx.fabric.layout(pool) {
+    let mut status = match ctx.fabric.layout(pool) {
         None => ShardPlacementStatus {
             drained,
             conditions: vec![condition(
@@ -121,9 +143,11 @@ async fn apply(sp: Arc<ShardPlacement>, ctx: &Context) -> Result<Action> {
             }
         }
     };
+    status.conditions.retain(|c| c.type_ != "ViewComplete");
+    status.conditions.push(view_condition);
     let patch = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement", "status": status });
     Api::<ShardPlacement>::namespaced(ctx.client.clone(), &ns)
         .patch_status(&name, &pp, &Patch::Apply(patch))
         .await?;
-    Ok(Action::requeue(REFRESH))
+    Ok(Action::requeue(if view.is_ok() { REFRESH } else { Duration::from_secs(5) }))
 }

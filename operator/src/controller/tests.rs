@@ -37,7 +37,15 @@ fn sts(replicas: i32, ready: i32) -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": { "name": "alpha", "namespace": NS },
-        "spec": { "replicas": replicas, "serviceName": "alpha-agents", "selector": {}, "template": {} },
+        "spec": {
+            "replicas": replicas, "serviceName": "alpha-agents", "podManagementPolicy": "Parallel",
+            "selector": { "matchLabels": { "app.kubernetes.io/instance": "alpha", "shardfarm.io/farm": "alpha" } },
+            "template": {},
+            "volumeClaimTemplates": [{
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": { "name": "data" },
+                "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "100Gi" } } },
+            }],
+        },
         "status": { "replicas": replicas, "readyReplicas": ready },
     })
 }
@@ -346,6 +354,131 @@ async fn a_deletion_the_pool_cannot_survive_is_held_with_the_reason() {
     let r = run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await;
     assert!(r.unwrap_err().to_string().contains("deletion held"));
     assert!(fabric.removed.lock().unwrap().is_empty());
+}
+
+/// Issue 28: an operator restarted (or failed over) between a held deletion and its next
+/// reconcile ran the cleanup before the pool's coordinator was registered, saw no members, and
+/// let the farm go. Restarted here: a fresh operator fabric that runs pool `main` (as
+/// `run::lead` declares before starting the farm controller) but whose coordinator has not
+/// started. The deletion stays held, and says why.
+#[tokio::test]
+async fn a_held_deletion_stays_held_across_an_operator_restart() {
+    let fabric = Arc::new(TestFabric::default());
+    *fabric.members.lock().unwrap() = six_agents_of_alpha();
+    let pool = serde_json::to_value(pool_obj(4, 2)).unwrap();
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main")).reply(pool.clone()),
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "DeletionHeld")),
+    ];
+    let r = run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await;
+    assert!(r.unwrap_err().to_string().contains("deletion held"));
+
+    // The restart: the operator's own fabric, the pool declared, its coordinator not yet up.
+    let restarted = Arc::new(crate::fabric::Coordinators::default());
+    restarted.expect("main");
+    let (ctx, handle) = context_over(restarted.clone());
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main")).reply(pool.clone()),
+        expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(
+                (b["reason"].as_str(), b["type"].as_str()),
+                (Some("DeletionWaiting"), Some("Normal"))
+            );
+            assert!(b["note"].as_str().unwrap().contains("coordinator has not started"), "{b}");
+        }),
+        // No finalizer removal.
+    ];
+    let r = run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await;
+    let err = r.unwrap_err().to_string();
+    assert!(err.contains("deletion waits"), "{err}");
+
+    // Coordinator registered but its members not heard from yet (any fabric that says its
+    // view is incomplete): still held, nothing removed.
+    *fabric.incomplete.lock().unwrap() =
+        Some("pool main's coordinator started 2s ago and has heard from 0 of its 6 members".into());
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::GET, sf_path("storagepools", "main")).reply(pool),
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "DeletionWaiting")),
+    ];
+    let r = run(handle, script, farm::reconcile(Arc::new(deleted(farm_obj(1, true))), ctx)).await;
+    assert!(r.is_err());
+    assert!(fabric.removed.lock().unwrap().is_empty(), "nodes removed from an incomplete view");
+}
+
+#[tokio::test]
+async fn scale_down_and_drains_wait_for_a_complete_view() {
+    let fabric = Arc::new(TestFabric::default());
+    let mine = six_agents_of_alpha();
+    *fabric.members.lock().unwrap() = mine.clone();
+    *fabric.incomplete.lock().unwrap() = Some("pool main's coordinator has not started".into());
+    // 6 → 5: nothing drained or removed, the condition says why.
+    let (ctx, handle) = context(fabric.clone());
+    let script = apply_pass(
+        Some(sts(6, 6)),
+        |b| assert_eq!(b["spec"]["replicas"], 6, "nothing removed"),
+        |b| {
+            let held = b["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "ScaleDownHeld")
+                .unwrap()
+                .clone();
+            assert_eq!(
+                (held["status"].as_str(), held["reason"].as_str()),
+                (Some("True"), Some("ViewIncomplete"))
+            );
+            assert!(held["message"].as_str().unwrap().contains("has not started"), "{held}");
+        },
+    );
+    run(handle, script, farm::reconcile(Arc::new(farm_obj(5, true)), ctx)).await.unwrap();
+    assert!(fabric.drained.lock().unwrap().is_empty());
+
+    // A ShardPlacement whose drain list changed while the view is incomplete: no drain, no
+    // undrain, and the drained list it had is kept (not forgotten as "no such member").
+    let was = mine[0].id;
+    let mut v = meta(
+        json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement",
+                "spec": { "poolRef": "main", "partitions": 64, "drain": [mine[1].id.to_hex()] } }),
+        "main",
+    );
+    v["status"] = json!({ "layoutVersion": 0, "drained": [was.to_hex()] });
+    let obj: ShardPlacement = serde_json::from_value(v).unwrap();
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::PATCH, format!("{}/status", sf_path("shardplacements", "main")))
+            .onto(serde_json::to_value(&obj).unwrap())
+            .body(move |b| {
+                assert_eq!(b["status"]["drained"], json!([was.to_hex()]));
+                let c = b["status"]["conditions"].as_array().unwrap();
+                let view = c.iter().find(|c| c["type"] == "ViewComplete").unwrap();
+                assert_eq!(view["status"], "False", "{view}");
+            }),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj), ctx)).await.unwrap();
+    assert!(fabric.drained.lock().unwrap().is_empty());
+    assert!(fabric.undrained.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_farm_whose_name_cannot_name_its_agents_is_refused_before_anything_is_written() {
+    let fabric = Arc::new(TestFabric::default());
+    for name in ["rack.a", "1rack", &"a".repeat(53)] {
+        let mut f = farm_json(1);
+        f["metadata"]["name"] = json!(name);
+        let mut farm: MiningFarm = serde_json::from_value(f).unwrap();
+        farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+        let (ctx, handle) = context(fabric.clone());
+        let script = vec![expect(Method::POST, events_path()).body(|b| {
+            assert_eq!(b["reason"], "InvalidFarm");
+            assert!(b["note"].as_str().unwrap().contains("starting with a letter"), "{b}");
+        })];
+        let r = run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await;
+        assert!(r.is_err(), "{name}");
+    }
+    assert!(farm::check_name(&"a".repeat(farm::MAX_FARM_NAME)).is_ok());
 }
 
 #[tokio::test]
