@@ -52,6 +52,9 @@ pub struct Metrics {
     pub repair_bytes: IntCounter,
     /// Repairs that failed (retried on the next pass).
     pub repair_failures: IntCounter,
+    /// Partition listings a holder of the current layout did not answer during repair passes
+    /// (each keeps the pass from counting as a sync).
+    pub listing_failures: IntCounter,
     /// Shards deleted after their new holder confirmed them (handoff).
     pub handed_off: IntCounter,
     /// Newest layout version received from the coordinator.
@@ -166,6 +169,11 @@ impl Metrics {
         let repair_bytes =
             IntCounter::new("shardfarm_agent_repair_bytes_total", "bytes written by repair")
                 .unwrap();
+        let listing_failures = IntCounter::new(
+            "shardfarm_agent_repair_listing_failures_total",
+            "partition listings a current holder did not answer during repair passes (the pass is then not a sync)",
+        )
+        .unwrap();
         let repair_failures =
             IntCounter::new("shardfarm_agent_repair_failures_total", "repairs that failed")
                 .unwrap();
@@ -228,6 +236,7 @@ impl Metrics {
             Box::new(repaired.clone()),
             Box::new(repair_bytes.clone()),
             Box::new(repair_failures.clone()),
+            Box::new(listing_failures.clone()),
             Box::new(handed_off.clone()),
             Box::new(layout_version.clone()),
             Box::new(layouts_refused.clone()),
@@ -291,6 +300,7 @@ impl Metrics {
             repaired,
             repair_bytes,
             repair_failures,
+            listing_failures,
             handed_off,
             layout_version,
             layouts_refused,

@@ -388,6 +388,9 @@ struct PassReport {
     collected: u64,
     handed_off: u64,
     interrupted: bool,
+    /// Listings a holder of the current layout did not answer (unreachable, refused): the pass
+    /// did not see the whole partition, so it proves nothing and is not a sync.
+    unlisted: u64,
 }
 
 impl RepairWorker {
@@ -409,7 +412,11 @@ impl RepairWorker {
                 _ = stop.cancelled() => return,
                 r = self.pass(&published, &rx) => r,
             };
-            if report.missing > 0 || report.handed_off > 0 || report.failed > 0 {
+            if report.missing > 0
+                || report.handed_off > 0
+                || report.failed > 0
+                || report.unlisted > 0
+            {
                 tracing::info!(
                     version,
                     missing = report.missing,
@@ -418,6 +425,7 @@ impl RepairWorker {
                     lost = report.lost,
                     collected = report.collected,
                     handed_off = report.handed_off,
+                    unlisted = report.unlisted,
                     seconds = format!("{:.1}", start.elapsed().as_secs_f64()),
                     "repair pass"
                 );
@@ -426,7 +434,10 @@ impl RepairWorker {
             // heartbeat, `stat` says LOST) but do not hold the layout back forever.
             self.progress.lost.store(report.lost, Ordering::Relaxed);
             self.node.metrics.lost_segments.set(report.lost as i64);
-            if !report.interrupted && report.failed == 0 {
+            // Synced only when proven: every holder of the current layout listed every
+            // partition this node holds, and nothing repairable is left. A pass whose peers
+            // refused or failed their listings is a failed pass, never a clean one.
+            if !report.interrupted && report.failed == 0 && report.unlisted == 0 {
                 self.progress.synced.fetch_max(version, Ordering::Relaxed);
                 self.node
                     .metrics
@@ -624,6 +635,13 @@ impl RepairWorker {
                 };
                 let Some(list) = listed else {
                     all_answered = false;
+                    // A holder of the current layout that did not list: what this node holds
+                    // of the partition is unproven. A holder only of the fallback layout is
+                    // being replaced (often because it is gone) and is not needed.
+                    if layout.partitions[p as usize].contains(peer) {
+                        report.unlisted += 1;
+                        self.node.metrics.listing_failures.inc();
+                    }
                     continue;
                 };
                 for id in list {

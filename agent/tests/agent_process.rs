@@ -329,10 +329,21 @@ async fn every_auth_failure_has_its_own_status_and_changes_nothing() {
     let err = agent.client(&forged).await.info().await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
-    // Replayed request: the very same metadata twice.
+    // The very same metadata twice on the signer's own TLS connection: bound to the key the
+    // connection proved, the request is its holder's to send again (it could sign a new one);
+    // no nonce is remembered for it (core::auth). Over plaintext it is a replay, refused.
     let req = s.request(agent.id(), methods::INFO, proto::InfoRequest {});
     let md = req.metadata().clone();
     let mut raw = agent.raw(&s).await;
+    raw.info(req).await.unwrap();
+    let mut again = tonic::Request::new(proto::InfoRequest {});
+    *again.metadata_mut() = md;
+    raw.info(again).await.unwrap();
+    let plain = AgentProc::start(&dir.path().join("plain"), &["--insecure-plaintext"]);
+    let ps = (*s).clone().with_security(shardfarm_proto::Security::InsecurePlaintext);
+    let req = ps.request(plain.id(), methods::INFO, proto::InfoRequest {});
+    let md = req.metadata().clone();
+    let mut raw = plain.raw(&ps).await;
     raw.info(req).await.unwrap();
     let mut again = tonic::Request::new(proto::InfoRequest {});
     *again.metadata_mut() = md;

@@ -9,8 +9,20 @@
 //! 1. the timestamp inside the window — [`AuthError::StaleTimestamp`];
 //! 2. the identity mined to the pool's difficulty (one hash), or a valid unexpired delegation;
 //! 3. the signature (by the credential's signing key) — [`AuthError::BadSignature`];
-//! 4. only then the replay cache: the nonce not seen inside the window — [`AuthError::Replay`],
-//!    with a share per identity so one key cannot fill it for others.
+//! 4. only then, for a request that did not arrive on a connection proving its signer's key,
+//!    the replay cache: the nonce not seen inside the window — [`AuthError::Replay`], with a
+//!    share per owner root so one root's keys cannot fill it for others.
+//!
+//! **Replay defense under TLS is the connection itself.** A request that arrives on a TLS
+//! connection must be signed by the very key that connection proved in its handshake
+//! (`WrongChannel` otherwise, checked by the transport before [`Verifier::verify_bound`]); TLS
+//! 1.3 refuses a record replayed within a connection, and a request copied onto another
+//! connection needs that connection to prove the signer's key. Only the key's holder can
+//! therefore "replay" a bound request, which gains it nothing it could not get by signing a
+//! new one. So bound requests cost no state at all: no nonce is remembered, no share is
+//! spent, and nothing caps how fast one honest identity works (the nonce cache had become a
+//! rate limit of ~41 requests/s per identity and node). The cache remains for plaintext
+//! (`--insecure-plaintext`) hops, where a request can be captured and sent again by anyone.
 //!
 //! Every failure but a full cache costs the peer address a token ([`Verifier::record_failure`]);
 //! an address out of tokens is refused before anything else is looked at, until it refills —
@@ -71,7 +83,10 @@ pub enum AuthError {
     #[error("replay cache is full ({0} nonces in the window); retry later")]
     ReplayCacheFull(usize),
     /// This identity alone has as many requests in the window as one identity may.
-    #[error("this identity has {0} requests in the replay window, its share: slow down and retry")]
+    #[error(
+        "this owner root has {0} unbound (plaintext) requests in the replay window, its share: \
+         slow down and retry, or use TLS, whose requests need no replay cache"
+    )]
     IdentityReplayShare(usize),
     /// The identity has not done enough proof of work.
     #[error("identity is mined to {have} bits but this pool requires {need}: mine a new identity")]
@@ -409,6 +424,15 @@ impl Verifier {
         method: &str,
         now_ms: u64,
     ) -> Result<Caller, AuthError> {
+        self.check(req, method, now_ms)?;
+        let env = &req.envelope;
+        let (id, root) = (req.credential.id(), req.credential.root());
+        self.replay.check_and_insert(root, id, env.nonce, env.timestamp_ms, now_ms)?;
+        Ok(Caller { root, credential: req.credential.clone(), id })
+    }
+
+    /// Every check but the replay cache: method, timestamp, audience, credential, signature.
+    fn check(&self, req: &SignedRequest, method: &str, now_ms: u64) -> Result<(), AuthError> {
         let env = &req.envelope;
         if env.method != method {
             return Err(AuthError::Malformed(format!(
@@ -445,10 +469,24 @@ impl Verifier {
         req.credential
             .signing_key()
             .verify_strict(&env.signed_bytes(), &req.signature)
-            .map_err(|_| AuthError::BadSignature)?;
-        let id = req.credential.id();
-        self.replay.check_and_insert(id, env.nonce, env.timestamp_ms, now_ms)?;
-        Ok(Caller { root: req.credential.root(), credential: req.credential.clone(), id })
+            .map_err(|_| AuthError::BadSignature)
+    }
+
+    /// [`Verifier::verify_hashed`] for a request that arrived on a connection whose TLS
+    /// handshake proved the request's signing key (the caller checked that): everything but
+    /// the replay cache, which such a request does not need (see the module documentation).
+    pub fn verify_bound(
+        &self,
+        req: &SignedRequest,
+        method: &str,
+        now_ms: u64,
+    ) -> Result<Caller, AuthError> {
+        self.check(req, method, now_ms)?;
+        Ok(Caller {
+            root: req.credential.root(),
+            credential: req.credential.clone(),
+            id: req.credential.id(),
+        })
     }
 }
 
@@ -456,7 +494,8 @@ impl Verifier {
 pub struct ReplayCache {
     window_ms: u64,
     max: usize,
-    /// Most nonces one identity may hold: one key cannot fill the cache for everyone.
+    /// Most nonces one owner root (all the keys it delegated together) may hold: one root
+    /// cannot fill the cache for everyone, however many keys it delegates.
     per_identity: usize,
     inner: Mutex<ReplayInner>,
 }
@@ -467,17 +506,17 @@ type NonceKey = ([u8; 32], [u8; 16]);
 #[derive(Default)]
 struct ReplayInner {
     seen: HashSet<NonceKey>,
-    /// Nonces remembered per identity.
+    /// Nonces remembered per owner root.
     per: HashMap<[u8; 32], usize>,
-    // (expiry in server ms, key) in insertion order. Expiries are not strictly monotonic
+    // (expiry in server ms, root, key) in insertion order. Expiries are not strictly monotonic
     // (timestamps vary within the window), so pruning stops at the first live entry; an entry
     // may thus live up to one window longer than needed, which only costs memory.
-    order: VecDeque<(u64, NonceKey)>,
+    order: VecDeque<(u64, [u8; 32], NonceKey)>,
 }
 
 impl ReplayCache {
     /// A cache for `window` that holds at most `max` nonces, and at most an eighth of them
-    /// (but at least `min(max, 1024)`) for any one identity.
+    /// (but at least `min(max, 1024)`) for any one owner root.
     pub fn new(window: Duration, max: usize) -> Self {
         ReplayCache {
             window_ms: window.as_millis() as u64,
@@ -500,22 +539,23 @@ impl ReplayCache {
     /// Records the nonce, or fails if it was seen or the cache is full.
     pub fn check_and_insert(
         &self,
+        root: NodeId,
         caller: NodeId,
         nonce: [u8; 16],
         timestamp_ms: u64,
         now_ms: u64,
     ) -> Result<(), AuthError> {
         let mut inner = self.inner.lock().unwrap();
-        while let Some((expiry, key)) = inner.order.front().copied() {
+        while let Some((expiry, owner, key)) = inner.order.front().copied() {
             if expiry > now_ms {
                 break;
             }
             inner.order.pop_front();
             inner.seen.remove(&key);
-            if let Some(n) = inner.per.get_mut(&key.0) {
+            if let Some(n) = inner.per.get_mut(&owner) {
                 *n -= 1;
                 if *n == 0 {
-                    inner.per.remove(&key.0);
+                    inner.per.remove(&owner);
                 }
             }
         }
@@ -526,14 +566,14 @@ impl ReplayCache {
         if inner.seen.len() >= self.max {
             return Err(AuthError::ReplayCacheFull(self.max));
         }
-        let mine = inner.per.get(&caller.0).copied().unwrap_or(0);
+        let mine = inner.per.get(&root.0).copied().unwrap_or(0);
         if mine >= self.per_identity {
             return Err(AuthError::IdentityReplayShare(mine));
         }
         inner.seen.insert(key);
-        *inner.per.entry(caller.0).or_default() += 1;
+        *inner.per.entry(root.0).or_default() += 1;
         // A nonce must be remembered until its timestamp leaves the window.
-        inner.order.push_back((timestamp_ms.max(now_ms) + self.window_ms, key));
+        inner.order.push_back((timestamp_ms.max(now_ms) + self.window_ms, root.0, key));
         Ok(())
     }
 }
@@ -733,39 +773,62 @@ mod tests {
     }
 
     #[test]
-    fn one_identity_cannot_fill_the_replay_cache_for_others() {
+    fn one_root_cannot_fill_the_replay_cache_for_others_however_many_keys_it_delegates() {
         let cache = ReplayCache::new(Duration::from_secs(60), 16_384);
         let (flood, honest) = (NodeId([1; 32]), NodeId([2; 32]));
         let mut n = 0u32;
         let refused = loop {
             let mut nonce = [0; 16];
             nonce[..4].copy_from_slice(&n.to_le_bytes());
-            if let Err(e) = cache.check_and_insert(flood, nonce, 1000, 1000) {
+            // A new delegated key for every request: the share is the root's.
+            let key = NodeId(blake2b256(&[&n.to_le_bytes()]));
+            if let Err(e) = cache.check_and_insert(flood, key, nonce, 1000, 1000) {
                 break e;
             }
             n += 1;
         };
         assert_eq!(refused, AuthError::IdentityReplayShare(2048));
         assert_eq!(n, 2048);
-        cache.check_and_insert(honest, [7; 16], 1000, 1000).unwrap();
+        cache.check_and_insert(honest, honest, [7; 16], 1000, 1000).unwrap();
         // Its share comes back as its nonces leave the window.
-        cache.check_and_insert(flood, [9; 16], 1000, 70_000).unwrap();
+        cache.check_and_insert(flood, flood, [9; 16], 1000, 70_000).unwrap();
+    }
+
+    /// A request bound to a connection that proved its key needs no nonce: one identity
+    /// verifies as many as it sends (no share, no cap), and nothing is remembered.
+    #[test]
+    fn bound_requests_spend_no_replay_state_and_have_no_cap() {
+        let v = Verifier::new(8, WINDOW, 64);
+        let id = mined(8);
+        for _ in 0..1_000 {
+            v.verify_bound(&signed(&id, b""), METHOD, now_ms()).unwrap();
+        }
+        assert!(v.replay.is_empty());
+        // The checks before the cache still hold.
+        let forged = Envelope::new(METHOD, b"").sign(id.credential(), &random_signing_key());
+        assert_eq!(v.verify_bound(&forged, METHOD, now_ms()), Err(AuthError::BadSignature));
+        // The same requests unbound fill the small cache.
+        let full = (0..100).find_map(|_| v.verify(&signed(&id, b""), METHOD, b"", now_ms()).err());
+        assert!(
+            matches!(full, Some(AuthError::IdentityReplayShare(_) | AuthError::ReplayCacheFull(_))),
+            "{full:?}"
+        );
     }
 
     #[test]
     fn replay_cache_forgets_after_window_and_is_bounded() {
         let cache = ReplayCache::new(Duration::from_millis(100), 2);
         let who = NodeId([1; 32]);
-        cache.check_and_insert(who, [1; 16], 1000, 1000).unwrap();
-        assert_eq!(cache.check_and_insert(who, [1; 16], 1000, 1050), Err(AuthError::Replay));
-        cache.check_and_insert(who, [2; 16], 1000, 1050).unwrap();
+        cache.check_and_insert(who, who, [1; 16], 1000, 1000).unwrap();
+        assert_eq!(cache.check_and_insert(who, who, [1; 16], 1000, 1050), Err(AuthError::Replay));
+        cache.check_and_insert(who, who, [2; 16], 1000, 1050).unwrap();
         assert_eq!(
-            cache.check_and_insert(who, [3; 16], 1000, 1060),
+            cache.check_and_insert(who, who, [3; 16], 1000, 1060),
             Err(AuthError::ReplayCacheFull(2))
         );
         // After the window both expire; the old nonce is then refused as stale by the
         // verifier, so the cache may forget it.
-        cache.check_and_insert(who, [3; 16], 1200, 1200).unwrap();
+        cache.check_and_insert(who, who, [3; 16], 1200, 1200).unwrap();
         assert_eq!(cache.len(), 1);
     }
 

@@ -45,6 +45,8 @@ pub mod methods {
     pub const INFO: &str = "/shardfarm.v1.Agent/Info";
     /// ProveCapacity.
     pub const PROVE: &str = "/shardfarm.v1.Agent/ProveCapacity";
+    /// GetLayout, served by an agent.
+    pub const AGENT_LAYOUT: &str = "/shardfarm.v1.Agent/GetLayout";
     /// Coordinator: Challenge.
     pub const CHALLENGE: &str = "/shardfarm.v1.Coordinator/Challenge";
     /// Coordinator: Join.
@@ -133,17 +135,19 @@ pub fn verify_request(
                 ));
             }
         };
-        // Under TLS the connection proved a key: the request must be signed by that key
-        // (checked first, so a misplaced request spends no nonce).
-        if let Some(channel) = &peer.key
-            && channel != req.credential.signing_key()
-        {
-            return Err(AuthError::WrongChannel {
-                signer: NodeId::of(req.credential.signing_key()).to_hex(),
-                channel: NodeId::of(channel).to_hex(),
-            });
+        // Under TLS the connection proved a key: the request must be signed by that key, and
+        // is then bound to it, which is its replay defense (no nonce is remembered; see
+        // core::auth). A plaintext request goes through the replay cache.
+        match &peer.key {
+            Some(channel) if channel != req.credential.signing_key() => {
+                Err(AuthError::WrongChannel {
+                    signer: NodeId::of(req.credential.signing_key()).to_hex(),
+                    channel: NodeId::of(channel).to_hex(),
+                })
+            }
+            Some(_) => verifier.verify_bound(&req, method, now_ms()),
+            None => verifier.verify_hashed(&req, method, now_ms()),
         }
-        verifier.verify_hashed(&req, method, now_ms())
     });
     match &r {
         Ok(caller) => verifier.record_success(ip, caller.id),
