@@ -69,6 +69,8 @@ pub struct AgentService {
     version: &'static str,
     /// Longest silence within an upload stream.
     upload_idle: std::time::Duration,
+    /// The layouts this node believes (none when it serves alone, without a pool).
+    layouts: Option<Arc<crate::layouts::LayoutKeeper>>,
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -82,7 +84,14 @@ impl AgentService {
             policy,
             version: env!("CARGO_PKG_VERSION"),
             upload_idle: std::time::Duration::from_secs(30),
+            layouts: None,
         }
+    }
+
+    /// Serves the publications `keeper` accepted to GetLayout.
+    pub fn with_layouts(mut self, keeper: Arc<crate::layouts::LayoutKeeper>) -> Self {
+        self.layouts = Some(keeper);
+        self
     }
 
     /// Aborts uploads that send nothing for `idle` (their reservation is released).
@@ -359,6 +368,20 @@ impl Agent for AgentService {
         let r = self.node.prove_capacity(req.challenge.to_vec(), req.difficulty).await;
         let report = self.observe(methods::PROVE, start, r)?;
         Ok(Response::new(proto::CapacityReport { report: report.into() }))
+    }
+
+    async fn get_layout(
+        &self,
+        request: Request<proto::GetLayoutRequest>,
+    ) -> Result<Response<proto::SignedLayout>, Status> {
+        let start = Instant::now();
+        self.authenticate(&request, methods::AGENT_LAYOUT)?;
+        let signed = self.layouts.as_ref().and_then(|k| k.last()).and_then(|l| l.signed.clone());
+        let r = signed.ok_or_else(|| {
+            Error::NotFound("this node has accepted no layout of a pool yet".into())
+        });
+        let signed = self.observe(methods::AGENT_LAYOUT, start, r)?;
+        Ok(Response::new((*signed).clone()))
     }
 }
 

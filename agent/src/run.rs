@@ -134,11 +134,17 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         None => verifier,
     });
     let policy = Arc::new(Policy::new(cfg.allow.clone(), cfg.deny.clone(), cfg.rate_limit));
-    let service = AgentServer::new(
-        AgentService::new(node.clone(), verifier, policy).with_upload_idle(cfg.upload_idle_timeout),
-    )
-    .max_decoding_message_size(cfg.max_message)
-    .max_encoding_message_size(cfg.max_message);
+    let keeper = cfg.coordinator.as_ref().map(|(_, pool)| {
+        Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, *pool, metrics.clone()))
+    });
+    let mut service =
+        AgentService::new(node.clone(), verifier, policy).with_upload_idle(cfg.upload_idle_timeout);
+    if let Some(k) = &keeper {
+        service = service.with_layouts(k.clone());
+    }
+    let service = AgentServer::new(service)
+        .max_decoding_message_size(cfg.max_message)
+        .max_encoding_message_size(cfg.max_message);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
 
@@ -183,8 +189,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             security: cfg.security,
             farm_key: cfg.farm_key.clone(),
         };
-        let keeper =
-            Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, m.pool, metrics.clone()));
+        let keeper = keeper.clone().expect("opened with a coordinator");
         node.set_slots(crate::shard::Slots::Waiting);
         tokio::spawn(crate::repair::run(node.clone(), m, keeper, stop.clone()))
     });

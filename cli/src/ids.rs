@@ -87,6 +87,10 @@ pub enum PoolCommand {
         /// The pool runs without TLS (debugging only).
         #[arg(long)]
         insecure_plaintext: bool,
+        /// An agent to read the pool's signed layout from while the coordinator is away
+        /// (host:port or NODEID@host:port; repeat it). Reads and writes need no coordinator.
+        #[arg(long = "seed", value_name = "ADDR")]
+        seeds: Vec<String>,
         /// Replace an existing profile.
         #[arg(long)]
         force: bool,
@@ -189,6 +193,7 @@ pub fn add_pool(
     pool_id: &str,
     identity: Option<PathBuf>,
     insecure_plaintext: bool,
+    seeds: Vec<String>,
     force: bool,
 ) -> anyhow::Result<PathBuf> {
     let path = profile::resolve(name)?;
@@ -197,6 +202,7 @@ pub fn add_pool(
     let mut p = PoolProfile::new(coordinator, id);
     p.identity = identity.map(|i| std::path::absolute(&i).unwrap_or(i));
     p.insecure_plaintext = insecure_plaintext;
+    p.seeds = seeds;
     p.save(&path)?;
     Ok(path)
 }

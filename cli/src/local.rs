@@ -480,6 +480,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let id = wait_ready(&a.dir, child, Duration::from_secs(60)).await?;
         farm.nodes[a.entry.index].id = id;
     }
+    // The agents are the profile's seeds: a client reads and writes while the coordinator is
+    // away, from any agent's signed layout.
+    profile.seeds = agents
+        .iter()
+        .map(|a| format!("{}@{}", farm.nodes[a.entry.index].id, client_address(&a.entry.grpc)))
+        .collect();
+    profile.save(&dir.join(shardfarm_client::profile::LOCAL_PROFILE))?;
     // Up when the layout places every one of this farm's agents.
     let deadline = Instant::now() + Duration::from_secs(60);
     let ours: Vec<shardfarm_core::identity::NodeId> = farm

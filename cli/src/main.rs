@@ -352,7 +352,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identity { command } => identity(&command, json)?,
         Command::Pool {
             command:
-                PoolCommand::Add { name, coordinator, pool_id, identity, insecure_plaintext, force },
+                PoolCommand::Add {
+                    name,
+                    coordinator,
+                    pool_id,
+                    identity,
+                    insecure_plaintext,
+                    seeds,
+                    force,
+                },
         } => {
             let path = shardfarm::ids::add_pool(
                 &name,
@@ -360,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &pool_id,
                 identity,
                 insecure_plaintext,
+                seeds,
                 force,
             )
             .map_err(|e| anyhow::Error::new(Usage(format!("{e:#}"))))?;

@@ -6,7 +6,8 @@ mod common;
 
 use common::mitm::{Mitm, Mode};
 use common::{
-    Farm, free_base_port, metric, read_all_back, settled, start_outsider_via, store_files,
+    Farm, coordinator_pid, free_base_port, metric, read_all_back, settled, start_outsider_via,
+    store_files,
 };
 use shardfarm_core::identity::NodeId;
 use shardfarm_proto::Security;
@@ -114,19 +115,6 @@ fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_noth
     // Honest again: the agent follows the pool's layouts as before.
     mitm.set(Mode::Honest);
     read_all_back(&farm, &files, tmp.path(), "honest");
-}
-
-/// The pid of the farm's coordinator process, if it runs.
-fn coordinator_pid(farm: &Farm) -> Option<u32> {
-    let state = farm.dir.join("coordinator");
-    let state = state.to_str().unwrap();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is = args.contains(&&b"coordinator"[..]) && args.contains(&state.as_bytes());
-        is.then_some(pid)
-    })
 }
 
 /// The coordinator's state dir is deleted while the farm runs and the coordinator killed;

@@ -251,8 +251,9 @@ impl PoolClient {
         Self::connect(profile, &id, progress).await
     }
 
-    /// Connects to the pool's coordinator, which must prove the pinned pool key, reads the
-    /// pool's settings and its signed layout, and follows later layouts in the background.
+    /// Reads the pool's settings and signed layout from whichever of its coordinator, seeds
+    /// and known agents answers (see "Layouts without the coordinator"), and follows later
+    /// layouts in the background.
     pub async fn connect(
         profile: PoolProfile,
         identity: &ClientIdentity,
@@ -263,7 +264,7 @@ impl PoolClient {
         let security = shardfarm_proto::Security::from_flag(profile.insecure_plaintext);
         let signer = Arc::new(identity.signer().with_security(security));
         let mut guard = LayoutGuard::new(pool);
-        let view = fetch_view(&profile.coordinator, &signer, &mut guard).await?;
+        let view = bootstrap(&profile, &signer, &mut guard, &*progress).await?;
         let client = Arc::new(PoolClient {
             profile,
             signer,
@@ -307,27 +308,101 @@ impl PoolClient {
         let mut next = (**view).clone();
         next.layout = layout;
         *view = Arc::new(next);
+        drop(view);
+        if let Some(path) = self.profile.layout_cache() {
+            write_cache(&path, signed);
+        }
         Ok(true)
     }
 
-    /// Asks the coordinator for its current layout now (after a failure that a newer layout
-    /// may explain). True if a newer one was taken in.
+    /// Asks the coordinator and some agents for their current layout now (after a failure
+    /// that a newer layout may explain). True if a newer one was taken in.
     pub async fn refresh(&self) -> bool {
-        let r = async {
-            let mut c = CoordinatorClient::connect(
-                &self.profile.coordinator,
-                self.signer.clone(),
-                self.profile.pool().ok()?,
-            )
-            .await
-            .ok()?;
-            let l = c.get_layout().await.ok()?;
-            l.signed
+        self.refresh_from(Vec::new()).await
+    }
+
+    /// [`Self::refresh`], asking the agents `first` (a segment's holders that refused it)
+    /// beside the coordinator.
+    async fn refresh_from(&self, first: Vec<NodeId>) -> bool {
+        let coordinator = async {
+            let r = async {
+                let mut c = CoordinatorClient::connect(
+                    &self.profile.coordinator,
+                    self.signer.clone(),
+                    self.profile.pool().ok()?,
+                )
+                .await
+                .ok()?;
+                c.get_layout().await.ok()?.signed
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, r).await.ok().flatten() {
+                Some(signed) => self.offer(&signed).unwrap_or(false),
+                None => false,
+            }
         };
-        match tokio::time::timeout(CALL_TIMEOUT, r).await.ok().flatten() {
-            Some(signed) => self.offer(&signed).unwrap_or(false),
-            None => false,
+        let agents = self.poll_agents(first, POLL_AGENTS);
+        futures::pin_mut!(coordinator, agents);
+        // Whichever brings a newer layout first ends the wait.
+        match futures::future::select(coordinator, agents).await {
+            futures::future::Either::Left((true, _))
+            | futures::future::Either::Right((true, _)) => true,
+            futures::future::Either::Left((false, other)) => other.await,
+            futures::future::Either::Right((false, other)) => other.await,
         }
+    }
+
+    /// Asks the agents `first` and `more` others of the current layout for their
+    /// publications at once; true if one was newer than the layout held.
+    async fn poll_agents(&self, first: Vec<NodeId>, more: usize) -> bool {
+        let view = self.view();
+        let mut all: Vec<NodeId> = view.layout.addresses.keys().copied().collect();
+        // A different few on each poll, so one stalled agent is not always the one asked.
+        let turn = (shardfarm_core::auth::now_ms() as usize / 1000) % all.len().max(1);
+        all.rotate_left(turn);
+        let limit = first.len() + more;
+        let mut ask: Vec<NodeId> = first;
+        for id in all {
+            if ask.len() >= limit {
+                break;
+            }
+            if !ask.contains(&id) {
+                ask.push(id);
+            }
+        }
+        let asks = ask.into_iter().map(|node| {
+            let view = view.clone();
+            async move {
+                let r = within(CALL_TIMEOUT, &node, async {
+                    let mut c = self.conn(&node, &view).await?;
+                    c.get_layout().await.map_err(|s| anyhow::anyhow!("{}", s.message()))
+                })
+                .await;
+                match r {
+                    // An agent behind the others (it missed a publication while the
+                    // coordinator was away) is normal, not hostile: its older one is skipped.
+                    Ok(signed)
+                        if self.profile.pool().is_ok_and(|pool| {
+                            shardfarm_proto::verify_layout(&signed, &pool)
+                                .is_ok_and(|l| l.sequence < view.layout.sequence)
+                        }) =>
+                    {
+                        false
+                    }
+                    Ok(signed) => match self.offer(&signed) {
+                        Ok(newer) => newer,
+                        Err(why) => {
+                            self.progress.warn(&format!(
+                                "refused the layout node {} serves: {why}",
+                                node.short()
+                            ));
+                            false
+                        }
+                    },
+                    Err(_) => false,
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().any(|b| b)
     }
 
     async fn conn(&self, node: &NodeId, view: &PoolView) -> anyhow::Result<AgentClient> {
@@ -493,7 +568,15 @@ impl PoolClient {
         let header_bytes = Bytes::from(header_bytes);
         let first = self.store_segment_by(&self.view(), &header_bytes, header, &shards).await;
         match first {
-            Err(e) if self.refresh().await => {
+            Err(e)
+                if self
+                    .refresh_from(self.view().holders(partition(
+                        &header.object_id,
+                        header.segment_index,
+                        self.view().partitions,
+                    )))
+                    .await =>
+            {
                 self.progress.warn(&format!(
                     "{e:#}; the pool published layout {} meanwhile: sending the segment again",
                     self.view().layout.layout.version
@@ -1088,39 +1171,220 @@ impl PoolClient {
     }
 }
 
-/// Reads the pool's settings and current layout from its coordinator.
-async fn fetch_view(
-    addr: &str,
-    signer: &Arc<Signer>,
-    guard: &mut LayoutGuard,
-) -> anyhow::Result<PoolView> {
-    let r = async {
-        let mut c =
-            CoordinatorClient::connect(addr, signer.clone(), guard.pool()).await.map_err(|e| {
-                let why = shardfarm_proto::tls::why(&e);
-                anyhow::anyhow!("the coordinator at {addr} is unreachable: {why}")
-            })?;
-        let info = c.get_pool().await.map_err(|s| {
-            anyhow::anyhow!("the coordinator at {addr}: {}: {}", code_name(s.code()), s.message())
-        })?;
-        let published = c.get_layout().await.map_err(|s| {
-            anyhow::anyhow!("the coordinator at {addr}: {}: {}", code_name(s.code()), s.message())
-        })?;
-        anyhow::Ok((info, published))
-    };
-    let (info, published) = tokio::time::timeout(CALL_TIMEOUT, r)
-        .await
-        .map_err(|_| anyhow::anyhow!("the coordinator at {addr} did not answer within 10 s"))??;
-    let signed = published.signed.clone().context("the coordinator sent an unsigned layout")?;
-    let accepted = guard
-        .accept(&signed)
-        .map_err(|e| anyhow::anyhow!("refused the coordinator's layout: {e}"))?
-        .context("refused the coordinator's layout")?;
-    PoolView::new(info, accepted)
+// ---- Layouts without the coordinator ----
+//
+// The data path needs no control plane. A layout publication is signed by the pool key the
+// profile pins, so it is as good from an agent as from the coordinator: a client starts from
+// the publication it saved last time, asks the coordinator, the profile's seeds and some
+// agents of that saved layout at once, and passes every answer through its LayoutGuard
+// (pinned pool key, never older, never forked). What a hostile agent serves (an older genuine
+// publication, one signed by another key) is refused or superseded by the newer ones the
+// others serve. While the coordinator's watch is down, the client polls agents instead.
+
+/// How long bootstrap waits for more answers once one publication was accepted: the
+/// coordinator and the seeds are asked at once, and a newer publication may be a moment
+/// behind the first.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Agents of the saved layout asked beside the coordinator and the seeds at start-up.
+const BOOTSTRAP_AGENTS: usize = 6;
+
+/// Agents asked for their publication on each poll while the coordinator's watch is down.
+const POLL_AGENTS: usize = 2;
+
+/// How often agents are polled while the coordinator's watch is down.
+const POLL_EVERY: Duration = Duration::from_secs(3);
+
+/// Largest saved publication read back (1024 partitions of RS(10,4) are ~100 KiB).
+const MAX_CACHE_BYTES: u64 = 16 << 20;
+
+/// Where a client may read the pool's layout.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// The coordinator (it proves the pool key).
+    Coordinator(String),
+    /// An agent, by id when known (else learnt in the handshake), at an address.
+    Agent(Option<NodeId>, String),
 }
 
-/// Follows the pool's layout publications for as long as the client lives, reconnecting
-/// (1 s, doubling to 10 s) whenever the coordinator goes away.
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Coordinator(a) => write!(f, "the coordinator at {a}"),
+            Source::Agent(Some(id), a) => write!(f, "node {} ({a})", id.short()),
+            Source::Agent(None, a) => write!(f, "the seed {a}"),
+        }
+    }
+}
+
+/// One source's answer: the publication as signed, and the coordinator's unsigned settings
+/// (only asked of a coordinator whose publications predate signed settings).
+struct Answer {
+    signed: shardfarm_proto::pb::SignedLayout,
+    info: Option<shardfarm_proto::pb::PoolInfo>,
+}
+
+async fn ask(source: &Source, signer: &Arc<Signer>, pool: NodeId) -> anyhow::Result<Answer> {
+    let call = |s: tonic::Status| anyhow::anyhow!("{}: {}", code_name(s.code()), s.message());
+    let dial = |e: tonic::transport::Error| {
+        anyhow::anyhow!("unreachable: {}", shardfarm_proto::tls::why(&e))
+    };
+    match source {
+        Source::Coordinator(addr) => {
+            let mut c =
+                CoordinatorClient::connect(addr, signer.clone(), pool).await.map_err(dial)?;
+            let published = c.get_layout().await.map_err(call)?;
+            let signed = published.signed.as_deref().cloned().context("an unsigned layout")?;
+            let info = match published.pool {
+                Some(_) => None,
+                None => Some(c.get_pool().await.map_err(call)?),
+            };
+            Ok(Answer { signed, info })
+        }
+        Source::Agent(id, addr) => {
+            let mut c = match id {
+                Some(id) => AgentClient::connect(addr, *id, signer.clone()).await.map_err(dial)?,
+                None => AgentClient::discover(addr, signer.clone())
+                    .await
+                    .map_err(dial)?
+                    .context("a plaintext seed proves no node id: name it as NODEID@host:port")?,
+            };
+            Ok(Answer { signed: c.get_layout().await.map_err(call)?, info: None })
+        }
+    }
+}
+
+/// The publication saved beside the profile, if any (a file that does not read is ignored;
+/// one the guard refuses is reported).
+fn read_cache(path: &Path) -> Option<shardfarm_proto::pb::SignedLayout> {
+    use prost::Message;
+    let f = std::fs::File::open(path).ok()?;
+    if f.metadata().ok()?.len() > MAX_CACHE_BYTES {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_CACHE_BYTES).read_to_end(&mut bytes).ok()?;
+    shardfarm_proto::pb::SignedLayout::decode(&bytes[..]).ok()
+}
+
+/// Saves `signed` as the starting point of the next run (atomically; best effort).
+fn write_cache(path: &Path, signed: &shardfarm_proto::pb::SignedLayout) {
+    use prost::Message;
+    let tmp = path.with_extension(format!("layout.tmp{}", std::process::id()));
+    let ok =
+        std::fs::write(&tmp, signed.encode_to_vec()).is_ok() && std::fs::rename(&tmp, path).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Everyone a starting client asks: the coordinator, the profile's seeds, and up to
+/// [`BOOTSTRAP_AGENTS`] agents of the saved layout, each address once.
+fn sources(profile: &PoolProfile, saved: Option<&PublishedLayout>) -> Vec<Source> {
+    let mut out = vec![Source::Coordinator(profile.coordinator.clone())];
+    let mut seen: BTreeSet<String> = [profile.coordinator.clone()].into();
+    for (id, addr) in profile.seed_list() {
+        if seen.insert(addr.clone()) {
+            out.push(Source::Agent(id, addr));
+        }
+    }
+    if let Some(l) = saved {
+        // A different start on each run, so one dead agent is not always asked first.
+        let skip = (shardfarm_core::auth::now_ms() as usize) % l.addresses.len().max(1);
+        let mut agents: Vec<_> = l.addresses.iter().collect();
+        agents.rotate_left(skip);
+        for (id, addr) in agents.into_iter().take(BOOTSTRAP_AGENTS) {
+            if !addr.is_empty() && seen.insert(addr.clone()) {
+                out.push(Source::Agent(Some(*id), addr.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Reads the pool's settings and newest layout from whichever sources answer (see the
+/// section comment), starting from the publication saved beside the profile.
+async fn bootstrap(
+    profile: &PoolProfile,
+    signer: &Arc<Signer>,
+    guard: &mut LayoutGuard,
+    progress: &dyn Progress,
+) -> anyhow::Result<PoolView> {
+    let cache = profile.layout_cache();
+    let mut best: Option<PublishedLayout> = None;
+    if let Some(saved) = cache.as_deref().and_then(read_cache) {
+        match guard.accept(&saved) {
+            Ok(l) => best = l,
+            Err(e) => progress.warn(&format!("the saved layout is refused: {e}")),
+        }
+    }
+    let pool = guard.pool();
+    let mut asks: FuturesUnordered<_> = sources(profile, best.as_ref())
+        .into_iter()
+        .map(|src| async move {
+            let r = tokio::time::timeout(CALL_TIMEOUT, ask(&src, signer, pool)).await;
+            let r = r.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")));
+            (src, r)
+        })
+        .collect();
+    let (mut info, mut errors, mut fresh) = (None, Vec::new(), false);
+    let mut settle: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match settle {
+            Some(at) => tokio::time::timeout_at(at, asks.next()).await.ok().flatten(),
+            None => asks.next().await,
+        };
+        let Some((src, answer)) = next else { break };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                errors.push(format!("{src}: {e:#}"));
+                continue;
+            }
+        };
+        if let (Source::Coordinator(_), Some(i)) = (&src, answer.info) {
+            info = Some(i);
+        }
+        match guard.accept(&answer.signed) {
+            Ok(Some(l)) => {
+                best = Some(l);
+                fresh = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // A refused publication is not an answer: keep asking the others.
+                progress.warn(&format!("refused the layout {src} serves: {e}"));
+                errors.push(format!("{src}: refused its layout: {e}"));
+                continue;
+            }
+        }
+        settle.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+    }
+    let Some(layout) = best else {
+        bail!("no source of the pool answered with its layout: {}", errors.join("; "));
+    };
+    if settle.is_none() {
+        progress.warn(&format!(
+            "no source of the pool answered ({}); starting from the layout saved in {}",
+            errors.join("; "),
+            cache.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+        ));
+    }
+    let Some(info) = layout.pool.clone().or(info) else {
+        bail!(
+            "the pool's layout carries no settings and its coordinator did not answer GetPool: {}",
+            errors.join("; ")
+        );
+    };
+    if fresh && let (Some(path), Some(signed)) = (&cache, &layout.signed) {
+        write_cache(path, signed);
+    }
+    PoolView::new(info, layout)
+}
+
+/// Follows the pool's layout publications for as long as the client lives: the
+/// coordinator's watch while it answers (reconnecting after 1 s, doubling to 10 s), and
+/// [`POLL_AGENTS`] agents every [`POLL_EVERY`] while it does not.
 async fn follow_layouts(client: Weak<PoolClient>) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -1142,7 +1406,17 @@ async fn follow_layouts(client: Weak<PoolClient>) {
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        // The watch is down: the agents carry the publications meanwhile.
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            let Some(me) = client.upgrade() else { return };
+            me.poll_agents(Vec::new(), POLL_AGENTS).await;
+            drop(me);
+            tokio::time::sleep(POLL_EVERY.min(backoff)).await;
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+        }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -10,7 +10,14 @@
 //! coordinator = "pool.example.net:7398"
 //! pool_id = "00003fa1…"          # 64 hex digits: the pool key's id, pinned
 //! identity = "client.key"         # relative to this file's directory, or absolute
+//! seeds = ["10.0.0.7:7400", "10.0.0.8:7400"]   # agents to bootstrap from (optional)
 //! ```
+//!
+//! The data path needs no coordinator: a client takes the newest layout publication the pool
+//! key signed from whichever of the coordinator, the seeds and the agents of its saved layout
+//! answers, and saves it beside the profile ([`PoolProfile::layout_cache`]) as the starting
+//! point of its next run. A seed is `host:port` (the agent's id is learnt in the handshake;
+//! what it serves is checked against the pinned pool key) or `NODEID@host:port`.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +46,10 @@ pub struct PoolProfile {
     /// The pool runs plaintext HTTP/2 (debugging only); otherwise every hop is TLS.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_plaintext: bool,
+    /// Agents to bootstrap from while the coordinator is away: `host:port` or
+    /// `NODEID@host:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<String>,
     /// Where the profile was read from (not stored).
     #[serde(skip)]
     pub origin: Option<PathBuf>,
@@ -52,6 +63,7 @@ impl PoolProfile {
             pool_id: pool_id.to_hex(),
             identity: None,
             insecure_plaintext: false,
+            seeds: Vec::new(),
             origin: None,
         }
     }
@@ -61,17 +73,29 @@ impl PoolProfile {
         NodeId::from_hex(&self.pool_id).map_err(|e| anyhow::anyhow!("pool_id: {e}"))
     }
 
-    /// Checks the fields (an address of the form host:port, a 64-hex-digit pool id).
+    /// Checks the fields (addresses of the form host:port, a 64-hex-digit pool id, at most
+    /// [`MAX_SEEDS`] seeds).
     pub fn validate(&self) -> anyhow::Result<()> {
         self.pool()?;
-        let (host, port) = self
-            .coordinator
-            .rsplit_once(':')
-            .with_context(|| format!("coordinator `{}` is not host:port", self.coordinator))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            bail!("coordinator `{}` is not host:port", self.coordinator);
+        check_address(&self.coordinator).context("coordinator")?;
+        if self.seeds.len() > MAX_SEEDS {
+            bail!("{} seeds: at most {MAX_SEEDS}", self.seeds.len());
+        }
+        for s in &self.seeds {
+            parse_seed(s).with_context(|| format!("seed `{s}`"))?;
         }
         Ok(())
+    }
+
+    /// The seeds, parsed: the node id when the seed names one, and the address.
+    pub fn seed_list(&self) -> Vec<(Option<NodeId>, String)> {
+        self.seeds.iter().filter_map(|s| parse_seed(s).ok()).collect()
+    }
+
+    /// Where the newest layout publication this profile's clients accepted is kept: beside
+    /// the profile, `NAME.layout` for `NAME.toml` (None for a profile not read from a file).
+    pub fn layout_cache(&self) -> Option<PathBuf> {
+        self.origin.as_ref().map(|p| p.with_extension("layout"))
     }
 
     /// Reads and checks a profile file.
@@ -114,6 +138,30 @@ impl PoolProfile {
         let base = self.origin.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
         Some(base.join(p))
     }
+}
+
+/// Most seeds a profile may name (each is asked at once when a client starts).
+pub const MAX_SEEDS: usize = 32;
+
+fn check_address(addr: &str) -> anyhow::Result<()> {
+    let (host, port) =
+        addr.rsplit_once(':').with_context(|| format!("`{addr}` is not host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("`{addr}` is not host:port");
+    }
+    Ok(())
+}
+
+/// `host:port` or `NODEID@host:port`.
+fn parse_seed(seed: &str) -> anyhow::Result<(Option<NodeId>, String)> {
+    let (id, addr) = match seed.split_once('@') {
+        Some((id, addr)) => {
+            (Some(NodeId::from_hex(id).map_err(|e| anyhow::anyhow!("node id: {e}"))?), addr)
+        }
+        None => (None, seed),
+    };
+    check_address(addr)?;
+    Ok((id, addr.to_string()))
 }
 
 /// The directory named profiles live in: `$XDG_CONFIG_HOME/shardfarm/pools`, else
@@ -172,6 +220,16 @@ mod tests {
         assert_eq!(back.coordinator, p.coordinator);
         assert_eq!(back.pool().unwrap(), NodeId([7; 32]));
         assert_eq!(back.identity_path().unwrap(), dir.path().join("client.key"));
+        assert_eq!(back.layout_cache().unwrap(), dir.path().join("p.layout"));
+        assert!(back.seeds.is_empty());
+        let id = NodeId([9; 32]);
+        p.seeds = vec!["10.0.0.7:7400".into(), format!("{}@10.0.0.8:7400", id.to_hex())];
+        p.save(&path).unwrap();
+        let back = PoolProfile::load(&path).unwrap();
+        assert_eq!(
+            back.seed_list(),
+            vec![(None, "10.0.0.7:7400".to_string()), (Some(id), "10.0.0.8:7400".to_string())]
+        );
     }
 
     #[test]
@@ -194,6 +252,16 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             let e = format!("{:#}", PoolProfile::load(&path).unwrap_err());
             assert!(e.contains(why), "{e}");
+        }
+        let zeros = "0".repeat(64);
+        for (seed, why) in
+            [("nohost", "host:port"), ("xyz@a:1", "node id"), ("a:99999", "host:port")]
+        {
+            let text =
+                format!("coordinator = \"a:1\"\npool_id = \"{zeros}\"\nseeds = [\"{seed}\"]");
+            std::fs::write(&path, text).unwrap();
+            let e = format!("{:#}", PoolProfile::load(&path).unwrap_err());
+            assert!(e.contains(why), "{seed}: {e}");
         }
         std::fs::write(&path, vec![b'#'; 70_000]).unwrap();
         assert!(

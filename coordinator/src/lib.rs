@@ -571,6 +571,10 @@ impl Coordinator {
             .entry(caller.id.to_hex())
             .or_insert_with(|| Member::new(caller, now_ms, &self.config.reputation));
         m.founding |= founding;
+        // A member the published layouts name that comes back at another address (a pod
+        // recreated with a new IP, an agent restarted on another port) is republished at
+        // once: clients only reach the addresses the signed layout gives them.
+        let moved = !m.grpc.is_empty() && m.grpc != input.grpc;
         m.grpc = input.grpc;
         m.http = input.http;
         m.labels = labels;
@@ -599,7 +603,15 @@ impl Coordinator {
         }
         tracing::info!(node = %caller.id, domain = %out.domain, capacity = out.capacity, "node joined");
         st.dirty = true;
+        let named = |l: &Option<placement::Layout>| {
+            l.as_ref().is_some_and(|l| l.partitions.iter().flatten().any(|n| *n == caller.id))
+        };
+        let republish = moved && (named(&st.layout) || named(&st.previous));
         drop(st);
+        if republish {
+            tracing::info!(node = %caller.id, grpc = %out.grpc, "a member of the layout moved; republishing its address");
+            self.publish_current();
+        }
         self.wake.notify_one();
         Ok(out)
     }
@@ -824,6 +836,22 @@ impl Coordinator {
     ) -> (BTreeMap<String, crate::ledger::Totals>, BTreeMap<String, crate::ledger::Totals>) {
         let l = self.ledger.lock().unwrap();
         (l.by_node(), l.by_farm())
+    }
+
+    /// After a pause of `gap` during which this coordinator ran nothing, every member that was
+    /// up is presumed up again from `now_ms` (see [`Self::run`]).
+    pub fn presume_up_after_pause(&self, gap: Duration, now_ms: u64) {
+        let mut st = self.state.lock().unwrap();
+        let mut presumed = 0;
+        for m in st.nodes.values_mut().filter(|m| m.up) {
+            m.last_seen_ms = m.last_seen_ms.max(now_ms);
+            presumed += 1;
+        }
+        tracing::warn!(
+            paused_ms = gap.as_millis() as u64,
+            presumed,
+            "this coordinator did not run for a while: its members' silence meanwhile is not held against them"
+        );
     }
 
     /// One step of housekeeping: uptime, nodes going down, layouts, epochs, metrics.
@@ -1085,11 +1113,9 @@ impl Coordinator {
         let now = shardfarm_core::auth::now_ms();
         let sequence = st.publication.saturating_add(1).max(now);
         st.publication = sequence;
-        let published = PublishedLayout::new(layout, st.previous.clone(), addresses).sign(
-            &self.identity,
-            sequence,
-            now,
-        );
+        let published = PublishedLayout::new(layout, st.previous.clone(), addresses)
+            .with_pool(service::pool_info(&self.config))
+            .sign(&self.identity, sequence, now);
         drop(st);
         // Write-ahead: the layout and its sequence number are durable before any agent sees
         // them, so whoever continues the pool (a restart, another operator replica) publishes
@@ -1277,11 +1303,21 @@ impl Coordinator {
                 }
             }
         });
+        let mut last_step = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(tick) => {}
                 _ = self.wake.notified() => {}
+            }
+            // A coordinator that did not run for a while (SIGSTOPped, a VM paused, a node
+            // starved) heard nobody meanwhile: that silence is its own, not the members'. As
+            // after a restart, the grace period of everyone it had up runs from now, so no
+            // layout is recomputed from a view that went stale while it was away.
+            let gap = last_step.elapsed();
+            last_step = std::time::Instant::now();
+            if gap > PAUSE_FLOOR.max(Duration::from_millis(self.config.grace_ms / 2)) {
+                self.presume_up_after_pause(gap, shardfarm_core::auth::now_ms());
             }
             let me = self.clone();
             let step = tokio::task::spawn_blocking(move || me.tick(shardfarm_core::auth::now_ms()));
@@ -1300,6 +1336,11 @@ impl Coordinator {
 fn state_label(s: Standing, up: bool) -> String {
     if up { s.as_str().to_string() } else { format!("{}_down", s.as_str()) }
 }
+
+/// The shortest stall of the housekeeping loop taken for a pause of the coordinator (beside
+/// half the grace period): well above any step's own duration under load, so a slow step on a
+/// busy machine never excuses a node that really went silent.
+const PAUSE_FLOOR: Duration = Duration::from_secs(5);
 
 /// Labels the operator reads to find a farm's agents: kept only on nodes a farm vouches for.
 const RESERVED_LABELS: &[&str] = &["farm", "pod"];

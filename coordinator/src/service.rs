@@ -101,7 +101,8 @@ fn node_status(m: &Member, slots: u64, rw: (u64, u64), now: u64) -> proto::NodeS
     }
 }
 
-fn pool_info(cfg: &super::PoolConfig) -> proto::PoolInfo {
+/// The pool's settings as clients read them (GetPool, and inside every signed layout).
+pub(crate) fn pool_info(cfg: &super::PoolConfig) -> proto::PoolInfo {
     proto::PoolInfo {
         pool: cfg.pool.clone(),
         k: u32::from(cfg.k),

@@ -832,3 +832,43 @@ async fn members_long_gone_are_forgotten_once_they_hold_nothing() {
     let m = r.c.metrics.render();
     assert!(!m.contains(short), "its series are still exported:\n{m}");
 }
+
+/// A member of the layout that joins again at another address (a pod recreated with a new
+/// IP, an agent restarted on another port) is republished at once: the same layout version
+/// under a higher sequence, carrying the new address and the pool's settings, signed.
+#[tokio::test]
+async fn a_member_back_at_another_address_is_republished_at_once() {
+    let r = start(pool()).await;
+    let mut ids = Vec::new();
+    for i in 0..6u16 {
+        let (id, res) = join(&r, &format!("zone-{}", i % 3), 9400 + 2 * i).await;
+        res.unwrap();
+        ids.push(id);
+    }
+    let mut c = client(&r, Signer::identity(&ids[0])).await;
+    let first = published(&mut c).await.expect("a layout for six nodes");
+    assert_eq!(first.address(&ids[3].id()), Some("127.0.0.1:9406"));
+    let info = first.pool.clone().expect("the publication carries the pool's settings");
+    assert_eq!((info.k, info.m, info.pool.as_str()), (4, 2, "test"));
+    assert_eq!(info.partitions as usize, first.layout.partitions.len());
+
+    let mut watch = c.watch_layout().await.unwrap();
+    let mut guard = shardfarm_proto::LayoutGuard::new(r.c.identity().id());
+    guard.accept(&watch.message().await.unwrap().unwrap()).unwrap();
+    join_again(&r, &ids[3], "zone-0", 9500, None).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("a publication within 5 s of the move")
+        .unwrap()
+        .unwrap();
+    let next = guard.accept(&next).unwrap().expect("a newer publication");
+    assert_eq!(next.layout.version, first.layout.version, "the same layout");
+    assert!(next.sequence > first.sequence);
+    assert_eq!(next.address(&ids[3].id()), Some("127.0.0.1:9500"));
+    assert_eq!(next.address(&ids[4].id()), Some("127.0.0.1:9408"));
+
+    // The same address again publishes nothing new.
+    join_again(&r, &ids[3], "zone-0", 9500, None).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(500), watch.message()).await;
+    assert!(quiet.is_err(), "a join at the same address republished: {quiet:?}");
+}

@@ -129,6 +129,31 @@ impl AgentClient {
         Ok(Self::with_channel(channel, node, signer))
     }
 
+    /// Connects to a seed address whose node is not known yet, learning its id from the
+    /// handshake. Use it only for [`AgentClient::get_layout`], whose answer is checked
+    /// against the pinned pool key, not against this peer. `None` under plaintext (no id).
+    pub async fn discover(
+        addr: &str,
+        signer: Arc<Signer>,
+    ) -> Result<Option<Self>, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+        let (channel, id) =
+            crate::tls::connect_discover(endpoint, signer.key(), signer.security()).await?;
+        Ok(id.map(|node| Self::with_channel(channel, node, signer)))
+    }
+
+    /// The node this client talks to.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The newest layout publication the node accepted, as the pool signed it: pass it
+    /// through a [`crate::LayoutGuard`] before believing it.
+    pub async fn get_layout(&mut self) -> Result<proto::SignedLayout, Status> {
+        let req = self.signer.request(self.node, methods::AGENT_LAYOUT, proto::GetLayoutRequest {});
+        Ok(self.raw.get_layout(req).await?.into_inner())
+    }
+
     /// A client over an existing channel.
     pub fn with_channel(channel: Channel, node: NodeId, signer: Arc<Signer>) -> Self {
         let raw = Raw::new(channel)

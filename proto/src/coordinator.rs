@@ -36,7 +36,13 @@ pub struct PublishedLayout {
     pub sequence: u64,
     /// The signed publication as it travels, once signed or received.
     pub signed: Option<Arc<proto::SignedLayout>>,
+    /// The pool's settings, signed with the layout (None from a coordinator that predates
+    /// them: ask its GetPool).
+    pub pool: Option<proto::PoolInfo>,
 }
+
+/// How long one call to the coordinator may take before it fails with DeadlineExceeded.
+pub const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Domain separation of the pool's signature over a layout publication.
 const LAYOUT_DOMAIN: &[u8] = b"shardfarm-layout-v1";
@@ -48,7 +54,13 @@ impl PublishedLayout {
         previous: Option<Layout>,
         addresses: BTreeMap<NodeId, String>,
     ) -> Self {
-        PublishedLayout { layout, previous, addresses, sequence: 0, signed: None }
+        PublishedLayout { layout, previous, addresses, sequence: 0, signed: None, pool: None }
+    }
+
+    /// The same publication carrying the pool's settings `info` (signed with it).
+    pub fn with_pool(mut self, info: proto::PoolInfo) -> Self {
+        self.pool = Some(info);
+        self
     }
 
     /// The address of `node`.
@@ -63,6 +75,7 @@ impl PublishedLayout {
             sequence,
             published_ms,
             layout: Some(proto::LayoutMessage::from(&self)),
+            pool: self.pool.clone(),
         }
         .encode_to_vec();
         let signature = pool.sign(&[LAYOUT_DOMAIN, &publication].concat());
@@ -163,6 +176,7 @@ pub fn verify_layout(
     let mut published = PublishedLayout::try_from(layout)
         .map_err(|s| LayoutRefusal::Malformed(s.message().to_string()))?;
     published.sequence = p.sequence;
+    published.pool = p.pool;
     published.signed = Some(Arc::new(signed.clone()));
     Ok(published)
 }
@@ -294,7 +308,7 @@ impl TryFrom<proto::LayoutMessage> for PublishedLayout {
         let previous = previous.transpose()?;
         // The current layout's addresses win over the previous one's.
         let layout = layout_from_proto(&m, &mut addresses)?;
-        Ok(PublishedLayout { layout, previous, addresses, sequence: 0, signed: None })
+        Ok(PublishedLayout { layout, previous, addresses, sequence: 0, signed: None, pool: None })
     }
 }
 
@@ -313,7 +327,11 @@ impl CoordinatorClient {
         signer: Arc<Signer>,
         pool: NodeId,
     ) -> Result<Self, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+        // Every call has a deadline: a coordinator that stalls (SIGSTOPped, a hung pod) costs
+        // a caller CALL_DEADLINE, never a task for ever (a stream's deadline is its opening).
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .timeout(CALL_DEADLINE);
         // The coordinator must prove the pool key.
         let channel = signer.dial(endpoint, pool).await?;
         let raw = Raw::new(channel)
@@ -397,6 +415,32 @@ mod tests {
         (**p.signed.as_ref().unwrap()).clone()
     }
 
+    /// The pool's settings travel inside the signed publication: a client bootstrapping
+    /// from any agent reads them there, and nobody on the way can change them.
+    #[test]
+    fn the_pools_settings_are_signed_with_the_layout() {
+        let key = pool();
+        let info = proto::PoolInfo {
+            pool: "p".into(),
+            k: 2,
+            m: 1,
+            partitions: 2,
+            segment_size: 1 << 20,
+            ..Default::default()
+        };
+        let one = published(1).with_pool(info.clone()).sign(&key, 10, 0);
+        let back = verify_layout(&signed(&one), &key.id()).unwrap();
+        assert_eq!(back.pool, Some(info));
+        let mut altered = proto::LayoutPublication::decode(&signed(&one).publication[..]).unwrap();
+        altered.pool.as_mut().unwrap().segment_size = 1;
+        let mut s = signed(&one);
+        s.publication = altered.encode_to_vec().into();
+        assert_eq!(verify_layout(&s, &key.id()).unwrap_err(), LayoutRefusal::BadSignature);
+        // A publication without settings (an older coordinator's) still verifies.
+        let bare = published(1).sign(&key, 11, 0);
+        assert_eq!(verify_layout(&signed(&bare), &key.id()).unwrap().pool, None);
+    }
+
     #[test]
     fn only_the_pinned_pools_newer_publications_are_accepted() {
         let key = pool();
@@ -463,6 +507,7 @@ mod tests {
                 slots: vec![0; 5],
                 ..Default::default()
             }),
+            pool: None,
         }
         .encode_to_vec();
         let s = proto::SignedLayout {

@@ -221,6 +221,31 @@ impl ServerCertVerifier for PinnedPeer {
     raw_ed25519_handshake!();
 }
 
+/// Caller side, for a seed address whose node is not known yet: any peer that proves an
+/// ed25519 key is accepted and its id recorded. Only for calls whose answer is verified on its
+/// own (a layout publication the pool key signed), never for shards or deletes.
+#[derive(Debug)]
+struct DiscoveredPeer {
+    seen: Arc<std::sync::Mutex<Option<NodeId>>>,
+}
+
+impl ServerCertVerifier for DiscoveredPeer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = NodeId::of(&peer_key(end_entity.as_ref())?);
+        *self.seen.lock().unwrap() = Some(got);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    raw_ed25519_handshake!();
+}
+
 /// Server side: every caller proves an ed25519 key; which keys may do what is decided per
 /// request by the envelope policy, which also checks the envelope's key is this one.
 #[derive(Debug)]
@@ -271,6 +296,41 @@ pub fn client_config(key: &SigningKey, peer: NodeId) -> Result<Arc<ClientConfig>
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// Opens a channel on `endpoint` to whichever node answers there, and returns the id it
+/// proved in the handshake (`None` in plaintext, where nothing is proved). For seed
+/// addresses only: what comes back on this channel must verify on its own.
+pub async fn connect_discover(
+    endpoint: Endpoint,
+    key: &SigningKey,
+    security: Security,
+) -> Result<(Channel, Option<NodeId>), tonic::transport::Error> {
+    if security == Security::InsecurePlaintext {
+        let c = endpoint.connect_timeout(DIAL_DEADLINE).connect().await?;
+        return Ok((c, None));
+    }
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let config = (|| {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(DiscoveredPeer { seen: seen.clone() }))
+            .with_client_cert_resolver(Arc::new(
+                rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(key)?),
+            ));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok::<_, rustls::Error>(Arc::new(config))
+    })();
+    let connector = config.map(TlsConnector::from);
+    let dial = tower::service_fn(move |uri: Uri| {
+        let connector = connector.clone();
+        async move { dial(&uri, None, connector.map_err(io::Error::other)?).await }
+    });
+    let channel = endpoint.connect_with_connector(dial).await?;
+    let id = *seen.lock().unwrap();
+    Ok((channel, id))
 }
 
 /// Why a dial failed, with every cause (tonic's own message is only "transport error"; the

@@ -222,6 +222,13 @@ impl Agent for Service {
     ) -> Result<Response<proto::CapacityReport>, Status> {
         Err(Status::unavailable("busy"))
     }
+
+    async fn get_layout(
+        &self,
+        _: Request<proto::GetLayoutRequest>,
+    ) -> Result<Response<proto::SignedLayout>, Status> {
+        Err(Status::unavailable("busy"))
+    }
 }
 
 impl FakeAgent {

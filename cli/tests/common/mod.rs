@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 pub mod fake_agent;
 pub mod flood;
 pub mod hostile;
+pub mod layout_server;
 pub mod mitm;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");
@@ -302,6 +303,36 @@ pub fn start_outsider_via(
         .spawn()
         .unwrap();
     (Outsider(child), format!("127.0.0.1:{}", port + 1))
+}
+
+/// The pid of the farm's coordinator process, if it runs.
+pub fn coordinator_pid(farm: &Farm) -> Option<u32> {
+    let state = farm.dir.join("coordinator");
+    let state = state.to_str().unwrap();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is = args.contains(&&b"coordinator"[..]) && args.contains(&state.as_bytes());
+        is.then_some(pid)
+    })
+}
+
+/// A process frozen with SIGSTOP (a hung pod, a leader election in progress, from outside),
+/// woken with SIGCONT when dropped.
+pub struct Frozen(pub u32);
+
+impl Frozen {
+    pub fn new(pid: u32) -> Frozen {
+        assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
 }
 
 /// The farm file once the coordinator's layout is in sync and the file shows that layout.
