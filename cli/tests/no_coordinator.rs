@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 use common::layout_server::LayoutServer;
+use common::s3::{ALICE, Gateway, delegate, s3_tools, start_gateway};
 use common::{
     BIN, Farm, Frozen, coordinator_pid, free_base_port, read_all_back, same, settled,
     start_outsider, store_files, write_random,
@@ -28,6 +29,39 @@ fn whole(farm: &Farm, cap: &str) -> bool {
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["segments"].as_array().unwrap().iter().all(|s| s["present"] == s["total"])
+}
+
+/// boto3 at its defaults (path-style addressing, as for any IP endpoint): `put` creates a
+/// bucket and stores one object under an awkward key; both phases list exactly that key and
+/// read the same bytes back.
+const BOTO: &str = r#"
+import sys, boto3
+from botocore.config import Config
+endpoint, phase, key, secret = sys.argv[1:5]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key,
+                  aws_secret_access_key=secret, region_name="us-east-1",
+                  config=Config(s3={"addressing_style": "path"}))
+data = bytes(range(256)) * 4096
+name = "frozen/a+b c%.bin"
+if phase == "put":
+    s3.create_bucket(Bucket="frozen")
+    s3.put_object(Bucket="frozen", Key=name, Body=data)
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="frozen").get("Contents", [])]
+assert keys == [name], keys
+assert s3.get_object(Bucket="frozen", Key=name)["Body"].read() == data
+print("ok:", phase, "with the coordinator frozen")
+"#;
+
+fn boto(python: &Path, gw: &Gateway, phase: &str) {
+    let out = Command::new(python)
+        .env_remove("AWS_CA_BUNDLE")
+        .args(["-c", BOTO, &gw.endpoint, phase, ALICE.0, ALICE.1])
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "boto3 {phase} through the gateway failed:\n{text}");
+    eprint!("{text}");
 }
 
 /// Runs the CLI with the profile `profile`.
@@ -52,7 +86,8 @@ fn profile_without_coordinator(farm: &Farm, path: &Path, seeds: &[String]) {
 /// With the coordinator frozen for the whole test, new client processes started from the
 /// farm's profile (its seeds are the agents; the saved layout is deleted first) read every
 /// object stored before, store a 50 MiB object and read it back, and `stat` it; a profile
-/// whose only reachable seed is one agent (by address alone) reads everything too. An agent
+/// whose only reachable seed is one agent (by address alone) reads everything too; the S3
+/// gateway starts, serves PUT/GET/LIST and starts again. An agent
 /// killed meanwhile changes nothing for readers; after SIGCONT the coordinator does not hold
 /// its own pause against the living, re-places the dead one, and every object, the new one
 /// included, is n of n again.
@@ -103,6 +138,25 @@ fn clients_read_write_and_stat_while_the_coordinator_is_frozen() {
         assert!(out.status.success(), "lone seed: {}", String::from_utf8_lossy(&out.stderr));
         assert!(same(p, &out_path), "lone seed: object {i} differs");
     }
+
+    // The S3 gateway starts, serves PUT/GET/LIST, and starts again, from the profile's seeds.
+    let (python, _) = s3_tools();
+    delegate(&farm, &tmp.path().join("gateway-root.key"));
+    delegate(&farm, &tmp.path().join("alice.key"));
+    let users = format!(
+        "[[users]]\naccess_key = \"{}\"\nsecret_key = \"{}\"\nidentity_file = \"{}\"\n",
+        ALICE.0,
+        ALICE.1,
+        tmp.path().join("alice.key").display()
+    );
+    std::fs::write(tmp.path().join("users.toml"), users).unwrap();
+    let index = tmp.path().join("gateway-data");
+    let gw = start_gateway(&farm, tmp.path(), &index);
+    boto(&python, &gw, "put");
+    drop(gw);
+    let gw = start_gateway(&farm, tmp.path(), &index);
+    boto(&python, &gw, "read");
+    drop(gw);
 
     let log = std::fs::read_to_string(farm.dir.join("coordinator.log")).unwrap_or_default();
     drop(frozen);

@@ -424,11 +424,16 @@ impl Verifier {
         method: &str,
         now_ms: u64,
     ) -> Result<Caller, AuthError> {
-        self.check(req, method, now_ms)?;
+        let caller = self.verify_bound(req, method, now_ms)?;
         let env = &req.envelope;
-        let (id, root) = (req.credential.id(), req.credential.root());
-        self.replay.check_and_insert(root, id, env.nonce, env.timestamp_ms, now_ms)?;
-        Ok(Caller { root, credential: req.credential.clone(), id })
+        self.replay.check_and_insert(
+            caller.root,
+            caller.id,
+            env.nonce,
+            env.timestamp_ms,
+            now_ms,
+        )?;
+        Ok(caller)
     }
 
     /// Every check but the replay cache: method, timestamp, audience, credential, signature.

@@ -192,10 +192,15 @@ macro_rules! raw_ed25519_handshake {
     };
 }
 
-/// Caller side: the server must prove the key of the node the caller pinned.
+/// Caller side: the server must prove the key of the node the caller pinned. Unpinned
+/// (`expected: None`, a seed address whose node is not known yet) any peer that proves an
+/// ed25519 key is accepted; either way the id it proved is recorded in `seen`. Unpinned
+/// connections are only for calls whose answer verifies on its own (a layout publication the
+/// pool key signed), never for shards or deletes.
 #[derive(Debug)]
 struct PinnedPeer {
-    expected: NodeId,
+    expected: Option<NodeId>,
+    seen: Arc<std::sync::Mutex<Option<NodeId>>>,
 }
 
 impl ServerCertVerifier for PinnedPeer {
@@ -208,37 +213,14 @@ impl ServerCertVerifier for PinnedPeer {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = NodeId::of(&peer_key(end_entity.as_ref())?);
-        if got != self.expected {
+        if let Some(expected) = self.expected
+            && got != expected
+        {
             return Err(rustls::Error::General(format!(
-                "the peer at this address is node {got}, not node {}: refusing it (an \
-                 impostor, or a stale address)",
-                self.expected
+                "the peer at this address is node {got}, not node {expected}: refusing it (an \
+                 impostor, or a stale address)"
             )));
         }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    raw_ed25519_handshake!();
-}
-
-/// Caller side, for a seed address whose node is not known yet: any peer that proves an
-/// ed25519 key is accepted and its id recorded. Only for calls whose answer is verified on its
-/// own (a layout publication the pool key signed), never for shards or deletes.
-#[derive(Debug)]
-struct DiscoveredPeer {
-    seen: Arc<std::sync::Mutex<Option<NodeId>>>,
-}
-
-impl ServerCertVerifier for DiscoveredPeer {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = NodeId::of(&peer_key(end_entity.as_ref())?);
         *self.seen.lock().unwrap() = Some(got);
         Ok(ServerCertVerified::assertion())
     }
@@ -286,10 +268,17 @@ pub fn server_config(key: &SigningKey) -> Result<Arc<ServerConfig>, rustls::Erro
 
 /// A caller's TLS configuration: presents `key`, accepts only the node `peer`.
 pub fn client_config(key: &SigningKey, peer: NodeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+    verifying_config(key, PinnedPeer { expected: Some(peer), seen: Arc::default() })
+}
+
+fn verifying_config(
+    key: &SigningKey,
+    verifier: PinnedPeer,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedPeer { expected: peer }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(
             rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(key)?),
         ));
@@ -311,18 +300,7 @@ pub async fn connect_discover(
         return Ok((c, None));
     }
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let config = (|| {
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(DiscoveredPeer { seen: seen.clone() }))
-            .with_client_cert_resolver(Arc::new(
-                rustls::client::AlwaysResolvesClientRawPublicKeys::new(certified_key(key)?),
-            ));
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok::<_, rustls::Error>(Arc::new(config))
-    })();
+    let config = verifying_config(key, PinnedPeer { expected: None, seen: seen.clone() });
     let connector = config.map(TlsConnector::from);
     let dial = tower::service_fn(move |uri: Uri| {
         let connector = connector.clone();

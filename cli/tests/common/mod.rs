@@ -11,6 +11,7 @@ pub mod flood;
 pub mod hostile;
 pub mod layout_server;
 pub mod mitm;
+pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shardfarm");
 
