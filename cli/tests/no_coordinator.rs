@@ -160,8 +160,14 @@ fn clients_read_write_and_stat_while_the_coordinator_is_frozen() {
 
     let log = std::fs::read_to_string(farm.dir.join("coordinator.log")).unwrap_or_default();
     drop(frozen);
-    farm.wait_for(180, "every object n of n after SIGCONT", || {
-        whole(&farm, &cap) && files.iter().all(|(_, c)| whole(&farm, c))
+    // The killed agent is marked down after the grace period (the objects may hold nothing on
+    // it, so being whole alone does not show that), and every object is whole.
+    let since = |log_now: &str| log_now[log.len().min(log_now.len())..].to_string();
+    farm.wait_for(180, "the killed agent down and every object n of n after SIGCONT", || {
+        let now = std::fs::read_to_string(farm.dir.join("coordinator.log")).unwrap_or_default();
+        since(&now).contains("node is down")
+            && whole(&farm, &cap)
+            && files.iter().all(|(_, c)| whole(&farm, c))
     });
     let log_after = std::fs::read_to_string(farm.dir.join("coordinator.log")).unwrap();
     let new_lines = &log_after[log.len().min(log_after.len())..];
