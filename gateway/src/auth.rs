@@ -1,63 +1,18 @@
-//! `shardfarm gateway`: an S3-compatible endpoint over a pool, on the `s3s` crate (the S3
-//! protocol: types generated from the AWS Smithy model, SigV4 and aws-chunked payloads).
-//!
-//! Each S3 access key maps to a client identity of its own: what a user uploads is signed by
-//! that identity, so only that user can delete it, at the gateway and at every node. The
-//! namespace (buckets, keys → capabilities, sizes, ETags, metadata) lives in an embedded
-//! index and, durably, in the pool as a log signed by the gateway's root key
-//! ([`namespace`]). One gateway per root key: two writers would fork the log.
-
-pub mod namespace;
-mod s3;
+//! Who is calling: the users file (access key, SigV4 secret, pool identity per user), the
+//! secrets s3s checks signatures with, and the presigned-URL limits S3 enforces before the
+//! signature.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
+use s3s::{S3Request, S3Result, s3_error};
 use serde::Deserialize;
 use shardfarm_client::{ClientIdentity, PoolClient, PoolProfile, Silent};
 
-/// How often completed multipart uploads older than their retention are forgotten (an hour:
-/// they are ~200 bytes each, and the retention is a day).
-const FORGET_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// How long in-flight requests may finish after SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
-
-/// `shardfarm gateway`.
-#[derive(clap::Args, Debug)]
-pub struct GatewayArgs {
-    /// Address to serve S3 on.
-    #[arg(long, env = "SHARDFARM_GATEWAY_LISTEN", default_value = "127.0.0.1:9000")]
-    pub listen: SocketAddr,
-    /// Directory of the gateway's index (RocksDB). It can be lost: a gateway with the same
-    /// root key rebuilds it from the pool.
-    #[arg(long, env = "SHARDFARM_GATEWAY_DATA")]
-    pub data: PathBuf,
-    /// The pool's coordinator, host:port (instead of a profile given with --pool or --farm).
-    #[arg(long, env = "SHARDFARM_COORDINATOR", requires = "pool_id")]
-    pub coordinator: Option<String>,
-    /// The pool key id to pin (64 hex digits), with --coordinator.
-    #[arg(long, env = "SHARDFARM_POOL_ID", requires = "coordinator")]
-    pub pool_id: Option<String>,
-    /// The pool runs without TLS (debugging only), with --coordinator.
-    #[arg(long)]
-    pub insecure_plaintext: bool,
-    /// The gateway's root identity file (mined or delegated): it signs the namespace log and
-    /// its key derives where the log lives. Or SHARDFARM_GATEWAY_ROOT_KEY_TEXT (its text).
-    #[arg(long, env = "SHARDFARM_GATEWAY_ROOT_KEY")]
-    pub root_key: Option<PathBuf>,
-    /// The users file (TOML: `[[users]]` with access_key, secret_key or secret_key_env, and
-    /// identity_file or identity_env). Or SHARDFARM_GATEWAY_USERS_TEXT (its text).
-    #[arg(long, env = "SHARDFARM_GATEWAY_USERS")]
-    pub users: Option<PathBuf>,
-    /// Structured (JSON) logs.
-    #[arg(long, env = "SHARDFARM_JSON_LOGS")]
-    pub json_logs: bool,
-}
+use crate::server::error_response;
+use crate::service::{Gateway, now_ms};
 
 /// The users file.
 #[derive(Deserialize)]
@@ -140,7 +95,10 @@ fn parse_users(text: &str) -> anyhow::Result<Vec<(String, String, ClientIdentity
 }
 
 /// Parses the users file and opens one pool client per user.
-async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap<String, User>> {
+pub(crate) async fn load_users(
+    text: &str,
+    profile: &PoolProfile,
+) -> anyhow::Result<HashMap<String, User>> {
     let parsed = parse_users(text)?;
     if parsed.is_empty() {
         tracing::warn!("the users file lists no users: every request will be refused");
@@ -153,69 +111,58 @@ async fn load_users(text: &str, profile: &PoolProfile) -> anyhow::Result<HashMap
     Ok(users)
 }
 
-/// Runs the gateway until SIGTERM/SIGINT. `profile` is the pool profile from --pool/--farm
-/// when --coordinator is not given.
-pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<()> {
-    let profile = match (&args.coordinator, &args.pool_id, profile) {
-        (Some(addr), Some(id), _) => {
-            let id = shardfarm_core::identity::NodeId::from_hex(id)
-                .map_err(|e| anyhow::anyhow!("--pool-id: {e}"))?;
-            let mut p = PoolProfile::new(addr, id);
-            p.insecure_plaintext = args.insecure_plaintext;
-            p
-        }
-        (_, _, Some(path)) => PoolProfile::load(&path)?,
-        _ => bail!("no pool: pass --coordinator and --pool-id, or --pool/--farm before `gateway`"),
-    };
-    let root_id = match (&args.root_key, std::env::var("SHARDFARM_GATEWAY_ROOT_KEY_TEXT")) {
-        (Some(f), _) => ClientIdentity::load(f).context("--root-key")?,
-        (None, Ok(text)) => ClientIdentity::from_text(&text, "SHARDFARM_GATEWAY_ROOT_KEY_TEXT")?,
-        (None, Err(_)) => {
-            bail!("no root key: pass --root-key FILE or set SHARDFARM_GATEWAY_ROOT_KEY_TEXT")
-        }
-    };
-    let users_text = match (&args.users, std::env::var("SHARDFARM_GATEWAY_USERS_TEXT")) {
-        (Some(f), _) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        }
-        (None, Ok(text)) => text,
-        (None, Err(_)) => bail!("no users: pass --users FILE or set SHARDFARM_GATEWAY_USERS_TEXT"),
-    };
-    let root = PoolClient::connect(profile.clone(), &root_id, Arc::new(Silent))
-        .await
-        .context("opening the pool with the root key")?;
-    let users = load_users(&users_text, &profile).await?;
+/// SigV4 secrets by access key.
+pub(crate) struct Auth(pub(crate) HashMap<String, String>);
 
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating {}", args.data.display()))?;
-    let index = Arc::new(namespace::Index::open(&args.data.join("index"))?);
-    let before = index.next_seq()?;
-    let applied = namespace::catch_up(&root, &index).await?;
-    tracing::info!(
-        entries = applied,
-        from = before,
-        next = index.next_seq()?,
-        "namespace index is up to date with the pool's log"
-    );
-    // Completed multipart uploads are remembered for retried Completes, then forgotten.
-    let forgetting = index.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(FORGET_INTERVAL);
-        loop {
-            every.tick().await;
-            let idx = forgetting.clone();
-            match tokio::task::spawn_blocking(move || idx.forget_completed_uploads()).await {
-                Ok(Ok(n)) if n > 0 => tracing::info!(n, "forgot old completed uploads"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not forget completed uploads"),
-                _ => {}
-            }
+#[async_trait::async_trait]
+impl s3s::auth::S3Auth for Auth {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<s3s::auth::SecretKey> {
+        self.0
+            .get(access_key)
+            .map(|s| s.clone().into())
+            .ok_or_else(|| s3_error!(InvalidAccessKeyId))
+    }
+}
+
+impl Gateway {
+    /// The caller's access key and user (s3s has checked the signature).
+    pub(crate) fn caller<T>(&self, req: &S3Request<T>) -> S3Result<(String, &User)> {
+        let creds =
+            req.credentials.as_ref().ok_or_else(|| s3_error!(AccessDenied, "sign the request"))?;
+        let user =
+            self.users.get(&creds.access_key).ok_or_else(|| s3_error!(InvalidAccessKeyId))?;
+        Ok((creds.access_key.clone(), user))
+    }
+}
+
+/// The longest a SigV4 presigned URL may live (S3: 604 800 s, 7 days).
+pub(crate) const MAX_PRESIGNED_EXPIRY: i64 = 7 * 24 * 3600;
+
+/// The presigned-URL limits S3 enforces before the signature: a SigV4 X-Amz-Expires above 7
+/// days (or not a number) is refused, a negative one has expired. A SigV2 URL (which boto3
+/// makes for a custom endpoint) names its expiry as a time: one more than 7 days ahead is
+/// refused the same way, so no URL the gateway serves outlives a week.
+pub(crate) fn presigned_refusal(uri: &http::Uri) -> Option<http::Response<s3s::Body>> {
+    let query = uri.query()?;
+    let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(name));
+    let denied = |msg: &str| Some(error_response(http::StatusCode::FORBIDDEN, "AccessDenied", msg));
+    let too_long = "X-Amz-Expires must be less than a week (in seconds) that is; 604800";
+    if param("X-Amz-Signature=").is_some() {
+        let expires = param("X-Amz-Expires=")?;
+        return match expires.parse::<i64>() {
+            Ok(e) if e < 0 => denied("Request has expired"),
+            Ok(e) if e <= MAX_PRESIGNED_EXPIRY => None,
+            _ => denied(too_long),
+        };
+    }
+    if param("Signature=").is_some() {
+        let expires = param("Expires=")?.parse::<i64>().ok()?;
+        let now = (now_ms() / 1000) as i64;
+        if expires.saturating_sub(now) > MAX_PRESIGNED_EXPIRY {
+            return denied(too_long);
         }
-    });
-    let log = namespace::Log::start(root.clone(), index.clone());
-    let spool = args.data.join("spool");
-    std::fs::create_dir_all(&spool)?;
-    let gateway = s3::Gateway::new(users, index, log, spool);
-    s3::serve(gateway, args.listen, SHUTDOWN_GRACE).await
+    }
+    None
 }
 
 #[cfg(test)]
@@ -284,5 +231,18 @@ mod tests {
         let many: String =
             (0..=MAX_USERS).map(|i| user(&format!("U{i:04}"), "a-secret-key", &key)).collect();
         assert!(format!("{:#}", parse_users(&many).err().unwrap()).contains("at most"));
+    }
+
+    #[test]
+    fn presigned_urls_past_seven_days_or_negative_are_refused() {
+        let uri = |q: &str| format!("/b/k?X-Amz-Signature=ab&{q}").parse::<http::Uri>().unwrap();
+        assert!(presigned_refusal(&uri("X-Amz-Expires=604800")).is_none());
+        assert!(presigned_refusal(&uri("X-Amz-Expires=604801")).is_some());
+        assert!(presigned_refusal(&uri("X-Amz-Expires=-1")).is_some());
+        assert!(presigned_refusal(&"/b/k?X-Amz-Expires=9999999".parse().unwrap()).is_none());
+        let now = (now_ms() / 1000) as i64;
+        let v2 = |e: i64| format!("/b/k?AWSAccessKeyId=A&Signature=x&Expires={e}").parse().unwrap();
+        assert!(presigned_refusal(&v2(now + 3600)).is_none());
+        assert!(presigned_refusal(&v2(now + 609_901)).is_some());
     }
 }
