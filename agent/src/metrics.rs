@@ -53,8 +53,20 @@ pub struct Metrics {
     /// Repairs that failed (retried on the next pass).
     pub repair_failures: IntCounter,
     /// Partition listings a holder of the current layout did not answer during repair passes
-    /// (each keeps the pass from counting as a sync).
-    pub listing_failures: IntCounter,
+    /// (each keeps the pass from counting as a sync), by peer (a layout member's short id).
+    pub listing_failures: IntCounterVec,
+    /// How long repair passes take.
+    pub repair_pass_seconds: prometheus::Histogram,
+    /// Repair passes that were not a sync (a listing missing or a repair failed; retried with
+    /// backoff).
+    pub repair_passes_failed: IntCounter,
+    /// The oldest of the times each partition this node holds was last proven whole (every
+    /// current holder listed it, nothing left to repair), Unix seconds; 0 while one was never
+    /// proven for the current layout.
+    pub repair_proven_timestamp: Gauge,
+    /// Segments with fewer than k shards that are younger than the upload grace: being
+    /// written, not lost.
+    pub segments_being_written: IntGauge,
     /// Shards deleted after their new holder confirmed them (handoff).
     pub handed_off: IntCounter,
     /// Newest layout version received from the coordinator.
@@ -169,9 +181,32 @@ impl Metrics {
         let repair_bytes =
             IntCounter::new("shardfarm_agent_repair_bytes_total", "bytes written by repair")
                 .unwrap();
-        let listing_failures = IntCounter::new(
-            "shardfarm_agent_repair_listing_failures_total",
-            "partition listings a current holder did not answer during repair passes (the pass is then not a sync)",
+        let listing_failures = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_repair_listing_failures_total",
+                "partition listings a current holder did not answer during repair passes (the pass is then not a sync), by peer",
+            ),
+            &["peer"],
+        )
+        .unwrap();
+        let repair_pass_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new("shardfarm_agent_repair_pass_duration_seconds", "repair pass time")
+                .buckets(prometheus::exponential_buckets(0.01, 4.0, 9).unwrap()),
+        )
+        .unwrap();
+        let repair_passes_failed = IntCounter::new(
+            "shardfarm_agent_repair_passes_failed_total",
+            "repair passes that were not a sync (a listing missing or a repair failed)",
+        )
+        .unwrap();
+        let repair_proven_timestamp = Gauge::new(
+            "shardfarm_agent_repair_proven_timestamp_seconds",
+            "oldest time a partition held here was last proven whole by every current holder's listing (0: never, for this layout)",
+        )
+        .unwrap();
+        let segments_being_written = IntGauge::new(
+            "shardfarm_agent_segments_being_written",
+            "segments with fewer than k shards younger than the upload grace (not lost)",
         )
         .unwrap();
         let repair_failures =
@@ -237,6 +272,10 @@ impl Metrics {
             Box::new(repair_bytes.clone()),
             Box::new(repair_failures.clone()),
             Box::new(listing_failures.clone()),
+            Box::new(repair_pass_seconds.clone()),
+            Box::new(repair_passes_failed.clone()),
+            Box::new(repair_proven_timestamp.clone()),
+            Box::new(segments_being_written.clone()),
             Box::new(handed_off.clone()),
             Box::new(layout_version.clone()),
             Box::new(layouts_refused.clone()),
@@ -301,6 +340,10 @@ impl Metrics {
             repair_bytes,
             repair_failures,
             listing_failures,
+            repair_pass_seconds,
+            repair_passes_failed,
+            repair_proven_timestamp,
+            segments_being_written,
             handed_off,
             layout_version,
             layouts_refused,

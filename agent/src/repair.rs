@@ -68,6 +68,13 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 const HANDOFF_LEAVES: u32 = 4;
 /// Wait between attempts to reach the coordinator.
 const RETRY: Duration = Duration::from_secs(2);
+/// A segment with fewer than k shards in the pool that was created this recently is being
+/// written (its upload is still reaching its holders), not lost: it is neither counted nor
+/// reported as lost, and does not hold back a sync. Past it, the segment is lost (and later
+/// collected once older than the GC grace).
+const WRITING_GRACE: Duration = Duration::from_secs(600);
+/// First wait before a failed pass is retried; it doubles up to the pass interval.
+const RETRY_FAILED_PASS: Duration = Duration::from_secs(2);
 
 /// How this agent takes part in a pool.
 #[derive(Clone, Debug)]
@@ -152,6 +159,7 @@ pub async fn run(
         tombstone_cursors: Default::default(),
         last_expiry: Default::default(),
         failures: Default::default(),
+        partitions: Default::default(),
     };
     worker.run(rx, stop).await;
     let _ = hb.await;
@@ -352,6 +360,22 @@ pub struct RepairWorker {
     last_expiry: std::sync::Mutex<Option<Instant>>,
     /// Passes each (object, segment, slot) has failed in a row.
     failures: std::sync::Mutex<HashMap<SlotKey, u32>>,
+    /// What the passes for the current layout proved of each partition this node holds.
+    partitions: std::sync::Mutex<PartitionProof>,
+}
+
+/// What is known of each partition this node holds in one layout version. A partition whose
+/// holders did not all list it keeps what the last complete listing found; one never listed
+/// completely for this version counts each of its slots as one shard to repair. So the
+/// backlog a node reports never falls because its peers stopped answering.
+#[derive(Default)]
+struct PartitionProof {
+    version: u64,
+    /// Shards missing here, by partition, as of its last complete listing.
+    missing: BTreeMap<u32, u64>,
+    /// When each partition was last listed by every holder with nothing left to repair (Unix
+    /// ms), for this version.
+    proven_ms: BTreeMap<u32, u64>,
 }
 
 /// Why one shard could not be repaired.
@@ -361,6 +385,9 @@ enum RepairError {
     Lost(String),
     /// Anything else (a peer unreachable, a write failed): retried next pass, blocks "synced".
     Failed(String),
+    /// Fewer than k shards exist, but the segment is younger than [`WRITING_GRACE`]: its
+    /// upload is in progress. Neither lost nor a failure.
+    Writing,
 }
 
 impl std::fmt::Display for RepairError {
@@ -368,8 +395,17 @@ impl std::fmt::Display for RepairError {
         match self {
             RepairError::Lost(m) => write!(f, "segment is lost: {m}"),
             RepairError::Failed(m) => f.write_str(m),
+            RepairError::Writing => f.write_str("the segment is still being written"),
         }
     }
+}
+
+/// `d` scaled by a random factor in [0.75, 1.25).
+fn jitter(d: Duration) -> Duration {
+    let mut r = [0u8; 2];
+    getrandom::fill(&mut r).expect("OS randomness");
+    let f = 0.75 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) / 2.0;
+    d.mul_f64(f)
 }
 
 /// One slot of one segment: (object, segment, slot).
@@ -388,6 +424,8 @@ struct PassReport {
     collected: u64,
     handed_off: u64,
     interrupted: bool,
+    /// Segments with fewer than k shards that are still being written (not lost).
+    writing: u64,
     /// Listings a holder of the current layout did not answer (unreachable, refused): the pass
     /// did not see the whole partition, so it proves nothing and is not a sync.
     unlisted: u64,
@@ -399,11 +437,15 @@ impl RepairWorker {
         mut rx: watch::Receiver<Option<Arc<PublishedLayout>>>,
         stop: CancellationToken,
     ) {
+        // A failed pass is retried sooner than a clean one, backing off to the pass interval.
+        let mut retry: Option<Duration> = None;
         loop {
+            // Jittered (±25 %) so the agents of a pool do not all pass at once.
+            let wait = retry.unwrap_or_else(|| jitter(self.pass_interval));
             tokio::select! {
                 _ = stop.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(self.pass_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let Some(published) = rx.borrow_and_update().clone() else { continue };
             let version = published.layout.version;
@@ -412,6 +454,7 @@ impl RepairWorker {
                 _ = stop.cancelled() => return,
                 r = self.pass(&published, &rx) => r,
             };
+            self.node.metrics.repair_pass_seconds.observe(start.elapsed().as_secs_f64());
             if report.missing > 0
                 || report.handed_off > 0
                 || report.failed > 0
@@ -423,6 +466,7 @@ impl RepairWorker {
                     repaired = report.repaired,
                     failed = report.failed,
                     lost = report.lost,
+                    writing = report.writing,
                     collected = report.collected,
                     handed_off = report.handed_off,
                     unlisted = report.unlisted,
@@ -434,15 +478,22 @@ impl RepairWorker {
             // heartbeat, `stat` says LOST) but do not hold the layout back forever.
             self.progress.lost.store(report.lost, Ordering::Relaxed);
             self.node.metrics.lost_segments.set(report.lost as i64);
+            self.node.metrics.segments_being_written.set(report.writing as i64);
             // Synced only when proven: every holder of the current layout listed every
             // partition this node holds, and nothing repairable is left. A pass whose peers
             // refused or failed their listings is a failed pass, never a clean one.
-            if !report.interrupted && report.failed == 0 && report.unlisted == 0 {
+            let clean = !report.interrupted && report.failed == 0 && report.unlisted == 0;
+            if clean {
                 self.progress.synced.fetch_max(version, Ordering::Relaxed);
                 self.node
                     .metrics
                     .synced_version
                     .set(self.progress.synced.load(Ordering::Relaxed) as i64);
+                retry = None;
+            } else if !report.interrupted {
+                self.node.metrics.repair_passes_failed.inc();
+                let next = retry.map_or(RETRY_FAILED_PASS, |d| d * 2);
+                retry = Some(next.min(self.pass_interval));
             }
         }
     }
@@ -613,6 +664,35 @@ impl RepairWorker {
         let started = Instant::now();
         let mut written = 0u64;
         let now_s = shardfarm_core::auth::now_ms() / 1000;
+        {
+            let mut proof = self.partitions.lock().unwrap();
+            if proof.version != layout.version {
+                *proof = PartitionProof { version: layout.version, ..Default::default() };
+            }
+            proof.missing.retain(|p, _| mine.contains_key(p));
+            proof.proven_ms.retain(|p, _| mine.contains_key(p));
+            // Until listed, a slot this node gained from the fallback layout is one shard to
+            // repair per segment nobody has listed yet: counted as one, never as none.
+            for (p, slots) in &mine {
+                let before: BTreeSet<usize> = published
+                    .previous
+                    .as_ref()
+                    .and_then(|prev| prev.partitions.get(*p as usize))
+                    .map(|h| h.iter().enumerate().filter(|(_, n)| **n == me).map(|(s, _)| s))
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let gained = slots.iter().filter(|s| !before.contains(s)).count() as u64;
+                proof.missing.entry(*p).or_insert(gained);
+            }
+            let known: u64 = proof.missing.values().sum();
+            self.progress.backlog.store(known, Ordering::Relaxed);
+            self.node.metrics.repair_backlog.set(known as i64);
+        }
+        // Partitions some current holder did not list, or with a repair that failed.
+        let mut unproven: BTreeSet<u32> = BTreeSet::new();
+        // Peers that did not answer a listing in this pass.
+        let mut silent: BTreeSet<NodeId> = BTreeSet::new();
         // ---- Repair: every slot this node holds ----
         let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders, bool)> = Vec::new();
         for (&p, slots) in &mine {
@@ -628,19 +708,37 @@ impl RepairWorker {
             // Whether every holder of the partition (current and fallback) answered: only
             // then can a segment be called lost or collected.
             let mut all_answered = true;
+            // Whether every holder of the current layout did: only then is what this node
+            // holds of the partition proven.
+            let mut complete = true;
             for peer in &peers {
-                let listed = match self.client(&mut clients, published, peer).await {
-                    Some(c) => Self::list_all(c, p, layout.partitions[p as usize].len()).await.ok(),
-                    None => None,
+                // A peer that failed a listing this pass is not asked again until the next
+                // one: a stalled peer costs one deadline per pass, not one per partition.
+                let listed = match silent.contains(peer) {
+                    true => None,
+                    false => match self.client(&mut clients, published, peer).await {
+                        Some(c) => {
+                            Self::list_all(c, p, layout.partitions[p as usize].len()).await.ok()
+                        }
+                        None => None,
+                    },
                 };
+                if listed.is_none() {
+                    silent.insert(*peer);
+                }
                 let Some(list) = listed else {
                     all_answered = false;
                     // A holder of the current layout that did not list: what this node holds
                     // of the partition is unproven. A holder only of the fallback layout is
                     // being replaced (often because it is gone) and is not needed.
                     if layout.partitions[p as usize].contains(peer) {
+                        complete = false;
                         report.unlisted += 1;
-                        self.node.metrics.listing_failures.inc();
+                        self.node
+                            .metrics
+                            .listing_failures
+                            .with_label_values(&[&peer.short()])
+                            .inc();
                     }
                     continue;
                 };
@@ -658,6 +756,7 @@ impl RepairWorker {
                 }
             }
             let local: BTreeSet<ShardId> = self.list_local(p).await.into_iter().collect();
+            let before = backlog.len();
             for ((obj, seg), holders) in &segments {
                 if self.node.is_deleted(obj) {
                     continue;
@@ -667,6 +766,22 @@ impl RepairWorker {
                     if !local.contains(&id) {
                         backlog.push((p, *obj, *seg, s, holders.clone(), all_answered));
                     }
+                }
+            }
+            let found = (backlog.len() - before) as u64;
+            {
+                let mut proof = self.partitions.lock().unwrap();
+                let known = if complete {
+                    found
+                } else {
+                    // Unproven: never less than the last complete listing found (or one per
+                    // gained slot, if there was none), whatever this partial one saw.
+                    let last = proof.missing.get(&p).copied().unwrap_or(0);
+                    last.max(found)
+                };
+                proof.missing.insert(p, known);
+                if !complete {
+                    unproven.insert(p);
                 }
             }
             // ---- Garbage: local shards of segments that never became readable ----
@@ -701,9 +816,13 @@ impl RepairWorker {
             }
         }
         report.missing = backlog.len() as u64;
-        self.progress.backlog.store(report.missing, Ordering::Relaxed);
-        self.node.metrics.repair_backlog.set(report.missing as i64);
+        // The backlog reported is what is known missing, partitions whose listing failed
+        // included at their last known figure.
+        let known_missing: u64 = self.partitions.lock().unwrap().missing.values().sum();
+        self.progress.backlog.store(known_missing, Ordering::Relaxed);
+        self.node.metrics.repair_backlog.set(known_missing as i64);
         let mut lost_segments: BTreeSet<([u8; 32], u32)> = BTreeSet::new();
+        let mut writing: BTreeSet<([u8; 32], u32)> = BTreeSet::new();
         for (p, obj, seg, slot, holders, all_answered) in backlog {
             if rx.has_changed().unwrap_or(false) {
                 report.interrupted = true;
@@ -717,8 +836,7 @@ impl RepairWorker {
                     written += bytes;
                     self.node.metrics.repaired.with_label_values(&[method]).inc();
                     self.node.metrics.repair_bytes.inc_by(bytes);
-                    self.progress.backlog.fetch_sub(1, Ordering::Relaxed);
-                    self.node.metrics.repair_backlog.dec();
+                    self.repaired_in(p);
                     // Throttle: stay at or under `rate` bytes per second on average.
                     let due = Duration::from_secs_f64(written as f64 / self.rate as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -735,6 +853,13 @@ impl RepairWorker {
                         tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, reason = %why, "segment given up after repeated failed passes");
                     }
                 }
+                Err(RepairError::Writing) => {
+                    // Not degraded: its upload is reaching the holders now.
+                    if writing.insert((obj, seg)) {
+                        report.writing += 1;
+                    }
+                    self.repaired_in(p);
+                }
                 Err(RepairError::Lost(why)) if all_answered => {
                     if lost_segments.insert((obj, seg)) {
                         report.lost += 1;
@@ -743,10 +868,26 @@ impl RepairWorker {
                 }
                 Err(e) => {
                     report.failed += 1;
+                    unproven.insert(p);
                     self.node.metrics.repair_failures.inc();
                     tracing::warn!(partition = p, object = %hex::encode(&obj[..6]), segment = seg, slot, error = %e, "repair failed");
                 }
             }
+        }
+        // ---- Proof: partitions every current holder listed, with nothing left undone ----
+        {
+            let now_ms = shardfarm_core::auth::now_ms();
+            let mut proof = self.partitions.lock().unwrap();
+            for p in mine.keys().filter(|p| !unproven.contains(p)) {
+                proof.proven_ms.insert(*p, now_ms);
+            }
+            // The oldest proof among the partitions held; 0 while one has none for this layout.
+            let oldest = mine
+                .keys()
+                .map(|p| proof.proven_ms.get(p).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(now_ms);
+            self.node.metrics.repair_proven_timestamp.set(oldest as f64 / 1000.0);
         }
         // ---- Handoff: shards of slots this node no longer holds ----
         // Deleted only once the new holder has *proven* it holds the same shard (an audit
@@ -786,6 +927,16 @@ impl RepairWorker {
         // grace from the header's creation time).
         let since = h.created.max(record.stored_ms / 1000);
         present < usize::from(h.k) && since.saturating_add(self.gc_grace.as_secs()) <= now_s
+    }
+
+    /// One shard of partition `p` no longer to repair (rebuilt, or being written).
+    fn repaired_in(&self, p: u32) {
+        if let Some(n) = self.partitions.lock().unwrap().missing.get_mut(&p) {
+            *n = n.saturating_sub(1);
+        }
+        let left = self.progress.backlog.load(Ordering::Relaxed).saturating_sub(1);
+        self.progress.backlog.store(left, Ordering::Relaxed);
+        self.node.metrics.repair_backlog.set(left as i64);
     }
 
     /// Counts one more failed pass for a slot; returns the count.
@@ -925,6 +1076,13 @@ impl RepairWorker {
             return Err(short(format!("no peer served a shard ({})", failures.join("; "))));
         };
         if have < usize::from(h.k) {
+            // A segment this young is still being uploaded to its holders (by its header's
+            // creation time; one dated further ahead than the grace is not believed).
+            let now_s = shardfarm_core::auth::now_ms() / 1000;
+            let grace = WRITING_GRACE.min(self.gc_grace).as_secs();
+            if now_s < h.created.saturating_add(grace) && h.created <= now_s.saturating_add(grace) {
+                return Err(RepairError::Writing);
+            }
             return Err(short(format!(
                 "have {have} shards, need {} ({})",
                 h.k,

@@ -196,3 +196,105 @@ fn a_node_that_drops_its_data_is_suspended_then_disqualified_and_rebuilt_elsewhe
     let rewards = farm.sf(&["--json", "rewards"]);
     assert!(rewards.status.success(), "{}", String::from_utf8_lossy(&rewards.stderr));
 }
+
+#[test]
+fn a_holder_whose_peers_do_not_list_is_not_synced_and_the_pool_says_degraded() {
+    // A grace longer than the stall, so the stalled peer stays a holder.
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--nodes",
+        "6",
+        "--heartbeat-ms",
+        "300",
+        "--grace",
+        "30",
+        "--audit-interval",
+        "1",
+        "--segment-size",
+        "256KiB",
+        "--vetting-audits",
+        "0",
+    ];
+    let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
+    let files = store_files(&farm, tmp.path());
+    farm.wait_for(60, "the first layout in sync", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    let v0 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    // A holder of every partition stalls (SIGSTOP: it accepts connections and answers
+    // nothing) while a new node joins and has to copy its share.
+    let stalled = common::Frozen::new(farm.agent_pid(1));
+    let stall_began = std::time::Instant::now();
+    let (_new, http) = start_outsider(&farm, &tmp.path().join("outsider"), "zone-1", &[]);
+    farm.wait_for(20, "a layout with the new node", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_version") > v0
+    });
+    // While the stalled holder cannot list, the new node has proven nothing: the pool is
+    // not in sync (the fallback layout stays published) and reports shards to repair.
+    let v1 = farm.coordinator_metric("shardfarm_coordinator_layout_version");
+    // Watched until just before the stall would outlive the grace (25 s of 30): long enough
+    // for the new node's passes to meet the stalled holder and finish without it.
+    while stall_began.elapsed() < std::time::Duration::from_secs(25) {
+        let text = farm.coordinator_metrics();
+        assert_eq!(
+            metric(&text, "shardfarm_coordinator_layout_in_sync"),
+            0.0,
+            "the layout was declared in sync while a holder had not listed"
+        );
+        assert!(
+            metric(&text, "shardfarm_coordinator_degraded_shards") > 0.0,
+            "the pool reported nothing to repair while a holder had not listed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let newcomer = common::http_get(&http, "/metrics");
+    assert!(
+        metric(&newcomer, "shardfarm_agent_synced_layout_version") < v1,
+        "the new node claimed sync while a holder had not listed"
+    );
+    let stalled_for = stall_began.elapsed();
+    assert!(stalled_for < std::time::Duration::from_secs(28), "the stall outlived the grace");
+    drop(stalled);
+    // Once it answers again the move completes and is proven.
+    farm.wait_for(90, "the layout in sync after the stall", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    assert!(fully_placed(&farm, &files, &BTreeSet::new()));
+    // The pass that met the stalled holder failed (and was retried), it did not sync.
+    let newcomer = common::http_get(&http, "/metrics");
+    assert!(metric(&newcomer, "shardfarm_agent_repair_passes_failed_total") >= 1.0);
+    assert!(metric(&newcomer, "shardfarm_agent_repair_proven_timestamp_seconds") > 0.0);
+    read_all_back(&farm, &files, tmp.path(), "after-stall");
+}
+
+#[test]
+fn a_segment_still_being_written_is_not_counted_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec!["--nodes", "6", "--repair-interval", "1"];
+    args.extend_from_slice(FAST);
+    let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
+    let f = common::settled(&farm);
+    // An upload caught halfway: 2 of its 6 shards (k = 4) have reached their holders.
+    let writer = common::hostile::Hostile::new();
+    let own = writer.own_segment(&f, 4096);
+    let p = shardfarm_core::shard::partition(&own.header.object_id, 0, f.partitions);
+    let holders = &f.layout[p as usize];
+    for (slot, &holder) in holders.iter().enumerate().take(2) {
+        writer
+            .put(&f.nodes[holder], &own.header_bytes, slot as u32, own.shards[slot].clone())
+            .unwrap();
+    }
+    // The other holders see fewer than k shards of a segment created seconds ago: being
+    // written, not lost.
+    farm.wait_for(30, "the holders to see the segment being written", || {
+        farm.agent_metric_sum(6, "shardfarm_agent_segments_being_written") > 0.0
+    });
+    let passes = farm.agent_metric_sum(6, "shardfarm_agent_repair_pass_duration_seconds_count");
+    farm.wait_for(30, "two more passes on every node", || {
+        farm.agent_metric_sum(6, "shardfarm_agent_repair_pass_duration_seconds_count")
+            >= passes + 12.0
+    });
+    assert_eq!(farm.agent_metric_sum(6, "shardfarm_agent_lost_segments"), 0.0);
+    assert_eq!(farm.coordinator_metric("shardfarm_coordinator_lost_segments"), 0.0);
+    assert_eq!(farm.coordinator_metric("shardfarm_coordinator_layout_in_sync"), 1.0);
+}

@@ -1152,8 +1152,16 @@ impl Coordinator {
         }
         m.layout_version.set(st.layout.as_ref().map_or(0, |l| l.version) as i64);
         m.layout_in_sync.set(i64::from(st.in_sync()));
-        m.repair_backlog
-            .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.repair_backlog)));
+        // A holder that has not proven the current layout counts at least one shard per slot it
+        // gained, whatever it last reported: it may not have listed them yet.
+        let version = st.layout.as_ref().map(|l| l.version);
+        m.repair_backlog.set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| {
+            let unproven = match version {
+                Some(v) if !x.in_sync(v) => st.gained(&x.id).len() as u64,
+                _ => 0,
+            };
+            x.repair_backlog.max(unproven)
+        })));
         m.lost_segments
             .set(saturating_sum(st.nodes.values().filter(|x| x.up).map(|x| x.lost_segments)));
         // Per node: the labels it is exported under, by hex id (see `metrics`' module doc).

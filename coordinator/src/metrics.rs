@@ -113,7 +113,7 @@ impl CoordinatorMetrics {
             .unwrap(),
             repair_backlog: IntGauge::with_opts(o(
                 "shardfarm_coordinator_degraded_shards",
-                "Shards nodes still have to rebuild (sum of reports)",
+                "Shards nodes still have to rebuild (sum of reports; a holder that has not proven the current layout counts at least one per slot it gained)",
             ))
             .unwrap(),
             audits: IntCounterVec::new(
