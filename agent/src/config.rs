@@ -113,6 +113,17 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_MAX_UPLOADS_PER_IDENTITY")]
     pub max_uploads_per_identity: Option<u32>,
 
+    /// Bytes reserved for uploads in flight of one owner root (capacity is reserved in 4 MiB
+    /// steps as bytes arrive, never for what a header claims). [default: 1GiB]
+    #[arg(long, env = "SHARDFARM_MAX_UPLOAD_BYTES_PER_IDENTITY")]
+    pub max_upload_bytes_per_identity: Option<String>,
+
+    /// Slowest an upload may send, bytes per second averaged over 10 s windows (the last
+    /// window only needs what is left): a slower stream is aborted and its reservation
+    /// released. `0` turns the check off. [default: 64KiB]
+    #[arg(long, env = "SHARDFARM_MIN_UPLOAD_RATE")]
+    pub min_upload_rate: Option<String>,
+
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -211,6 +222,10 @@ pub struct Config {
     pub max_uploads: u32,
     /// Uploads in flight per owner root.
     pub max_uploads_per_identity: u32,
+    /// Bytes of uploads in flight per owner root.
+    pub max_upload_bytes_per_identity: u64,
+    /// Slowest upload, bytes/s over 10 s windows (0: unchecked).
+    pub min_upload_rate: u64,
     /// JSON logs.
     pub json_logs: bool,
     /// Coordinator to join, and the id of the pool key it signs layouts with.
@@ -261,6 +276,9 @@ fn parse_ids(list: &[String], what: &str) -> anyhow::Result<Vec<[u8; 32]>> {
         .collect()
 }
 
+/// The smallest per-root in-flight limit that lets one upload step through.
+const RESERVE_STEP_FLOOR: u64 = crate::shard::RESERVE_STEP;
+
 macro_rules! merge {
     ($cli:expr, $file:expr, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
 }
@@ -298,6 +316,8 @@ impl AgentArgs {
             upload_idle_timeout,
             max_uploads,
             max_uploads_per_identity,
+            max_upload_bytes_per_identity,
+            min_upload_rate,
             log_format,
             coordinator,
             pool_id,
@@ -367,6 +387,11 @@ impl AgentArgs {
             ),
             max_uploads: a.max_uploads.unwrap_or(1024).max(1),
             max_uploads_per_identity: a.max_uploads_per_identity.unwrap_or(128).max(1),
+            max_upload_bytes_per_identity: parse_size(
+                a.max_upload_bytes_per_identity.as_deref().unwrap_or("1GiB"),
+            )?
+            .max(RESERVE_STEP_FLOOR),
+            min_upload_rate: parse_size(a.min_upload_rate.as_deref().unwrap_or("64KiB"))?,
             json_logs,
             coordinator: match (a.coordinator, a.pool_id) {
                 (Some(c), Some(p)) => Some((

@@ -69,9 +69,14 @@ pub struct AgentService {
     version: &'static str,
     /// Longest silence within an upload stream.
     upload_idle: std::time::Duration,
+    /// Slowest an upload may send, bytes per second over [`RATE_WINDOW`] (0: unchecked).
+    min_upload_rate: u64,
     /// The layouts this node believes (none when it serves alone, without a pool).
     layouts: Option<Arc<crate::layouts::LayoutKeeper>>,
 }
+
+/// The window over which an upload's rate is measured.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -84,6 +89,7 @@ impl AgentService {
             policy,
             version: env!("CARGO_PKG_VERSION"),
             upload_idle: std::time::Duration::from_secs(30),
+            min_upload_rate: 0,
             layouts: None,
         }
     }
@@ -97,6 +103,13 @@ impl AgentService {
     /// Aborts uploads that send nothing for `idle` (their reservation is released).
     pub fn with_upload_idle(mut self, idle: std::time::Duration) -> Self {
         self.upload_idle = idle;
+        self
+    }
+
+    /// Aborts uploads slower than `rate` bytes per second over a [`RATE_WINDOW`] (the last
+    /// window only needs what is left of the shard); 0 turns the check off.
+    pub fn with_min_upload_rate(mut self, rate: u64) -> Self {
+        self.min_upload_rate = rate;
         self
     }
 
@@ -159,27 +172,56 @@ impl Agent for AgentService {
         let Some(proto::put_shard_request::Part::Header(h)) = first.part else {
             return Err(Status::invalid_argument("the first message must be the header"));
         };
+        let rate = self.min_upload_rate;
         let r = async {
             let mut upload =
                 self.node.begin_put(&caller, h.segment_header.to_vec(), h.shard_index)?;
-            // A stream that goes quiet is aborted; dropping the upload releases its
-            // reservation and its temp file at once.
+            let length = upload.header().shard_length;
+            // A stream that goes quiet, or sends slower than the minimum rate, is aborted;
+            // dropping the upload releases its reservation and its temp file at once.
+            let mut received = 0u64;
+            let mut last = Instant::now();
+            let mut window = (Instant::now(), 0u64, length);
             loop {
-                let next = tokio::time::timeout(idle, stream.next()).await.map_err(|_| {
-                    Error::DeadlineExceeded(format!(
-                        "upload sent nothing for {} s: aborted, its reserved capacity released",
-                        idle.as_secs()
-                    ))
-                })?;
-                let Some(msg) = next else { break };
-                let msg = msg.map_err(|s| Error::InvalidArgument(format!("stream broke: {s}")))?;
-                match msg.part {
-                    Some(proto::put_shard_request::Part::Chunk(c)) => upload.write(c).await?,
-                    _ => {
-                        return Err(Error::InvalidArgument(
-                            "only chunks may follow the header".into(),
-                        ));
+                let idle_end = last + idle;
+                let deadline =
+                    if rate > 0 { idle_end.min(window.0 + RATE_WINDOW) } else { idle_end };
+                match tokio::time::timeout_at(deadline.into(), stream.next()).await {
+                    Ok(None) => break,
+                    Ok(Some(msg)) => {
+                        let msg =
+                            msg.map_err(|s| Error::InvalidArgument(format!("stream broke: {s}")))?;
+                        let Some(proto::put_shard_request::Part::Chunk(c)) = msg.part else {
+                            return Err(Error::InvalidArgument(
+                                "only chunks may follow the header".into(),
+                            ));
+                        };
+                        last = Instant::now();
+                        received += c.len() as u64;
+                        window.1 += c.len() as u64;
+                        upload.write(c).await?;
                     }
+                    Err(_) if Instant::now() >= idle_end => {
+                        return Err(Error::DeadlineExceeded(format!(
+                            "upload sent nothing for {} s: aborted, its reserved capacity released",
+                            idle.as_secs()
+                        )));
+                    }
+                    Err(_) => {}
+                }
+                let elapsed = window.0.elapsed();
+                if rate > 0 && elapsed >= RATE_WINDOW {
+                    let need = ((rate as f64 * elapsed.as_secs_f64()) as u64).min(window.2);
+                    if window.1 < need {
+                        self.node.metrics.uploads_refused.with_label_values(&["too_slow"]).inc();
+                        return Err(Error::ResourceExhausted(format!(
+                            "upload too slow: {} bytes in {:.0} s, below the minimum upload rate \
+                             of {rate} bytes/s: aborted, its reserved capacity released",
+                            window.1,
+                            elapsed.as_secs_f64()
+                        )));
+                    }
+                    window = (Instant::now(), 0, length.saturating_sub(received));
                 }
             }
             upload.finish().await

@@ -323,7 +323,7 @@ impl Metrics {
         for r in shardfarm_proto::LayoutRefusal::METRIC_LABELS {
             layouts_refused.with_label_values(&[r]);
         }
-        for r in ["per_identity", "node_busy"] {
+        for r in ["per_identity", "per_identity_bytes", "node_busy", "too_slow"] {
             uploads_refused.with_label_values(&[r]);
         }
         for r in shardfarm_core::auth::AuthError::METRIC_LABELS {

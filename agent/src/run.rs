@@ -121,6 +121,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         max_capacity_difficulty: cfg.max_capacity_difficulty,
         max_uploads: cfg.max_uploads,
         max_uploads_per_owner: cfg.max_uploads_per_identity,
+        max_upload_bytes_per_owner: cfg.max_upload_bytes_per_identity,
     };
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
     // Only requests addressed to this node: one captured on its way to another node cannot
@@ -137,8 +138,9 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     let keeper = cfg.coordinator.as_ref().map(|(_, pool)| {
         Arc::new(crate::layouts::LayoutKeeper::open(&cfg.data_dir, *pool, metrics.clone()))
     });
-    let mut service =
-        AgentService::new(node.clone(), verifier, policy).with_upload_idle(cfg.upload_idle_timeout);
+    let mut service = AgentService::new(node.clone(), verifier, policy)
+        .with_upload_idle(cfg.upload_idle_timeout)
+        .with_min_upload_rate(cfg.min_upload_rate);
     if let Some(k) = &keeper {
         service = service.with_layouts(k.clone());
     }

@@ -108,7 +108,13 @@ pub struct NodeSettings {
     pub max_uploads: u32,
     /// Uploads in flight per owner root.
     pub max_uploads_per_owner: u32,
+    /// Bytes reserved for uploads in flight per owner root.
+    pub max_upload_bytes_per_owner: u64,
 }
+
+/// Capacity is reserved for an upload in steps of this many bytes as they arrive, never for
+/// the length a header claims: a stream that claims 1 GiB and trickles holds one step.
+pub const RESERVE_STEP: u64 = 4 << 20;
 
 /// One node: its identity, store and settings.
 pub struct Node {
@@ -147,7 +153,8 @@ pub enum Slots {
     },
 }
 
-/// A reservation of capacity for one upload, released on drop.
+/// A reservation of capacity for one upload, released on drop; it grows in [`RESERVE_STEP`]s
+/// as the upload's bytes arrive.
 pub struct Reservation<'a> {
     node: &'a Node,
     bytes: u64,
@@ -185,7 +192,7 @@ pub struct Upload<'a> {
     id: ShardId,
     partition: u32,
     pending: Option<PendingShard>,
-    _reservation: Reservation<'a>,
+    reservation: Reservation<'a>,
     owner: [u8; 32],
 }
 
@@ -295,18 +302,14 @@ impl Node {
         partition(object_id, segment, self.settings.partitions)
     }
 
+    /// Opens a reservation for one more upload of `owner` and reserves its first `bytes`.
     fn reserve(&self, bytes: u64, owner: [u8; 32]) -> Result<Reservation<'_>> {
-        let cap = self.settings.capacity;
-        // `bytes` is bounded by the header decoder (≤ one maximal shard), so these sums of at
-        // most a few thousand in-flight uploads cannot wrap; the checks below saturate anyway.
-        let prev = self.reserved.fetch_add(bytes, Ordering::SeqCst);
         let uploads = self.uploads.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.uploads_in_flight.inc();
-        let r = Reservation { node: self, bytes, owner };
+        let mut r = Reservation { node: self, bytes: 0, owner };
         let mine = {
             let mut m = self.reserved_by_owner.lock().unwrap();
             let v = m.entry(owner).or_default();
-            v.bytes = v.bytes.saturating_add(bytes);
             v.uploads = v.uploads.saturating_add(1);
             *v
         };
@@ -325,8 +328,45 @@ impl Node {
                 uploads - 1
             )));
         }
+        self.grow(&mut r, bytes)?;
+        Ok(r)
+    }
+
+    /// Reserves `bytes` more for the upload holding `r`: refused, and nothing reserved, when
+    /// the disk, the owner root's bytes in flight or its quota would be exceeded.
+    fn grow(&self, r: &mut Reservation<'_>, bytes: u64) -> Result<()> {
+        let cap = self.settings.capacity;
+        let owner = r.owner;
+        // `bytes` is at most one step or one maximal shard, so these sums of at most a few
+        // thousand in-flight uploads cannot wrap; the checks below saturate anyway.
+        let prev = self.reserved.fetch_add(bytes, Ordering::SeqCst);
+        r.bytes += bytes;
+        let mine = {
+            let mut m = self.reserved_by_owner.lock().unwrap();
+            let v = m.entry(owner).or_default();
+            v.bytes = v.bytes.saturating_add(bytes);
+            *v
+        };
+        let undo = |r: &mut Reservation<'_>| {
+            self.reserved.fetch_sub(bytes, Ordering::SeqCst);
+            r.bytes -= bytes;
+            if let Some(v) = self.reserved_by_owner.lock().unwrap().get_mut(&owner) {
+                v.bytes = v.bytes.saturating_sub(bytes);
+            }
+        };
+        if mine.bytes > self.settings.max_upload_bytes_per_owner {
+            undo(r);
+            self.metrics.uploads_refused.with_label_values(&["per_identity_bytes"]).inc();
+            return Err(Error::ResourceExhausted(format!(
+                "your owner root has {} bytes of uploads in flight on this node, its limit is {}: \
+                 wait for some to finish",
+                mine.bytes - bytes,
+                self.settings.max_upload_bytes_per_owner
+            )));
+        }
         let used = self.store.used_bytes();
         if used.saturating_add(prev).saturating_add(bytes) > cap {
+            undo(r);
             return Err(Error::ResourceExhausted(format!(
                 "node is full: {used} of {cap} bytes used, {prev} promised to uploads in flight, \
                  this shard needs {bytes}: store it on another node"
@@ -336,13 +376,14 @@ impl Node {
             let in_flight = mine.bytes;
             let stored = self.store.quota_used(&owner)?;
             if stored.saturating_add(in_flight) > self.settings.quota {
+                undo(r);
                 return Err(Error::ResourceExhausted(format!(
                     "quota exceeded: your owner root stores {stored} of {} bytes on this node",
                     self.settings.quota
                 )));
             }
         }
-        Ok(r)
+        Ok(())
     }
 
     /// Starts an upload of slot `shard_index` of the segment whose signed header is
@@ -353,9 +394,7 @@ impl Node {
         header_bytes: Vec<u8>,
         shard_index: u32,
     ) -> Result<Upload<'_>> {
-        let upload = self.begin(caller.root.0, header_bytes, shard_index)?;
-        self.check_slot(upload.partition, shard_index)?;
-        Ok(upload)
+        self.begin(caller.root.0, header_bytes, shard_index)
     }
 
     /// Starts storing a shard this node rebuilt or copied for its slot (repair). The same
@@ -364,9 +403,7 @@ impl Node {
         let uploader = SegmentHeader::decode_unverified(&header_bytes)
             .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?
             .uploader;
-        let upload = self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)?;
-        self.check_slot(upload.partition, shard_index)?;
-        Ok(upload)
+        self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)
     }
 
     fn begin(
@@ -392,7 +429,10 @@ impl Node {
                 hex::encode(&header.object_id[..8])
             )));
         }
-        let reservation = self.reserve(header.shard_length, owner)?;
+        // A slot the layout does not give this node is refused before anything is reserved.
+        let partition = self.partition_of(&header.object_id, header.segment_index);
+        self.check_slot(partition, shard_index)?;
+        let reservation = self.reserve(header.shard_length.min(RESERVE_STEP), owner)?;
         let id = ShardId {
             object_id: header.object_id,
             segment: header.segment_index,
@@ -410,12 +450,12 @@ impl Node {
         }
         Ok(Upload {
             node: self,
-            partition: self.partition_of(&id.object_id, id.segment),
+            partition,
             header,
             header_bytes,
             id,
             pending: Some(self.store.begin()?),
-            _reservation: reservation,
+            reservation,
             owner,
         })
     }
@@ -777,6 +817,17 @@ impl Upload<'_> {
             )));
         }
         let n = chunk.len() as u64;
+        // Capacity follows the bytes: one more step once they pass what is reserved.
+        let needed = pending.len() + n;
+        if needed > self.reservation.bytes {
+            let step = (needed - self.reservation.bytes)
+                .max(RESERVE_STEP)
+                .min(self.header.shard_length - self.reservation.bytes);
+            if let Err(e) = self.node.grow(&mut self.reservation, step) {
+                self.pending = Some(pending);
+                return Err(e);
+            }
+        }
         let pending = blocking(move || {
             pending.write(&chunk)?;
             Ok(pending)

@@ -898,3 +898,49 @@ async fn stalled_handshakes_from_one_address_do_not_shut_out_other_callers() {
     assert!(closed >= 300 - 16, "only {closed} of 300 stalled connections were closed");
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_claiming_a_large_shard_reserves_one_step_and_a_trickle_is_cut_off() {
+    let dir = tmp();
+    let agent = AgentProc::start(
+        &dir.path().join("a"),
+        &["--capacity", "64MiB", "--upload-idle-timeout", "60", "--min-upload-rate", "64KiB"],
+    );
+    let (me, signer) = signer();
+    // Two segments of four 16 MiB shards: eight uploads that claim 128 MiB together.
+    let segs = [segment(&me, 16 << 20, 1, 3), segment(&me, 16 << 20, 1, 3)];
+    let mut open = Vec::new();
+    for seg in &segs {
+        for i in 0..4 {
+            open.push(stalled_upload(&agent, &me, seg, i).await);
+        }
+    }
+    let in_flight = || metric(&agent.metrics(), "shardfarm_agent_uploads_in_flight");
+    for _ in 0..200 {
+        if in_flight() == Some(8.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(in_flight(), Some(8.0), "{}", agent.metrics());
+    // They hold one 4 MiB step each, not what their headers claim: an honest 8 MiB shard
+    // still fits beside them (with 128 MiB promised it would not).
+    let (other, other_signer) = common::signer();
+    let honest = segment(&other, 16 << 20, 2, 1);
+    let mut c = agent.client(&other_signer).await;
+    let r = c.put_shard(&honest.header_bytes, 0, honest.shards[0].clone()).await.unwrap();
+    assert_eq!(r.stored_bytes, honest.shards[0].len() as u64);
+    // Sending nothing is below the minimum rate: each is cut off after its first 10 s
+    // window (not by the 60 s idle timeout, whose message differs), its reservation released.
+    for (_tx, call) in open {
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("minimum upload rate"), "{}", err.message());
+    }
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "shardfarm_agent_uploads_refused_total{reason=\"too_slow\"}"), Some(8.0));
+    assert_eq!(metric(&m, "shardfarm_agent_uploads_in_flight"), Some(0.0));
+    // All of it is free again: the stranger's own shards now upload in full.
+    let mut mine = agent.client(&signer).await;
+    mine.put_shard(&segs[0].header_bytes, 0, segs[0].shards[0].clone()).await.unwrap();
+}
