@@ -3,9 +3,21 @@
 # the gateway with the AWS CLI and rclone, beside the native client (`shardfarm put/get`) in the
 # same run on the same farm. Prints figures only (a benchmark, not a test).
 # Usage: bash scripts/bench-gateway.sh        (SIZE_MIB=1024 by default)
+#        bash scripts/bench-gateway.sh rebuild
+#   rebuild: the namespace log's rebuild at the issue's scale (issue 31): 10 000 changes, a
+#   snapshot every 1 000, a gateway rebuilt on an empty disk; prints the snapshot loaded and the
+#   entries replayed after it (the test suite runs the same test at 2 000 / 200). CHANGES and
+#   EVERY override the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
+if [ "${1:-}" = rebuild ]; then
+  SHARDFARM_REBUILD_CHANGES="${CHANGES:-10000}" SHARDFARM_REBUILD_SNAPSHOT_EVERY="${EVERY:-1000}" \
+    cargo nextest run --workspace --locked --no-capture \
+    -E 'package(shardfarm-gateway) and test(a_rebuild_loads_the_newest_snapshot)' 2>&1 |
+    grep -E "rebuilt after|PASS|FAIL|panicked"
+  exit "${PIPESTATUS[0]}"
+fi
 cargo build --workspace --locked >/dev/null
 SF="$CARGO_TARGET_DIR/debug/shardfarm"
 mapfile -t TOOLS < <(bash scripts/s3-tools.sh 2>/dev/null)

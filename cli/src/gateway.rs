@@ -34,6 +34,11 @@ pub struct GatewayArgs {
     /// identity_file or identity_env). Or SHARDFARM_GATEWAY_USERS_TEXT (its text).
     #[arg(long, env = "SHARDFARM_GATEWAY_USERS")]
     pub users: Option<PathBuf>,
+    /// How many namespace log entries apart a snapshot of the namespace is written: a gateway
+    /// rebuilt from the pool loads the newest snapshot and replays at most this many entries.
+    #[arg(long, env = "SHARDFARM_GATEWAY_SNAPSHOT_EVERY", default_value_t = shardfarm_gateway::namespace::SNAPSHOT_EVERY,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
     /// Structured (JSON) logs.
     #[arg(long, env = "SHARDFARM_JSON_LOGS")]
     pub json_logs: bool,
@@ -73,6 +78,7 @@ pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<
         profile,
         root,
         users,
+        snapshot_every: args.snapshot_every,
     })
     .await
 }

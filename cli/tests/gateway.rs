@@ -4,7 +4,9 @@
 //! One farm, one story: populate through the gateway (sizes, multipart, ranges, 1 500 keys,
 //! copy, delete), abuse it (wrong secrets, another user's key, malformed requests), list and
 //! delete 1 000 awkward keys with encoding-type=url, race create-only PUTs, check conditional
-//! requests, S3's refusals, headers and SSE answers, sync a
+//! requests, S3's refusals, headers and SSE answers,
+//! kill the gateway with a multipart upload in progress and delete its index (the new one
+//! loads a snapshot, replays the entries after it, and the upload completes), sync a
 //! tree both ways with rclone, stall an agent (SIGSTOP), kill -9 two agents (RS(4,2)) and read everything back, then
 //! kill the gateway, delete its index, and let a new one rebuild the namespace from the pool.
 
@@ -14,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::Farm;
-use common::s3::{ALICE, BOB, Gateway, delegate, s3_tools, start_gateway};
+use common::s3::{ALICE, BOB, Gateway, SNAPSHOT_EVERY, delegate, s3_tools, start_gateway};
 
 /// The S3 clients: the virtualenv's python (with boto3) and rclone.
 fn boto(python: &Path, gw: &Gateway, phase: &str, state: &Path) {
@@ -110,6 +112,21 @@ fn s3_clients_store_and_read_through_the_gateway_and_it_survives_loss() {
     boto(&python, &gw, "listing", &state);
     boto(&python, &gw, "conditional", &state);
     boto(&python, &gw, "refusals", &state);
+
+    // The gateway dies with its disk while a multipart upload is in progress: a new one loads
+    // the newest snapshot of the namespace and replays only the entries after it, and the
+    // upload is still there and completes.
+    boto(&python, &gw, "upload_begin", &state);
+    drop(gw);
+    std::fs::remove_dir_all(&index).unwrap();
+    let gw = start_gateway(&farm, work.path(), &index);
+    let (snapshot, replayed) = gw.rebuild_report();
+    eprintln!(
+        "ok: rebuilt from the snapshot at entry {snapshot:?} and {replayed} entries after it \
+         (a snapshot every {SNAPSHOT_EVERY})"
+    );
+    assert!(snapshot.is_some() && replayed <= SNAPSHOT_EVERY, "{snapshot:?}, {replayed}");
+    boto(&python, &gw, "upload_finish", &state);
 
     // rclone: a tree up, back down, `rclone check` clean both ways.
     let conf = work.path().join("rclone.conf");

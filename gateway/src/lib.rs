@@ -57,11 +57,14 @@ pub struct Config {
     /// The users file's text (TOML: `[[users]]` with access_key, secret_key or secret_key_env,
     /// and identity_file or identity_env).
     pub users: String,
+    /// How many log entries apart namespace snapshots are written
+    /// ([`namespace::SNAPSHOT_EVERY`] by default).
+    pub snapshot_every: u64,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let Config { listen, data, profile, root, users } = config;
+    let Config { listen, data, profile, root, users, snapshot_every } = config;
     let root = PoolClient::connect(profile.clone(), &root, Arc::new(Silent))
         .await
         .context("opening the pool with the root key")?;
@@ -69,10 +72,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let index = Arc::new(namespace::Index::open(&data.join("index"))?);
+    let store: Arc<dyn namespace::LogStore> = Arc::new(namespace::PoolLog(root));
     let before = index.next_seq()?;
-    let applied = namespace::catch_up(&root, &index).await?;
+    let report = namespace::catch_up(&*store, &index).await?;
     tracing::info!(
-        entries = applied,
+        entries = report.entries,
+        snapshot = ?report.snapshot.map(|(seq, _)| seq),
+        snapshot_records = report.snapshot.map_or(0, |(_, n)| n),
+        probes = report.probes,
         from = before,
         next = index.next_seq()?,
         "namespace index is up to date with the pool's log"
@@ -91,7 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let log = namespace::Log::start(root.clone(), index.clone());
+    let log = namespace::Log::start(store, index.clone(), snapshot_every);
     let spool = data.join("spool");
     std::fs::create_dir_all(&spool)?;
     let gateway = service::Gateway::new(users, index, log, spool);

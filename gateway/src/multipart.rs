@@ -6,14 +6,13 @@ use std::collections::BTreeMap;
 use md5::{Digest, Md5};
 use s3s::dto::*;
 use s3s::{S3Request, S3Response, S3Result, s3_error};
-use serde::{Deserialize, Serialize};
 
 use crate::listing::{encoded, url_encode, url_encoding};
-use crate::namespace::{HttpHeaders, ObjectRecord, Piece};
+use crate::namespace::{ObjectRecord, Op, PartRecord, UploadRecord};
 use crate::objects::{refusal, write_conditions};
 use crate::service::{
     Gateway, aes256, check_metadata, check_sse, etag, http_headers, internal, now_ms, refuse_body,
-    ts,
+    ts, unavailable,
 };
 
 /// Smallest part but the last, as in S3.
@@ -21,61 +20,24 @@ pub(crate) const MIN_PART: u64 = 5 << 20;
 /// Most parts of one upload, as in S3.
 pub(crate) const MAX_PARTS: i32 = 10_000;
 
-/// An upload in progress (kept by this gateway only; see ARCHITECTURE.md).
-#[derive(Serialize, Deserialize)]
-pub(crate) struct Upload {
-    bucket: String,
-    key: String,
-    owner: String,
-    created_ms: u64,
-    content_type: Option<String>,
-    metadata: BTreeMap<String, String>,
-    #[serde(default)]
-    headers: HttpHeaders,
-}
-
-/// A part of an upload in progress.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct PartRecord {
-    piece: Piece,
-    md5: String,
-    modified_ms: u64,
-}
-
 /// The Location of a completed upload: the object's path.
 pub(crate) fn location(bucket: &str, key: &str) -> String {
     format!("/{bucket}/{}", url_encode(key))
 }
 
-pub(crate) fn upload_key(id: &str) -> String {
-    format!("u/{id}")
-}
-
-pub(crate) fn part_key(id: &str, n: i32) -> String {
-    format!("p/{id}/{n:05}")
-}
-
 impl Gateway {
-    pub(crate) fn upload(&self, id: &str, owner: &str) -> S3Result<Upload> {
-        let raw = self
-            .index
-            .get_local(&upload_key(id))
-            .map_err(internal)?
-            .ok_or_else(|| s3_error!(NoSuchUpload))?;
-        let u: Upload = serde_json::from_slice(&raw).map_err(internal)?;
+    /// The upload `id` in progress, if `owner` began it.
+    pub(crate) fn upload(&self, id: &str, owner: &str) -> S3Result<UploadRecord> {
+        let u = self.index.upload(id).map_err(internal)?.ok_or_else(|| s3_error!(NoSuchUpload))?;
         if u.owner != owner {
             return Err(s3_error!(AccessDenied, "this upload belongs to another user"));
         }
         Ok(u)
     }
 
+    /// The parts of upload `id`, by number.
     pub(crate) fn parts(&self, id: &str) -> S3Result<Vec<(i32, PartRecord)>> {
-        let mut out = Vec::new();
-        for (k, v) in self.index.scan_local(&format!("p/{id}/")).map_err(internal)? {
-            let n = k.rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            out.push((n, serde_json::from_slice(&v).map_err(internal)?));
-        }
-        Ok(out)
+        self.index.parts(id).map_err(internal)
     }
 }
 
@@ -102,7 +64,7 @@ pub(crate) async fn create_multipart_upload(
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(internal)?;
     let id = hex::encode(id);
-    let u = Upload {
+    let upload = UploadRecord {
         bucket: input.bucket.clone(),
         key: input.key.clone(),
         owner,
@@ -111,9 +73,7 @@ pub(crate) async fn create_multipart_upload(
         metadata,
         headers,
     };
-    gw.index
-        .put_local(&upload_key(&id), &serde_json::to_vec(&u).map_err(internal)?)
-        .map_err(internal)?;
+    gw.log.commit(vec![Op::CreateUpload { id: id.clone(), upload }]).await.map_err(unavailable)?;
     Ok(S3Response::new(CreateMultipartUploadOutput {
         bucket: Some(input.bucket),
         key: Some(input.key),
@@ -143,7 +103,6 @@ pub(crate) async fn upload_part(
         return Err(refuse_body(input.body.take(), e).await);
     }
     let (piece, md5) = gw.store(&user.client, input.body, input.content_length).await?;
-    let key = part_key(&input.upload_id, input.part_number);
     let rec = PartRecord { piece, md5: md5.clone(), modified_ms: now_ms() };
     // Under the lock: a Complete or Abort of this upload either saw this part or the
     // upload is gone (then this part is not kept).
@@ -154,11 +113,19 @@ pub(crate) async fn upload_part(
             gw.discard(&owner, vec![rec.piece]).await;
             return Err(e);
         }
-        let old = gw.index.get_local(&key).map_err(internal)?;
-        gw.index.put_local(&key, &serde_json::to_vec(&rec).map_err(internal)?).map_err(internal)?;
+        let (id, number) = (input.upload_id.clone(), input.part_number);
+        let old = gw.index.part(&id, number).map_err(internal)?;
+        let op = Op::PutPart { id, number, part: rec };
+        if let Err(e) = gw.log.commit(vec![op.clone()]).await {
+            drop(_ns);
+            if let Op::PutPart { part, .. } = op {
+                gw.discard(&owner, vec![part.piece]).await;
+            }
+            return Err(unavailable(e));
+        }
         old
     };
-    if let Some(old) = old.and_then(|o| serde_json::from_slice::<PartRecord>(&o).ok()) {
+    if let Some(old) = old {
         gw.discard(&owner, vec![old.piece]).await;
     }
     Ok(S3Response::new(UploadPartOutput {
@@ -251,8 +218,7 @@ pub(crate) async fn complete_multipart_upload(
         .commit_locked(&input.bucket, &input.key, record.clone(), conds, id)
         .await?
         .map_err(refusal)?;
-    gw.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
-    gw.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
+    // The upload and its parts are gone with that entry.
     drop(ns);
     gw.discard_replaced(&record, old).await;
     // Parts uploaded but not named are not part of the object.
@@ -280,8 +246,8 @@ pub(crate) async fn abort_multipart_upload(
             return Err(s3_error!(NoSuchUpload, "this upload is for another key"));
         }
         let parts = gw.parts(&input.upload_id)?;
-        gw.index.delete_local_prefix(&format!("p/{}/", input.upload_id)).map_err(internal)?;
-        gw.index.delete_local_prefix(&upload_key(&input.upload_id)).map_err(internal)?;
+        let op = Op::AbortUpload { id: input.upload_id.clone() };
+        gw.log.commit(vec![op]).await.map_err(unavailable)?;
         parts
     };
     gw.discard(&owner, parts.into_iter().map(|(_, p)| p.piece).collect()).await;
@@ -336,12 +302,10 @@ pub(crate) async fn list_multipart_uploads(
     let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
     let max = input.max_uploads.unwrap_or(1000).clamp(0, 1000) as usize;
     let mut all = Vec::new();
-    for (k, v) in gw.index.scan_local("u/").map_err(internal)? {
-        let u: Upload = serde_json::from_slice(&v).map_err(internal)?;
+    for (id, u) in gw.index.uploads().map_err(internal)? {
         if u.bucket != input.bucket || !u.key.starts_with(&prefix) {
             continue;
         }
-        let id = k.strip_prefix("u/").unwrap_or(&k).to_string();
         all.push((u.key, u.created_ms, id));
     }
     // S3's order: by key, then by initiation time.

@@ -22,9 +22,47 @@ pub fn s3_tools() -> (PathBuf, PathBuf) {
 pub const ALICE: (&str, &str) = ("ALICE", "alice-secret-key-0123");
 pub const BOB: (&str, &str) = ("BOB", "bob-secret-key-456789");
 
+/// How many namespace log entries apart the tests' gateways write a snapshot (a rebuild
+/// replays at most this many entries after the snapshot it loads).
+pub const SNAPSHOT_EVERY: u64 = 400;
+
 pub struct Gateway {
     pub child: Child,
     pub endpoint: String,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// What the gateway's start read from the pool: (the snapshot loaded, if one was; the log
+    /// entries replayed after it), from its log line.
+    pub fn rebuild_report(&self) -> (Option<u64>, u64) {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        // Without the terminal colours tracing may add around field names.
+        let mut plain = String::new();
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                plain.push(c);
+            }
+        }
+        let line = plain
+            .lines()
+            .find(|l| l.contains("namespace index is up to date"))
+            .unwrap_or_else(|| panic!("no catch-up line in the gateway's log:\n{plain}"));
+        let field = |name: &str| {
+            let at = line.find(&format!(" {name}=")).unwrap_or_else(|| panic!("{name}: {line}"));
+            line[at + name.len() + 2..].split_whitespace().next().unwrap().to_string()
+        };
+        let snapshot = field("snapshot");
+        let snapshot = snapshot
+            .strip_prefix("Some(")
+            .and_then(|s| s.strip_suffix(')'))
+            .map(|s| s.parse().unwrap());
+        (snapshot, field("entries").parse().unwrap())
+    }
 }
 
 impl Drop for Gateway {
@@ -41,7 +79,8 @@ pub fn free_port() -> u16 {
 /// Starts a gateway over `farm` with its index in `data`; waits until it serves.
 pub fn start_gateway(farm: &Farm, work: &Path, data: &Path) -> Gateway {
     let port = free_port();
-    let log = std::fs::File::create(work.join(format!("gateway-{port}.log"))).unwrap();
+    let log_path = work.join(format!("gateway-{port}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(BIN)
         .arg("--farm")
         .arg(&farm.dir)
@@ -52,11 +91,12 @@ pub fn start_gateway(farm: &Farm, work: &Path, data: &Path) -> Gateway {
         .arg(work.join("users.toml"))
         .arg("--root-key")
         .arg(work.join("gateway-root.key"))
+        .env("SHARDFARM_GATEWAY_SNAPSHOT_EVERY", SNAPSHOT_EVERY.to_string())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut gw = Gateway { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let mut gw = Gateway { child, endpoint: format!("http://127.0.0.1:{port}"), log: log_path };
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = gw.child.try_wait() {

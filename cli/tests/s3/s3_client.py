@@ -2,7 +2,8 @@
 
 Usage: python s3_client.py ENDPOINT PHASE STATE_DIR
   ENDPOINT   http://127.0.0.1:PORT
-  PHASE      populate | verify | abuse
+  PHASE      populate | verify | abuse | stalled | listing | conditional | refusals |
+             upload_begin | upload_finish
   STATE_DIR  where the expected contents are kept between phases
 
 The access keys come from the environment: ALICE_KEY/ALICE_SECRET, BOB_KEY/BOB_SECRET.
@@ -634,5 +635,48 @@ def refusals():
     alice.delete_bucket(Bucket=bucket)
 
 
+def upload_path():
+    return os.path.join(STATE, "upload.json")
+
+
+def upload_begin():
+    """A multipart upload left in progress, to survive a gateway rebuilt from the pool."""
+    alice.create_bucket(Bucket="inflight")
+    key = "in progress/ü+%2B "
+    up = alice.create_multipart_upload(Bucket="inflight", Key=key, ContentType="text/x-test",
+                                       Metadata={"m": "1"})
+    parts = [data(5 * MIB, "inflight-1"), data(1234, "inflight-2")]
+    etags = [alice.upload_part(Bucket="inflight", Key=key, UploadId=up["UploadId"], PartNumber=n,
+                               Body=body)["ETag"] for n, body in enumerate(parts, 1)]
+    with open(upload_path(), "w") as f:
+        json.dump({"key": key, "id": up["UploadId"], "etags": etags,
+                   "sizes": [len(p) for p in parts],
+                   "sha": hashlib.sha256(b"".join(parts)).hexdigest()}, f)
+    ok("a multipart upload begun: 2 parts stored, not completed")
+
+
+def upload_finish():
+    """The upload begun before the rebuild is listed, with its parts, and completes."""
+    with open(upload_path()) as f:
+        u = json.load(f)
+    listed = alice.list_multipart_uploads(Bucket="inflight").get("Uploads", [])
+    assert [(x["Key"], x["UploadId"]) for x in listed] == [(u["key"], u["id"])], listed
+    parts = alice.list_parts(Bucket="inflight", Key=u["key"], UploadId=u["id"]).get("Parts", [])
+    got = [(p["PartNumber"], p["ETag"], p["Size"]) for p in parts]
+    assert got == [(n, e, s) for n, (e, s) in enumerate(zip(u["etags"], u["sizes"]), 1)], got
+    alice.complete_multipart_upload(
+        Bucket="inflight", Key=u["key"], UploadId=u["id"],
+        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e}
+                                   for n, e in enumerate(u["etags"], 1)]})
+    obj = alice.get_object(Bucket="inflight", Key=u["key"])
+    assert hashlib.sha256(obj["Body"].read()).hexdigest() == u["sha"], "the object differs"
+    assert obj["ContentType"] == "text/x-test" and obj["Metadata"] == {"m": "1"}, obj
+    assert alice.list_multipart_uploads(Bucket="inflight").get("Uploads", []) == []
+    alice.delete_object(Bucket="inflight", Key=u["key"])
+    alice.delete_bucket(Bucket="inflight")
+    ok("the upload begun before the rebuild: listed with its 2 parts, completed, read back")
+
+
 {"populate": populate, "verify": verify, "abuse": abuse, "stalled": stalled,
- "listing": listing, "conditional": conditional, "refusals": refusals}[PHASE]()
+ "listing": listing, "conditional": conditional, "refusals": refusals,
+ "upload_begin": upload_begin, "upload_finish": upload_finish}[PHASE]()
