@@ -17,6 +17,8 @@
   help texts names a resource type that exists;
 - Pod Security: the charts' pods meet `restricted`; the level README states for each farm mode
   is the one its operator-rendered pods (examples/rendered/) need; the notes give the label;
+- RBAC: the operator's Role grants every request the operator makes (OPERATOR_REQUESTS), its
+  own Namespace (read for the Pod Security level) by name only, and nothing cluster-wide;
 - promtool check rules and promtool test rules on the alert rules (one test per alert);
 - every dashboard: dashboards/*.json identical to what dashboards/generate.py (Grafana's
   grafana-foundation-sdk builders, pinned in scripts/manifest-tools.sh) writes now, a Grafana
@@ -101,6 +103,7 @@ def main():
     check_readme(helm, root)
     check_kubectl_names(root)
     check_pod_security(helm, root)
+    check_rbac(helm, root)
 
 
 def check_generated(root):
@@ -543,6 +546,61 @@ def check_pod_security(helm, root):
         sys.exit(f"the operator chart's notes do not give the label `{label}` for hostPath and HostNetwork farms")
     print(f"ok  Pod Security: the charts' pods meet `restricted`; README's levels of {len(rows)} farm modes "
           "match the operator's pods; the notes give the namespace label")
+
+
+# What the operator asks of the API server (operator/src): (API group, resource, verbs).
+OPERATOR_REQUESTS = [
+    ("shardfarm.io", "storagepools", {"get", "list", "watch"}),
+    ("shardfarm.io", "miningfarms", {"get", "list", "watch", "patch"}),
+    ("shardfarm.io", "nodesyndications", {"get", "list", "watch"}),
+    ("shardfarm.io", "shardplacements", {"get", "list", "watch", "patch", "create"}),
+    ("shardfarm.io", "storagenodes", {"get", "list", "patch", "create", "delete"}),
+    ("shardfarm.io", "storagepools/status", {"patch"}),
+    ("shardfarm.io", "miningfarms/status", {"patch"}),
+    ("shardfarm.io", "nodesyndications/status", {"patch"}),
+    ("shardfarm.io", "shardplacements/status", {"patch"}),
+    ("shardfarm.io", "storagenodes/status", {"patch"}),
+    ("shardfarm.io", "miningfarms/finalizers", {"update", "patch"}),
+    ("apps", "statefulsets", {"get", "list", "watch", "patch"}),
+    ("apps", "daemonsets", {"list", "watch", "patch"}),
+    ("", "services", {"get", "create", "patch"}),
+    ("", "configmaps", {"get", "list", "watch", "create", "patch", "update"}),
+    ("", "secrets", {"get", "list", "create", "update", "delete"}),
+    ("policy", "poddisruptionbudgets", {"patch"}),
+    ("coordination.k8s.io", "leases", {"get", "create", "update"}),
+    ("events.k8s.io", "events", {"create", "patch"}),
+]
+
+
+def check_rbac(helm, root):
+    """The operator chart's Role grants every request of OPERATOR_REQUESTS in the release's
+    namespace, and `get` on that Namespace object by name (the farm controller reads its Pod
+    Security label): a Role can, as the API server authorizes GET /api/v1/namespaces/NAME in
+    namespace NAME. No ClusterRole: a second release in another namespace must not collide."""
+    docs = render(helm, "shardfarm", os.path.join(root, "charts", "shardfarm"), "sfops")
+    roles = [d for d in docs if d["kind"] == "Role"]
+    if len(roles) != 1 or any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs):
+        sys.exit(f"the operator chart renders {len(roles)} Roles (want 1) or a cluster-wide role")
+    role = roles[0]
+    if role["metadata"].get("namespace") != "sfops":
+        sys.exit("the operator's Role is not in the release's namespace")
+    granted = set()
+    for r in role["rules"]:
+        for g in r.get("apiGroups", []):
+            for res in r.get("resources", []):
+                for v in r.get("verbs", []):
+                    granted.add((g, res, v, tuple(r.get("resourceNames", []))))
+    missing = [(g, res, v) for g, res, verbs in OPERATOR_REQUESTS for v in sorted(verbs)
+               if (g, res, v, ()) not in granted]
+    if missing:
+        sys.exit(f"the operator's Role does not grant {missing}")
+    if ("", "namespaces", "get", ("sfops",)) not in granted:
+        sys.exit("the operator's Role does not grant get on its own Namespace (resourceNames: the "
+                 "release namespace): MiningFarms cannot say when Pod Security refuses their pods")
+    if any(res == "namespaces" and names != ("sfops",) for _, res, _, names in granted):
+        sys.exit("the operator's Role grants namespaces beyond its own, by name")
+    print(f"ok  RBAC: the operator's Role grants its {len(OPERATOR_REQUESTS)} kinds of request and "
+          "get on its own Namespace only")
 
 
 if __name__ == "__main__":

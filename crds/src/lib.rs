@@ -230,7 +230,9 @@ pub struct StoragePoolStatus {
     /// Current layout version.
     #[serde(default)]
     pub layout_version: u64,
-    /// Shards still to rebuild.
+    /// Shards below full redundancy (the `Degraded` column): those the nodes up still have
+    /// to rebuild, and those the current layout places on nodes that are down or have left
+    /// the pool. Despite its name, counted in shards.
     #[serde(default)]
     pub degraded_segments: u64,
     /// The client keys issued for `spec.clients`, as their Secrets hold them.

@@ -85,6 +85,11 @@ impl Fabric for Coordinators {
         self.get(pool)?.layout().map(|l| l.layout.clone())
     }
 
+    fn degraded_shards(&self, pool: &str) -> u64 {
+        // Recomputed from the coordinator's state on every one of its ticks.
+        self.get(pool).map_or(0, |c| c.metrics.repair_backlog.get().max(0) as u64)
+    }
+
     fn in_sync(&self, pool: &str) -> bool {
         self.get(pool).is_none_or(|c| c.layout().is_none_or(|l| l.previous.is_none()))
     }
@@ -105,10 +110,6 @@ impl Fabric for Coordinators {
         if let Some(c) = self.get(pool) {
             c.set_max_transfers(moves);
         }
-    }
-
-    fn last_round(&self, pool: &str) -> (u64, f64) {
-        self.get(pool).map_or((0, 0.0), |c| c.last_round())
     }
 
     fn set_admission(&self, pool: &str, admission: shardfarm_coordinator::Admission) {

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, Context, ControllerMetrics, Error};
 use crate::fabric::Coordinators;
+use crate::health::{Health, Presence};
 use shardfarm_coordinator::{Coordinator, PoolConfig};
 
 /// Failed reconciles are retried after this long.
@@ -54,69 +55,18 @@ pub struct OperatorArgs {
     pub lease: String,
 }
 
-/// What `/healthz`, `/readyz` and `/metrics` answer, from process start.
-#[derive(Default)]
-struct Health {
-    /// Why the operator is not ready (empty: leading, coordinator running).
-    waiting: std::sync::Mutex<String>,
-    /// The pool's coordinator, once it runs.
-    coordinator: std::sync::OnceLock<Arc<Coordinator>>,
-    /// The controllers' metrics.
-    controllers: prometheus::Registry,
-}
-
-impl Health {
-    fn waiting(&self, why: impl Into<String>) {
-        *self.waiting.lock().unwrap() = why.into();
-    }
-}
-
-/// Serves `/healthz` (alive), `/readyz` (leading and running the pool) and `/metrics` on
-/// `listener` until `stop`: liveness probes pass while the operator waits for its pool or
-/// for the Lease.
-async fn serve_health(
-    listener: tokio::net::TcpListener,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let (h1, h2) = (health.clone(), health);
-    let app = axum::Router::new()
-        .route("/healthz", get(|| std::future::ready("ok")))
-        .route(
-            "/readyz",
-            get(move || {
-                let why = h1.waiting.lock().unwrap().clone();
-                std::future::ready(if why.is_empty() {
-                    (StatusCode::OK, "ok".to_string())
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, why)
-                })
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                std::future::ready(
-                    h2.coordinator.get().map(|c| c.metrics.render()).unwrap_or_default(),
-                )
-            }),
-        );
-    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await
-}
-
 /// Runs the operator until SIGTERM/SIGINT or a lost Lease; releases the Lease on the way out.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone());
     let health = Arc::new(Health::default());
-    health.waiting("starting");
+    health.phase("starting");
     let health_stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
-    let health_server = tokio::spawn(serve_health(listener, health.clone(), health_stop.clone()));
+    let health_server =
+        tokio::spawn(crate::health::serve(listener, health.clone(), health_stop.clone()));
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
@@ -138,7 +88,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     });
     let mut keeper = None;
     if let Some(l) = &leadership {
-        health.waiting(format!("standby: waiting for the Lease {}", args.lease));
+        health.phase(format!("standby: waiting for the Lease {}", args.lease));
         if !l.acquire(&stop).await {
             health_stop.cancel();
             return Ok(());
@@ -187,7 +137,7 @@ async fn lead(
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::farm::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
-    let farms = tokio::spawn(farms);
+    let farms = tokio::spawn(running(health, "the MiningFarm controller", farms));
     // The pool's coordinator.
     let pool_api: Api<StoragePool> = Api::namespaced(client.clone(), &args.namespace);
     let pool = loop {
@@ -195,7 +145,7 @@ async fn lead(
             Some(p) => break p,
             None => {
                 tracing::warn!(pool = %args.pool, "waiting for the StoragePool to be created");
-                health.waiting(format!("waiting for StoragePool {}", args.pool));
+                health.phase(format!("waiting for StoragePool {}", args.pool));
                 tokio::select! {
                     _ = stop.cancelled() => {
                         let _ = tokio::time::timeout(SHUTDOWN_GRACE, farms).await;
@@ -261,12 +211,16 @@ async fn lead(
         pool.spec.failure_domain.label(),
     ));
     let listener = tokio::net::TcpListener::bind(args.coordinator_listen).await?;
-    let grpc = tokio::spawn(shardfarm_coordinator::service::serve(
-        listener,
-        coordinator.clone(),
-        stop.clone(),
+    let grpc = tokio::spawn(running(
+        health,
+        &format!("pool {}'s coordinator (gRPC server)", args.pool),
+        shardfarm_coordinator::service::serve(listener, coordinator.clone(), stop.clone()),
     ));
-    let housekeeping = tokio::spawn(coordinator.clone().run(stop.clone()));
+    let housekeeping = tokio::spawn(running(
+        health,
+        &format!("pool {}'s coordinator (housekeeping)", args.pool),
+        coordinator.clone().run(stop.clone()),
+    ));
     let _ = health.coordinator.set(coordinator.clone());
 
     ensure_coordinator_service(&Api::namespaced(client.clone(), &args.namespace)).await?;
@@ -282,15 +236,22 @@ async fn lead(
                 let ns = farm.namespace()?;
                 farm.spec.pool_ref.name.clone().map(|n| ObjectRef::new(&n).within(&ns))
             },
-        )
+        );
+    // Readiness follows the pool through this controller's cache: deleted, gone or replaced
+    // by another object of its name, the pool this coordinator serves is no more.
+    health.host(&args.pool);
+    health.pools_from(presence(pools_c.store(), ns, pool.metadata.uid.clone()));
+    let pools_c = pools_c
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::pool::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+    let pools_c = running(health, "the StoragePool controller", pools_c);
     let syndications =
         Controller::new(Api::<NodeSyndication>::namespaced(client.clone(), ns), cfg())
             .graceful_shutdown_on(stop.clone().cancelled_owned())
             .run(controller::syndication::reconcile, error_policy, ctx.clone())
             .for_each(|_| futures::future::ready(()));
+    let syndications = running(health, "the NodeSyndication controller", syndications);
     let placements = Controller::new(Api::<ShardPlacement>::namespaced(client.clone(), ns), cfg())
         // Only the layout mirrors: the state and ledger ConfigMaps are large and rewritten
         // often, and are not this controller's business.
@@ -301,6 +262,7 @@ async fn lead(
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(controller::placement::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+    let placements = running(health, "the ShardPlacement controller", placements);
     // The members as StorageNode objects, for `kubectl get sfnode`.
     let mut views = crate::nodes::NodeViews::new(
         Api::namespaced(client.clone(), ns),
@@ -320,12 +282,12 @@ async fn lead(
         }
     });
     tracing::info!(namespace = %ns, pool = %args.pool, "operator running");
-    health.waiting("");
+    health.phase("");
     let controllers = tokio::spawn(async move {
         tokio::join!(pools_c, syndications, placements);
     });
     stop.cancelled().await;
-    health.waiting("stopping");
+    health.phase("stopping");
     // Reconciles in flight finish and the coordinator writes its state (before the Lease is
     // released: the next leader reads it); the gRPC server is not waited for (agents' layout
     // streams never end on their own) and goes with the process.
@@ -341,6 +303,48 @@ async fn lead(
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "work still in flight after the grace period; exiting anyway");
     }
     Ok(())
+}
+
+/// `work`, counted by readiness as the component `name` for as long as it runs.
+fn running<F: std::future::Future>(
+    health: &Health,
+    name: &str,
+    work: F,
+) -> impl std::future::Future<Output = F::Output> + use<F> {
+    let up = health.component(name);
+    async move {
+        let _up = up;
+        work.await
+    }
+}
+
+/// Whether a pool of namespace `ns` is there, as `cache` (the StoragePool controller's) sees
+/// it: the one whose coordinator was started, with uid `uid` — another object under its name
+/// is not the pool this coordinator serves.
+fn presence(
+    cache: kube::runtime::reflector::Store<StoragePool>,
+    ns: &str,
+    uid: Option<String>,
+) -> crate::health::PresenceOf {
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (waiting, flag) = (cache.clone(), synced.clone());
+    tokio::spawn(async move {
+        if waiting.wait_until_ready().await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let ns = ns.to_string();
+    Box::new(move |name| {
+        if !synced.load(std::sync::atomic::Ordering::SeqCst) {
+            return Presence::Unknown;
+        }
+        match cache.get(&ObjectRef::new(name).within(&ns)) {
+            Some(p) if p.metadata.uid != uid => Presence::Gone,
+            Some(p) if p.metadata.deletion_timestamp.is_some() => Presence::Deleting,
+            Some(_) => Presence::Present,
+            None => Presence::Gone,
+        }
+    })
 }
 
 /// Creates the `shardfarm-coordinator` Service that farms' agents dial, if nothing created it
@@ -390,13 +394,37 @@ where
         + std::fmt::Debug,
 {
     let plural = K::plural(&());
-    Api::<K>::namespaced(client.clone(), ns).list(&ListParams::default().limit(1)).await.map_err(|e| {
-        anyhow::anyhow!(
-            "the CRD {plural}.shardfarm.io is not installed or not readable ({e}): install it with \
-             `kubectl apply -f crds/` or `helm install shardfarm charts/shardfarm`"
-        )
-    })?;
+    Api::<K>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| anyhow::anyhow!(crd_hint(&plural, ns, &e)))?;
     Ok(())
+}
+
+/// What to do when listing `plural` in `ns` failed with `e`: every command the hint names
+/// carries the namespace (the operator's chart is installed into one; a command without `-n`
+/// targets the kubeconfig's default namespace instead).
+fn crd_hint(plural: &str, ns: &str, e: &kube::Error) -> String {
+    let install = format!(
+        "install the CRDs with `kubectl apply --server-side -f crds/`, or the operator with \
+         `helm install shardfarm charts/shardfarm -n {ns} --create-namespace` (its chart \
+         brings them)"
+    );
+    match e {
+        kube::Error::Api(s) if s.is_not_found() => {
+            format!("the CRD {plural}.shardfarm.io is not installed ({e}): {install}")
+        }
+        kube::Error::Api(s) if s.is_forbidden() => format!(
+            "this operator may not list {plural}.shardfarm.io in namespace {ns} ({e}): its Role \
+             comes with the chart (`helm upgrade --install shardfarm charts/shardfarm -n {ns}`); \
+             check with `kubectl auth can-i list {plural}.shardfarm.io -n {ns} \
+             --as=system:serviceaccount:{ns}:<its service account>`"
+        ),
+        _ => format!(
+            "the CRD {plural}.shardfarm.io is not installed or not readable in namespace {ns} \
+             ({e}): {install}"
+        ),
+    }
 }
 
 /// Exits with an install hint when a CRD is missing.
@@ -452,5 +480,33 @@ mod tests {
         ensure_coordinator_service(&api).await.unwrap();
         ensure_coordinator_service(&api).await.unwrap();
         server.await.unwrap();
+    }
+
+    /// Every command the missing-CRD hint names targets the operator's namespace (a hint
+    /// without `-n` installs into the kubeconfig's default namespace instead).
+    #[tokio::test]
+    async fn the_missing_crd_hint_names_the_namespace() {
+        let list = format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/storagepools");
+        for (answer, must) in [
+            (expect(Method::GET, list.clone()).not_found(), "--create-namespace"),
+            (expect(Method::GET, list.clone()).forbidden("storagepools is forbidden"), "can-i"),
+        ] {
+            let (svc, handle) = mock::pair();
+            let client = Client::new(svc, NS);
+            let server = serve(handle, vec![answer]);
+            let e = check_crds(&client, NS).await.unwrap_err().to_string();
+            server.await.unwrap();
+            assert!(e.contains(must), "{e}");
+            // Every `helm` and `kubectl` command of the hint carries `-n farms`.
+            for command in e.split('`').skip(1).step_by(2) {
+                if command.starts_with("helm install")
+                    || command.starts_with("helm upgrade")
+                    || command.starts_with("kubectl auth")
+                {
+                    assert!(command.contains(&format!(" -n {NS}")), "{command} in {e}");
+                }
+            }
+            assert!(e.contains(&format!("-n {NS}")), "{e}");
+        }
     }
 }

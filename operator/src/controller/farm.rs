@@ -582,14 +582,16 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         }
         desired_sts["spec"]["volumeClaimTemplates"] = kept;
     }
+    let pod = desired_sts["spec"]["template"]["spec"].clone();
     sts_api.patch(&name, &pp, &Patch::Apply(desired_sts)).await?;
+    let admission = pod_security(&ctx, &farm, &ns, &pod).await;
 
     let ready = existing.as_ref().and_then(|s| s.status.as_ref()?.ready_replicas).unwrap_or(0);
     let previous = farm.status.clone().unwrap_or_default();
     let generation = farm.metadata.generation;
     let passed: u64 = members.iter().map(|m| m.audits_passed).sum();
     let audited: u64 = passed + members.iter().map(|m| m.audits_failed).sum::<u64>();
-    let status = MiningFarmStatus {
+    let mut status = MiningFarmStatus {
         replicas,
         ready_replicas: ready,
         audit_pass_rate: (audited > 0).then(|| passed as f64 / audited as f64),
@@ -628,10 +630,14 @@ async fn apply(farm: Arc<MiningFarm>, ctx: Arc<Context>) -> Result<Action> {
         observed_generation: generation,
         ..figures(&ctx, &pool, &name, &members)
     };
+    let refused = admission.condition(&previous.conditions, generation, &mut status.conditions);
     let api: Api<MiningFarm> = Api::namespaced(ctx.client.clone(), &ns);
     let patch =
         json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
     api.patch_status(&name, &pp, &Patch::Apply(patch)).await?;
+    if let Some(why) = refused {
+        ctx.event(&*farm, true, "PodSecurityRefused", why).await?;
+    }
     let waiting = held.as_ref().is_some_and(|h| h.0 == "ViewIncomplete");
     Ok(Action::requeue(if draining.is_some() || waiting { DRAIN_POLL } else { REFRESH }))
 }
@@ -667,13 +673,16 @@ async fn apply_daemonset(
         None
     };
     let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let ds = api.patch(&name, &pp, &Patch::Apply(daemonset(farm, &ns, pool_id, settings))).await?;
+    let desired = daemonset(farm, &ns, pool_id, settings);
+    let pod = desired["spec"]["template"]["spec"].clone();
+    let ds = api.patch(&name, &pp, &Patch::Apply(desired)).await?;
+    let admission = pod_security(ctx, farm, &ns, &pod).await;
     let st = ds.status.unwrap_or_default();
     let (scheduled, ready) = (st.desired_number_scheduled, st.number_ready);
     let members = farm_members(ctx, farm);
     let previous = farm.status.clone().unwrap_or_default();
     let generation = farm.metadata.generation;
-    let status = MiningFarmStatus {
+    let mut status = MiningFarmStatus {
         replicas: scheduled,
         ready_replicas: ready,
         conditions: vec![condition(
@@ -687,12 +696,96 @@ async fn apply_daemonset(
         observed_generation: generation,
         ..figures(ctx, pool, &name, &members)
     };
+    let refused = admission.condition(&previous.conditions, generation, &mut status.conditions);
     let patch =
         json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarm", "status": status });
     Api::<MiningFarm>::namespaced(ctx.client.clone(), &ns)
         .patch_status(&name, &pp, &Patch::Apply(patch))
         .await?;
+    if let Some(why) = refused {
+        ctx.event(farm, true, "PodSecurityRefused", why).await?;
+    }
     Ok(Action::requeue(REFRESH))
+}
+
+/// What the namespace's Pod Security admission makes of the farm's pods.
+enum Admission {
+    /// The namespace could not be read: nothing is said (the farm is reconciled all the same).
+    Unknown,
+    /// Refused (`true`) or not, and why.
+    Known(bool, String),
+}
+
+impl Admission {
+    /// Adds the `PodSecurityRefused` condition to `conditions` (none when unknown); returns
+    /// the Warning to publish when the pods have just become refused.
+    fn condition(
+        &self,
+        previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        generation: Option<i64>,
+        conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    ) -> Option<String> {
+        let Admission::Known(refused, why) = self else { return None };
+        conditions.push(condition(
+            previous,
+            "PodSecurityRefused",
+            *refused,
+            if *refused { "NamespaceLevelTooStrict" } else { "NamespaceLevelAllows" },
+            why.clone(),
+            generation,
+        ));
+        (*refused && !has_condition(previous, "PodSecurityRefused", true)).then(|| why.clone())
+    }
+}
+
+/// Whether the Pod Security level namespace `ns` enforces (its
+/// `pod-security.kubernetes.io/enforce` label) admits `pod`, the farm's pod spec: a farm on
+/// hostPath or the host network needs `privileged`, and `restricted` or `baseline` refuses every
+/// one of its pods (`FailedCreate` on the StatefulSet or DaemonSet, nothing on the farm but this).
+async fn pod_security(
+    ctx: &Context,
+    farm: &MiningFarm,
+    ns: &str,
+    pod: &serde_json::Value,
+) -> Admission {
+    use crate::pod_security::{ENFORCE_LABEL, needs, refused_by};
+    let (needed, why) = needs(pod);
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    let namespace = match api.get(ns).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(namespace = %ns, error = %e, "cannot read the namespace's Pod Security level");
+            return Admission::Unknown;
+        }
+    };
+    let labels = namespace.labels();
+    let what = match farm.spec.mode {
+        shardfarm_crds::FarmMode::DaemonSet => "DaemonSet",
+        shardfarm_crds::FarmMode::StatefulSet => "StatefulSet",
+    };
+    match (refused_by(labels, needed), labels.get(ENFORCE_LABEL)) {
+        (Some(level), _) => Admission::Known(
+            true,
+            format!(
+                "namespace {ns} enforces Pod Security `{level}`, and this farm's agents need \
+                 `{needed}` ({}): every pod is refused (FailedCreate events on its {what}). \
+                 Label the namespace: kubectl label namespace {ns} \
+                 {ENFORCE_LABEL}={needed} --overwrite",
+                why.join("; ")
+            ),
+        ),
+        (None, Some(level)) => Admission::Known(
+            false,
+            format!("namespace {ns} enforces Pod Security `{level}`; the agents need `{needed}`"),
+        ),
+        (None, None) => Admission::Known(
+            false,
+            format!(
+                "namespace {ns} has no {ENFORCE_LABEL} label: the cluster's default level \
+                 applies (the operator cannot read it); the agents need `{needed}`"
+            ),
+        ),
+    }
 }
 
 /// A deleted farm leaves the pool: its farm key stops vouching (so its agents, still running

@@ -60,6 +60,10 @@ impl Fabric for TestFabric {
     fn layout(&self, _pool: &str) -> Option<Layout> {
         self.layout.lock().unwrap().clone()
     }
+    fn degraded_shards(&self, _pool: &str) -> u64 {
+        // What the coordinator sums: the reports of the nodes that are up.
+        self.members.lock().unwrap().iter().filter(|m| m.up).map(|m| m.repair_backlog).sum()
+    }
     fn in_sync(&self, _pool: &str) -> bool {
         !*self.out_of_sync.lock().unwrap()
     }
@@ -74,9 +78,6 @@ impl Fabric for TestFabric {
     }
     fn set_max_moves(&self, _pool: &str, moves: Option<usize>) {
         *self.max_moves.lock().unwrap() = moves;
-    }
-    fn last_round(&self, _pool: &str) -> (u64, f64) {
-        (1536, 1.02)
     }
     fn earnings(&self, _pool: &str, _node: &NodeId) -> u64 {
         7

@@ -95,6 +95,10 @@ pub trait Fabric: Send + Sync {
     fn members(&self, pool: &str) -> Vec<Member>;
     /// The current layout of `pool`, if any.
     fn layout(&self, pool: &str) -> Option<Layout>;
+    /// Shards the nodes of `pool` that are up still have to rebuild, as its coordinator counts
+    /// them (`shardfarm_coordinator_degraded_shards`: their reports, and at least a shard per
+    /// slot a holder gained and has not proven yet).
+    fn degraded_shards(&self, pool: &str) -> u64;
     /// Whether every holder of the current layout has repaired for it.
     fn in_sync(&self, pool: &str) -> bool;
     /// Asks the pool to hand `node`'s slots away (scale down, drain list).
@@ -103,8 +107,6 @@ pub trait Fabric: Send + Sync {
     fn remove(&self, pool: &str, node: NodeId);
     /// Sets `pool`'s rebalancing moves per layout round (None: the pool's default).
     fn set_max_moves(&self, pool: &str, moves: Option<usize>);
-    /// Slots moved by `pool`'s last layout round and its balance.
-    fn last_round(&self, pool: &str) -> (u64, f64);
     /// Rewards recorded for `node` (RW1 + RW2).
     fn earnings(&self, pool: &str, node: &NodeId) -> u64;
     /// Sets the admission rules later joins to `pool` must meet.

@@ -100,6 +100,45 @@ pub fn check_live(
         .map_err(|e| e.to_string())
 }
 
+/// Shards of the pool below full redundancy: what its coordinator counts the nodes that are
+/// up still have to rebuild (`backlog`, [`super::Fabric::degraded_shards`]), plus what the
+/// current layout places on nodes that are down or no longer members — nobody rebuilds those
+/// while the layout still names them (within the grace period, or when the nodes left cannot
+/// hold the profile and no new layout can be computed), and a segment then reads "4 of 6"
+/// while no node has a backlog. A down member counts the shards it last reported; a holder
+/// that left the pool counts its slots at the mean shards per slot of the holders that
+/// reported.
+pub fn degraded_shards(
+    backlog: u64,
+    members: &[shardfarm_coordinator::Member],
+    layout: Option<&placement::Layout>,
+) -> u64 {
+    let Some(layout) = layout else { return backlog };
+    let by_id: std::collections::BTreeMap<NodeId, &shardfarm_coordinator::Member> =
+        members.iter().map(|m| (m.id, m)).collect();
+    let loads = layout.loads();
+    let (mut known_shards, mut known_slots) = (0u64, 0u64);
+    for (id, slots) in &loads {
+        if let Some(m) = by_id.get(id) {
+            known_shards = known_shards.saturating_add(m.shards);
+            known_slots += *slots as u64;
+        }
+    }
+    let mut unavailable = 0u64;
+    for (id, slots) in &loads {
+        let missing = match by_id.get(id) {
+            Some(m) if m.up => 0,
+            Some(m) => m.shards,
+            None if known_slots > 0 => {
+                ((*slots as u128 * known_shards as u128) / known_slots as u128) as u64
+            }
+            None => 0,
+        };
+        unavailable = unavailable.saturating_add(missing);
+    }
+    backlog.saturating_add(unavailable)
+}
+
 /// Reconciles one StoragePool.
 pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {
     counted(&ctx, "StoragePool", apply(pool, &ctx).await)
@@ -108,6 +147,29 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
 async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
     let ns = pool.namespace().ok_or_else(|| Error::Invalid("StoragePool is namespaced".into()))?;
     let name = pool.name_any();
+    // Everything this reconcile writes (the ShardPlacement, the clients' Secrets with new keys,
+    // the `shardfarm-pool-<name>` ConfigMap) is owned by the pool and goes with it. A pool
+    // being deleted (`helm uninstall`, `kubectl delete`) gets none of it again: the garbage
+    // collector would only remove it after keys had been minted for nobody. The controller's
+    // cache trails the API (a farm's deletion can trigger this reconcile before the pool's
+    // own deletion reaches the cache), so the pool is read from the API first, and one that
+    // is gone, going, or another object under the same name (its own reconcile follows) is
+    // left alone.
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let pool = match Api::<StoragePool>::namespaced(ctx.client.clone(), &ns).get_opt(&name).await? {
+        Some(fresh)
+            if fresh.metadata.deletion_timestamp.is_none()
+                && fresh.metadata.uid == pool.metadata.uid =>
+        {
+            Arc::new(fresh)
+        }
+        _ => {
+            tracing::debug!(pool = %name, "the pool is gone or being deleted: nothing is written");
+            return Ok(Action::await_change());
+        }
+    };
     let farms: Vec<MiningFarm> = Api::<MiningFarm>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default())
         .await?
@@ -247,7 +309,11 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         capacity_bytes: members.iter().filter(|x| x.up).map(|x| x.offered_bytes).sum(),
         used_bytes: members.iter().filter(|x| x.up).map(|x| x.used_bytes).sum(),
         layout_version: layout.as_ref().map_or(0, |l| l.version),
-        degraded_segments: members.iter().filter(|x| x.up).map(|x| x.repair_backlog).sum(),
+        degraded_segments: degraded_shards(
+            ctx.fabric.degraded_shards(&name),
+            &members,
+            layout.as_ref(),
+        ),
         clients: clients.issued,
         observed_generation: generation,
     };

@@ -72,11 +72,22 @@ fn apply_pass(
         expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha")
             .body(|b| assert_eq!(b["spec"]["maxUnavailable"], 1)),
         expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").body(check_sts),
+        namespace_read(None),
         expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha")))
             .onto(farm_json(1))
             .body(check_status),
     ]);
     script
+}
+
+/// The farm's namespace read for its Pod Security level (`enforce`: its label, if any).
+fn namespace_read(enforce: Option<&str>) -> Expect {
+    let mut ns = json!({ "apiVersion": "v1", "kind": "Namespace",
+                         "metadata": { "name": NS, "labels": { "kubernetes.io/metadata.name": NS } } });
+    if let Some(level) = enforce {
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] = json!(level);
+    }
+    expect(Method::GET, format!("/api/v1/namespaces/{NS}")).reply(ns)
 }
 
 /// The key of farm `alpha` the tests' API server holds.
@@ -245,7 +256,7 @@ async fn scaling_down_drains_the_highest_ordinal_before_removing_it() {
     );
     // The Draining event comes before the StatefulSet apply.
     script.insert(
-        script.len() - 2,
+        script.len() - 3,
         expect(Method::POST, events_path()).body(|b| {
             assert_eq!(b["reason"], "Draining");
             assert!(b["note"].as_str().unwrap().contains("alpha-2"));
@@ -530,7 +541,7 @@ async fn a_scale_down_the_pool_cannot_survive_is_held_and_a_drain_is_undone_on_s
         },
     );
     script.insert(
-        script.len() - 2,
+        script.len() - 3,
         expect(Method::POST, events_path()).body(|b| {
             assert_eq!(
                 (b["reason"].as_str(), b["type"].as_str()),
@@ -546,7 +557,7 @@ async fn a_scale_down_the_pool_cannot_survive_is_held_and_a_drain_is_undone_on_s
     let (ctx, handle) = context(fabric.clone());
     let mut script = apply_pass(Some(sts(6, 6)), |b| assert_eq!(b["spec"]["replicas"], 6), |_| {});
     script.insert(
-        script.len() - 2,
+        script.len() - 3,
         expect(Method::POST, events_path()).body(|b| {
             assert_eq!(b["reason"], "Undrained");
             assert!(b["note"].as_str().unwrap().contains("alpha-5"), "{b}");
@@ -568,6 +579,12 @@ fn pool_obj(k: u16, m: u16) -> StoragePool {
     .unwrap()
 }
 
+/// The pool's own read at the start of a pass: the API server holds `pool`.
+fn pool_read(pool: &StoragePool) -> Expect {
+    expect(Method::GET, sf_path("storagepools", &pool.metadata.name.clone().unwrap()))
+        .reply(serde_json::to_value(pool).unwrap())
+}
+
 #[tokio::test]
 async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
     let fabric = Arc::new(TestFabric::default());
@@ -581,6 +598,7 @@ async fn a_pool_its_farms_cannot_hold_is_degraded_with_the_exact_reason() {
     let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": [a, b] });
     let reason = "RS(10,4) needs 14 zones, or at least 4 zones holding at most 4 shards each; 2 zones have capacity";
     let script = vec![
+        pool_read(&pool_obj(10, 4)),
         expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
             .reply(list),
         expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"))
@@ -643,6 +661,7 @@ async fn a_pool_is_ready_only_when_its_live_members_hold_the_profile() {
     let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": items });
     let pass = |check: fn(&Value)| {
         vec![
+            pool_read(&pool_obj(4, 2)),
             expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
                 .reply(list.clone()),
             expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"))
@@ -803,20 +822,32 @@ async fn a_placement_mirrors_the_coordinators_layout_and_declares_drains() {
     // layout (version 4) mirrored into the ConfigMap and status, with its real move count.
     let obj = placement_obj(&[drained], &[]);
     let (ctx, handle) = context(fabric.clone());
+    // Layout 3, mirrored before, had n6 in the last slot.
+    let mut before = layout.clone();
+    before.version = 3;
+    before.partitions[0][5] = drained;
     let script = vec![
         expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "Draining")),
+        expect(Method::GET, format!("/api/v1/namespaces/{NS}/configmaps/main-layout"))
+            .reply(layout_mirror(&before, None)),
         expect(Method::PATCH, format!("/api/v1/namespaces/{NS}/configmaps/main-layout")).body(
             |b| {
                 let l: placement::Layout =
                     serde_json::from_str(b["data"]["layout.json"].as_str().unwrap()).unwrap();
                 assert_eq!(l.version, 4);
+                assert_eq!(
+                    (&b["data"]["movedSlots"], &b["data"]["movedFrom"]),
+                    (&json!("1"), &json!("3"))
+                );
             },
         ),
         expect(Method::PATCH, format!("{}/status", sf_path("shardplacements", "main")))
             .onto(serde_json::to_value(&obj).unwrap())
             .body(move |b| {
                 assert_eq!(b["status"]["layoutVersion"], 4);
-                assert_eq!(b["status"]["movedAssignments"], 1536);
+                // One slot changed holder from layout 3; six nodes hold one slot each.
+                assert_eq!(b["status"]["movedAssignments"], 1);
+                assert_eq!(b["status"]["balance"], 1.0);
                 assert_eq!(b["status"]["drained"][0], drained.to_hex());
             }),
     ];
@@ -836,6 +867,116 @@ async fn a_placement_mirrors_the_coordinators_layout_and_declares_drains() {
     ];
     run(handle, script, sp::reconcile(Arc::new(obj), ctx)).await.unwrap();
     assert_eq!(*fabric.undrained.lock().unwrap(), vec![drained]);
+}
+
+/// The layout ConfigMap as a placement wrote it for `layout` (with the moves it recorded).
+fn layout_mirror(layout: &placement::Layout, moved: Option<(u64, u64)>) -> Value {
+    let mut data = json!({ "layout.json": serde_json::to_string(layout).unwrap() });
+    if let Some((moved, from)) = moved {
+        data["movedSlots"] = json!(moved.to_string());
+        data["movedFrom"] = json!(from.to_string());
+    }
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "main-layout", "namespace": NS, "resourceVersion": "77",
+                      "labels": { "shardfarm.io/layout-mirror": "true" } },
+        "data": data,
+    })
+}
+
+/// After an operator failover the new leader has computed no layout round (the coordinator's
+/// counters start at 0), yet `kubectl get sfplace` keeps showing the layout's balance and the
+/// moves that made it: both come from what is persisted (the layout and members the
+/// coordinator loaded from its state ConfigMap, the mirror ConfigMap, the status), whenever
+/// the leader stopped.
+#[tokio::test]
+async fn balance_and_moves_are_recomputed_from_persisted_state_after_a_failover() {
+    let fabric = Arc::new(TestFabric::default());
+    let members: Vec<_> =
+        (0..7).map(|i| member(&format!("n{i}"), &format!("zone-{}", i % 3), &[])).collect();
+    *fabric.members.lock().unwrap() = members.clone();
+    let ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+    // Layout 5, as the new leader loaded it: n0..n4 hold 2 slots, n5 and n6 one; seven nodes
+    // share 12 slots, so the most loaded holds 2 / (12 / 7) = 1.167 of its share.
+    let v5 = placement::Layout {
+        version: 5,
+        k: 4,
+        m: 2,
+        partitions: vec![ids[..6].to_vec(), [&ids[..5], &ids[6..7]].concat()],
+    };
+    *fabric.layout.lock().unwrap() = Some(v5.clone());
+    let obj = |version: u64, moved: u64| -> ShardPlacement {
+        let mut v = meta(
+            json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "ShardPlacement",
+                    "spec": { "poolRef": "main", "partitions": 2 } }),
+            "main",
+        );
+        v["status"] =
+            json!({ "layoutVersion": version, "movedAssignments": moved, "balance": 1.167 });
+        serde_json::from_value(v).unwrap()
+    };
+    let status_path = format!("{}/status", sf_path("shardplacements", "main"));
+    let cm_path = format!("/api/v1/namespaces/{NS}/configmaps/main-layout");
+
+    // The previous leader mirrored layout 5 (3 slots moved) and wrote its status; the new one,
+    // same layout, shows the same figures.
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::PATCH, status_path.clone())
+            .onto(serde_json::to_value(obj(5, 3)).unwrap())
+            .body(|b| {
+                assert_eq!(b["status"]["layoutVersion"], 5);
+                assert_eq!(b["status"]["movedAssignments"], 3, "{b}");
+                assert_eq!(b["status"]["balance"], 1.167, "{b}");
+            }),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj(5, 3)), ctx)).await.unwrap();
+
+    // Layout 6 was published while no operator led (n6 drained, its slot to n5): counted
+    // from the mirror of layout 5 and recorded beside layout 6.
+    let mut v6 = v5.clone();
+    v6.version = 6;
+    v6.partitions[1][5] = ids[5];
+    fabric.members.lock().unwrap()[6].draining = true;
+    *fabric.layout.lock().unwrap() = Some(v6.clone());
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::GET, cm_path.clone()).reply(layout_mirror(&v5, Some((3, 4)))),
+        expect(Method::PATCH, cm_path.clone()).body(|b| {
+            assert_eq!(
+                (&b["data"]["movedSlots"], &b["data"]["movedFrom"]),
+                (&json!("1"), &json!("5"))
+            );
+        }),
+        expect(Method::PATCH, status_path.clone())
+            .onto(serde_json::to_value(obj(5, 3)).unwrap())
+            .body(|b| {
+                assert_eq!(b["status"]["layoutVersion"], 6);
+                assert_eq!(b["status"]["movedAssignments"], 1, "{b}");
+                // Six nodes place now, two slots each.
+                assert_eq!(b["status"]["balance"], 1.0, "{b}");
+            }),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj(5, 3)), ctx)).await.unwrap();
+
+    // A leader that stopped after mirroring layout 6 but before its status: the next one
+    // takes the count recorded beside it (the layout it was counted from is gone).
+    let (ctx, handle) = context(fabric.clone());
+    let script = vec![
+        expect(Method::GET, cm_path.clone()).reply(layout_mirror(&v6, Some((1, 5)))),
+        expect(Method::PATCH, cm_path.clone()).body(|b| {
+            assert_eq!(
+                (&b["data"]["movedSlots"], &b["data"]["movedFrom"]),
+                (&json!("1"), &json!("5"))
+            );
+        }),
+        expect(Method::PATCH, status_path.clone())
+            .onto(serde_json::to_value(obj(5, 3)).unwrap())
+            .body(|b| {
+                assert_eq!(b["status"]["movedAssignments"], 1, "{b}");
+            }),
+    ];
+    run(handle, script, sp::reconcile(Arc::new(obj(5, 3)), ctx)).await.unwrap();
 }
 
 #[test]
@@ -866,7 +1007,7 @@ async fn claim_templates_of_an_existing_statefulset_are_kept_and_a_change_is_rep
         |_| {},
     );
     script.insert(
-        script.len() - 2,
+        script.len() - 3,
         expect(Method::POST, events_path()).body(|b| {
             assert_eq!(
                 (b["reason"].as_str(), b["type"].as_str()),
@@ -900,6 +1041,7 @@ async fn a_daemonset_farm_runs_one_agent_per_machine_on_its_disk() {
             assert_eq!(pod["containers"][0]["volumeMounts"][0]["subPathExpr"], "$(NODE_NAME)");
             assert_eq!(pod["initContainers"][0]["args"][0], "prepare-dir");
         }),
+        namespace_read(Some("privileged")),
         expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha")))
             .onto(f.clone())
             .body(|b| assert_eq!(b["status"]["replicas"], 0)),
@@ -962,6 +1104,7 @@ async fn a_host_network_farm_advertises_its_machines_address_on_its_host_port() 
             // Probes follow the named port.
             assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http");
         }),
+        namespace_read(Some("privileged")),
         expect(Method::PATCH, format!("{}/status", sf_path("miningfarms", "alpha"))).onto(f),
     ]);
     run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await.unwrap();
@@ -1032,10 +1175,11 @@ fn pool_with_clients(clients: Value) -> StoragePool {
 
 /// The requests of a pool pass with no farm, up to the client Secrets: farms, syndications,
 /// the placement, the pool's ConfigMap (read, and created when `cm` is None).
-fn pool_pass_to_clients(cm: Option<Value>) -> Vec<Expect> {
+fn pool_pass_to_clients(pool: &StoragePool, cm: Option<Value>) -> Vec<Expect> {
     let empty = |kind: &str| json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": kind, "metadata": {}, "items": [] });
     let cm_path = format!("/api/v1/namespaces/{NS}/configmaps/shardfarm-pool-main");
     let mut script = vec![
+        pool_read(pool),
         expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
             .reply(empty("MiningFarmList")),
         expect(
@@ -1114,7 +1258,7 @@ async fn a_pools_clients_get_delegated_keys_in_secrets_the_pool_owns() {
     let (ctx, handle) = context(fabric);
     let pool =
         pool_with_clients(json!([{ "name": "gateway" }, { "name": "s3-alice", "days": 30 }]));
-    let mut script = pool_pass_to_clients(None);
+    let mut script = pool_pass_to_clients(&pool, None);
     script.push(expect(Method::GET, secrets_path()).reply(secret_list(vec![])));
     for (client, days) in [("gateway", 365u64), ("s3-alice", 30)] {
         script.push(expect(Method::POST, secrets_path()).body(move |b| {
@@ -1177,7 +1321,7 @@ async fn a_key_near_its_expiry_is_issued_again_in_place_and_a_removed_clients_se
         .to_hex()
     };
     let cm = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "shardfarm-pool-main", "namespace": NS } });
-    let mut script = pool_pass_to_clients(Some(cm));
+    let mut script = pool_pass_to_clients(&pool, Some(cm));
     script.extend([
         expect(Method::GET, secrets_path()).reply(secret_list(listed)),
         // Replaced at the version read.
@@ -1219,7 +1363,7 @@ async fn a_secret_the_operator_did_not_make_is_never_overwritten() {
     let (ctx, handle) = context(fabric.clone());
     let pool = pool_with_clients(json!([{ "name": "gateway" }]));
     let cm = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "shardfarm-pool-main", "namespace": NS } });
-    let mut script = pool_pass_to_clients(Some(cm.clone()));
+    let mut script = pool_pass_to_clients(&pool, Some(cm.clone()));
     script.extend([
         // Not labelled as ours, so not listed; the create finds it.
         expect(Method::GET, secrets_path()).reply(secret_list(vec![])),
@@ -1248,7 +1392,7 @@ async fn a_secret_the_operator_did_not_make_is_never_overwritten() {
     // An operator that does not hold the pool's key issues nothing, and says why.
     *fabric.no_pool_key.lock().unwrap() = true;
     let (ctx, handle) = context(fabric);
-    let mut script = pool_pass_to_clients(Some(cm));
+    let mut script = pool_pass_to_clients(&pool, Some(cm));
     script.extend([
         expect(Method::GET, secrets_path()).reply(secret_list(vec![])),
         expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
@@ -1261,4 +1405,235 @@ async fn a_secret_the_operator_did_not_make_is_never_overwritten() {
         expect(Method::POST, events_path()),
     ]);
     run(handle, script, pool::reconcile(Arc::new(pool), ctx)).await.unwrap();
+}
+
+/// After `helm uninstall` (the pool deleted, the garbage collector about to remove what it
+/// owns), a reconcile of the pool writes nothing: no new client Secrets (new keys), no
+/// `shardfarm-pool-<name>` ConfigMap, no ShardPlacement. Whether the cache still shows it
+/// being deleted, or shows it alive while the API server no longer has it (the cache trails a
+/// farm's deletion that triggered this reconcile), or has it under deletion, or holds another
+/// pool under the same name.
+#[tokio::test]
+async fn a_pool_being_deleted_or_gone_gets_nothing_written_again() {
+    let pool = pool_with_clients(json!([{ "name": "gateway" }, { "name": "s3-alice" }]));
+    let mut deleting = pool.clone();
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    deleting.metadata.finalizers = Some(vec!["foregroundDeletion".into()]);
+    let mut replaced = pool.clone();
+    replaced.metadata.uid = Some("uid-main-2".into());
+    let path = sf_path("storagepools", "main");
+    let cases: Vec<(&str, StoragePool, Vec<Expect>)> = vec![
+        ("deletion timestamp in the cache", deleting.clone(), vec![]),
+        ("gone from the API", pool.clone(), vec![expect(Method::GET, path.clone()).not_found()]),
+        (
+            "being deleted in the API",
+            pool.clone(),
+            vec![expect(Method::GET, path.clone()).reply(serde_json::to_value(&deleting).unwrap())],
+        ),
+        (
+            "another pool under its name",
+            pool.clone(),
+            vec![expect(Method::GET, path.clone()).reply(serde_json::to_value(&replaced).unwrap())],
+        ),
+    ];
+    for (case, cached, script) in cases {
+        let fabric = Arc::new(TestFabric::default());
+        let (ctx, handle) = context(fabric.clone());
+        let r = run(handle, script, pool::reconcile(Arc::new(cached), ctx)).await;
+        assert!(r.is_ok(), "{case}: {r:?}");
+        // Not even the syndications' rules were recomputed from a stale pool.
+        assert!(fabric.admission.lock().unwrap().is_none(), "{case}");
+    }
+}
+
+/// The pool's `Degraded` column (`kubectl get sfpool`) reads the status field the reconciler
+/// writes, and that field counts shards below full redundancy: two of a segment's six holders
+/// stopped (the layout still names them, nobody has a backlog to report) is not 0.
+#[tokio::test]
+async fn the_degraded_column_counts_shards_on_nodes_that_are_down() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(StoragePool::crd()).unwrap();
+    let columns = crd["spec"]["versions"][0]["additionalPrinterColumns"].as_array().unwrap();
+    let column = columns.iter().find(|c| c["name"] == "Degraded").expect("a Degraded column");
+    assert_eq!(column["jsonPath"], ".status.degradedSegments");
+
+    let fabric = Arc::new(TestFabric::default());
+    let zones = ["a", "b", "c"];
+    let mut members: Vec<_> =
+        (0..9).map(|i| member(&format!("n{i}"), zones[i % 3], &[("farm", "x")])).collect();
+    for m in members.iter_mut() {
+        m.shards = 10;
+    }
+    // n0 and n1 stopped: the seven left still hold RS(4,2) (the pool is Ready), but the
+    // segments of the one partition, on n0..n5, are 4 of 6.
+    members[0].up = false;
+    members[1].up = false;
+    *fabric.members.lock().unwrap() = members.clone();
+    *fabric.layout.lock().unwrap() = Some(placement::Layout {
+        version: 3,
+        k: 4,
+        m: 2,
+        partitions: vec![members[..6].iter().map(|m| m.id).collect()],
+    });
+    let items: Vec<Value> = zones
+        .iter()
+        .map(|z| {
+            let mut f = farm_json(3);
+            f["metadata"]["name"] = json!(format!("farm-{z}"));
+            f["spec"]["zone"] = json!(z);
+            f
+        })
+        .collect();
+    let list = json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "MiningFarmList", "metadata": {}, "items": items });
+    let pass = |want: u64| {
+        vec![
+            pool_read(&pool_obj(4, 2)),
+            expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/miningfarms"))
+                .reply(list.clone()),
+            expect(Method::GET, format!("/apis/shardfarm.io/v1alpha1/namespaces/{NS}/nodesyndications"))
+                .reply(json!({ "apiVersion": "shardfarm.io/v1alpha1", "kind": "NodeSyndicationList", "metadata": {}, "items": [] })),
+            expect(Method::PATCH, sf_path("shardplacements", "main")),
+            expect(Method::PATCH, format!("{}/status", sf_path("storagepools", "main")))
+                .onto(serde_json::to_value(pool_obj(4, 2)).unwrap())
+                .body(move |b| {
+                    assert_eq!(b["status"]["phase"], "Ready", "{b}");
+                    assert_eq!(b["status"]["degradedSegments"], want, "{b}");
+                }),
+        ]
+    };
+    let (ctx, handle) = context(fabric.clone());
+    run(handle, pass(20), pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+
+    // n0 is removed from the pool (its farm deleted) while no new layout could be computed
+    // yet, and n2 reports 5 shards to rebuild: n0's one slot counts at the mean of the
+    // holders that reported (10 shards a slot), n1 its 10, n2's backlog 5.
+    {
+        let mut ms = fabric.members.lock().unwrap();
+        ms.remove(0);
+        ms[1].repair_backlog = 5;
+    }
+    let (ctx, handle) = context(fabric.clone());
+    run(handle, pass(25), pool::reconcile(Arc::new(pool_obj(4, 2)), ctx)).await.unwrap();
+    assert_eq!(
+        pool::degraded_shards(5, &fabric.members.lock().unwrap(), None),
+        5,
+        "without a layout only the coordinator's count counts"
+    );
+}
+
+/// A farm whose pods need more than its namespace's Pod Security admission enforces is told so
+/// on the farm (condition and Warning, once), not only in FailedCreate events on a StatefulSet:
+/// `restricted` refuses a hostPath farm's pods and a HostNetwork DaemonSet's; a farm on a
+/// PersistentVolume is admitted.
+#[tokio::test]
+async fn a_namespace_whose_pod_security_refuses_the_farms_pods_is_reported_on_the_farm() {
+    let fabric = Arc::new(TestFabric::default());
+    let status_path = format!("{}/status", sf_path("miningfarms", "alpha"));
+    let sts_pass = |f: &Value, enforce: &'static str, check: fn(&Value)| {
+        let mut script = farm_key_requests(false);
+        script.extend([
+            expect(Method::GET, "/apis/apps/v1/namespaces/farms/statefulsets/alpha").not_found(),
+            expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents"),
+            expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha"),
+            expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/statefulsets/alpha"),
+            namespace_read(Some(enforce)),
+            expect(Method::PATCH, status_path.clone()).onto(f.clone()).body(check),
+        ]);
+        script
+    };
+    let refused = |b: &Value| -> Value {
+        b["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "PodSecurityRefused")
+            .cloned()
+            .unwrap_or_else(|| panic!("no PodSecurityRefused condition: {b}"))
+    };
+
+    // On hostPath, in a namespace that enforces `restricted`: refused, with the way out.
+    let mut f = farm_json(2);
+    f["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+    let mut farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let mut script = sts_pass(&f, "restricted", |b| {
+        let c = &b["status"]["conditions"].as_array().unwrap();
+        let c = c.iter().find(|c| c["type"] == "PodSecurityRefused").expect("the condition");
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("True"), Some("NamespaceLevelTooStrict"))
+        );
+        let msg = c["message"].as_str().unwrap();
+        assert!(msg.contains("enforces Pod Security `restricted`"), "{msg}");
+        assert!(msg.contains("need `privileged`") && msg.contains("hostPath volume data"), "{msg}");
+        assert!(msg.contains("kubectl label namespace farms pod-security.kubernetes.io/enforce=privileged --overwrite"), "{msg}");
+    });
+    script.push(expect(Method::POST, events_path()).body(|b| {
+        assert_eq!(
+            (b["reason"].as_str(), b["type"].as_str()),
+            (Some("PodSecurityRefused"), Some("Warning"))
+        );
+        assert!(b["note"].as_str().unwrap().contains("hostPath"), "{b}");
+    }));
+    let (ctx, handle) = context(fabric.clone());
+    run(handle, script, farm::reconcile(Arc::new(farm.clone()), ctx)).await.unwrap();
+
+    // Still refused on the next pass: the condition stays, the Warning is not repeated.
+    let mut again = farm.clone();
+    again.status = Some(shardfarm_crds::MiningFarmStatus {
+        conditions: vec![super::condition(
+            &[],
+            "PodSecurityRefused",
+            true,
+            "NamespaceLevelTooStrict",
+            "x".into(),
+            Some(1),
+        )],
+        ..Default::default()
+    });
+    let script = sts_pass(&f, "restricted", |b| {
+        assert_eq!(b["status"]["conditions"][3]["status"], "True", "{b}")
+    });
+    let (ctx, handle) = context(fabric.clone());
+    run(handle, script, farm::reconcile(Arc::new(again), ctx)).await.unwrap();
+
+    // The same namespace admits a farm on a PersistentVolume.
+    let f = farm_json(2);
+    let mut farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let script = sts_pass(&f, "restricted", |b| {
+        let c = &b["status"]["conditions"].as_array().unwrap();
+        let c = c.iter().find(|c| c["type"] == "PodSecurityRefused").expect("the condition");
+        assert_eq!(c["status"], "False", "{c}");
+        assert!(c["message"].as_str().unwrap().contains("need `restricted`"), "{c}");
+    });
+    let (ctx, handle) = context(fabric.clone());
+    run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await.unwrap();
+
+    // A HostNetwork DaemonSet farm in a `baseline` namespace: refused.
+    let mut f = farm_json(0);
+    f["spec"]["mode"] = json!("DaemonSet");
+    f["spec"]["agent"]["storage"] = json!({ "hostPath": "/srv/shardfarm" });
+    f["spec"]["agent"]["advertise"] = json!({ "mode": "HostNetwork" });
+    let mut farm: MiningFarm = serde_json::from_value(f.clone()).unwrap();
+    farm.metadata.finalizers = Some(vec![FARM_FINALIZER.into()]);
+    let mut script = farm_key_requests(false);
+    script.extend([
+        expect(Method::PATCH, "/api/v1/namespaces/farms/services/alpha-agents"),
+        expect(Method::PATCH, "/apis/policy/v1/namespaces/farms/poddisruptionbudgets/alpha"),
+        expect(Method::PATCH, "/apis/apps/v1/namespaces/farms/daemonsets/alpha"),
+        namespace_read(Some("baseline")),
+        expect(Method::PATCH, status_path.clone()).onto(f.clone()).body(move |b| {
+            let c = refused(b);
+            assert_eq!(c["status"], "True", "{c}");
+            let msg = c["message"].as_str().unwrap();
+            assert!(msg.contains("`baseline`") && msg.contains("hostNetwork"), "{msg}");
+            assert!(msg.contains("its DaemonSet"), "{msg}");
+        }),
+        expect(Method::POST, events_path()).body(|b| assert_eq!(b["reason"], "PodSecurityRefused")),
+    ]);
+    let (ctx, handle) = context(fabric);
+    run(handle, script, farm::reconcile(Arc::new(farm), ctx)).await.unwrap();
 }
