@@ -39,6 +39,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "SHARDFARM_GATEWAY_SNAPSHOT_EVERY", default_value_t = shardfarm_gateway::namespace::SNAPSHOT_EVERY,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
+    /// How old (seconds) data that no namespace log entry references (a write the gateway
+    /// crashed during, a deletion the pool did not answer) must be before it is deleted.
+    #[arg(long, env = "SHARDFARM_GATEWAY_COLLECT_GRACE", default_value_t = shardfarm_gateway::collector::COLLECT_GRACE.as_secs())]
+    pub collect_grace_secs: u64,
     /// Structured (JSON) logs.
     #[arg(long, env = "SHARDFARM_JSON_LOGS")]
     pub json_logs: bool,
@@ -79,6 +83,7 @@ pub async fn run(args: GatewayArgs, profile: Option<PathBuf>) -> anyhow::Result<
         root,
         users,
         snapshot_every: args.snapshot_every,
+        collect_grace: std::time::Duration::from_secs(args.collect_grace_secs),
     })
     .await
 }

@@ -483,6 +483,23 @@ impl PoolClient {
         self.put_encoded(enc, &view, std::io::Cursor::new(data), len).await
     }
 
+    /// Stores exactly `len` bytes read from `reader` under the object key `key` (fresh and
+    /// random: one key must never encrypt two contents), so that its capability
+    /// ([`cap_for_key`](Self::cap_for_key)) is known, and can be recorded, before any byte is
+    /// stored: the gateway's collector finds what a failed or abandoned write left.
+    pub async fn put_reader_with_key(
+        self: &Arc<Self>,
+        key: [u8; 32],
+        reader: impl Read + Send + 'static,
+        len: u64,
+    ) -> anyhow::Result<ReadCap> {
+        let view = self.view();
+        let now = shardfarm_core::auth::now_ms() / 1000;
+        let enc =
+            Encoder::with_key(Self::params(&view), len, self.signer.key().clone(), key, now, 0)?;
+        self.put_encoded(enc, &view, reader, len).await
+    }
+
     /// The capability of the object this client would store under `key`.
     pub fn cap_for_key(&self, key: [u8; 32]) -> ReadCap {
         let salt = salt_for(&key);

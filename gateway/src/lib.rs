@@ -14,6 +14,7 @@
 //! - `service`: the gateway's state and what every operation shares (locks, storing and
 //!   streaming bytes, commits), and the `S3` trait, each operation one call into its area:
 //! - `buckets`, `objects`, `listing`, `multipart`: the S3 operations by area;
+//! - [`collector`]: deletes data no log entry references (what a crash left);
 //! - `auth`: the users file, SigV4 secrets, presigned-URL limits;
 //! - `server`: the HTTP front (request ids, chunked PUTs, graceful shutdown).
 
@@ -21,6 +22,7 @@
 
 mod auth;
 mod buckets;
+pub mod collector;
 mod listing;
 mod multipart;
 pub mod namespace;
@@ -60,11 +62,14 @@ pub struct Config {
     /// How many log entries apart namespace snapshots are written
     /// ([`namespace::SNAPSHOT_EVERY`] by default).
     pub snapshot_every: u64,
+    /// How old data no log entry references must be before the collector deletes it
+    /// ([`collector::COLLECT_GRACE`] by default).
+    pub collect_grace: Duration,
 }
 
 /// Runs the gateway until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let Config { listen, data, profile, root, users, snapshot_every } = config;
+    let Config { listen, data, profile, root, users, snapshot_every, collect_grace } = config;
     let root = PoolClient::connect(profile.clone(), &root, Arc::new(Silent))
         .await
         .context("opening the pool with the root key")?;
@@ -101,6 +106,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let log = namespace::Log::start(store, index.clone(), snapshot_every);
     let spool = data.join("spool");
     std::fs::create_dir_all(&spool)?;
-    let gateway = service::Gateway::new(users, index, log, spool);
+    let writing = service::InFlight::default();
+    let clients = users.iter().map(|(k, u)| (k.clone(), u.client.clone())).collect();
+    collector::start(index.clone(), writing.clone(), clients, collect_grace);
+    let gateway = service::Gateway::new(users, index, log, spool, writing);
     server::serve(gateway, listen, SHUTDOWN_GRACE).await
 }

@@ -8,7 +8,7 @@ use s3s::dto::*;
 use s3s::{S3Request, S3Response, S3Result, s3_error};
 
 use crate::listing::{encoded, url_encode, url_encoding};
-use crate::namespace::{ObjectRecord, Op, PartRecord, UploadRecord};
+use crate::namespace::{ObjectRecord, Op, PartRecord, Target, UploadRecord};
 use crate::objects::{refusal, write_conditions};
 use crate::service::{
     Gateway, aes256, check_metadata, check_sse, etag, http_headers, internal, now_ms, refuse_body,
@@ -102,7 +102,13 @@ pub(crate) async fn upload_part(
     if let Err(e) = checked {
         return Err(refuse_body(input.body.take(), e).await);
     }
-    let (piece, md5) = gw.store(&user.client, input.body, input.content_length).await?;
+    let at = Target {
+        bucket: input.bucket.clone(),
+        key: input.key.clone(),
+        part: Some((input.upload_id.clone(), input.part_number)),
+    };
+    let (piece, md5, writing) =
+        gw.store(&user.client, &owner, at, input.body, input.content_length).await?;
     let rec = PartRecord { piece, md5: md5.clone(), modified_ms: now_ms() };
     // Under the lock: a Complete or Abort of this upload either saw this part or the
     // upload is gone (then this part is not kept).
@@ -115,14 +121,10 @@ pub(crate) async fn upload_part(
         }
         let (id, number) = (input.upload_id.clone(), input.part_number);
         let old = gw.index.part(&id, number).map_err(internal)?;
-        let op = Op::PutPart { id, number, part: rec };
-        if let Err(e) = gw.log.commit(vec![op.clone()]).await {
-            drop(_ns);
-            if let Op::PutPart { part, .. } = op {
-                gw.discard(&owner, vec![part.piece]).await;
-            }
-            return Err(unavailable(e));
-        }
+        // A failed commit may still land (its entry is retried byte for byte): the part is
+        // left to the collector, which deletes it only if no entry references it.
+        gw.log.commit(vec![Op::PutPart { id, number, part: rec }]).await.map_err(unavailable)?;
+        writing.committed();
         old
     };
     if let Some(old) = old {

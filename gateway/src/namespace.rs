@@ -367,6 +367,12 @@ impl Index {
         Ok(())
     }
 
+    /// Applies changes as the next entry would (tests of other modules build an index so).
+    #[cfg(test)]
+    pub(crate) fn apply_for_tests(&self, ops: &[Op]) -> anyhow::Result<()> {
+        self.apply(self.next_seq()?, ops)
+    }
+
     /// The entry being written, if a write did not finish: its exact bytes.
     fn pending(&self) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.db.get(PENDING)?)
@@ -607,6 +613,90 @@ impl Index {
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(true);
         Ok(self.db.write_opt(done, &w)?)
+    }
+}
+
+// ---- Data that no entry may reference ----
+//
+// Data is stored before the log entry that references it, and deleted after the entry that
+// stops referencing it; a crash (or a pool that does not answer) between the two leaves data
+// nothing references. So the index records an *intent* for each such piece before the data
+// write begins (or before a deletion): its capability, owner, time and where it was meant to
+// be referenced. A successful commit or deletion drops it; the collector (`collector.rs`)
+// drops the ones it finds referenced and deletes the data of the others once they are older
+// than a grace period. Intents are the gateway's own (not in the log): a gateway rebuilt on
+// an empty disk does not know of writes its predecessor left unfinished.
+
+/// Where a piece was meant to be referenced.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Target {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// The upload and part number, for a part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<(String, i32)>,
+}
+
+/// A piece that may end up referenced by no entry.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Intent {
+    /// The access key whose identity stored it (and may delete it).
+    pub owner: String,
+    /// When it was recorded, unix milliseconds.
+    pub created_ms: u64,
+    /// Where it was meant to be referenced; `None` for data being deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Target>,
+}
+
+fn intent_key(cap: &str) -> Vec<u8> {
+    format!("d/{cap}").into_bytes()
+}
+
+impl Index {
+    /// Records an intent (synced: it must outlive a crash of the write it announces).
+    pub fn add_intent(&self, cap: &str, intent: &Intent) -> anyhow::Result<()> {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        Ok(self.db.put_opt(intent_key(cap), serde_json::to_vec(intent)?, &w)?)
+    }
+
+    /// Whether an intent is recorded for `cap`.
+    pub fn has_intent(&self, cap: &str) -> anyhow::Result<bool> {
+        Ok(self.db.get(intent_key(cap))?.is_some())
+    }
+
+    /// Drops an intent: its piece is referenced, or deleted.
+    pub fn drop_intent(&self, cap: &str) -> anyhow::Result<()> {
+        Ok(self.db.delete(intent_key(cap))?)
+    }
+
+    /// Every intent: (capability, intent).
+    pub fn intents(&self) -> anyhow::Result<Vec<(String, Intent)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(b"d/") {
+            let (k, v) = item?;
+            let Some(cap) = k.strip_prefix(b"d/") else { break };
+            let intent = serde_json::from_slice(&v).context("corrupt intent")?;
+            out.push((String::from_utf8_lossy(cap).into_owned(), intent));
+        }
+        Ok(out)
+    }
+
+    /// Whether `cap` is referenced where it was meant to be: by the object under its key (a
+    /// completed upload's parts are that object's pieces), or by its upload's part.
+    pub fn references(&self, cap: &str, at: &Target) -> anyhow::Result<bool> {
+        if let Some(o) = self.object(&at.bucket, &at.key)?
+            && o.pieces.iter().any(|p| p.cap == cap)
+        {
+            return Ok(true);
+        }
+        Ok(match &at.part {
+            Some((id, n)) => self.part(id, *n)?.is_some_and(|p| p.piece.cap == cap),
+            None => false,
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use s3s::{S3Error, S3Request, S3Response, S3Result, s3_error};
 
 use shardfarm_core::cap::ReadCap;
 
-use crate::namespace::{Check, Expect, ObjectRecord, Piece, Refusal};
+use crate::namespace::{Check, Expect, ObjectRecord, Piece, Refusal, Target};
 use crate::server::NotModified;
 use crate::service::{
     Gateway, MAX_KEYS, MAX_PUT, Md5Writer, aes256, check_metadata, check_sse, etag, http_headers,
@@ -138,7 +138,9 @@ pub(crate) async fn put_object(
         Ok(m) => m,
         Err(e) => return Err(refuse_body(input.body.take(), e).await),
     };
-    let (piece, md5) = gw.store(&user.client, input.body, input.content_length).await?;
+    let at = Target { bucket: input.bucket.clone(), key: input.key.clone(), part: None };
+    let (piece, md5, writing) =
+        gw.store(&user.client, &owner, at, input.body, input.content_length).await?;
     let headers = http_headers(
         input.cache_control,
         input.content_disposition,
@@ -157,6 +159,7 @@ pub(crate) async fn put_object(
         headers,
     };
     gw.commit_object(&input.bucket, &input.key, record, conds).await?;
+    writing.committed();
     Ok(S3Response::new(PutObjectOutput {
         e_tag: Some(etag(&md5)),
         server_side_encryption: aes256(),
@@ -415,7 +418,12 @@ pub(crate) async fn copy_object(
     let mut file = spool;
     file.rewind().map_err(internal)?;
     let segment_size = user.client.view().segment_size;
-    let cap = user.client.put(file).await.map_err(unavailable)?;
+    let at = Target { bucket: input.bucket.clone(), key: input.key.clone(), part: None };
+    let writing = gw.begin_write(&user.client, &owner, at)?;
+    let len = file.metadata().map_err(internal)?.len();
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let cap =
+        user.client.put_reader_with_key(writing.key, reader, len).await.map_err(unavailable)?;
     let md5 = hex::encode(hasher.finalize());
     let (content_type, metadata, headers) = if replace {
         let h = http_headers(
@@ -441,6 +449,7 @@ pub(crate) async fn copy_object(
         headers,
     };
     gw.commit_object(&input.bucket, &input.key, record, Vec::new()).await?;
+    writing.committed();
     let result = CopyObjectResult {
         e_tag: Some(etag(&md5)),
         last_modified: Some(ts(modified_ms)),

@@ -18,8 +18,8 @@ use shardfarm_core::cap::ReadCap;
 
 use crate::auth::User;
 use crate::namespace::{
-    BucketRecord, Check, CommitError, Expect, HttpHeaders, Index, Log, ObjectRecord, Op, Piece,
-    Refusal,
+    BucketRecord, Check, CommitError, Expect, HttpHeaders, Index, Intent, Log, ObjectRecord, Op,
+    Piece, Refusal, Target,
 };
 use crate::objects::{precondition_failed, refusal};
 use crate::{buckets, listing, multipart, objects};
@@ -47,6 +47,38 @@ pub(crate) struct Gateway {
     /// changes of one key never race past each other, and changes of different keys commit
     /// concurrently (the log writer puts them in one entry).
     pub(crate) stripes: Vec<tokio::sync::Mutex<()>>,
+    /// The capabilities of the data being written now (from its intent to its commit): the
+    /// collector leaves them alone whatever their age.
+    pub(crate) writing: InFlight,
+}
+
+/// Capabilities of data being written (see [`Gateway::begin_write`]).
+pub(crate) type InFlight = Arc<Mutex<std::collections::HashSet<String>>>;
+
+/// A write in progress: its intent is recorded, and it is in flight until this is dropped.
+pub(crate) struct Writing {
+    writing: InFlight,
+    index: Arc<Index>,
+    /// The object key the data is stored under.
+    pub(crate) key: [u8; 32],
+    /// Its capability.
+    pub(crate) cap: String,
+}
+
+impl Writing {
+    /// The data is referenced by a committed entry: its intent is dropped (a failure only
+    /// leaves it to the collector, which finds it referenced).
+    pub(crate) fn committed(&self) {
+        if let Err(e) = self.index.drop_intent(&self.cap) {
+            tracing::warn!(error = %e, "could not drop a write's intent");
+        }
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.writing.lock().unwrap().remove(&self.cap);
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -267,9 +299,16 @@ impl Gateway {
     }
 
     /// A gateway over `index` and `log`, for `users`.
-    pub fn new(users: HashMap<String, User>, index: Arc<Index>, log: Log, spool: PathBuf) -> Self {
+    pub fn new(
+        users: HashMap<String, User>,
+        index: Arc<Index>,
+        log: Log,
+        spool: PathBuf,
+        writing: InFlight,
+    ) -> Self {
         let stripes = (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        Gateway { users, index, log, spool, buckets: tokio::sync::RwLock::new(()), stripes }
+        let buckets = tokio::sync::RwLock::new(());
+        Gateway { users, index, log, spool, buckets, stripes, writing }
     }
 
     pub(crate) fn bucket(&self, bucket: &str) -> S3Result<BucketRecord> {
@@ -285,9 +324,11 @@ impl Gateway {
     pub(crate) async fn store(
         &self,
         client: &Arc<PoolClient>,
+        owner: &str,
+        at: Target,
         body: Option<StreamingBlob>,
         len: Option<i64>,
-    ) -> S3Result<(Piece, String)> {
+    ) -> S3Result<(Piece, String, Writing)> {
         let len = len.ok_or_else(|| s3_error!(MissingContentLength))?;
         let len = u64::try_from(len).map_err(|_| s3_error!(InvalidArgument, "negative length"))?;
         if len > MAX_PUT {
@@ -308,7 +349,8 @@ impl Gateway {
         let md5 = Arc::new(Mutex::new(Md5::new()));
         let hashing = Md5Reader { inner: reader, md5: md5.clone() };
         let segment_size = client.view().segment_size;
-        let cap = client.put_reader(hashing, len).await.map_err(|e| {
+        let writing = self.begin_write(client, owner, at)?;
+        let cap = client.put_reader_with_key(writing.key, hashing, len).await.map_err(|e| {
             let msg = format!("{e:#}");
             if msg.contains("before its declared length") {
                 s3_error!(IncompleteBody, "the body ended before its declared length")
@@ -317,7 +359,26 @@ impl Gateway {
             }
         })?;
         let digest = hex::encode(md5.lock().unwrap().clone().finalize());
-        Ok((Piece { cap: cap.encode(), size: len, segment_size }, digest))
+        Ok((Piece { cap: cap.encode(), size: len, segment_size }, digest, writing))
+    }
+
+    /// Before data is stored for `owner` to be referenced `at`: a fresh random object key,
+    /// and the intent for its capability recorded (synced) and marked in flight.
+    pub(crate) fn begin_write(
+        &self,
+        client: &Arc<PoolClient>,
+        owner: &str,
+        at: Target,
+    ) -> S3Result<Writing> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(internal)?;
+        let cap = client.cap_for_key(key).encode();
+        self.writing.lock().unwrap().insert(cap.clone());
+        let writing =
+            Writing { writing: self.writing.clone(), index: self.index.clone(), key, cap };
+        let intent = Intent { owner: owner.to_string(), created_ms: now_ms(), at: Some(at) };
+        self.index.add_intent(&writing.cap, &intent).map_err(internal)?;
+        Ok(writing)
     }
 
     /// Deletes pieces from the pool, signed by their uploader (the user `owner`); failures
@@ -333,8 +394,24 @@ impl Gateway {
         };
         for p in pieces {
             let Ok(cap) = p.cap.parse::<ReadCap>() else { continue };
-            if let Err(e) = user.client.rm(&cap).await {
-                tracing::warn!(error = %format!("{e:#}"), "could not delete replaced data");
+            // An intent first (unless its write's is still there): a deletion that fails is
+            // tried again by the collector.
+            let intent = Intent { owner: owner.to_string(), created_ms: now_ms(), at: None };
+            if !self.index.has_intent(&p.cap).unwrap_or(false)
+                && let Err(e) = self.index.add_intent(&p.cap, &intent)
+            {
+                tracing::warn!(error = %e, "could not record a deletion's intent");
+            }
+            match user.client.rm(&cap).await {
+                Ok(_) => {
+                    if let Err(e) = self.index.drop_intent(&p.cap) {
+                        tracing::warn!(error = %e, "could not drop a deletion's intent");
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "could not delete replaced data: the collector tries again"
+                ),
             }
         }
     }
