@@ -135,6 +135,8 @@ impl AgentService {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
             to_status(&e)
         })?;
+        // The connection now counts against the caller's owner root (pool members exempt).
+        peer.note_request(&caller.root.0, self.node.is_member(&caller.id));
         Ok(caller)
     }
 

@@ -83,6 +83,12 @@ pub struct Metrics {
     pub bad_sources: IntCounterVec,
     /// Segments this node holds a slot of that have fewer than k verified shards anywhere.
     pub lost_segments: IntGauge,
+    /// Tombstones refused: an owner root past its rate for objects this node holds nothing of.
+    pub tombstones_refused: IntCounter,
+    /// Connections closed by admission, by reason (`when_full`, `per_root`, `no_request`).
+    pub connections_closed: IntCounterVec,
+    /// Connections open.
+    pub connections: IntGauge,
     /// Shards deleted because no layout slot accounts for them or their segment never became
     /// readable (garbage collection), and because of tombstones, by reason.
     pub collected: IntCounterVec,
@@ -261,8 +267,29 @@ impl Metrics {
             &["reason"],
         )
         .unwrap();
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_connections_closed_total",
+                "connections closed by admission: to admit a caller when full (when_full), an owner root's excess (per_root), no request in time (no_request)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let connections =
+            IntGauge::new("shardfarm_agent_connections", "gRPC connections open").unwrap();
+        let tombstones_refused = IntCounter::new(
+            "shardfarm_agent_tombstones_refused_total",
+            "tombstones refused: an owner root past its rate for objects this node holds nothing of",
+        )
+        .unwrap();
+        for r in ["when_full", "per_root", "no_request"] {
+            connections_closed.with_label_values(&[r]);
+        }
         for c in [
-            Box::new(read_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_closed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections.clone()),
+            Box::new(tombstones_refused.clone()),
+            Box::new(read_errors.clone()),
             Box::new(tombstones.clone()),
             Box::new(bad_sources.clone()),
             Box::new(lost_segments.clone()),
@@ -330,6 +357,9 @@ impl Metrics {
             auth_failures.with_label_values(&[r]);
         }
         Metrics {
+            tombstones_refused,
+            connections_closed,
+            connections,
             read_errors,
             tombstones,
             bad_sources,
@@ -374,6 +404,28 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Copies what connection admission did into `m` every 2 s until `stop`.
+pub async fn follow_connections(
+    m: std::sync::Arc<Metrics>,
+    conns: shardfarm_proto::conns::Connections,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut seen = shardfarm_proto::conns::Evictions::default();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+        let now = conns.evictions();
+        let c = &m.connections_closed;
+        c.with_label_values(&["when_full"]).inc_by(now.when_full - seen.when_full);
+        c.with_label_values(&["per_root"]).inc_by(now.per_root - seen.per_root);
+        c.with_label_values(&["no_request"]).inc_by(now.no_request - seen.no_request);
+        m.connections.set(conns.open_count() as i64);
+        seen = now;
     }
 }
 

@@ -197,9 +197,15 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     });
 
     // TLS proving this node's identity key, and learning each caller's (shardfarm_proto::tls).
-    let incoming =
-        shardfarm_proto::tls::incoming(grpc_listener, node.identity.signing_key(), cfg.security)
-            .context("TLS configuration")?;
+    let conns = shardfarm_proto::conns::Connections::enforcing();
+    let incoming = shardfarm_proto::tls::incoming_tracked(
+        grpc_listener,
+        node.identity.signing_key(),
+        cfg.security,
+        conns.clone(),
+    )
+    .context("TLS configuration")?;
+    tokio::spawn(crate::metrics::follow_connections(node.metrics.clone(), conns, stop.clone()));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, node = %node.identity.id(), zone = ?cfg.labels.get("zone"), "agent serving");
     ready.store(true, Ordering::SeqCst);
     let grpc_stop = stop.clone();

@@ -135,7 +135,17 @@ pub struct Node {
     latest_proof: Mutex<Option<Vec<u8>>>,
     /// Which slots this node holds, for deciding which puts it accepts.
     slots: RwLock<Slots>,
+    /// The nodes of the current and fallback layouts (their connections are never evicted).
+    members: RwLock<std::collections::HashSet<NodeId>>,
+    /// Tombstones each owner root may store for objects this node holds nothing of.
+    tombstone_budget: shardfarm_core::limit::KeyedBuckets<[u8; 32]>,
 }
+
+/// Tombstones per second an owner root may store for objects this node holds nothing of (a
+/// deletion of what is stored here is never limited: it frees space and names what exists).
+pub const FOREIGN_TOMBSTONES_PER_S: f64 = 10.0;
+/// How many it may store at once before that rate applies.
+pub const FOREIGN_TOMBSTONES_BURST: f64 = 200.0;
 
 /// What a node knows of the pool's layouts when a put arrives.
 #[derive(Clone, Debug)]
@@ -263,12 +273,31 @@ impl Node {
             reserved_by_owner: Mutex::new(HashMap::new()),
             latest_proof: Mutex::new(None),
             slots: RwLock::new(Slots::Standalone),
+            members: RwLock::new(std::collections::HashSet::new()),
+            tombstone_budget: shardfarm_core::limit::KeyedBuckets::new(
+                FOREIGN_TOMBSTONES_PER_S,
+                FOREIGN_TOMBSTONES_BURST,
+                10_000,
+            ),
         }
     }
 
     /// Sets what the node knows of the pool's layouts (the membership worker calls this).
     pub fn set_slots(&self, slots: Slots) {
+        let members = match &slots {
+            Slots::Known { current, previous } => std::iter::once(current)
+                .chain(previous)
+                .flat_map(|l| l.partitions.iter().flatten().copied())
+                .collect(),
+            _ => std::collections::HashSet::new(),
+        };
+        *self.members.write().unwrap() = members;
         *self.slots.write().unwrap() = slots;
+    }
+
+    /// Whether `id` holds a slot in the current or the fallback layout.
+    pub fn is_member(&self, id: &NodeId) -> bool {
+        self.members.read().unwrap().contains(id)
     }
 
     /// Refuses a put for slot `shard` of partition `p` unless the current or the fallback
@@ -644,11 +673,26 @@ impl Node {
             return Err(Error::InvalidArgument("tombstone has expired".into()));
         }
         let uploader = by_uploader.is_some_and(|c| c.credential.signing_key() == &t.uploader);
+        let root = by_uploader.map(|c| c.root.0);
         let me = self.clone();
         let n = blocking(move || {
             let held = me.store.shards_of_object(&t.object_id, me.settings.partitions)?;
             if held.is_empty() && !uploader {
                 return Ok(0);
+            }
+            // Of an object with nothing here (its shards may still be on their way), an owner
+            // root stores tombstones at a bounded rate: spam cannot fill the disk and the
+            // write path with deletions of objects that never existed.
+            if held.is_empty()
+                && !me.store.is_tombstoned(&t.object_id)?
+                && let Some(root) = root
+                && !me.tombstone_budget.try_take(&root, std::time::Instant::now())
+            {
+                me.metrics.tombstones_refused.inc();
+                return Err(Error::ResourceExhausted(format!(
+                    "your owner root stored more than {FOREIGN_TOMBSTONES_PER_S} tombstones per \
+                     second for objects this node holds nothing of: retry later"
+                )));
             }
             let fresh = me.store.put_tombstone(&t.object_id, &encoded, t.expires_ms())?;
             let mut n = 0;

@@ -944,3 +944,79 @@ async fn a_header_claiming_a_large_shard_reserves_one_step_and_a_trickle_is_cut_
     let mut mine = agent.client(&signer).await;
     mine.put_shard(&segs[0].header_bytes, 0, segs[0].shards[0].clone()).await.unwrap();
 }
+
+/// Connections opened from the honest callers' own address and left idle (a full address's
+/// worth, each with its own key) shut nobody out: once they have idled, a new caller takes
+/// the place of the one idle longest, and those that never carried a request are closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_from_the_callers_own_address_do_not_shut_them_out() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let limit = shardfarm_proto::tls::MAX_CONNECTIONS_PER_ADDRESS;
+    let mut idle = Vec::new();
+    for _ in 0..limit {
+        let (_, s) = signer();
+        idle.push(agent.client(&s).await);
+    }
+    // The address is full; after the idle ones have idled, an honest caller gets in.
+    tokio::time::sleep(shardfarm_proto::conns::EVICTABLE_AFTER + Duration::from_millis(500)).await;
+    let (_, honest) = signer();
+    let mut c = agent.client(&honest).await;
+    c.info().await.unwrap();
+    // Those that never carried a request are closed within the deadline (metrics every 2 s).
+    let closed = |reason: &str| {
+        metric(
+            &agent.metrics(),
+            &format!("shardfarm_agent_connections_closed_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    for _ in 0..200 {
+        if closed("no_request") >= (limit - 1) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed("when_full") >= 1.0, "{}", agent.metrics());
+    assert!(closed("no_request") >= (limit - 1) as f64, "{}", agent.metrics());
+    // The honest caller, which carried requests, keeps its connection.
+    c.info().await.unwrap();
+    drop(idle);
+}
+
+/// Tombstone spam: one identity deleting objects this node holds nothing of is limited to a
+/// rate per owner root; deleting what is stored here is never limited, and other roots are
+/// not held up.
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_of_objects_held_nowhere_here_are_rate_limited_per_owner_root() {
+    use shardfarm_core::tombstone::Tombstone;
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &[]);
+    let (me, signer) = signer();
+    let mut c = agent.client(&signer).await;
+    let seg = segment(&me, 4096, 2, 1);
+    c.put_shard(&seg.header_bytes, 0, seg.shards[0].clone()).await.unwrap();
+    let now = shardfarm_core::auth::now_ms();
+    let mut refused = None;
+    for i in 0..1000 {
+        let t = Tombstone::sign(me.signing_key(), random_signing_key().to_bytes(), now);
+        if let Err(e) = c.delete_object(&t.encode()).await {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (stored, err) = refused.expect("a thousand tombstones of nothing were all stored");
+    assert!(stored >= shardfarm_agent::shard::FOREIGN_TOMBSTONES_BURST as usize, "{stored}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("tombstones per second"), "{}", err.message());
+    // Its own object stored here is deleted at once, budget or not.
+    let t = Tombstone::sign(me.signing_key(), seg.header.salt, now);
+    assert_eq!(c.delete_object(&t.encode()).await.unwrap(), 1);
+    // Another root is not held up by this one.
+    let (other, other_signer) = common::signer();
+    let mut c2 = agent.client(&other_signer).await;
+    let t = Tombstone::sign(other.signing_key(), random_signing_key().to_bytes(), now);
+    c2.delete_object(&t.encode()).await.unwrap();
+    let m = agent.metrics();
+    assert!(metric(&m, "shardfarm_agent_tombstones_refused_total") >= Some(1.0), "{m}");
+}

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod conns;
 pub mod convert;
 pub mod coordinator;
 pub mod envelope;

@@ -41,6 +41,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::conns::{ConnState, Connections, Held};
+
 /// How long a caller may take to connect and finish the handshake before the dial fails.
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
 /// How long an accepted connection may take to finish the handshake before it is dropped;
@@ -88,17 +90,27 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// The key the peer proved in the TLS handshake (`None` in plaintext).
     pub key: Option<VerifyingKey>,
+    /// The connection's place among the server's connections (served over [`incoming`]):
+    /// a handler reports verified requests on it ([`ConnState::note_request`]).
+    pub conn: Option<Arc<ConnState>>,
 }
 
 impl PeerInfo {
     /// The peer of a request served over [`incoming`] (plaintext servers from elsewhere yield
     /// the address tonic recorded, and no key).
     pub fn of<T>(request: &tonic::Request<T>) -> PeerInfo {
-        request
-            .extensions()
-            .get::<PeerInfo>()
-            .cloned()
-            .unwrap_or_else(|| PeerInfo { addr: request.remote_addr(), key: None })
+        request.extensions().get::<PeerInfo>().cloned().unwrap_or_else(|| PeerInfo {
+            addr: request.remote_addr(),
+            key: None,
+            conn: None,
+        })
+    }
+
+    /// Records a verified request of owner `root` on this connection (see [`crate::conns`]).
+    pub fn note_request(&self, root: &[u8; 32], member: bool) {
+        if let Some(c) = &self.conn {
+            c.note_request(root, member);
+        }
     }
 
     /// The id of the key the peer proved, if any.
@@ -404,6 +416,18 @@ pub fn incoming(
     key: &SigningKey,
     security: Security,
 ) -> Result<ReceiverStream<io::Result<Conn>>, rustls::Error> {
+    incoming_tracked(listener, key, security, Connections::default())
+}
+
+/// [`incoming`], keeping its connections in `conns` (see [`crate::conns`]): if it is
+/// [`Connections::enforcing`], the server closes connections that carry no request, an owner
+/// root's excess ones, and idle strangers' ones to admit new callers when full.
+pub fn incoming_tracked(
+    listener: TcpListener,
+    key: &SigningKey,
+    security: Security,
+    conns: Connections,
+) -> Result<ReceiverStream<io::Result<Conn>>, rustls::Error> {
     let acceptor = match security {
         Security::Tls => Some(TlsAcceptor::from(server_config(key)?)),
         Security::InsecurePlaintext => {
@@ -415,7 +439,17 @@ pub fn incoming(
         }
     };
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, acceptor, tx));
+    // Connections that carried no request in time are closed, checked every second.
+    let (reaper, closed) = (conns.clone(), tx.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => reaper.reap(),
+                () = closed.closed() => return,
+            }
+        }
+    });
+    tokio::spawn(accept_loop(listener, acceptor, tx, conns));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -445,10 +479,26 @@ impl Quota {
     }
 
     fn take(&self, ip: IpAddr) -> Option<Slot> {
+        self.take_or(ip, |_| false)
+    }
+
+    /// A place for `ip`; when there is none, `make_room(ip_only)` may close another holder's
+    /// (of `ip` only if `ip_only`: the address is at its limit) and the place is given at
+    /// once, the closing one giving its own back when it ends.
+    fn take_or(&self, ip: IpAddr, make_room: impl FnOnce(bool) -> bool) -> Option<Slot> {
         let mut st = self.inner.lock().unwrap();
         let mine = st.by_address.get(&ip).copied().unwrap_or(0);
-        if st.used >= self.total || mine >= self.per_address {
-            return None;
+        let address_full = mine >= self.per_address;
+        if st.used >= self.total || address_full {
+            // Never more than twice the limits while closing connections end.
+            if st.used >= 2 * self.total || mine >= 2 * self.per_address {
+                return None;
+            }
+            drop(st);
+            if !make_room(address_full) {
+                return None;
+            }
+            st = self.inner.lock().unwrap();
         }
         st.used += 1;
         *st.by_address.entry(ip).or_default() += 1;
@@ -473,6 +523,7 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<TlsAcceptor>,
     tx: mpsc::Sender<io::Result<Conn>>,
+    conns: Connections,
 ) {
     let handshakes = Quota::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS);
     let connections = Quota::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS);
@@ -489,16 +540,20 @@ async fn accept_loop(
             },
             () = tx.closed() => return,
         };
-        // Over a limit: closed at once (dropped), never queued behind stalled peers.
-        let Some(slot) = connections.take(addr.ip()) else {
+        // Over a limit: an idle stranger's connection is closed to make room; if there is
+        // none, the new one is closed at once (dropped), never queued behind stalled peers.
+        let ip = addr.ip();
+        let room = |ip_only: bool| conns.evict_for(ip_only.then_some(ip));
+        let Some(slot) = connections.take_or(ip, room) else {
             tracing::debug!(peer = %addr, "connection refused: too many open connections");
             continue;
         };
         // serve_with_incoming ignores the builder's tcp_nodelay (LIMITS.md: 8 ms per RPC).
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = acceptor.clone() else {
-            let info = PeerInfo { addr: Some(addr), key: None };
-            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot };
+            let held = conns.open(ip);
+            let info = PeerInfo { addr: Some(addr), key: None, conn: Some(held.state.clone()) };
+            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot, held };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
@@ -508,7 +563,7 @@ async fn accept_loop(
             tracing::debug!(peer = %addr, "connection refused: too many handshakes in progress");
             continue;
         };
-        let tx = tx.clone();
+        let (tx, conns) = (tx.clone(), conns.clone());
         tokio::spawn(async move {
             let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
             let tls = tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await;
@@ -528,8 +583,10 @@ async fn accept_loop(
             // than served with no identity to bind requests to.
             let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
             let Some(key) = key.and_then(|k| peer_key(k.as_ref()).ok()) else { return };
-            let info = PeerInfo { addr: Some(addr), key: Some(key) };
-            let conn = Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot };
+            let held = conns.open(addr.ip());
+            let info =
+                PeerInfo { addr: Some(addr), key: Some(key), conn: Some(held.state.clone()) };
+            let conn = Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot, held };
             let _ = tx.send(Ok(conn)).await;
         });
     }
@@ -541,6 +598,23 @@ pub struct Conn {
     info: PeerInfo,
     /// Its place among the server's open connections, given back when it closes.
     _slot: Slot,
+    /// Who it is to admission; closed when admission evicts it.
+    held: Held,
+}
+
+impl Conn {
+    /// An evicted connection fails its next read or write, which ends its session.
+    fn check_evicted(&self, cx: &Context<'_>) -> Option<io::Error> {
+        let state = &self.held.state;
+        if state.is_evicted() {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed to make room for other callers",
+            ));
+        }
+        state.register(cx.waker());
+        None
+    }
 }
 
 enum ConnIo {
@@ -561,6 +635,9 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.check_evicted(cx) {
+            return Poll::Ready(Err(e));
+        }
         match &mut self.get_mut().io {
             ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -574,6 +651,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.check_evicted(cx) {
+            return Poll::Ready(Err(e));
+        }
         match &mut self.get_mut().io {
             ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
