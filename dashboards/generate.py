@@ -260,6 +260,12 @@ def pool_health():
         ], "none"),
         ("Shards repaired", [(f"sum by (method) (rate(shardfarm_agent_repaired_shards_total{{{P}}}[$__rate_interval]))", "{{method}}")], "ops"),
     ])
+    # Repair that tells the truth (issue 36): how long since each holder last proved every
+    # partition it holds, and which peers did not list for it.
+    b.series([
+        ("Since each holder last proved its partitions", [(f"time() - min by (node) (shardfarm_agent_repair_proven_timestamp_seconds{{{P}}})", "{{node}}")], "s"),
+        ("Listings not answered, by peer", [(f"sum by (peer) (rate(shardfarm_agent_repair_listing_failures_total{{{P}}}[$__rate_interval]))", "{{peer}}")], "ops"),
+    ])
     b.row("Capacity")
     b.series([
         ("Capacity and use", [

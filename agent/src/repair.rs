@@ -303,6 +303,11 @@ async fn heartbeats(
 /// Makes `l` the layout this node serves and repairs for.
 fn install(node: &Node, l: &PublishedLayout) {
     node.metrics.layout_version.set(l.layout.version as i64);
+    // Every peer's listing failures start at zero, so dashboards see 0 rather than no data.
+    let me = node.identity.id();
+    for id in l.addresses.keys().filter(|id| **id != me) {
+        node.metrics.listing_failures.with_label_values(&[&id.short()]);
+    }
     node.set_slots(Slots::Known { current: l.layout.clone(), previous: l.previous.clone() });
 }
 
