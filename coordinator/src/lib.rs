@@ -76,6 +76,24 @@ const JOIN_EVERY_IDENTITY: f64 = 2.0;
 /// starting at once is admitted within seconds; a flood of fresh identities is not).
 const JOIN_BURST_POOL: f64 = 200.0;
 const JOIN_RATE_POOL: f64 = 50.0;
+/// Outstanding challenges one owner root may hold, all its keys together (a member holds its
+/// own share, outside the pool-wide limit: a flood cannot keep a restarting member out).
+pub const MAX_CHALLENGES_PER_ROOT: usize = 4;
+/// Joins a stranger's owner root may make in a burst, then per second, all its keys together
+/// (members rejoin outside this and the pool-wide budget).
+const JOIN_BURST_ROOT: f64 = 20.0;
+const JOIN_RATE_ROOT: f64 = 2.0;
+
+/// Whose share an outstanding challenge counts against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChallengeOwner {
+    /// A member of the pool (its own share, outside the pool-wide limit).
+    Member(NodeId),
+    /// A stranger's owner root.
+    Root(NodeId),
+    /// Nobody in particular (simulations): the pool-wide limit only.
+    Anyone,
+}
 
 // ---- Public interface ----
 
@@ -364,7 +382,8 @@ pub struct Coordinator {
     store: Box<dyn StateStore>,
     state: Mutex<Persisted>,
     layout_tx: watch::Sender<Option<Arc<PublishedLayout>>>,
-    challenges: Mutex<HashMap<Vec<u8>, u64>>,
+    /// Outstanding challenges: expiry, and whose share it counts against.
+    challenges: Mutex<HashMap<Vec<u8>, (u64, ChallengeOwner)>>,
     verifier: Verifier,
     ledger: Mutex<Ledger>,
     admission: Mutex<Admission>,
@@ -375,6 +394,8 @@ pub struct Coordinator {
     /// Joins per identity and for the whole pool.
     joins_by_id: KeyedBuckets<NodeId>,
     joins_pool: KeyedBuckets<()>,
+    /// Joins per stranger's owner root (all its keys together).
+    joins_by_root: KeyedBuckets<NodeId>,
     /// Wakes the housekeeping loop when membership changed (a join): the layout is recomputed
     /// and the state written there, never on a request's path.
     wake: tokio::sync::Notify,
@@ -442,6 +463,7 @@ impl Coordinator {
                 MAX_CHALLENGES,
             ),
             joins_pool: KeyedBuckets::new(JOIN_RATE_POOL, JOIN_BURST_POOL, 1),
+            joins_by_root: KeyedBuckets::new(JOIN_RATE_ROOT, JOIN_BURST_ROOT, MAX_CHALLENGES),
             wake: tokio::sync::Notify::new(),
             save_order: Mutex::new(()),
             metrics: crate::metrics::CoordinatorMetrics::new(),
@@ -461,16 +483,63 @@ impl Coordinator {
         &self.identity
     }
 
-    /// Issues a capacity challenge.
+    /// Issues a capacity challenge to nobody in particular (simulations and tests): it counts
+    /// against the pool-wide limit only.
     pub fn challenge(&self, now_ms: u64) -> Result<(Vec<u8>, u8), Refusal> {
+        self.issue_challenge(ChallengeOwner::Anyone, now_ms)
+    }
+
+    /// Issues a capacity challenge to `caller`: a member of the pool gets one from its own
+    /// share; a stranger's owner root holds at most [`MAX_CHALLENGES_PER_ROOT`] outstanding
+    /// (however many keys it delegates), within the pool-wide limit.
+    pub fn challenge_for(&self, caller: &Caller, now_ms: u64) -> Result<(Vec<u8>, u8), Refusal> {
+        let owner = if self.is_member(&caller.id) {
+            ChallengeOwner::Member(caller.id)
+        } else {
+            ChallengeOwner::Root(caller.root)
+        };
+        self.issue_challenge(owner, now_ms)
+    }
+
+    /// Whether `id` is a member of the pool (admitted before and not disqualified).
+    pub fn is_member(&self, id: &NodeId) -> bool {
+        let st = self.state.lock().unwrap();
+        st.nodes.get(&id.to_hex()).is_some_and(|m| m.standing != Standing::Disqualified)
+    }
+
+    fn issue_challenge(
+        &self,
+        owner: ChallengeOwner,
+        now_ms: u64,
+    ) -> Result<(Vec<u8>, u8), Refusal> {
         let mut ch = self.challenges.lock().unwrap();
-        ch.retain(|_, exp| *exp > now_ms);
-        if ch.len() >= MAX_CHALLENGES {
-            return Err(Refusal::Unavailable("too many joins in flight; retry in a minute".into()));
+        ch.retain(|_, (exp, _)| *exp > now_ms);
+        let held = |o: &ChallengeOwner| ch.values().filter(|(_, x)| x == o).count();
+        match &owner {
+            ChallengeOwner::Member(id) if held(&owner) >= MAX_CHALLENGES_PER_ROOT => {
+                return Err(Refusal::ResourceExhausted(format!(
+                    "member {id} holds {MAX_CHALLENGES_PER_ROOT} unanswered challenges, its \
+                     share: answer one or retry in a minute"
+                )));
+            }
+            ChallengeOwner::Member(_) => {}
+            ChallengeOwner::Root(root) if held(&owner) >= MAX_CHALLENGES_PER_ROOT => {
+                return Err(Refusal::ResourceExhausted(format!(
+                    "owner root {} holds {MAX_CHALLENGES_PER_ROOT} unanswered challenges (all \
+                     its keys together), its share: answer one or retry in a minute",
+                    root.short()
+                )));
+            }
+            _ if ch.len() >= MAX_CHALLENGES => {
+                return Err(Refusal::Unavailable(
+                    "too many joins in flight; retry in a minute".into(),
+                ));
+            }
+            _ => {}
         }
         let mut c = vec![0u8; 32];
         getrandom::fill(&mut c).expect("OS randomness");
-        ch.insert(c.clone(), now_ms + CHALLENGE_TTL_MS);
+        ch.insert(c.clone(), (now_ms + CHALLENGE_TTL_MS, owner));
         Ok((c, self.config.capacity_difficulty))
     }
 
@@ -487,10 +556,22 @@ impl Coordinator {
                 wait.as_millis().max(1)
             )));
         }
-        if !self.joins_pool.try_take(&(), now) {
-            return Err(Refusal::ResourceExhausted(format!(
-                "the pool admits at most {JOIN_RATE_POOL} joins a second: retry in a second"
-            )));
+        // A member rejoins (after a restart, a move) through its own budget above; strangers
+        // share one per owner root and the pool's, which a flood of them spends.
+        if !self.is_member(&caller.id) {
+            if !self.joins_by_root.try_take(&caller.root, now) {
+                return Err(Refusal::ResourceExhausted(format!(
+                    "owner root {} made {JOIN_BURST_ROOT} joins in quick succession (all its \
+                     keys together), its share: retry in {} ms",
+                    caller.root.short(),
+                    self.joins_by_root.wait(&caller.root, now).as_millis().max(1)
+                )));
+            }
+            if !self.joins_pool.try_take(&(), now) {
+                return Err(Refusal::ResourceExhausted(format!(
+                    "the pool admits at most {JOIN_RATE_POOL} joins a second: retry in a second"
+                )));
+            }
         }
         let report = CapacityReport::decode_verified(&input.capacity_report, None)
             .map_err(|e| Refusal::InvalidArgument(format!("capacity proof refused: {e}")))?;
@@ -510,7 +591,7 @@ impl Coordinator {
             )));
         }
         let issued = self.challenges.lock().unwrap().remove(&report.challenge);
-        if issued.is_none_or(|exp| exp <= now_ms) {
+        if issued.is_none_or(|(exp, _)| exp <= now_ms) {
             return Err(Refusal::FailedPrecondition(
                 "the capacity proof answers a challenge this coordinator did not issue or that \
                  expired: ask Challenge first and join within a minute"

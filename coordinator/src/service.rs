@@ -43,8 +43,13 @@ pub async fn serve(
     let svc = proto::coordinator_server::CoordinatorServer::new(CoordinatorService::new(c.clone()))
         .max_decoding_message_size(MAX_REQUEST)
         .max_encoding_message_size(MAX_RESPONSE);
-    let incoming =
-        shardfarm_proto::tls::incoming(listener, c.identity().signing_key(), c.config().security)?;
+    // Connections are divided by owner root; members' are never closed to make room.
+    let incoming = shardfarm_proto::tls::incoming_tracked(
+        listener,
+        c.identity().signing_key(),
+        c.config().security,
+        shardfarm_proto::conns::Connections::enforcing(),
+    )?;
     tonic::transport::Server::builder()
         .layer(shardfarm_proto::HashFirstMessage)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -71,10 +76,13 @@ impl CoordinatorService {
     fn auth<M: prost::Message>(&self, r: &Request<M>, method: &str) -> Result<Caller, Status> {
         let first = r.extensions().get::<shardfarm_proto::FirstMessageHash>();
         let peer = shardfarm_proto::PeerInfo::of(r);
-        verify_request(&self.c.verifier, r.metadata(), first, &peer, method).map_err(|e| {
-            self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
-            auth_status(&e)
-        })
+        let caller =
+            verify_request(&self.c.verifier, r.metadata(), first, &peer, method).map_err(|e| {
+                self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+                auth_status(&e)
+            })?;
+        peer.note_request(&caller.root.0, self.c.is_member(&caller.id));
+        Ok(caller)
     }
 }
 
@@ -123,8 +131,8 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::ChallengeRequest>,
     ) -> Result<Response<proto::ChallengeResponse>, Status> {
-        self.auth(&request, methods::CHALLENGE)?;
-        let (challenge, difficulty) = self.c.challenge(now_ms()).map_err(to_status)?;
+        let caller = self.auth(&request, methods::CHALLENGE)?;
+        let (challenge, difficulty) = self.c.challenge_for(&caller, now_ms()).map_err(to_status)?;
         Ok(Response::new(proto::ChallengeResponse {
             challenge: challenge.into(),
             difficulty: u32::from(difficulty),

@@ -872,3 +872,35 @@ async fn a_member_back_at_another_address_is_republished_at_once() {
     let quiet = tokio::time::timeout(Duration::from_millis(500), watch.message()).await;
     assert!(quiet.is_err(), "a join at the same address republished: {quiet:?}");
 }
+
+/// Attack 4 of the hostile round: one root identity with many delegated keys floods
+/// Challenge while a member of the pool restarts. The root gets its share of challenges (all
+/// its keys together) and a precise refusal past it; another stranger still gets one; the
+/// member rejoins at once, through its own share.
+#[tokio::test]
+async fn a_challenge_flood_from_one_root_keeps_neither_a_member_nor_another_stranger_out() {
+    let r = start(pool()).await;
+    let (member, joined) = join(&r, "z0", 7100).await;
+    joined.unwrap();
+    let (root, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    let mut issued = 0;
+    let mut refusal = None;
+    for _ in 0..40 {
+        let key = random_signing_key();
+        let cert = Delegation::issue(&root, key.verifying_key(), u64::MAX / 2000);
+        let mut c = client(&r, Signer::delegated(cert, key)).await;
+        match c.challenge().await {
+            Ok(_) => issued += 1,
+            Err(e) => refusal = Some(e),
+        }
+    }
+    assert_eq!(issued, shardfarm_coordinator::MAX_CHALLENGES_PER_ROOT);
+    let refusal = refusal.unwrap();
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(refusal.message().contains("its share"), "{}", refusal.message());
+    assert!(refusal.message().contains(&root.id().short()), "{}", refusal.message());
+    // Another stranger, and the member coming back, are not held up.
+    let (other, _) = Identity::generate(D, 0, &|_| {}).unwrap();
+    client(&r, Signer::identity(&other)).await.challenge().await.unwrap();
+    join_again(&r, &member, "z0", 7100, None).await.unwrap();
+}
