@@ -4,7 +4,8 @@
 //! One farm, one story: populate through the gateway (sizes, multipart, ranges, 1 500 keys,
 //! copy, delete), abuse it (wrong secrets, another user's key, malformed requests), list and
 //! delete 1 000 awkward keys with encoding-type=url, race create-only PUTs, check conditional
-//! requests, S3's refusals, headers and SSE answers,
+//! requests, S3's refusals, headers (non-ASCII metadata as RFC 2047) and SSE answers, SigV2
+//! bucket operations,
 //! kill the gateway with a multipart upload in progress and delete its index (the new one
 //! loads a snapshot, replays the entries after it, and the upload completes), sync a
 //! tree both ways with rclone, stall an agent (SIGSTOP), kill -9 two agents (RS(4,2)) and read everything back, then
@@ -112,6 +113,8 @@ fn s3_clients_store_and_read_through_the_gateway_and_it_survives_loss() {
     boto(&python, &gw, "listing", &state);
     boto(&python, &gw, "conditional", &state);
     boto(&python, &gw, "refusals", &state);
+    // SigV2-signed bucket operations (botocore signs /bucket/, minio-go /bucket).
+    boto(&python, &gw, "sigv2", &state);
 
     // The gateway dies with its disk while a multipart upload is in progress: a new one loads
     // the newest snapshot of the namespace and replays only the entries after it, and the

@@ -1,5 +1,5 @@
 //! The HTTP front: hyper's server, and what S3 does around every operation that s3s leaves to
-//! its user (request ids, presigned-URL limits, PUTs of unknown length).
+//! its user (request ids, presigned-URL limits, PUTs of unknown length, SigV2 bucket paths).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,7 +24,9 @@ pub(crate) const HEADER_DEADLINE: Duration = Duration::from_secs(30);
 // operators grep for it), the presigned-URL expiry limit (at most 7 days, checked before the
 // signature), and PUTs whose length is unknown (`Transfer-Encoding: chunked`, no
 // Content-Length), which s3s refuses: their body is spooled to disk first, bounded by 5 GiB,
-// and then handed to s3s with its length.
+// and then handed to s3s with its length. And SigV2-signed requests for a bucket alone, which
+// clients sign over `/bucket/` (botocore) or `/bucket` (minio-go) and S3 accepts either way,
+// while s3s checks only the path as sent (see `Front::call`).
 
 /// Marks a GET or HEAD response whose preconditions answer 304 Not Modified.
 #[derive(Clone, Copy)]
@@ -67,17 +69,7 @@ impl Front {
             Some(refused) => refused,
             None => match self.with_length(req.map(s3s::Body::from)).await {
                 Err(refused) => refused,
-                Ok(req) => match self.s3.call(req).await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        tracing::error!(error = ?e, "the S3 service failed");
-                        error_response(
-                            http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "InternalError",
-                            "We encountered an internal error. Please try again.",
-                        )
-                    }
-                },
+                Ok(req) => self.call(req).await,
             },
         };
         if let Ok(v) = http::HeaderValue::from_str(&id) {
@@ -102,6 +94,75 @@ impl Front {
             *resp.body_mut() = body;
         }
         resp
+    }
+
+    /// One request through s3s; a failure of the service itself is a 500.
+    async fn call_once(&self, req: http::Request<s3s::Body>) -> http::Response<s3s::Body> {
+        match self.s3.call(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::error!(error = ?e, "the S3 service failed");
+                error_response(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                )
+            }
+        }
+    }
+
+    /// A request through s3s. A SigV2-signed one that addresses only a bucket, path-style
+    /// (`/bucket`), may have been signed over `/bucket` or over `/bucket/` (botocore's
+    /// `signature_version='s3'` signs `/bucket/`; minio-go signs `/bucket`; S3 accepts both),
+    /// while s3s checks only the path as sent: when that answers SignatureDoesNotMatch, the
+    /// request is tried once more as `/bucket/`, which s3s routes to the same bucket. Nothing is
+    /// done before a signature matches, so the first attempt changed nothing. Its body (a
+    /// bucket configuration, a DeleteObjects list) is held in memory for the second attempt, up
+    /// to [`SIGV2_RETRY_BODY`]; a larger one is checked as sent only.
+    async fn call(&self, req: http::Request<s3s::Body>) -> http::Response<s3s::Body> {
+        let Some(alt) = sigv2_bucket_alternative(req.uri(), req.headers()) else {
+            return self.call_once(req).await;
+        };
+        let h = req.headers();
+        let len = match h.get(http::header::CONTENT_LENGTH) {
+            Some(v) => v.to_str().ok().and_then(|v| v.parse::<u64>().ok()),
+            None if h.contains_key(http::header::TRANSFER_ENCODING) => None,
+            None => Some(0),
+        };
+        if len.is_none_or(|len| len > SIGV2_RETRY_BODY) {
+            return self.call_once(req).await;
+        }
+        let (parts, mut body) = req.into_parts();
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) if (buf.len() + c.len()) as u64 <= SIGV2_RETRY_BODY => {
+                    buf.extend_from_slice(&c)
+                }
+                _ => {
+                    return error_response(
+                        http::StatusCode::BAD_REQUEST,
+                        "IncompleteBody",
+                        "the body could not be read",
+                    );
+                }
+            }
+        }
+        let body = bytes::Bytes::from(buf);
+        let rebuild = |uri: http::Uri| {
+            let mut r = http::Request::new(s3s::Body::from(body.clone()));
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = uri;
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            *r.extensions_mut() = parts.extensions.clone();
+            r
+        };
+        let resp = self.call_once(rebuild(parts.uri.clone())).await;
+        if !signature_mismatch(&resp) {
+            return resp;
+        }
+        self.call_once(rebuild(alt)).await
     }
 
     /// A PUT sent with `Transfer-Encoding: chunked` and no length is spooled to disk (at most
@@ -181,6 +242,50 @@ impl Front {
     }
 }
 
+/// Largest body of a SigV2-signed bucket request kept to be tried as `/bucket/` too (a
+/// DeleteObjects of 1 000 keys of 1 024 bytes fits).
+pub(crate) const SIGV2_RETRY_BODY: u64 = 4 << 20;
+
+/// For a request signed with SigV2 (an `Authorization: AWS …` header, or a presigned URL's
+/// `AWSAccessKeyId` and `Signature`) whose path names only a bucket (`/bucket`, path-style: the
+/// gateway serves no virtual hosts), the same request URI with the path `/bucket/`.
+pub(crate) fn sigv2_bucket_alternative(
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Option<http::Uri> {
+    let path = uri.path();
+    let bucket = path.strip_prefix('/')?;
+    if bucket.is_empty() || bucket.contains('/') {
+        return None;
+    }
+    let query = uri.query();
+    let has =
+        |name: &str| query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some(name)));
+    let header_v2 = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("AWS "));
+    let presigned_v2 = has("Signature") && has("AWSAccessKeyId");
+    if !(header_v2 || presigned_v2) {
+        return None;
+    }
+    let path_and_query = match query {
+        Some(q) => format!("{path}/?{q}"),
+        None => format!("{path}/"),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// Whether s3s refused the request's signature.
+fn signature_mismatch(resp: &http::Response<s3s::Body>) -> bool {
+    resp.status() == http::StatusCode::FORBIDDEN
+        && resp.body().bytes().is_some_and(|b| {
+            String::from_utf8_lossy(&b).contains("<Code>SignatureDoesNotMatch</Code>")
+        })
+}
+
 /// An error body with `<RequestId>` set to the header's id (s3s writes none).
 pub(crate) fn with_request_id(body: &[u8], id: &str) -> s3s::Body {
     let text = String::from_utf8_lossy(body);
@@ -250,6 +355,37 @@ pub async fn serve(gateway: Gateway, listen: SocketAddr, grace: Duration) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_sigv2_bucket_requests_get_the_trailing_slash_alternative() {
+        let v2 = |auth: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, auth.parse().unwrap());
+            h
+        };
+        let alt = |uri: &str, h: &http::HeaderMap| {
+            sigv2_bucket_alternative(&uri.parse().unwrap(), h).map(|u| u.to_string())
+        };
+        let header = v2("AWS ALICE:c2lnbmF0dXJl");
+        assert_eq!(alt("/b1", &header).as_deref(), Some("/b1/"));
+        assert_eq!(
+            alt("/b1?encoding-type=url", &header).as_deref(),
+            Some("/b1/?encoding-type=url")
+        );
+        let presigned = "/b1?AWSAccessKeyId=ALICE&Signature=x%2By&Expires=99";
+        assert_eq!(
+            alt(presigned, &http::HeaderMap::new()).as_deref(),
+            Some("/b1/?AWSAccessKeyId=ALICE&Signature=x%2By&Expires=99")
+        );
+        // Not a bucket alone, or not SigV2: nothing.
+        for uri in ["/", "/b1/", "/b1/key", "/b1/key/"] {
+            assert_eq!(alt(uri, &header), None, "{uri}");
+        }
+        let v4 = v2("AWS4-HMAC-SHA256 Credential=ALICE/20260101/us-east-1/s3/aws4_request");
+        assert_eq!(alt("/b1", &v4), None);
+        assert_eq!(alt("/b1", &http::HeaderMap::new()), None);
+        assert_eq!(alt("/b1?X-Amz-Signature=x&X-Amz-Credential=y", &http::HeaderMap::new()), None);
+    }
 
     #[test]
     fn error_bodies_get_the_request_id() {

@@ -2,7 +2,7 @@
 
 Usage: python s3_client.py ENDPOINT PHASE STATE_DIR
   ENDPOINT   http://127.0.0.1:PORT
-  PHASE      populate | verify | abuse | stalled | listing | conditional | refusals |
+  PHASE      populate | verify | abuse | stalled | listing | conditional | refusals | sigv2 |
              upload_begin | upload_finish
   STATE_DIR  where the expected contents are kept between phases
 
@@ -584,6 +584,37 @@ def refusals():
     ok("Cache-Control, Content-Disposition, -Encoding, -Language, Expires stored, returned, "
        "copied; FetchOwner=true returns the owner")
 
+    # Non-ASCII user metadata, as S3 answers it (user guide, "Working with object metadata",
+    # User-defined object metadata): a value with non-US-ASCII characters comes back as an
+    # RFC 2047 encoded-word of its UTF-8 (=?UTF-8?B?...?=), ASCII as is. botocore refuses to
+    # send non-ASCII metadata itself (S3 metadata over REST is US-ASCII), so the client sends
+    # the value RFC 2047-encoded, here with the Q encoding: it is stored decoded and returned
+    # B-encoded, decoding to what was sent.
+    import base64
+    import email.header
+    from botocore.exceptions import ParamValidationError
+    text = "ÄMÄZÕÑ S3 ü 中文"
+    try:
+        alice.put_object(Bucket=bucket, Key="meta", Body=b"m", Metadata={"nonascii": text})
+        raise AssertionError("botocore sent non-ASCII metadata")
+    except ParamValidationError:
+        pass
+    q_word = "=?UTF-8?Q?" + "".join(
+        chr(b) if chr(b).isalnum() and b < 128 else f"={b:02X}" for b in text.encode()) + "?="
+    b_word = "=?UTF-8?B?" + base64.b64encode(text.encode()).decode() + "?="
+    alice.put_object(Bucket=bucket, Key="meta", Body=b"m",
+                     Metadata={"nonascii": q_word, "ascii": "AMAZONS3"})
+    alice.copy_object(Bucket=bucket, Key="meta-copy", CopySource={"Bucket": bucket, "Key": "meta"})
+    for r in (alice.head_object(Bucket=bucket, Key="meta"),
+              alice.get_object(Bucket=bucket, Key="meta"),
+              alice.head_object(Bucket=bucket, Key="meta-copy")):
+        got = r["Metadata"]
+        assert got == {"nonascii": b_word, "ascii": "AMAZONS3"}, (got, b_word)
+        [(raw, charset)] = email.header.decode_header(got["nonascii"])
+        assert raw.decode(charset) == text, (raw, charset)
+    ok("non-ASCII metadata: refused by botocore as raw text; sent RFC 2047 (Q), returned as S3 "
+       "does (=?UTF-8?B?...?=, ASCII as is), decoding to what was sent; copied alike")
+
     # A PUT with Transfer-Encoding: chunked and no Content-Length (a presigned PUT, as a
     # streaming uploader sends it).
     url = alice.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "chunked"},
@@ -630,9 +661,88 @@ def refusals():
     ok("SSE-S3 (AES256) answered on PUT/GET/HEAD and as the bucket default; SSE-KMS and SSE-C: "
        "NotImplemented, nothing stored")
 
-    for k in ("self", "headers", "headers-copy", "chunked", "sse"):
+    for k in ("self", "headers", "headers-copy", "meta", "meta-copy", "chunked", "sse"):
         alice.delete_object(Bucket=bucket, Key=k)
     alice.delete_bucket(Bucket=bucket)
+
+
+def sigv2():
+    """SigV2 (botocore's signature_version='s3'). botocore signs a request for a bucket alone
+    over the resource /bucket/ (minio-go over /bucket; S3 accepts both): bucket operations with
+    and without a body work either way, and a wrong secret is still refused."""
+    import base64
+    import email.utils
+    import hmac
+    import urllib.error
+    import urllib.request
+
+    def v2client(secret):
+        return boto3.client("s3", endpoint_url=ENDPOINT, aws_access_key_id=os.environ["ALICE_KEY"],
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(signature_version="s3"))
+    v2 = v2client(os.environ["ALICE_SECRET"])
+    v2.create_bucket(Bucket="sigv2-plain")
+    v2.create_bucket(Bucket="sigv2-conf",
+                     CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    for b in ("sigv2-plain", "sigv2-conf"):
+        v2.head_bucket(Bucket=b)
+        v2.get_bucket_location(Bucket=b)
+        v2.put_object(Bucket=b, Key="k +1", Body=b"v2 body")
+        assert v2.get_object(Bucket=b, Key="k +1")["Body"].read() == b"v2 body"
+        assert [o["Key"] for o in v2.list_objects(Bucket=b)["Contents"]] == ["k +1"]
+        assert [o["Key"] for o in v2.list_objects_v2(Bucket=b)["Contents"]] == ["k +1"]
+    assert {"sigv2-plain", "sigv2-conf"} <= {b["Name"] for b in v2.list_buckets()["Buckets"]}
+    r = v2.delete_objects(Bucket="sigv2-conf", Delete={"Objects": [{"Key": "k +1"}]})
+    assert [d["Key"] for d in r.get("Deleted", [])] == ["k +1"], r
+    ok("SigV2 (botocore): CreateBucket with and without CreateBucketConfiguration, HeadBucket, "
+       "GetBucketLocation, ListObjects v1/v2, ListBuckets, DeleteObjects, object PUT/GET")
+
+    # A presigned listing: boto3 at its defaults presigns with SigV2 for a custom endpoint.
+    url = alice.generate_presigned_url("list_objects", Params={"Bucket": "sigv2-plain"},
+                                       ExpiresIn=600)
+    assert "Signature=" in url and "X-Amz-Signature" not in url, url
+    from urllib.parse import quote
+    key = quote("k +1") if "encoding-type=url" in url else "k +1"
+    with urllib.request.urlopen(url) as resp:
+        body = resp.read().decode()
+        assert resp.status == 200 and f"<Key>{key}</Key>" in body, (resp.status, body)
+
+    bad = v2client("not-the-secret-key")
+    expect_error({"SignatureDoesNotMatch"}, bad.create_bucket, Bucket="sigv2-forged")
+    expect_error({"SignatureDoesNotMatch"}, bad.list_objects, Bucket="sigv2-plain")
+    expect_error({"SignatureDoesNotMatch"}, bad.delete_bucket, Bucket="sigv2-conf")
+    expect_error({"404", "NoSuchBucket"}, v2.head_bucket, Bucket="sigv2-forged")
+    v2.head_bucket(Bucket="sigv2-conf")
+
+    # Signed by hand over the resource without the slash, as minio-go signs it.
+    def raw(method, path, resource):
+        date = email.utils.formatdate(usegmt=True)
+        sts = f"{method}\n\n\n{date}\n{resource}"
+        sig = base64.b64encode(hmac.new(os.environ["ALICE_SECRET"].encode(), sts.encode(),
+                                        "sha1").digest()).decode()
+        req = urllib.request.Request(ENDPOINT + path, method=method, headers={
+            "Date": date, "Authorization": f"AWS {os.environ['ALICE_KEY']}:{sig}"})
+        try:
+            with urllib.request.urlopen(req) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+    status, body = raw("PUT", "/sigv2-raw", "/sigv2-raw")
+    assert status == 200, (status, body)
+    for resource in ("/sigv2-raw", "/sigv2-raw/"):
+        status, body = raw("GET", "/sigv2-raw", resource)
+        assert status == 200 and "<ListBucketResult" in body, (resource, status, body)
+    status, body = raw("DELETE", "/sigv2-raw", "/sigv2-plain/")
+    assert status == 403 and "SignatureDoesNotMatch" in body, (status, body)
+    status, body = raw("DELETE", "/sigv2-raw", "/sigv2-raw")
+    assert status == 204, (status, body)
+    ok("SigV2 over /bucket and /bucket/ both accepted (presigned too); a wrong secret or "
+       "another resource: SignatureDoesNotMatch")
+
+    v2.delete_object(Bucket="sigv2-plain", Key="k +1")
+    for b in ("sigv2-plain", "sigv2-conf"):
+        v2.delete_bucket(Bucket=b)
+    expect_error({"404", "NoSuchBucket"}, alice.head_bucket, Bucket="sigv2-plain")
 
 
 def upload_path():
@@ -678,5 +788,5 @@ def upload_finish():
 
 
 {"populate": populate, "verify": verify, "abuse": abuse, "stalled": stalled,
- "listing": listing, "conditional": conditional, "refusals": refusals,
+ "listing": listing, "conditional": conditional, "refusals": refusals, "sigv2": sigv2,
  "upload_begin": upload_begin, "upload_finish": upload_finish}[PHASE]()
