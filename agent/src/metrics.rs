@@ -61,8 +61,9 @@ pub struct Metrics {
     /// backoff).
     pub repair_passes_failed: IntCounter,
     /// The oldest of the times each partition this node holds was last proven whole (every
-    /// current holder listed it, nothing left to repair), Unix seconds; 0 while one was never
-    /// proven for the current layout.
+    /// current holder listed it, nothing left to repair), Unix seconds; a partition not yet
+    /// proven for the current layout counts from when the layout arrived (from the start,
+    /// before the first pass).
     pub repair_proven_timestamp: Gauge,
     /// Segments with fewer than k shards that are younger than the upload grace: being
     /// written, not lost.
@@ -207,9 +208,14 @@ impl Metrics {
         .unwrap();
         let repair_proven_timestamp = Gauge::new(
             "shardfarm_agent_repair_proven_timestamp_seconds",
-            "oldest time a partition held here was last proven whole by every current holder's listing (0: never, for this layout)",
+            "oldest time a partition held here was last proven whole by every current holder's listing (unproven ones: when their layout arrived)",
         )
         .unwrap();
+        repair_proven_timestamp.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let segments_being_written = IntGauge::new(
             "shardfarm_agent_segments_being_written",
             "segments with fewer than k shards younger than the upload grace (not lost)",

@@ -381,6 +381,9 @@ struct PartitionProof {
     /// When each partition was last listed by every holder with nothing left to repair (Unix
     /// ms), for this version.
     proven_ms: BTreeMap<u32, u64>,
+    /// When this node started repairing for this version (Unix ms): a partition not proven
+    /// yet has been unproven since then.
+    since_ms: u64,
 }
 
 /// Why one shard could not be repaired.
@@ -672,7 +675,11 @@ impl RepairWorker {
         {
             let mut proof = self.partitions.lock().unwrap();
             if proof.version != layout.version {
-                *proof = PartitionProof { version: layout.version, ..Default::default() };
+                *proof = PartitionProof {
+                    version: layout.version,
+                    since_ms: shardfarm_core::auth::now_ms(),
+                    ..Default::default()
+                };
             }
             proof.missing.retain(|p, _| mine.contains_key(p));
             proof.proven_ms.retain(|p, _| mine.contains_key(p));
@@ -886,10 +893,11 @@ impl RepairWorker {
             for p in mine.keys().filter(|p| !unproven.contains(p)) {
                 proof.proven_ms.insert(*p, now_ms);
             }
-            // The oldest proof among the partitions held; 0 while one has none for this layout.
+            // The oldest proof among the partitions held; one not proven for this layout yet
+            // counts from when the layout arrived.
             let oldest = mine
                 .keys()
-                .map(|p| proof.proven_ms.get(p).copied().unwrap_or(0))
+                .map(|p| proof.proven_ms.get(p).copied().unwrap_or(proof.since_ms))
                 .min()
                 .unwrap_or(now_ms);
             self.node.metrics.repair_proven_timestamp.set(oldest as f64 / 1000.0);

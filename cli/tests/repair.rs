@@ -216,6 +216,7 @@ fn a_holder_whose_peers_do_not_list_is_not_synced_and_the_pool_says_degraded() {
         "0",
     ];
     let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
+    common::settled(&farm);
     let files = store_files(&farm, tmp.path());
     farm.wait_for(60, "the first layout in sync", || {
         farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
@@ -254,6 +255,8 @@ fn a_holder_whose_peers_do_not_list_is_not_synced_and_the_pool_says_degraded() {
     );
     let stalled_for = stall_began.elapsed();
     assert!(stalled_for < std::time::Duration::from_secs(28), "the stall outlived the grace");
+    let thawed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     drop(stalled);
     // Once it answers again the move completes and is proven.
     farm.wait_for(90, "the layout in sync after the stall", || {
@@ -263,7 +266,9 @@ fn a_holder_whose_peers_do_not_list_is_not_synced_and_the_pool_says_degraded() {
     // The pass that met the stalled holder failed (and was retried), it did not sync.
     let newcomer = common::http_get(&http, "/metrics");
     assert!(metric(&newcomer, "shardfarm_agent_repair_passes_failed_total") >= 1.0);
-    assert!(metric(&newcomer, "shardfarm_agent_repair_proven_timestamp_seconds") > 0.0);
+    // Every partition it holds was proven after the stall ended, none during it.
+    let proven = metric(&newcomer, "shardfarm_agent_repair_proven_timestamp_seconds");
+    assert!(proven >= thawed - 1.0, "proven at {proven}, the stall ended at {thawed}");
     read_all_back(&farm, &files, tmp.path(), "after-stall");
 }
 
