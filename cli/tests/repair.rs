@@ -199,22 +199,12 @@ fn a_node_that_drops_its_data_is_suspended_then_disqualified_and_rebuilt_elsewhe
 
 #[test]
 fn a_holder_whose_peers_do_not_list_is_not_synced_and_the_pool_says_degraded() {
-    // A grace longer than the stall, so the stalled peer stays a holder.
     let tmp = tempfile::tempdir().unwrap();
-    let args = [
-        "--nodes",
-        "6",
-        "--heartbeat-ms",
-        "300",
-        "--grace",
-        "30",
-        "--audit-interval",
-        "1",
-        "--segment-size",
-        "256KiB",
-        "--vetting-audits",
-        "0",
-    ];
+    // The fast timings, with a grace longer than the stall so the stalled peer stays a holder.
+    let mut args = vec!["--nodes", "6"];
+    args.extend_from_slice(FAST);
+    let grace = args.iter().position(|a| *a == "--grace").unwrap() + 1;
+    args[grace] = "30";
     let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
     common::settled(&farm);
     let files = store_files(&farm, tmp.path());
