@@ -556,7 +556,11 @@ impl RepairWorker {
                 _ => return Ok(out),
             }
         }
-        Ok(out)
+        // Cut off: what it did not list is unknown, so this is no listing at all (a partial
+        // one would make shards past the cut look missing: collected, or "proven" absent).
+        Err(tonic::Status::resource_exhausted(format!(
+            "the peer listed more than {MAX_LIST_PAGES} pages of partition {p}: not a complete listing"
+        )))
     }
 
     async fn list_local(&self, p: u32) -> Vec<ShardId> {

@@ -63,13 +63,18 @@ impl ConnState {
         if member {
             self.member.store(true, Ordering::Relaxed);
         }
+        if self.root.lock().unwrap().is_some() {
+            return;
+        }
+        // Counted under the registry's lock, and only while the connection is registered:
+        // one closing at the same moment must not leave its root's count behind.
+        let mut reg = self.registry.lock().unwrap();
         let mut mine = self.root.lock().unwrap();
-        if mine.is_some() {
+        if mine.is_some() || !reg.conns.contains_key(&self.serial) {
             return;
         }
         *mine = Some(*root);
         drop(mine);
-        let mut reg = self.registry.lock().unwrap();
         let held = reg.by_root.entry(*root).or_default();
         *held += 1;
         if *held <= MAX_CONNECTIONS_PER_ROOT || self.member.load(Ordering::Relaxed) {
