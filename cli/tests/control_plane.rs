@@ -96,7 +96,7 @@ fn without_tls_an_agent_still_refuses_layouts_forged_on_the_way_and_deletes_noth
     ] {
         mitm.set(mode);
         let series = format!("shardfarm_agent_layouts_refused_total{{reason=\"{reason}\"}}");
-        farm.wait_for(30, &format!("the agent to refuse the {mode:?} layout"), || {
+        farm.wait_for(90, &format!("the agent to refuse the {mode:?} layout"), || {
             metric(&scrape(), &series) > 0.0
         });
     }
