@@ -701,9 +701,7 @@ impl RepairWorker {
                 let gained = slots.iter().filter(|s| !before.contains(s)).count() as u64;
                 proof.missing.entry(*p).or_insert(gained);
             }
-            let known: u64 = proof.missing.values().sum();
-            self.progress.backlog.store(known, Ordering::Relaxed);
-            self.node.metrics.repair_backlog.set(known as i64);
+            self.publish_backlog(&proof);
         }
         // Partitions some current holder did not list, or with a repair that failed.
         let mut unproven: BTreeSet<u32> = BTreeSet::new();
@@ -834,9 +832,7 @@ impl RepairWorker {
         report.missing = backlog.len() as u64;
         // The backlog reported is what is known missing, partitions whose listing failed
         // included at their last known figure.
-        let known_missing: u64 = self.partitions.lock().unwrap().missing.values().sum();
-        self.progress.backlog.store(known_missing, Ordering::Relaxed);
-        self.node.metrics.repair_backlog.set(known_missing as i64);
+        self.publish_backlog(&self.partitions.lock().unwrap());
         let mut lost_segments: BTreeSet<([u8; 32], u32)> = BTreeSet::new();
         let mut writing: BTreeSet<([u8; 32], u32)> = BTreeSet::new();
         for (p, obj, seg, slot, holders, all_answered) in backlog {
@@ -948,12 +944,19 @@ impl RepairWorker {
 
     /// One shard of partition `p` no longer to repair (rebuilt, or being written).
     fn repaired_in(&self, p: u32) {
-        if let Some(n) = self.partitions.lock().unwrap().missing.get_mut(&p) {
+        let mut proof = self.partitions.lock().unwrap();
+        if let Some(n) = proof.missing.get_mut(&p) {
             *n = n.saturating_sub(1);
         }
-        let left = self.progress.backlog.load(Ordering::Relaxed).saturating_sub(1);
-        self.progress.backlog.store(left, Ordering::Relaxed);
-        self.node.metrics.repair_backlog.set(left as i64);
+        self.publish_backlog(&proof);
+    }
+
+    /// Reports the backlog: the sum of what each partition is known to miss (the one figure
+    /// the heartbeat and the metric both show).
+    fn publish_backlog(&self, proof: &PartitionProof) {
+        let known: u64 = proof.missing.values().sum();
+        self.progress.backlog.store(known, Ordering::Relaxed);
+        self.node.metrics.repair_backlog.set(known as i64);
     }
 
     /// Counts one more failed pass for a slot; returns the count.
