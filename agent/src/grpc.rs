@@ -320,16 +320,13 @@ impl Agent for AgentService {
         let start = Instant::now();
         self.authenticate(&request, methods::LIST_TOMBSTONES)?;
         let req = request.into_inner();
-        let after = match req.start_after.len() {
-            0 => None,
-            32 => Some(req.start_after[..].try_into().expect("32 bytes")),
-            n => return Err(Status::invalid_argument(format!("start_after is {n} bytes, not 32"))),
-        };
         let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
-        let r = self.node.list_tombstones(after, limit).await;
-        let list = self.observe(methods::LIST_TOMBSTONES, start, r)?;
+        let r = self.node.tombstones_since(req.after, limit).await;
+        let (log, list, last) = self.observe(methods::LIST_TOMBSTONES, start, r)?;
         Ok(Response::new(proto::ListTombstonesResponse {
             tombstones: list.into_iter().map(Bytes::from).collect(),
+            log,
+            last,
         }))
     }
 
@@ -354,6 +351,29 @@ impl Agent for AgentService {
             })
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    async fn summarize_partitions(
+        &self,
+        request: Request<proto::SummarizePartitionsRequest>,
+    ) -> Result<Response<proto::SummarizePartitionsResponse>, Status> {
+        let start = Instant::now();
+        self.authenticate(&request, methods::SUMMARIZE)?;
+        let partitions = request.into_inner().partitions;
+        let r = self.node.summaries(partitions.clone()).await;
+        let summaries = self.observe(methods::SUMMARIZE, start, r)?;
+        let summaries = partitions
+            .into_iter()
+            .zip(summaries)
+            .map(|(partition, s)| proto::PartitionSummary {
+                partition,
+                digest: Bytes::copy_from_slice(&s.digest),
+                segments: s.segments,
+                shards: s.shards,
+                indexes: Bytes::copy_from_slice(&s.indexes),
+            })
+            .collect();
+        Ok(Response::new(proto::SummarizePartitionsResponse { summaries }))
     }
 
     async fn audit(

@@ -55,6 +55,10 @@ pub struct Metrics {
     /// Partition listings a holder of the current layout did not answer during repair passes
     /// (each keeps the pass from counting as a sync), by peer (a layout member's short id).
     pub listing_failures: IntCounterVec,
+    /// Partitions repair passes compared with their holders, by result: `agreed` (every
+    /// holder's summary matched: nothing listed) or `listed` (a summary differed or a holder
+    /// did not answer: the partition was listed from every holder).
+    pub partitions_compared: IntCounterVec,
     /// How long repair passes take.
     pub repair_pass_seconds: prometheus::Histogram,
     /// Repair passes that were not a sync (a listing missing or a repair failed; retried with
@@ -196,6 +200,17 @@ impl Metrics {
             &["peer"],
         )
         .unwrap();
+        let partitions_compared = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_repair_partitions_compared_total",
+                "partitions repair passes compared with their holders: agreed (nothing listed) or listed",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        for r in ["agreed", "listed"] {
+            partitions_compared.with_label_values(&[r]);
+        }
         let repair_pass_seconds = prometheus::Histogram::with_opts(
             HistogramOpts::new("shardfarm_agent_repair_pass_duration_seconds", "repair pass time")
                 .buckets(prometheus::exponential_buckets(0.01, 4.0, 9).unwrap()),
@@ -305,6 +320,7 @@ impl Metrics {
             Box::new(repair_bytes.clone()),
             Box::new(repair_failures.clone()),
             Box::new(listing_failures.clone()),
+            Box::new(partitions_compared.clone()),
             Box::new(repair_pass_seconds.clone()),
             Box::new(repair_passes_failed.clone()),
             Box::new(repair_proven_timestamp.clone()),
@@ -376,6 +392,7 @@ impl Metrics {
             repair_bytes,
             repair_failures,
             listing_failures,
+            partitions_compared,
             repair_pass_seconds,
             repair_passes_failed,
             repair_proven_timestamp,

@@ -32,7 +32,7 @@ use prometheus::core::Collector;
 use shardfarm_core::audit::{ProvenLeaf, verify_answer};
 use shardfarm_core::codec::Decoder;
 use shardfarm_core::identity::NodeId;
-use shardfarm_core::shard::{SegmentHeader, partition};
+use shardfarm_core::shard::{PartitionSummary, SegmentHeader, partition};
 use shardfarm_proto::pb as proto;
 use shardfarm_proto::{AgentClient, CoordinatorClient, PublishedLayout, Signer};
 use tokio::sync::watch;
@@ -45,10 +45,15 @@ use crate::store::ShardId;
 
 /// Entries per ListShards page.
 const PAGE: u32 = 1000;
+/// Partitions summarised per SummarizePartitions call (the agent's limit).
+const MAX_SUMMARIES: usize = crate::shard::MAX_SUMMARIES;
 /// Peers whose tombstones are copied per pass (a different few each pass).
 const TOMBSTONE_PEERS: usize = 3;
 /// Tombstones per ListTombstones page (the protocol's maximum).
 const TOMBSTONE_PAGE: u32 = 1000;
+/// How often each peer's tombstones are read from the start again rather than from where the
+/// last pass stopped.
+const TOMBSTONE_REREAD: Duration = Duration::from_secs(6 * 3600);
 /// Pages read per peer and pass: bounds the work one peer's listing can cause.
 const TOMBSTONE_PAGES: usize = 100;
 /// How long a quarantined copy is kept for inspection once its slot was not stored here again
@@ -157,6 +162,7 @@ pub async fn run(
         pass_interval: m.pass_interval,
         progress,
         tombstone_cursors: Default::default(),
+        tombstone_reread: std::sync::Mutex::new(Instant::now()),
         last_expiry: Default::default(),
         failures: Default::default(),
         partitions: Default::default(),
@@ -360,7 +366,10 @@ pub struct RepairWorker {
     pass_interval: Duration,
     progress: Arc<Progress>,
     /// Where each peer's tombstone listing resumes.
-    tombstone_cursors: std::sync::Mutex<HashMap<NodeId, Option<[u8; 32]>>>,
+    /// Per peer: its tombstone log id and the arrival number read up to.
+    tombstone_cursors: std::sync::Mutex<HashMap<NodeId, (u64, u64)>>,
+    /// When the cursors were last cleared (see [`TOMBSTONE_REREAD`]).
+    tombstone_reread: std::sync::Mutex<Instant>,
     /// When tombstones and quarantine were last expired.
     last_expiry: std::sync::Mutex<Option<Instant>>,
     /// Passes each (object, segment, slot) has failed in a row.
@@ -579,7 +588,8 @@ impl RepairWorker {
 
     /// Copies the tombstones this node lacks from a few peers and applies them, so a holder
     /// that was down during an `rm` deletes the object when it returns instead of handing
-    /// it back. Bounded: at most [`TOMBSTONE_PAGES`] pages per peer and pass.
+    /// it back. Bounded: at most [`TOMBSTONE_PAGES`] pages per peer and pass; each pass
+    /// resumes where the last one stopped with that peer.
     async fn sync_tombstones(
         &self,
         clients: &mut HashMap<NodeId, Option<AgentClient>>,
@@ -598,18 +608,36 @@ impl RepairWorker {
         peers.rotate_left(turn);
         for peer in peers.iter().take(TOMBSTONE_PEERS) {
             let Some(c) = self.client(clients, published, peer).await else { continue };
-            // Each pass resumes where the last one stopped with this peer, so every tombstone
-            // is seen within a few passes however many there are.
-            let mut after = self.tombstone_cursors.lock().unwrap().get(peer).copied().flatten();
+            // Each pass asks only for what arrived at the peer since the last one: a quiet
+            // pool's sync is one empty page per peer. A peer whose log changed (a new store)
+            // is read from its start.
+            // Every TOMBSTONE_REREAD each peer is read from its start again: a tombstone this
+            // node did not keep when offered (it held nothing of the object yet, its clock was
+            // behind) is offered once more.
+            {
+                let mut last = self.tombstone_reread.lock().unwrap();
+                if last.elapsed() >= TOMBSTONE_REREAD {
+                    *last = Instant::now();
+                    self.tombstone_cursors.lock().unwrap().clear();
+                }
+            }
+            let (mut log, mut after) =
+                self.tombstone_cursors.lock().unwrap().get(peer).copied().unwrap_or((0, 0));
             for _ in 0..TOMBSTONE_PAGES {
                 let call = c.list_tombstones(after, TOMBSTONE_PAGE);
                 let Ok(Ok(page)) = tokio::time::timeout(CALL_TIMEOUT, call).await else { break };
-                let full = page.len() >= TOMBSTONE_PAGE as usize;
-                for t in page.into_iter().take(TOMBSTONE_PAGE as usize) {
+                if page.log != log {
+                    let restart = after != 0;
+                    (log, after) = (page.log, 0);
+                    if restart {
+                        continue;
+                    }
+                }
+                let full = page.tombstones.len() >= TOMBSTONE_PAGE as usize;
+                for t in page.tombstones {
                     let Some(id) = t.get(4..36).and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
                         continue;
                     };
-                    after = Some(id);
                     if self.node.is_deleted(&id) {
                         continue;
                     }
@@ -625,12 +653,15 @@ impl RepairWorker {
                         }
                     }
                 }
-                if !full {
-                    after = None;
+                // A peer whose arrival numbers do not move on (an older version that pages by
+                // object id, or one that lies) gets one page per pass.
+                let moved = page.last > after;
+                after = page.last;
+                if !full || !moved {
                     break;
                 }
             }
-            self.tombstone_cursors.lock().unwrap().insert(*peer, after);
+            self.tombstone_cursors.lock().unwrap().insert(*peer, (log, after));
         }
     }
 
@@ -707,9 +738,8 @@ impl RepairWorker {
         let mut unproven: BTreeSet<u32> = BTreeSet::new();
         // Peers that did not answer a listing in this pass.
         let mut silent: BTreeSet<NodeId> = BTreeSet::new();
-        // ---- Repair: every slot this node holds ----
-        let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders, bool)> = Vec::new();
-        for (&p, slots) in &mine {
+        // ---- Summaries: one call per peer, covering every partition shared with it ----
+        let holders_of = |p: u32| -> BTreeSet<NodeId> {
             let mut peers: BTreeSet<NodeId> =
                 layout.partitions[p as usize].iter().copied().collect();
             if let Some(prev) = &published.previous
@@ -718,6 +748,69 @@ impl RepairWorker {
                 peers.extend(h.iter().copied());
             }
             peers.remove(&me);
+            peers
+        };
+        let mut shared: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        for &p in mine.keys() {
+            for peer in holders_of(p) {
+                shared.entry(peer).or_default().push(p);
+            }
+        }
+        let mut theirs: HashMap<(NodeId, u32), PartitionSummary> = HashMap::new();
+        for (peer, parts) in &shared {
+            for chunk in parts.chunks(MAX_SUMMARIES) {
+                let answer = match self.client(&mut clients, published, peer).await {
+                    Some(c) => tokio::time::timeout(CALL_TIMEOUT, c.summarize_partitions(chunk))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                    None => None,
+                };
+                // A peer that does not summarise (an older version, a slow first scan) is
+                // listed instead: its listing decides whether it answered.
+                let Some(list) = answer else { break };
+                theirs.extend(chunk.iter().zip(list).map(|(p, s)| ((*peer, *p), s)));
+            }
+        }
+        let ours: HashMap<u32, PartitionSummary> = {
+            let all: Vec<u32> = (0..layout.partitions.len() as u32).collect();
+            match self.node.summaries(all.clone()).await {
+                Ok(s) => all.into_iter().zip(s).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "local summaries failed; listing every partition");
+                    HashMap::new()
+                }
+            }
+        };
+        // ---- Repair: every slot this node holds ----
+        let mut backlog: Vec<(u32, [u8; 32], u32, usize, Holders, bool)> = Vec::new();
+        for (&p, slots) in &mine {
+            let peers = holders_of(p);
+            // Quiet: every holder (current and fallback) answered with this node's segments,
+            // and every current holder, this one included, holds exactly its slots of each.
+            // Then every segment has all n shards: nothing to repair, nothing to collect, and
+            // the partition is proven without listing it.
+            let agreed = ours.get(&p).is_some_and(|mine_now| {
+                mine_now.holds_exactly(slots)
+                    && peers.iter().all(|peer| {
+                        let Some(s) = theirs.get(&(*peer, p)) else { return false };
+                        let current: Vec<usize> = layout.partitions[p as usize]
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, h)| *h == peer)
+                            .map(|(slot, _)| slot)
+                            .collect();
+                        s.digest == mine_now.digest
+                            && s.segments == mine_now.segments
+                            && (current.is_empty() || s.holds_exactly(&current))
+                    })
+            });
+            if agreed {
+                self.node.metrics.partitions_compared.with_label_values(&["agreed"]).inc();
+                self.partitions.lock().unwrap().missing.insert(p, 0);
+                continue;
+            }
+            self.node.metrics.partitions_compared.with_label_values(&["listed"]).inc();
             let mut segments: BTreeMap<([u8; 32], u32), Holders> = BTreeMap::new();
             // Whether every holder of the partition (current and fallback) answered: only
             // then can a segment be called lost or collected.
@@ -905,8 +998,15 @@ impl RepairWorker {
         // ---- Handoff: shards of slots this node no longer holds ----
         // Deleted only once the new holder has *proven* it holds the same shard (an audit
         // with a nonce of ours against our own verified header), and only while this layout
-        // is still the newest.
+        // is still the newest. A partition whose summary shows only slots this node holds
+        // (or nothing) has nothing to hand off and is not listed.
         for p in 0..layout.partitions.len() as u32 {
+            if let Some(s) = ours.get(&p) {
+                let held: BTreeSet<usize> = mine.get(&p).into_iter().flatten().copied().collect();
+                if s.held_indexes().all(|i| held.contains(&i)) {
+                    continue;
+                }
+            }
             let local = self.list_local(p).await;
             for id in local {
                 let Some(&holder) = layout.partitions[p as usize].get(id.shard as usize) else {

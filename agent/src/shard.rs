@@ -17,7 +17,9 @@ use shardfarm_core::shard::{SegmentHeader, partition};
 use shardfarm_core::tombstone::Tombstone;
 
 use crate::metrics::Metrics;
-use crate::store::{Committed, PendingShard, ShardId, ShardRecord, Store, StoreError};
+use crate::store::{
+    Committed, PartitionSummary, PendingShard, ShardId, ShardRecord, Store, StoreError,
+};
 
 /// What can go wrong, by the kind of answer the caller should get.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,8 @@ pub struct Node {
 /// Tombstones per second an owner root may store for objects this node holds nothing of (a
 /// deletion of what is stored here is never limited: it frees space and names what exists).
 pub const FOREIGN_TOMBSTONES_PER_S: f64 = 10.0;
+/// Partitions one SummarizePartitions call may ask for (~85 bytes of answer each).
+pub const MAX_SUMMARIES: usize = 4096;
 /// How many it may store at once before that rate applies.
 pub const FOREIGN_TOMBSTONES_BURST: f64 = 200.0;
 
@@ -717,14 +721,19 @@ impl Node {
         self.store.is_tombstoned(object_id).unwrap_or(false)
     }
 
-    /// Up to `limit` (≤ 1000) tombstones after object id `after`.
-    pub async fn list_tombstones(
+    /// Up to `limit` (≤ 1000) tombstones that arrived after arrival number `after`: this
+    /// store's log id, the encoded tombstones, and the arrival number of the last one.
+    pub async fn tombstones_since(
         self: &Arc<Self>,
-        after: Option<[u8; 32]>,
+        after: u64,
         limit: usize,
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<(u64, Vec<Vec<u8>>, u64)> {
         let me = self.clone();
-        blocking(move || Ok(me.store.list_tombstones(after, limit.clamp(1, 1000))?)).await
+        blocking(move || {
+            let (list, last) = me.store.tombstones_since(after, limit.clamp(1, 1000))?;
+            Ok((me.store.tombstone_log(), list, last))
+        })
+        .await
     }
 
     /// Drops a shard this node no longer holds a slot for, once its new holder has it (the
@@ -755,6 +764,35 @@ impl Node {
         }
         let me = self.clone();
         blocking(move || Ok(me.store.list(partition, start_after, limit.clamp(1, 10_000))?)).await
+    }
+
+    /// Summaries of what this node holds in `partitions` (distinct, each below the pool's
+    /// partition count), in the order asked.
+    pub async fn summaries(
+        self: &Arc<Self>,
+        partitions: Vec<u32>,
+    ) -> Result<Vec<PartitionSummary>> {
+        let total = self.settings.partitions;
+        if partitions.len() > MAX_SUMMARIES {
+            return Err(Error::InvalidArgument(format!(
+                "{} partitions asked; at most {MAX_SUMMARIES} per call",
+                partitions.len()
+            )));
+        }
+        if let Some(p) = partitions.iter().find(|p| **p >= total) {
+            return Err(Error::InvalidArgument(format!(
+                "partition {p} ≥ the pool's {total} partitions"
+            )));
+        }
+        let distinct: std::collections::HashSet<u32> = partitions.iter().copied().collect();
+        if distinct.len() != partitions.len() {
+            return Err(Error::InvalidArgument("a partition is asked for twice".into()));
+        }
+        let me = self.clone();
+        blocking(move || {
+            partitions.iter().map(|p| Ok(me.store.summary(*p)?)).collect::<Result<Vec<_>>>()
+        })
+        .await
     }
 
     /// Answers an audit: the leaves the nonce selects, with Merkle proofs.

@@ -293,3 +293,67 @@ fn a_segment_still_being_written_is_not_counted_lost() {
     assert_eq!(farm.coordinator_metric("shardfarm_coordinator_lost_segments"), 0.0);
     assert_eq!(farm.coordinator_metric("shardfarm_coordinator_layout_in_sync"), 1.0);
 }
+
+/// Anti-entropy costs a comparison while nothing changes: a pool in sync compares partition
+/// summaries and lists nothing; a holder that missed a put disagrees, is listed and repaired.
+#[test]
+fn a_quiet_pool_lists_nothing_and_a_holder_that_missed_a_put_is_listed_and_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A grace longer than the stall below, and passes every 2 s.
+    let mut args = vec!["--nodes", "6", "--repair-interval", "2"];
+    args.extend_from_slice(FAST);
+    let grace = args.iter().position(|a| *a == "--grace").unwrap() + 1;
+    args[grace] = "30";
+    let farm = Farm::start_with(&tmp.path().join("farm"), free_base_port(), &args);
+    common::settled(&farm);
+    let mut files = store_files(&farm, tmp.path());
+    farm.wait_for(60, "the layout in sync", || {
+        farm.coordinator_metric("shardfarm_coordinator_layout_in_sync") == 1.0
+    });
+    let agreed = || {
+        farm.agent_metric_sum(
+            6,
+            "shardfarm_agent_repair_partitions_compared_total{result=\"agreed\"}",
+        )
+    };
+    let listed = || {
+        farm.agent_metric_sum(
+            6,
+            "shardfarm_agent_repair_partitions_compared_total{result=\"listed\"}",
+        )
+    };
+    // Once every holder has everything, passes agree on every partition (256 per node and
+    // pass: six nodes, RS(4,2), each holds a slot of every partition) and list none.
+    farm.wait_for(60, "a pass of every node agreeing on every partition", || {
+        let a0 = agreed();
+        let l0 = listed();
+        std::thread::sleep(std::time::Duration::from_secs(6));
+        agreed() >= a0 + 6.0 * 256.0 && listed() == l0
+    });
+    let (a0, l0) = (agreed(), listed());
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(agreed() >= a0 + 6.0 * 256.0, "quiet passes did not compare summaries");
+    assert_eq!(listed(), l0, "a quiet pool listed partitions");
+
+    // Node 5 stalls through a put: the file lands on five nodes of six.
+    let stalled = common::Frozen::new(farm.agent_pid(5));
+    let input = tmp.path().join("missed");
+    write_random(&input, (2 << 20) + 5, 77);
+    let out = farm.sf(&["put", input.to_str().unwrap()]);
+    assert!(out.status.success(), "put: {}", String::from_utf8_lossy(&out.stderr));
+    let cap = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        farm.stat(&cap)["segments"].as_array().unwrap().iter().any(|s| s["present"] == 5),
+        "the stalled node got the file anyway"
+    );
+    drop(stalled);
+    files.push((input, cap));
+    // Its summaries now differ from its peers': the partitions are listed and it repairs.
+    farm.wait_for(90, "every segment at n of n", || fully_placed(&farm, &files, &BTreeSet::new()));
+    assert!(listed() > l0, "the partitions that differ were not listed");
+    assert!(
+        farm.agent_metric(5, "shardfarm_agent_repaired_shards_total{method=\"rebuild\"}") > 0.0,
+        "the node that missed the put rebuilt nothing"
+    );
+    read_all_back(&farm, &files, tmp.path(), "after-missed-put");
+}

@@ -23,7 +23,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::{Error, Result};
 
-type Blake2b256 = Blake2b<U32>;
+pub(crate) type Blake2b256 = Blake2b<U32>;
 
 /// The default identity difficulty of a pool and its agents, bits: 2^28 blake2b hashes, about
 /// 29 s of one core at the measured 9.2 M hashes/s (`bench core`), 16 times the former 24.

@@ -565,6 +565,102 @@ impl ShardId {
     }
 }
 
+// ---- Partition summaries ----
+
+/// What a node holds in one partition, summarised so that two holders can tell in one
+/// comparison whether they hold the same segments (repair's anti-entropy).
+///
+/// The digest covers the *segments* (object id, segment index), not the shard indexes: every
+/// holder of a partition stores a different slot of the same segments, so holders in sync have
+/// equal digests. Which slots a holder stores is in `shards`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionSummary {
+    /// blake2b-256 over the sorted distinct (object id ‖ segment, big-endian) held, prefixed
+    /// by a domain string.
+    pub digest: [u8; 32],
+    /// How many distinct segments.
+    pub segments: u64,
+    /// How many shards (a node holding two slots of a partition holds two per segment).
+    pub shards: u64,
+    /// Bit `i % 8` of byte `i / 8` set when a shard with index `i` is held (n ≤ 256).
+    pub indexes: [u8; 32],
+}
+
+impl PartitionSummary {
+    /// Whether a shard with index `i` is held.
+    pub fn holds_index(&self, i: usize) -> bool {
+        i < 256 && self.indexes[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    /// The shard indexes held, ascending.
+    pub fn held_indexes(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..256).filter(|i| self.holds_index(*i))
+    }
+
+    /// Whether this holder stores exactly `slots` of every segment it lists: its shard
+    /// indexes are `slots` and it holds `slots.len()` shards per segment.
+    /// A holder of nothing (no segment in the partition) holds exactly its slots too.
+    pub fn holds_exactly(&self, slots: &[usize]) -> bool {
+        if self.segments == 0 {
+            return self.shards == 0 && self.indexes == [0; 32];
+        }
+        let mut want: Vec<usize> = slots.to_vec();
+        want.sort_unstable();
+        want.dedup();
+        self.held_indexes().eq(want.iter().copied())
+            && self.segments.checked_mul(want.len() as u64) == Some(self.shards)
+    }
+}
+
+const SUMMARY_DOMAIN: &[u8] = b"shardfarm partition summary v1";
+
+/// Builds a [`PartitionSummary`] from shard ids given in index order (object, segment,
+/// shard ascending), as a partition's index scan yields them.
+pub struct SummaryBuilder {
+    hash: crate::identity::Blake2b256,
+    last: Option<([u8; 32], u32)>,
+    segments: u64,
+    shards: u64,
+    indexes: [u8; 32],
+}
+
+impl Default for SummaryBuilder {
+    fn default() -> Self {
+        use blake2::Digest;
+        let mut hash = crate::identity::Blake2b256::new();
+        hash.update(SUMMARY_DOMAIN);
+        SummaryBuilder { hash, last: None, segments: 0, shards: 0, indexes: [0; 32] }
+    }
+}
+
+impl SummaryBuilder {
+    /// Adds one shard. Ids must come in ascending order; a repeated segment counts once.
+    pub fn add(&mut self, id: &ShardId) {
+        use blake2::Digest;
+        if self.last != Some((id.object_id, id.segment)) {
+            self.hash.update(id.object_id);
+            self.hash.update(id.segment.to_be_bytes());
+            self.segments += 1;
+            self.last = Some((id.object_id, id.segment));
+        }
+        self.shards += 1;
+        if let Some(b) = self.indexes.get_mut(id.shard as usize / 8) {
+            *b |= 1 << (id.shard % 8);
+        }
+    }
+
+    /// The summary of everything added.
+    pub fn finish(self) -> PartitionSummary {
+        use blake2::Digest;
+        PartitionSummary {
+            digest: self.hash.finalize().into(),
+            segments: self.segments,
+            shards: self.shards,
+            indexes: self.indexes,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,5 +815,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn holders_of_the_same_segments_agree_whatever_slots_they_hold() {
+        let id = |o: u8, seg: u32, shard: u32| ShardId { object_id: [o; 32], segment: seg, shard };
+        let summary = |ids: &[ShardId]| {
+            let mut b = SummaryBuilder::default();
+            ids.iter().for_each(|i| b.add(i));
+            b.finish()
+        };
+        let a = summary(&[id(1, 0, 0), id(1, 1, 0), id(2, 0, 0)]);
+        let b = summary(&[id(1, 0, 3), id(1, 1, 3), id(2, 0, 3)]);
+        assert_eq!((a.digest, a.segments), (b.digest, b.segments));
+        assert_eq!(a.held_indexes().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(b.held_indexes().collect::<Vec<_>>(), vec![3]);
+        assert!(a.holds_exactly(&[0]) && b.holds_exactly(&[3]) && !a.holds_exactly(&[0, 3]));
+        // Two slots of one segment count it once.
+        let two = summary(&[
+            id(1, 0, 0),
+            id(1, 0, 3),
+            id(1, 1, 0),
+            id(1, 1, 3),
+            id(2, 0, 0),
+            id(2, 0, 3),
+        ]);
+        assert_eq!((two.digest, two.segments), (a.digest, 3));
+        assert_eq!(two.held_indexes().collect::<Vec<_>>(), vec![0, 3]);
+        assert!(two.holds_exactly(&[3, 0]));
+        // Both slots listed, but one segment has only one of them.
+        let gap = summary(&[id(1, 0, 0), id(1, 0, 3), id(1, 1, 0), id(2, 0, 0), id(2, 0, 3)]);
+        assert!(!gap.holds_exactly(&[0, 3]));
+        // One segment missing, or another in its place, changes the digest.
+        let short = summary(&[id(1, 0, 0), id(2, 0, 0)]);
+        let other = summary(&[id(1, 0, 0), id(1, 2, 0), id(2, 0, 0)]);
+        assert_ne!(short.digest, a.digest);
+        assert_ne!(other.digest, a.digest);
+        assert_ne!(summary(&[]).digest, short.digest);
+        assert!(!a.holds_index(300));
+        // An empty partition: every holder agrees, whatever its slots.
+        let empty = summary(&[]);
+        assert!(empty.holds_exactly(&[2]) && empty.holds_exactly(&[0, 5]));
+        assert_eq!(empty.digest, summary(&[]).digest);
     }
 }

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use shardfarm_core::shard::ShardId;
+use shardfarm_core::shard::{PartitionSummary, ShardId};
 
 use crate::envelope::{methods, sign_into};
 use crate::pb as proto;
@@ -27,6 +27,17 @@ const MAX_SHARD: u64 =
 /// What an agent lists when asked for 0 entries, and the most it lists at once.
 const LIST_DEFAULT: u32 = 1000;
 const LIST_MAX: u32 = 10_000;
+
+/// A page of an agent's tombstones in arrival order ([`AgentClient::list_tombstones`]).
+#[derive(Debug)]
+pub struct TombstonePage {
+    /// The agent's tombstone log id: arrival numbers from another log do not apply.
+    pub log: u64,
+    /// Encoded tombstones, unverified.
+    pub tombstones: Vec<Bytes>,
+    /// Arrival number of the last one listed (the `after` asked, when none).
+    pub last: u64,
+}
 
 /// Who signs requests: a credential and the key that matches it; the same key is proved on
 /// every connection it opens (see [`crate::tls`]).
@@ -281,30 +292,28 @@ impl AgentClient {
             .deleted_shards)
     }
 
-    /// One page of the agent's tombstones after object id `start_after`.
+    /// One page of the tombstones that arrived at the agent after arrival number `after`:
+    /// the agent's log id, the tombstones (unverified: the caller verifies each), and the
+    /// arrival number of the last one.
     pub async fn list_tombstones(
         &mut self,
-        start_after: Option<[u8; 32]>,
+        after: u64,
         limit: u32,
-    ) -> Result<Vec<Bytes>, Status> {
-        let req = proto::ListTombstonesRequest {
-            start_after: start_after.map(|a| Bytes::copy_from_slice(&a)).unwrap_or_default(),
-            limit,
-        };
+    ) -> Result<TombstonePage, Status> {
+        let req = proto::ListTombstonesRequest { after, limit };
         let most = if limit == 0 { LIST_DEFAULT } else { limit.min(LIST_MAX) } as usize;
-        let list = self
+        let r = self
             .raw
             .list_tombstones(self.signer.request(self.node, methods::LIST_TOMBSTONES, req))
             .await?
-            .into_inner()
-            .tombstones;
-        if list.len() > most {
+            .into_inner();
+        if r.tombstones.len() > most {
             return Err(Status::internal(format!(
                 "agent sent {} tombstones for a page of {most}",
-                list.len()
+                r.tombstones.len()
             )));
         }
-        Ok(list)
+        Ok(TombstonePage { log: r.log, tombstones: r.tombstones, last: r.last })
     }
 
     /// Lists one page of a partition.
@@ -332,6 +341,47 @@ impl AgentClient {
             out.push(e?);
         }
         Ok(out)
+    }
+
+    /// Summaries of what the agent holds in `partitions`, in the order asked. The answer is
+    /// checked: one summary per partition asked, in order, with a 32-byte digest and bitmap.
+    pub async fn summarize_partitions(
+        &mut self,
+        partitions: &[u32],
+    ) -> Result<Vec<PartitionSummary>, Status> {
+        let req = proto::SummarizePartitionsRequest { partitions: partitions.to_vec() };
+        let r = self
+            .raw
+            .summarize_partitions(self.signer.request(self.node, methods::SUMMARIZE, req))
+            .await?
+            .into_inner();
+        if r.summaries.len() != partitions.len() {
+            return Err(Status::internal(format!(
+                "agent answered {} summaries for {} partitions",
+                r.summaries.len(),
+                partitions.len()
+            )));
+        }
+        partitions
+            .iter()
+            .zip(r.summaries)
+            .map(|(want, s)| {
+                let bad = |what: &str| {
+                    Status::internal(format!("agent's summary of partition {want}: {what}"))
+                };
+                if s.partition != *want {
+                    return Err(bad(&format!("it names partition {}", s.partition)));
+                }
+                Ok(PartitionSummary {
+                    digest: s.digest[..].try_into().map_err(|_| bad("digest is not 32 bytes"))?,
+                    segments: s.segments,
+                    shards: s.shards,
+                    indexes: s.indexes[..]
+                        .try_into()
+                        .map_err(|_| bad("index bitmap is not 32 bytes"))?,
+                })
+            })
+            .collect()
     }
 
     /// Audits a shard.

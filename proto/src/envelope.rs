@@ -39,6 +39,8 @@ pub mod methods {
     pub const LIST_TOMBSTONES: &str = "/shardfarm.v1.Agent/ListTombstones";
     /// ListShards.
     pub const LIST: &str = "/shardfarm.v1.Agent/ListShards";
+    /// SummarizePartitions.
+    pub const SUMMARIZE: &str = "/shardfarm.v1.Agent/SummarizePartitions";
     /// Audit.
     pub const AUDIT: &str = "/shardfarm.v1.Agent/Audit";
     /// Info.

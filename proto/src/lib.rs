@@ -23,7 +23,7 @@ pub mod pb {
     tonic::include_proto!("shardfarm.v1");
 }
 
-pub use client::{AgentClient, Signer};
+pub use client::{AgentClient, Signer, TombstonePage};
 pub use coordinator::{
     CoordinatorClient, LayoutGuard, LayoutRefusal, PublishedLayout, verify_layout,
 };

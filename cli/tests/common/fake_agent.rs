@@ -153,7 +153,29 @@ impl Agent for Service {
         &self,
         _: Request<proto::ListTombstonesRequest>,
     ) -> Result<Response<proto::ListTombstonesResponse>, Status> {
-        Ok(Response::new(proto::ListTombstonesResponse { tombstones: vec![] }))
+        Ok(Response::new(proto::ListTombstonesResponse::default()))
+    }
+
+    async fn summarize_partitions(
+        &self,
+        request: Request<proto::SummarizePartitionsRequest>,
+    ) -> Result<Response<proto::SummarizePartitionsResponse>, Status> {
+        self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // It never agrees with anyone (a fresh digest each time, every slot claimed), so its
+        // peers always go on to list the partition, where it lies at length.
+        let summaries = request
+            .into_inner()
+            .partitions
+            .into_iter()
+            .map(|partition| proto::PartitionSummary {
+                partition,
+                digest: Bytes::copy_from_slice(&rand_bytes()),
+                segments: 1,
+                shards: 256,
+                indexes: Bytes::from_static(&[0xFF; 32]),
+            })
+            .collect();
+        Ok(Response::new(proto::SummarizePartitionsResponse { summaries }))
     }
 
     async fn list_shards(

@@ -68,6 +68,12 @@ impl Agent for Service {
     ) -> Result<Response<Self::ListShardsStream>, Status> {
         refused()
     }
+    async fn summarize_partitions(
+        &self,
+        _: Request<proto::SummarizePartitionsRequest>,
+    ) -> Result<Response<proto::SummarizePartitionsResponse>, Status> {
+        refused()
+    }
     async fn audit(
         &self,
         _: Request<proto::AuditRequest>,
