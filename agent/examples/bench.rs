@@ -12,6 +12,9 @@
 //!   `--insecure-plaintext`, alternated, best of `rounds` each, side by side.
 //! - `getshard [rounds]`: GetShard alone (16 MiB shards, one client, read `rounds` times)
 //!   beside TCP and TLS copies of the same bytes; the loop to run under a profiler.
+//! - `rate [seconds] [connections]`: one identity's sustained request rate against one agent
+//!   (GetShard of 4 KiB shards over TLS, 16 connections, 10 minutes by default), per 10 s
+//!   window, with every refusal by status: an honest busy identity must meet no rate cap.
 //! - `store [GiB]`: the payload layout decision. The same sustained workload (4 MiB values,
 //!   durable writes, a bounded live set so old values are deleted) on our store (files +
 //!   RocksDB index) and on RocksDB BlobDB; throughput and write amplification measured from
@@ -402,6 +405,80 @@ async fn rpc() {
     let _ = child.wait();
 }
 
+/// One identity, sustained: `conns` connections of the same signer loop over GetShard of
+/// 4 KiB shards (the call a gateway and a rebuilding peer make most) for `secs` seconds. Prints
+/// requests per second for every 10 s window, refusals by status, and the agent's peak RSS:
+/// a busy honest identity must not run into a rate cap (replay state, shares).
+async fn rate(secs: u64, conns: usize) {
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let (mut child, addr, node) = start_agent(&dir.path().join("agent"), &[]).await;
+    let (me, _) = Identity::generate(8, 1, &|_| {}).unwrap();
+    let signer = Arc::new(Signer::identity(&me));
+    let set = Arc::new(shards(&me, 256, 4096));
+    let mut c = AgentClient::connect(&addr, node, signer.clone()).await.unwrap();
+    for (h, s) in set.iter() {
+        c.put_shard(h, 0, s.clone()).await.unwrap();
+    }
+    println!(
+        "one identity, {conns} connections, GetShard of 4 KiB shards for {secs} s (agent over TLS, fsync on)"
+    );
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refused = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    let end = Instant::now() + std::time::Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for t in 0..conns {
+        let mut conn = AgentClient::connect(&addr, node, signer.clone()).await.unwrap();
+        let (set, ok, refused) = (set.clone(), ok.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while Instant::now() < end {
+                let hd = shardfarm_core::shard::SegmentHeader::decode_unverified(&set[i % 256].0)
+                    .unwrap();
+                let id = ShardId { object_id: hd.object_id, segment: 0, shard: 0 };
+                match conn.get_shard(id, 0, 0).await {
+                    Ok(_) => {
+                        ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let why = format!("{:?}: {}", e.code(), e.message());
+                        *refused.lock().unwrap().entry(why).or_default() += 1;
+                    }
+                }
+                i += conns;
+            }
+        }));
+    }
+    let start = Instant::now();
+    let (mut last, mut windows) = (0u64, Vec::new());
+    while Instant::now() < end {
+        tokio::time::sleep(std::time::Duration::from_secs(10).min(end - Instant::now())).await;
+        let now = ok.load(std::sync::atomic::Ordering::Relaxed);
+        let r = (now - last) as f64 / 10.0;
+        windows.push(r);
+        println!("  {:>4.0} s: {r:>6.0} requests/s", start.elapsed().as_secs_f64());
+        last = now;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = ok.load(std::sync::atomic::Ordering::Relaxed);
+    let min = windows.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "  total {total} requests, {:.0}/s on average, slowest 10 s window {min:.0}/s; agent peak RSS {} MiB",
+        total as f64 / start.elapsed().as_secs_f64(),
+        peak_rss_kib(child.id()) / 1024
+    );
+    let refused = refused.lock().unwrap();
+    if refused.is_empty() {
+        println!("  refused: none");
+    }
+    for (why, n) in refused.iter() {
+        println!("  refused {n}×: {why}");
+    }
+    unsafe_term(child.id());
+    let _ = child.wait();
+}
+
 fn unsafe_term(pid: u32) {
     let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
 }
@@ -522,10 +599,15 @@ fn main() {
             println!("loopback TCP copy, 1 MiB writes: {:.2} GB/s", tcp_copy(gib << 30, MIB));
         }
         Some("store") => store(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(20)),
+        Some("rate") => {
+            let secs = args.get(2).and_then(|g| g.parse().ok()).unwrap_or(600);
+            let conns = args.get(3).and_then(|g| g.parse().ok()).unwrap_or(16);
+            tokio::runtime::Runtime::new().unwrap().block_on(rate(secs, conns))
+        }
         _ => {
             eprintln!(
                 "usage: bench rpc | bench tls [rounds, default 3] | bench getshard [rounds, default 5] | bench store [GiB, default 20] \
-                 | bench tcp [GiB]"
+                 | bench tcp [GiB] | bench rate [seconds, default 600] [connections, default 16]"
             );
             std::process::exit(2);
         }
