@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
-cargo build --workspace --locked >/dev/null
+cargo build --workspace --all-targets --locked >/dev/null   # the test build's features: no rebuild
 SF="$CARGO_TARGET_DIR/debug/shardfarm"
 mapfile -t TOOLS < <(bash scripts/s3-tools.sh 2>/dev/null)
 PY="${TOOLS[0]}"
