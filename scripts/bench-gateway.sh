@@ -10,6 +10,7 @@
 #   EVERY override the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
 if [ "${1:-}" = rebuild ]; then
   SHARDFARM_REBUILD_CHANGES="${CHANGES:-10000}" SHARDFARM_REBUILD_SNAPSHOT_EVERY="${EVERY:-1000}" \
@@ -31,19 +32,7 @@ unset AWS_CA_BUNDLE   # plain HTTP on loopback
 "$SF" local up --data "$WORK/farm" --no-restart --base-port "$BASE" >"$WORK/up.log" 2>&1 &
 UP=$!
 for _ in $(seq 1 600); do grep -q "stop with Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
-for who in root user; do
-  "$SF" identity delegate --days 1 --root "$WORK/farm/farm-root.key" --out "$WORK/$who.key" 2>/dev/null
-done
-cat > "$WORK/users.toml" <<TOML
-[[users]]
-access_key = "BENCH"
-secret_key = "bench-secret-key"
-identity_file = "$WORK/user.key"
-TOML
-"$SF" --farm "$WORK/farm" gateway --listen "127.0.0.1:$S3PORT" --data "$WORK/gw" \
-  --users "$WORK/users.toml" --root-key "$WORK/root.key" >"$WORK/gw.log" 2>&1 &
-GW=$!
-for _ in $(seq 1 600); do grep -q "listening" "$WORK/gw.log" && break; sleep 0.2; done
+start_gateway "$SF" "$WORK" "$S3PORT"
 
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$WORK/in"
 cat "$WORK/in" > /dev/null

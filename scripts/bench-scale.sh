@@ -15,6 +15,7 @@
 # Usage: bash scripts/bench-scale.sh           STEPS="20000 100000" SIZE=4096 THREADS=16
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
 cargo build --workspace --all-targets --locked >/dev/null   # the test build's features: no rebuild
 SF="$CARGO_TARGET_DIR/debug/shardfarm"
@@ -34,18 +35,7 @@ unset AWS_CA_BUNDLE
 "$SF" local up --data "$WORK/farm" --base-port "$BASE" >"$WORK/up.log" 2>&1 &
 UP=$!
 for _ in $(seq 1 600); do grep -q "stop with Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
-"$SF" identity delegate --days 1 --root "$WORK/farm/farm-root.key" --out "$WORK/user.key" 2>/dev/null
-"$SF" identity delegate --days 1 --root "$WORK/farm/farm-root.key" --out "$WORK/root.key" 2>/dev/null
-cat > "$WORK/users.toml" <<TOML
-[[users]]
-access_key = "BENCH"
-secret_key = "bench-secret-key"
-identity_file = "$WORK/user.key"
-TOML
-"$SF" --farm "$WORK/farm" gateway --listen "127.0.0.1:$S3PORT" --data "$WORK/gw" \
-  --users "$WORK/users.toml" --root-key "$WORK/root.key" >"$WORK/gw.log" 2>&1 &
-GW=$!
-for _ in $(seq 1 600); do grep -q "listening" "$WORK/gw.log" && break; sleep 0.2; done
+start_gateway "$SF" "$WORK" "$S3PORT"
 
 agents() { pgrep -f "shardfarm agent --data-dir $WORK/farm" || true; }
 coordinator() { pgrep -f "shardfarm coordinator .*$WORK/farm" | head -1 || true; }
