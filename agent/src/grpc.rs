@@ -136,8 +136,19 @@ impl AgentService {
             to_status(&e)
         })?;
         // The connection now counts against the caller's owner root (pool members exempt).
-        peer.note_request(&caller.root.0, self.node.is_member(&caller.id));
+        let shares = caller.share_weight(self.verifier.min_difficulty());
+        peer.note_request(&caller.root.0, self.node.is_member(&caller.id), shares);
+        self.node.metrics.note_root(&caller.root.0);
         Ok(caller)
+    }
+
+    /// Counts a refusal for a share or limit of `caller`'s (see `Metrics::refused`).
+    fn count_refusal<T>(&self, method: &str, caller: &Caller, r: &Result<T, Error>) {
+        if let Err(Error::ResourceExhausted(_) | Error::Unavailable(_)) = r {
+            let short = method.rsplit('/').next().unwrap_or(method);
+            let who = if self.node.is_member(&caller.id) { "member" } else { "stranger" };
+            self.node.metrics.refused.with_label_values(&[short, who]).inc();
+        }
     }
 
     /// Counts and times a finished call.
@@ -229,6 +240,7 @@ impl Agent for AgentService {
             upload.finish().await
         }
         .await;
+        self.count_refusal(methods::PUT, &caller, &r);
         let out = self.observe(methods::PUT, start, r)?;
         Ok(Response::new(proto::PutShardResponse {
             merkle_root: Bytes::copy_from_slice(&out.root),
@@ -309,6 +321,7 @@ impl Agent for AgentService {
         let caller = self.authenticate(&request, methods::DELETE_OBJECT)?;
         let tombstone = request.into_inner().tombstone.to_vec();
         let r = self.node.delete_object(tombstone, Some(&caller)).await;
+        self.count_refusal(methods::DELETE_OBJECT, &caller, &r);
         let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
         Ok(Response::new(proto::DeleteObjectResponse { deleted_shards }))
     }

@@ -1,10 +1,19 @@
 //! Prometheus metrics of the agent. Names follow STYLE.md §9: `shardfarm_` prefix, base units,
 //! `_total` on counters; labels are bounded (method names, results, reasons).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Owner roots shown by name in the "who is spending" gauges; the rest are summed as `others`.
+pub const TOP_ROOTS: usize = 5;
+/// Owner roots counted by name between two publications; requests of roots beyond are counted
+/// as `others` (memory stays bounded whatever a flood of roots does).
+const COUNTED_ROOTS: usize = 4096;
 
 /// All agent metrics, registered in one registry.
 pub struct Metrics {
@@ -94,6 +103,16 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Connections open.
     pub connections: IntGauge,
+    /// Requests refused for a share or limit (`resource_exhausted`, `unavailable`), by method
+    /// and whether the caller holds a slot in the layout (`member`) or not (`stranger`).
+    pub refused: IntCounterVec,
+    /// Verified requests in the last minute of the owner roots that sent the most (`root`:
+    /// short id, [`TOP_ROOTS`] of them; `others`: the rest together).
+    pub top_root_requests: IntGaugeVec,
+    /// Upload bytes in flight (reserved) of the owner roots holding the most, as above.
+    pub top_root_upload_bytes: IntGaugeVec,
+    /// Requests per owner root since the last publication.
+    spending: Mutex<HashMap<[u8; 32], u64>>,
     /// Shards deleted because no layout slot accounts for them or their segment never became
     /// readable (garbage collection), and because of tombstones, by reason.
     pub collected: IntCounterVec,
@@ -306,8 +325,45 @@ impl Metrics {
         for r in ["when_full", "per_root", "no_request"] {
             connections_closed.with_label_values(&[r]);
         }
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "shardfarm_agent_refused_total",
+                "requests refused for a share or limit (resource_exhausted, unavailable), by \
+                 method and caller (member: holds a layout slot; stranger)",
+            ),
+            &["method", "caller"],
+        )
+        .unwrap();
+        for m in ["PutShard", "DeleteObject"] {
+            for c in ["member", "stranger"] {
+                refused.with_label_values(&[m, c]);
+            }
+        }
+        let top_root_requests = IntGaugeVec::new(
+            Opts::new(
+                "shardfarm_agent_top_root_requests",
+                "verified requests in the last minute of the owner roots that sent the most \
+                 (root: short id; others: the rest)",
+            ),
+            &["root"],
+        )
+        .unwrap();
+        let top_root_upload_bytes = IntGaugeVec::new(
+            Opts::new(
+                "shardfarm_agent_top_root_upload_bytes",
+                "upload bytes in flight of the owner roots holding the most (root: short id; \
+                 others: the rest)",
+            ),
+            &["root"],
+        )
+        .unwrap();
+        top_root_requests.with_label_values(&["others"]);
+        top_root_upload_bytes.with_label_values(&["others"]);
         for c in [
-            Box::new(connections_closed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refused.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(top_root_requests.clone()),
+            Box::new(top_root_upload_bytes.clone()),
+            Box::new(connections_closed.clone()),
             Box::new(connections.clone()),
             Box::new(tombstones_refused.clone()),
             Box::new(read_errors.clone()),
@@ -379,6 +435,10 @@ impl Metrics {
             auth_failures.with_label_values(&[r]);
         }
         Metrics {
+            refused,
+            top_root_requests,
+            top_root_upload_bytes,
+            spending: Mutex::default(),
             tombstones_refused,
             connections_closed,
             connections,
@@ -422,12 +482,46 @@ impl Metrics {
         }
     }
 
+    /// Counts a verified request of owner root `root` for the "who is spending" gauges.
+    pub fn note_root(&self, root: &[u8; 32]) {
+        let mut m = self.spending.lock().unwrap();
+        let key = if m.len() < COUNTED_ROOTS || m.contains_key(root) { *root } else { [0xff; 32] };
+        *m.entry(key).or_default() += 1;
+    }
+
+    /// Publishes the requests counted since the last call and `uploads` (bytes in flight by
+    /// owner root) as the top-roots gauges.
+    pub fn publish_spending(&self, uploads: Vec<([u8; 32], u64)>) {
+        let requests: Vec<([u8; 32], u64)> =
+            std::mem::take(&mut *self.spending.lock().unwrap()).into_iter().collect();
+        publish_top(&self.top_root_requests, requests);
+        publish_top(&self.top_root_upload_bytes, uploads);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
+}
+
+/// Sets `gauge` to the [`TOP_ROOTS`] largest of `by_root` by short root id, and the rest
+/// (and roots past the counted ones, keyed all-ones) summed as `others`.
+fn publish_top(gauge: &IntGaugeVec, mut by_root: Vec<([u8; 32], u64)>) {
+    by_root.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    gauge.reset();
+    let mut others = 0u64;
+    let mut shown = 0;
+    for (root, n) in by_root {
+        if shown < TOP_ROOTS && root != [0xff; 32] && n > 0 {
+            gauge.with_label_values(&[&hex::encode(&root[..6])]).set(n as i64);
+            shown += 1;
+        } else {
+            others = others.saturating_add(n);
+        }
+    }
+    gauge.with_label_values(&["others"]).set(others as i64);
 }
 
 /// Copies what connection admission did into `m` every 2 s until `stop`.

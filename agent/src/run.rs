@@ -122,6 +122,7 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         max_uploads: cfg.max_uploads,
         max_uploads_per_owner: cfg.max_uploads_per_identity,
         max_upload_bytes_per_owner: cfg.max_upload_bytes_per_identity,
+        min_difficulty: cfg.pool_difficulty,
     };
     let node = Arc::new(Node::new(identity, Arc::new(store), settings, metrics.clone()));
     // Only requests addressed to this node: one captured on its way to another node cannot
@@ -206,6 +207,18 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     )
     .context("TLS configuration")?;
     tokio::spawn(crate::metrics::follow_connections(node.metrics.clone(), conns, stop.clone()));
+    // Who is spending this node: the top owner roots, published once a minute.
+    let (spending, stopped) = (node.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stopped.cancelled() => return,
+                _ = every.tick() => spending.metrics.publish_spending(spending.uploads_by_root()),
+            }
+        }
+    });
     tracing::info!(grpc = %grpc_addr, http = %http_addr, node = %node.identity.id(), zone = ?cfg.labels.get("zone"), "agent serving");
     ready.store(true, Ordering::SeqCst);
     let grpc_stop = stop.clone();

@@ -112,6 +112,9 @@ pub struct NodeSettings {
     pub max_uploads_per_owner: u32,
     /// Bytes reserved for uploads in flight per owner root.
     pub max_upload_bytes_per_owner: u64,
+    /// Proof-of-work bits the pool requires: an owner root's per-root limits are multiplied
+    /// by its `shardfarm_core::auth::share_weight` above them.
+    pub min_difficulty: u8,
 }
 
 /// Capacity is reserved for an upload in steps of this many bytes as they arrive, never for
@@ -173,6 +176,8 @@ pub struct Reservation<'a> {
     node: &'a Node,
     bytes: u64,
     owner: [u8; 32],
+    /// The owner root's share weight: its per-root limits are this many times the base.
+    shares: u32,
 }
 
 /// What one owner root has in flight on this node.
@@ -299,6 +304,12 @@ impl Node {
         *self.slots.write().unwrap() = slots;
     }
 
+    /// Upload bytes reserved now, by owner root.
+    pub fn uploads_by_root(&self) -> Vec<([u8; 32], u64)> {
+        let m = self.reserved_by_owner.lock().unwrap();
+        m.iter().map(|(root, f)| (*root, f.bytes)).collect()
+    }
+
     /// Whether `id` holds a slot in the current or the fallback layout.
     pub fn is_member(&self, id: &NodeId) -> bool {
         self.members.read().unwrap().contains(id)
@@ -335,23 +346,30 @@ impl Node {
         partition(object_id, segment, self.settings.partitions)
     }
 
-    /// Opens a reservation for one more upload of `owner` and reserves its first `bytes`.
-    fn reserve(&self, bytes: u64, owner: [u8; 32]) -> Result<Reservation<'_>> {
+    /// Opens a reservation for one more upload of `owner` (holding `shares` base shares) and
+    /// reserves its first `bytes`.
+    fn reserve(&self, bytes: u64, owner: [u8; 32], shares: u32) -> Result<Reservation<'_>> {
+        // However much work a root proved, it holds at most a quarter of the node's uploads.
+        let base = self.settings.max_uploads_per_owner.max(1);
+        let cap = (self.settings.max_uploads / 4).max(base);
+        let shares = (base.saturating_mul(shares.max(1)).min(cap) / base).max(1);
         let uploads = self.uploads.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.uploads_in_flight.inc();
-        let mut r = Reservation { node: self, bytes: 0, owner };
+        let mut r = Reservation { node: self, bytes: 0, owner, shares };
         let mine = {
             let mut m = self.reserved_by_owner.lock().unwrap();
             let v = m.entry(owner).or_default();
             v.uploads = v.uploads.saturating_add(1);
             *v
         };
-        if mine.uploads > self.settings.max_uploads_per_owner {
+        let limit = self.settings.max_uploads_per_owner.saturating_mul(shares.max(1));
+        if mine.uploads > limit {
             self.metrics.uploads_refused.with_label_values(&["per_identity"]).inc();
             return Err(Error::ResourceExhausted(format!(
-                "your owner root has {} uploads in flight on this node, its limit: wait for some \
-                 to finish",
-                mine.uploads - 1
+                "your owner root has {} uploads in flight on this node, its share ({shares} × \
+                 {}): wait for some to finish",
+                mine.uploads - 1,
+                self.settings.max_uploads_per_owner
             )));
         }
         if uploads > u64::from(self.settings.max_uploads) {
@@ -387,13 +405,15 @@ impl Node {
                 v.bytes = v.bytes.saturating_sub(bytes);
             }
         };
-        if mine.bytes > self.settings.max_upload_bytes_per_owner {
+        let limit = self.settings.max_upload_bytes_per_owner.saturating_mul(u64::from(r.shares));
+        if mine.bytes > limit {
             undo(r);
             self.metrics.uploads_refused.with_label_values(&["per_identity_bytes"]).inc();
             return Err(Error::ResourceExhausted(format!(
-                "your owner root has {} bytes of uploads in flight on this node, its limit is {}: \
-                 wait for some to finish",
+                "your owner root has {} bytes of uploads in flight on this node, its share is \
+                 {limit} ({} × {}): wait for some to finish",
                 mine.bytes - bytes,
+                r.shares,
                 self.settings.max_upload_bytes_per_owner
             )));
         }
@@ -427,7 +447,8 @@ impl Node {
         header_bytes: Vec<u8>,
         shard_index: u32,
     ) -> Result<Upload<'_>> {
-        self.begin(caller.root.0, header_bytes, shard_index)
+        let shares = caller.share_weight(self.settings.min_difficulty);
+        self.begin(caller.root.0, shares, header_bytes, shard_index)
     }
 
     /// Starts storing a shard this node rebuilt or copied for its slot (repair). The same
@@ -436,12 +457,16 @@ impl Node {
         let uploader = SegmentHeader::decode_unverified(&header_bytes)
             .map_err(|e| Error::InvalidArgument(format!("segment header refused: {e}")))?
             .uploader;
-        self.begin(NodeId::of(&uploader).0, header_bytes, shard_index)
+        // Repair is not the owner's traffic: the owner's largest share, so a busy owner's
+        // uploads never keep its data from being repaired.
+        let shares = shardfarm_core::auth::MAX_SHARE_WEIGHT;
+        self.begin(NodeId::of(&uploader).0, shares, header_bytes, shard_index)
     }
 
     fn begin(
         &self,
         owner: [u8; 32],
+        shares: u32,
         header_bytes: Vec<u8>,
         shard_index: u32,
     ) -> Result<Upload<'_>> {
@@ -465,7 +490,7 @@ impl Node {
         // A slot the layout does not give this node is refused before anything is reserved.
         let partition = self.partition_of(&header.object_id, header.segment_index);
         self.check_slot(partition, shard_index)?;
-        let reservation = self.reserve(header.shard_length.min(RESERVE_STEP), owner)?;
+        let reservation = self.reserve(header.shard_length.min(RESERVE_STEP), owner, shares)?;
         let id = ShardId {
             object_id: header.object_id,
             segment: header.segment_index,
@@ -677,7 +702,7 @@ impl Node {
             return Err(Error::InvalidArgument("tombstone has expired".into()));
         }
         let uploader = by_uploader.is_some_and(|c| c.credential.signing_key() == &t.uploader);
-        let root = by_uploader.map(|c| c.root.0);
+        let root = by_uploader.map(|c| (c.root.0, c.share_weight(self.settings.min_difficulty)));
         let me = self.clone();
         let n = blocking(move || {
             let held = me.store.shards_of_object(&t.object_id, me.settings.partitions)?;
@@ -689,13 +714,14 @@ impl Node {
             // write path with deletions of objects that never existed.
             if held.is_empty()
                 && !me.store.is_tombstoned(&t.object_id)?
-                && let Some(root) = root
-                && !me.tombstone_budget.try_take(&root, std::time::Instant::now())
+                && let Some((root, shares)) = root
+                && !me.tombstone_budget.try_take_share(&root, std::time::Instant::now(), shares)
             {
                 me.metrics.tombstones_refused.inc();
                 return Err(Error::ResourceExhausted(format!(
-                    "your owner root stored more than {FOREIGN_TOMBSTONES_PER_S} tombstones per \
-                     second for objects this node holds nothing of: retry later"
+                    "your owner root stored more tombstones for objects this node holds nothing \
+                     of than its share ({shares} × {FOREIGN_TOMBSTONES_PER_S} per second): retry \
+                     later"
                 )));
             }
             let fresh = me.store.put_tombstone(&t.object_id, &encoded, t.expires_ms())?;

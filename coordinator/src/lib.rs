@@ -486,19 +486,20 @@ impl Coordinator {
     /// Issues a capacity challenge to nobody in particular (simulations and tests): it counts
     /// against the pool-wide limit only.
     pub fn challenge(&self, now_ms: u64) -> Result<(Vec<u8>, u8), Refusal> {
-        self.issue_challenge(ChallengeOwner::Anyone, now_ms)
+        self.issue_challenge(ChallengeOwner::Anyone, 1, now_ms)
     }
 
     /// Issues a capacity challenge to `caller`: a member of the pool gets one from its own
-    /// share; a stranger's owner root holds at most [`MAX_CHALLENGES_PER_ROOT`] outstanding
-    /// (however many keys it delegates), within the pool-wide limit.
+    /// share; a stranger's owner root holds at most [`MAX_CHALLENGES_PER_ROOT`] outstanding per
+    /// share of its proven work (`share_weight`, however many keys it delegates), within the
+    /// pool-wide limit.
     pub fn challenge_for(&self, caller: &Caller, now_ms: u64) -> Result<(Vec<u8>, u8), Refusal> {
         let owner = if self.is_member(&caller.id) {
             ChallengeOwner::Member(caller.id)
         } else {
             ChallengeOwner::Root(caller.root)
         };
-        self.issue_challenge(owner, now_ms)
+        self.issue_challenge(owner, caller.share_weight(self.config.min_difficulty), now_ms)
     }
 
     /// Whether `id` is a member of the pool (admitted before and not disqualified).
@@ -510,8 +511,10 @@ impl Coordinator {
     fn issue_challenge(
         &self,
         owner: ChallengeOwner,
+        shares: u32,
         now_ms: u64,
     ) -> Result<(Vec<u8>, u8), Refusal> {
+        let share = MAX_CHALLENGES_PER_ROOT.saturating_mul(shares.max(1) as usize);
         let mut ch = self.challenges.lock().unwrap();
         ch.retain(|_, (exp, _)| *exp > now_ms);
         let held = |o: &ChallengeOwner| ch.values().filter(|(_, x)| x == o).count();
@@ -523,10 +526,11 @@ impl Coordinator {
                 )));
             }
             ChallengeOwner::Member(_) => {}
-            ChallengeOwner::Root(root) if held(&owner) >= MAX_CHALLENGES_PER_ROOT => {
+            ChallengeOwner::Root(root) if held(&owner) >= share => {
                 return Err(Refusal::ResourceExhausted(format!(
-                    "owner root {} holds {MAX_CHALLENGES_PER_ROOT} unanswered challenges (all \
-                     its keys together), its share: answer one or retry in a minute",
+                    "owner root {} holds {share} unanswered challenges (all its keys together), \
+                     its share ({shares} × {MAX_CHALLENGES_PER_ROOT}): answer one or retry in a \
+                     minute",
                     root.short()
                 )));
             }
@@ -559,11 +563,13 @@ impl Coordinator {
         // A member rejoins (after a restart, a move) through its own budget above; strangers
         // share one per owner root and the pool's, which a flood of them spends.
         if !self.is_member(&caller.id) {
-            if !self.joins_by_root.try_take(&caller.root, now) {
+            let shares = caller.share_weight(self.config.min_difficulty);
+            if !self.joins_by_root.try_take_share(&caller.root, now, shares) {
                 return Err(Refusal::ResourceExhausted(format!(
-                    "owner root {} made {JOIN_BURST_ROOT} joins in quick succession (all its \
-                     keys together), its share: retry in {} ms",
+                    "owner root {} made {} joins in quick succession (all its keys together), \
+                     its share ({shares} × {JOIN_BURST_ROOT}): retry in {} ms",
                     caller.root.short(),
+                    f64::from(shares) * JOIN_BURST_ROOT,
                     self.joins_by_root.wait(&caller.root, now).as_millis().max(1)
                 )));
             }

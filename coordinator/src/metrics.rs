@@ -70,6 +70,9 @@ pub struct CoordinatorMetrics {
     pub last_epoch: IntGauge,
     /// Joins by result.
     pub joins: IntCounterVec,
+    /// Challenges and joins refused for a share or limit (`ResourceExhausted`,
+    /// `Unavailable`), by method and caller (`member` of the pool, or `stranger`).
+    pub refused: IntCounterVec,
     /// Authentication failures by reason.
     pub auth_failures: IntCounterVec,
     /// Segments nodes report as lost (sum of reports).
@@ -183,6 +186,15 @@ impl CoordinatorMetrics {
                 &["result"],
             )
             .unwrap(),
+            refused: IntCounterVec::new(
+                o(
+                    "shardfarm_coordinator_refused_total",
+                    "Challenges and joins refused for a share or limit, by method and caller \
+                     (member of the pool, or stranger)",
+                ),
+                &["method", "caller"],
+            )
+            .unwrap(),
             auth_failures: IntCounterVec::new(
                 o("shardfarm_coordinator_auth_failures_total", "Refused signatures by reason"),
                 &["reason"],
@@ -212,6 +224,11 @@ impl CoordinatorMetrics {
         for r in ["ok", "refused"] {
             m.joins.with_label_values(&[r]);
         }
+        for method in ["Challenge", "Join"] {
+            for caller in ["member", "stranger"] {
+                m.refused.with_label_values(&[method, caller]);
+            }
+        }
         for r in shardfarm_core::auth::AuthError::METRIC_LABELS {
             m.auth_failures.with_label_values(&[r]);
         }
@@ -233,6 +250,7 @@ impl CoordinatorMetrics {
         reg.register(Box::new(m.last_epoch.clone())).unwrap();
         reg.register(Box::new(m.farm_rewards.clone())).unwrap();
         reg.register(Box::new(m.joins.clone())).unwrap();
+        reg.register(Box::new(m.refused.clone())).unwrap();
         reg.register(Box::new(m.auth_failures.clone())).unwrap();
         reg.register(Box::new(m.lost_segments.clone())).unwrap();
         reg.register(Box::new(m.peer_complaints.clone())).unwrap();

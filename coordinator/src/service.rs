@@ -81,8 +81,17 @@ impl CoordinatorService {
                 self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
                 auth_status(&e)
             })?;
-        peer.note_request(&caller.root.0, self.c.is_member(&caller.id));
+        let shares = caller.share_weight(self.c.verifier.min_difficulty());
+        peer.note_request(&caller.root.0, self.c.is_member(&caller.id), shares);
         Ok(caller)
+    }
+
+    /// Counts a refusal for a share or limit (see `Metrics::refused`).
+    fn count_refusal(&self, method: &str, caller: &Caller, refusal: Option<&Refusal>) {
+        if let Some(Refusal::ResourceExhausted(_) | Refusal::Unavailable(_)) = refusal {
+            let who = if self.c.is_member(&caller.id) { "member" } else { "stranger" };
+            self.c.metrics.refused.with_label_values(&[method, who]).inc();
+        }
     }
 }
 
@@ -132,7 +141,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::ChallengeRequest>,
     ) -> Result<Response<proto::ChallengeResponse>, Status> {
         let caller = self.auth(&request, methods::CHALLENGE)?;
-        let (challenge, difficulty) = self.c.challenge_for(&caller, now_ms()).map_err(to_status)?;
+        let issued = self.c.challenge_for(&caller, now_ms());
+        self.count_refusal("Challenge", &caller, issued.as_ref().err());
+        let (challenge, difficulty) = issued.map_err(to_status)?;
         Ok(Response::new(proto::ChallengeResponse {
             challenge: challenge.into(),
             difficulty: u32::from(difficulty),
@@ -154,6 +165,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             farm_grant: r.farm_grant.to_vec(),
         };
         let joined = self.c.join(&caller, input, now_ms());
+        self.count_refusal("Join", &caller, joined.as_ref().err());
         let result = if joined.is_ok() { "ok" } else { "refused" };
         self.c.metrics.joins.with_label_values(&[result]).inc();
         let m = joined.map_err(to_status)?;

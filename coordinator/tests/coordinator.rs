@@ -894,7 +894,10 @@ async fn a_challenge_flood_from_one_root_keeps_neither_a_member_nor_another_stra
             Err(e) => refusal = Some(e),
         }
     }
-    assert_eq!(issued, shardfarm_coordinator::MAX_CHALLENGES_PER_ROOT);
+    // Its share: the base share times the weight of the work it proved (one share at exactly
+    // the pool's minimum, doubling with each bit above it).
+    let weight = shardfarm_core::auth::share_weight(root.difficulty(), D) as usize;
+    assert_eq!(issued, shardfarm_coordinator::MAX_CHALLENGES_PER_ROOT * weight);
     let refusal = refusal.unwrap();
     assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
     assert!(refusal.message().contains("its share"), "{}", refusal.message());

@@ -275,6 +275,26 @@ pub struct Caller {
     pub root: NodeId,
 }
 
+/// The most base shares one owner root can earn by its proof of work (see [`share_weight`]).
+pub const MAX_SHARE_WEIGHT: u32 = 8;
+
+/// How many base shares of a node's finite resources (connections, uploads, tombstones,
+/// challenges, joins) an owner root whose proof of work has `difficulty` bits gets in a pool
+/// that requires `min`: one at the minimum, doubling with each bit above it (each bit doubles
+/// the expected mining work), up to [`MAX_SHARE_WEIGHT`]. The same work buys the same share
+/// whether it is spent on one root or on many, and ten roots at the minimum get ten shares.
+pub fn share_weight(difficulty: u32, min: u8) -> u32 {
+    let extra = difficulty.saturating_sub(u32::from(min));
+    1u32.checked_shl(extra).unwrap_or(u32::MAX).min(MAX_SHARE_WEIGHT)
+}
+
+impl Caller {
+    /// This caller's owner root's [`share_weight`] in a pool that requires `min` bits.
+    pub fn share_weight(&self, min: u8) -> u32 {
+        share_weight(self.credential.difficulty(), min)
+    }
+}
+
 /// Verifies signed requests for one server: peer throttle, difficulty, clock window and replay
 /// cache.
 pub struct Verifier {
@@ -622,6 +642,30 @@ mod tests {
 
     fn signed(id: &Identity, body: &[u8]) -> SignedRequest {
         Envelope::new(METHOD, body).sign(id.credential(), id.signing_key())
+    }
+
+    #[test]
+    fn a_roots_share_doubles_with_each_bit_of_work_up_to_its_cap() {
+        assert_eq!(share_weight(8, 8), 1);
+        assert_eq!(share_weight(9, 8), 2);
+        assert_eq!(share_weight(10, 8), 4);
+        assert_eq!(share_weight(11, 8), MAX_SHARE_WEIGHT);
+        assert_eq!(share_weight(64, 8), MAX_SHARE_WEIGHT);
+        assert_eq!(share_weight(300, 0), MAX_SHARE_WEIGHT);
+        // Below the minimum (a pinned pool key): one share, never zero.
+        assert_eq!(share_weight(3, 8), 1);
+        // A delegated key carries its issuer's work.
+        let root = loop {
+            let r = mined(8);
+            if r.difficulty() == 9 {
+                break r;
+            }
+        };
+        let key = random_signing_key();
+        let cert = Delegation::issue(&root, key.verifying_key(), u64::MAX / 2000);
+        let credential = Credential::Delegated(Box::new(cert));
+        let caller = Caller { id: credential.id(), root: root.id(), credential };
+        assert_eq!(caller.share_weight(8), 2);
     }
 
     #[test]

@@ -66,6 +66,20 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         })
     }
 
+    /// [`Self::try_take`] for a key holding `shares` base shares (`crate::auth::share_weight`):
+    /// an action costs 1/`shares` of a token, so its rate and burst are `shares` times the base.
+    pub fn try_take_share(&self, key: &K, now: Instant, shares: u32) -> bool {
+        let cost = 1.0 / f64::from(shares.max(1));
+        self.with_bucket(key, now, |b| {
+            if b.tokens >= cost {
+                b.tokens -= cost;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
     /// Takes a token for `key` if one is left (an event is recorded, never refused).
     pub fn spend(&self, key: &K, now: Instant) {
         self.with_bucket(key, now, |b| b.tokens = (b.tokens - 1.0).max(0.0));
@@ -136,6 +150,20 @@ pub fn peer_key(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_with_more_shares_gets_that_many_times_the_burst_and_rate() {
+        let b = KeyedBuckets::new(1.0, 10.0, 16);
+        let now = Instant::now();
+        let taken = |key: u8, shares: u32, at: Instant| {
+            (0..1000).take_while(|_| b.try_take_share(&key, at, shares)).count()
+        };
+        assert_eq!(taken(1, 1, now), 10);
+        assert_eq!(taken(2, 4, now), 40);
+        let later = now + Duration::from_secs(2);
+        assert_eq!(taken(1, 1, later), 2);
+        assert_eq!(taken(2, 4, later), 8);
+    }
 
     #[test]
     fn a_bucket_empties_and_refills_at_its_rate() {

@@ -62,6 +62,10 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 512;
 /// buffer underneath, a 16 KiB record costs four system calls and TLS ~30 % of get
 /// throughput (`bench tls`).
 const READ_BUFFER: usize = 64 << 10;
+/// A read or write of at least this many bytes makes a connection busy (not idle): a shard's
+/// stream moves chunks far larger, while pings and window updates, which cost an idler
+/// nothing, are far smaller.
+const BUSY_BYTES: usize = 4 << 10;
 /// The name a caller sends; nothing checks it (the pinned key is the identity).
 const SERVER_NAME: &str = "node.shardfarm.invalid";
 
@@ -107,9 +111,9 @@ impl PeerInfo {
     }
 
     /// Records a verified request of owner `root` on this connection (see [`crate::conns`]).
-    pub fn note_request(&self, root: &[u8; 32], member: bool) {
+    pub fn note_request(&self, root: &[u8; 32], member: bool, shares: u32) {
         if let Some(c) = &self.conn {
-            c.note_request(root, member);
+            c.note_request(root, member, shares);
         }
     }
 
@@ -473,36 +477,56 @@ struct Slot {
     ip: IpAddr,
 }
 
+/// Whether a connection was admitted beyond a limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Over {
+    No,
+    /// Beyond the total.
+    Total,
+    /// Beyond its address's share.
+    Address,
+}
+
 impl Quota {
     fn new(total: usize, per_address: usize) -> Self {
         Quota { inner: Arc::default(), total, per_address }
     }
 
+    /// A place for `ip`, or none when the limits are reached.
     fn take(&self, ip: IpAddr) -> Option<Slot> {
-        self.take_or(ip, |_| false)
+        match self.take_or(ip, |_| false) {
+            Some((slot, Over::No)) => Some(slot),
+            _ => None,
+        }
     }
 
     /// A place for `ip`; when there is none, `make_room(ip_only)` may close another holder's
     /// (of `ip` only if `ip_only`: the address is at its limit) and the place is given at
-    /// once, the closing one giving its own back when it ends.
-    fn take_or(&self, ip: IpAddr, make_room: impl FnOnce(bool) -> bool) -> Option<Slot> {
+    /// once, the closing one giving its own back when it ends. If nothing could be closed,
+    /// the place is given beyond the limit (never beyond twice it), marked [`Over`], for the
+    /// newcomer to make room once it has proved more than a TCP connect.
+    fn take_or(&self, ip: IpAddr, make_room: impl FnOnce(bool) -> bool) -> Option<(Slot, Over)> {
         let mut st = self.inner.lock().unwrap();
         let mine = st.by_address.get(&ip).copied().unwrap_or(0);
         let address_full = mine >= self.per_address;
+        let mut over = Over::No;
         if st.used >= self.total || address_full {
-            // Never more than twice the limits while closing connections end.
+            // Never more than twice the limits while closing connections end; a silent
+            // connection is still closed, so the next caller finds room.
             if st.used >= 2 * self.total || mine >= 2 * self.per_address {
+                drop(st);
+                make_room(mine >= 2 * self.per_address);
                 return None;
             }
             drop(st);
             if !make_room(address_full) {
-                return None;
+                over = if address_full { Over::Address } else { Over::Total };
             }
             st = self.inner.lock().unwrap();
         }
         st.used += 1;
         *st.by_address.entry(ip).or_default() += 1;
-        Some(Slot { quota: self.clone(), ip })
+        Some((Slot { quota: self.clone(), ip }, over))
     }
 }
 
@@ -540,18 +564,27 @@ async fn accept_loop(
             },
             () = tx.closed() => return,
         };
-        // Over a limit: an idle stranger's connection is closed to make room; if there is
-        // none, the new one is closed at once (dropped), never queued behind stalled peers.
+        // Over a limit: a connection that never carried a request is closed to make room.
+        // If there is none, the newcomer is admitted beyond the limit (at most twice it) and
+        // closes an idle stranger's connection only once it has sent a verified request: a
+        // bare TCP connect (or a TLS handshake, which costs no work) can close nobody who
+        // proved an identity. Past twice the limit the new one is closed at once, never
+        // queued behind stalled peers.
         let ip = addr.ip();
-        let room = |ip_only: bool| conns.evict_for(ip_only.then_some(ip));
-        let Some(slot) = connections.take_or(ip, room) else {
+        let room = |ip_only: bool| conns.evict_silent_for(ip_only.then_some(ip));
+        let Some((slot, over)) = connections.take_or(ip, room) else {
             tracing::debug!(peer = %addr, "connection refused: too many open connections");
             continue;
+        };
+        let over = match over {
+            Over::No => None,
+            Over::Total => Some(None),
+            Over::Address => Some(Some(ip)),
         };
         // serve_with_incoming ignores the builder's tcp_nodelay (LIMITS.md: 8 ms per RPC).
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = acceptor.clone() else {
-            let held = conns.open(ip);
+            let held = conns.open_admitted(ip, over);
             let info = PeerInfo { addr: Some(addr), key: None, conn: Some(held.state.clone()) };
             let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot, held };
             if tx.send(Ok(conn)).await.is_err() {
@@ -583,7 +616,7 @@ async fn accept_loop(
             // than served with no identity to bind requests to.
             let key = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
             let Some(key) = key.and_then(|k| peer_key(k.as_ref()).ok()) else { return };
-            let held = conns.open(addr.ip());
+            let held = conns.open_admitted(addr.ip(), over);
             let info =
                 PeerInfo { addr: Some(addr), key: Some(key), conn: Some(held.state.clone()) };
             let conn = Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot, held };
@@ -638,10 +671,28 @@ impl AsyncRead for Conn {
         if let Some(e) = self.check_evicted(cx) {
             return Poll::Ready(Err(e));
         }
-        match &mut self.get_mut().io {
+        let before = buf.filled().len();
+        let this = self.get_mut();
+        let r = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if buf.filled().len() >= before + BUSY_BYTES {
+            this.held.state.note_io();
         }
+        r
+    }
+}
+
+impl Conn {
+    /// Notes bytes written (a connection moving bytes is busy, not idle).
+    fn wrote(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = &r
+            && *n >= BUSY_BYTES
+        {
+            self.held.state.note_io();
+        }
+        r
     }
 }
 
@@ -654,10 +705,12 @@ impl AsyncWrite for Conn {
         if let Some(e) = self.check_evicted(cx) {
             return Poll::Ready(Err(e));
         }
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let r = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        };
+        this.wrote(r)
     }
 
     fn poll_write_vectored(
@@ -665,10 +718,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        if let Some(e) = self.check_evicted(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let this = self.get_mut();
+        let r = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        };
+        this.wrote(r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -162,8 +162,12 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
 }
 
 /// A mined test identity and its signer.
+/// A caller mined to exactly the agents' difficulty: one base share of every per-root limit
+/// (`shardfarm_core::auth::share_weight`).
 pub fn signer() -> (Identity, Arc<Signer>) {
-    let (id, _) = Identity::generate(DIFFICULTY, 1, &|_| {}).unwrap();
+    let id = std::iter::repeat_with(|| Identity::generate(DIFFICULTY, 1, &|_| {}).unwrap().0)
+        .find(|id| id.difficulty() == u32::from(DIFFICULTY))
+        .unwrap();
     let s = Arc::new(Signer::identity(&id));
     (id, s)
 }
