@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod attacks;
 pub mod fake_agent;
 pub mod flood;
 pub mod hostile;
