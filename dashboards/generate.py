@@ -280,6 +280,20 @@ def pool_health():
         ("Joins", [(f"sum by (result) (rate(shardfarm_coordinator_joins_total{{{P}}}[$__rate_interval]))", "{{result}}")], "ops"),
         ("Refused signatures", [(f"sum by (reason) (rate(shardfarm_coordinator_auth_failures_total{{{P}}}[$__rate_interval]))", "{{reason}}")], "ops"),
     ])
+    # Shared by owner root (issue 34): who spends the pool's finite resources, and whether
+    # members of the pool are ever refused for a share (they should not be: an alert fires).
+    b.row("Who is spending the pool")
+    b.series([
+        ("Requests per minute, top owner roots", [(f"topk(10, sum by (root) (shardfarm_agent_top_root_requests{{{P}}}))", "{{root}}")], "none"),
+        ("Upload bytes in flight, top owner roots", [(f"topk(10, sum by (root) (shardfarm_agent_top_root_upload_bytes{{{P}}}))", "{{root}}")], "bytes"),
+    ])
+    b.series([
+        ("Refused for a share, by caller", [
+            (f"sum by (method, caller) (rate(shardfarm_agent_refused_total{{{P}}}[$__rate_interval]))", "agents {{method}} {{caller}}"),
+            (f"sum by (method, caller) (rate(shardfarm_coordinator_refused_total{{{P}}}[$__rate_interval]))", "coordinator {{method}} {{caller}}"),
+        ], "ops"),
+        ("Connections closed by admission", [(f"sum by (reason) (rate(shardfarm_agent_connections_closed_total{{{P}}}[$__rate_interval]))", "{{reason}}")], "ops"),
+    ])
     return b
 
 
