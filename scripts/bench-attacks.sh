@@ -7,20 +7,25 @@
 # peak RSS of the agents and the coordinator. Prints figures only; the test command runs the
 # same attacks for 20 s each and asserts (cli/tests/attacks.rs).
 #
-#   bash scripts/bench-attacks.sh [--seconds N] [ATTACK_FILTER]
+#   bash scripts/bench-attacks.sh [--seconds N] [--shared-cores] [ATTACK_FILTER]
 #
 # --seconds: length of each attack and of its baseline (default 60). ATTACK_FILTER: a part of
-# a test name in cli/tests/attacks.rs (default: all five).
+# a test name in cli/tests/attacks.rs (default: all five). --shared-cores: the attacker runs
+# on the farm's cores; by default (on a machine with 2 or more) the farm's agents and
+# coordinator run on the first half of the cores with the honest client, and the attacker on
+# the other half, as if it were another machine (baseline included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shardfarm-target}"
 
 SECS=60
 FILTER=""
+SHARED=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --shared-cores) SHARED=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     *) FILTER="$1"; shift ;;
   esac
@@ -28,6 +33,14 @@ done
 
 # The test build's features (no RocksDB rebuild); one attack at a time, so the farm under
 # attack has the machine to itself.
+CORES=$(nproc)
+if [ "$SHARED" = 0 ] && [ "$CORES" -ge 2 ]; then
+  HALF=$((CORES / 2))
+  export SHARDFARM_FARM_CPUS="0-$((HALF - 1))" SHARDFARM_ATTACK_CPUS="$HALF-$((CORES - 1))"
+  echo "farm on cores $SHARDFARM_FARM_CPUS, attacker on cores $SHARDFARM_ATTACK_CPUS (baseline too)"
+else
+  echo "farm and attacker share all $CORES cores"
+fi
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 SHARDFARM_ATTACK_SECONDS="$SECS" SHARDFARM_ATTACK_BASELINE=1 \

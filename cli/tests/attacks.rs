@@ -42,6 +42,10 @@ struct Op {
 /// The honest client's loop until `stop`: put a fresh 1 MiB file, read it back and compare,
 /// list the pool's nodes.
 fn honest_work(farm: &Farm, dir: &Path, stop: &AtomicBool) -> Vec<Op> {
+    // In benchmarks, beside the farm on its cores, away from the attacker's.
+    if let Ok(cpus) = std::env::var("SHARDFARM_FARM_CPUS") {
+        common::attacks::pin_this_thread(&cpus);
+    }
     let mut ops = Vec::new();
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -149,6 +153,13 @@ fn farm(tmp: &Path) -> Farm {
     }
     let farm = Farm::start_with(&tmp.join("farm"), free_base_port(), &["--nodes", "6"]);
     settled(&farm);
+    // Benchmarks keep the farm and the attacker on separate cores (see `Attacker::run`).
+    if let Ok(cpus) = std::env::var("SHARDFARM_FARM_CPUS") {
+        let pids = (0..6).map(|i| farm.agent_pid(i)).chain(coordinator_pid(&farm));
+        for pid in pids {
+            common::attacks::pin_process(pid, &cpus);
+        }
+    }
     let p = tmp.join("warm.bin");
     write_random(&p, 1 << 20, 1);
     let cap = farm.put(&p);

@@ -155,11 +155,19 @@ impl Attacker {
     }
 
     /// Runs `attack` for `length` on a runtime of its own (two workers, like a small
-    /// attacking machine); returns what the servers answered.
+    /// attacking machine; on the CPUs `SHARDFARM_ATTACK_CPUS` names, if set, as `taskset -c`
+    /// reads them: benchmarks keep the attacker off the farm's cores, as if it were another
+    /// machine); returns what the servers answered.
     pub fn run(&self, attack: Attack, length: Duration) -> Tally {
+        let cpus = std::env::var("SHARDFARM_ATTACK_CPUS").ok();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
+            .on_thread_start(move || {
+                if let Some(cpus) = &cpus {
+                    pin_this_thread(cpus);
+                }
+            })
             .build()
             .unwrap();
         let tally = Tally::default();
@@ -517,6 +525,29 @@ async fn trickle(
     };
     feeder.abort();
     r
+}
+
+/// Pins the calling thread (and the processes it starts later) to `cpus` (a `taskset -c`
+/// list).
+pub fn pin_this_thread(cpus: &str) {
+    let me = std::fs::read_link("/proc/thread-self").unwrap_or_default();
+    let tid = me.file_name().and_then(|t| t.to_str()).unwrap_or_default().to_string();
+    let ok = std::process::Command::new("taskset")
+        .args(["-p", "-c", cpus, &tid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -p -c {cpus} {tid} failed");
+}
+
+/// Pins every thread of process `pid` to `cpus` (a `taskset -c` list).
+pub fn pin_process(pid: u32, cpus: &str) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -a -p -c {cpus} {pid} failed");
 }
 
 fn rand_bytes<const N: usize>() -> [u8; N] {
