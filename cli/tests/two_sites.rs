@@ -87,8 +87,19 @@ fn can_run() -> Result<(), String> {
     Ok(())
 }
 
-/// A remote agent in the remote namespace, joined to the home coordinator.
-fn remote_agent(remote_ns: &str, dir: &Path, port: u16, coordinator: &str, pool: &str) -> Child {
+/// A remote agent in the remote namespace, joined to the home coordinator: the home farm's own
+/// agent at another site (its farm key vouches for it, so its zone `site-b` is trusted and a
+/// partition holds at most one of the two remote agents; as outsiders each would be a failure
+/// domain of its own, and a partition holding both could not take a write during the
+/// partition).
+fn remote_agent(
+    remote_ns: &str,
+    dir: &Path,
+    port: u16,
+    coordinator: &str,
+    pool: &str,
+    farm_key: &Path,
+) -> Child {
     Command::new("ip")
         .args(["netns", "exec", remote_ns, BIN, "agent", "--data-dir"])
         .arg(dir)
@@ -97,6 +108,8 @@ fn remote_agent(remote_ns: &str, dir: &Path, port: u16, coordinator: &str, pool:
         .args(["--zone", "site-b", "--identity-difficulty", "8", "--pool-difficulty", "8"])
         .args(["--capacity", "1GiB", "--partitions", "32", "--repair-interval", "1"])
         .args(["--coordinator", coordinator, "--pool-id", pool])
+        .arg("--farm-key")
+        .arg(farm_key)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
         .spawn()
@@ -179,7 +192,8 @@ fn a_remote_site_joins_over_tls_and_a_partition_loses_nothing() {
     let _remote: Vec<Child> = (0..2)
         .map(|i| {
             let dir = tmp.path().join(format!("remote-{i}"));
-            remote_agent(&remote_ns, &dir, 7600 + 2 * i, &coordinator, &pool)
+            let farm_key = farm.dir.join("farm.key");
+            remote_agent(&remote_ns, &dir, 7600 + 2 * i, &coordinator, &pool, &farm_key)
         })
         .collect();
     farm.wait_for(60, "both remote agents joined and the layout in sync", || {
