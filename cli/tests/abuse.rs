@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::fake_agent::{Behaviour, FakeAgent};
 use common::flood::{FLOOD_FROM, answered, flood};
-use common::{Farm, free_base_port, metric, same, settled, write_random};
+use common::{Farm, free_base_port, metric, rss, same, settled, write_random};
 use shardfarm_core::identity::NodeId;
 use tonic::Code;
 
@@ -56,16 +56,6 @@ fn heartbeats_went_on(c: &str, nodes: usize, version: f64) {
     assert_eq!(metric(c, "shardfarm_coordinator_nodes{state=\"active_down\"}"), 0.0);
     assert_eq!(metric(c, "shardfarm_coordinator_nodes{state=\"active\"}"), nodes as f64);
     assert_eq!(metric(c, "shardfarm_coordinator_layout_version"), version);
-}
-
-/// Resident memory of a process, in bytes (0 if it is gone).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 #[test]

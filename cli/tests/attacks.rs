@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::attacks::{Attack, Attacker, Tally, sources};
-use common::{Farm, coordinator_pid, free_base_port, metric, same, settled, write_random};
+use common::{Farm, coordinator_pid, free_base_port, metric, rss, same, settled, write_random};
 
 /// Resident memory bound of an agent under any of the attacks (ARCHITECTURE.md, "Shared by
 /// owner root").
@@ -92,16 +92,6 @@ fn median_ms(ops: &[Op], what: &str) -> f64 {
         ops.iter().filter(|o| o.what == what).map(|o| o.took.as_secs_f64() * 1e3).collect();
     t.sort_by(f64::total_cmp);
     if t.is_empty() { f64::NAN } else { t[t.len() / 2] }
-}
-
-/// Resident memory of a process, in bytes (0 if it is gone).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Peak resident memory of the agents and the coordinator while a run goes on.

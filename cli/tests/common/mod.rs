@@ -307,6 +307,16 @@ pub fn start_outsider_via(
     (Outsider(child), format!("127.0.0.1:{}", port + 1))
 }
 
+/// Resident memory of a process, in bytes (0 if it is gone).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// The pid of the farm's coordinator process, if it runs.
 pub fn coordinator_pid(farm: &Farm) -> Option<u32> {
     let state = farm.dir.join("coordinator");
