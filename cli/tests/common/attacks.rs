@@ -244,9 +244,9 @@ impl Attacker {
         }
     }
 
-    /// A header for slot `shard` of an object of `key`'s whose segment 0 falls in partition
-    /// `p`, claiming the largest shard the format allows for k = 4.
-    fn squat_header(&self, key: &Key, p: u32, shard: u32) -> Vec<u8> {
+    /// A header of an object of `key`'s whose segment 0 falls in partition `p`, claiming the
+    /// largest shard the format allows for the pool's k.
+    fn squat_header(&self, key: &Key, p: u32) -> Vec<u8> {
         let uploader = key.key.verifying_key();
         let (salt, object_id) = loop {
             let salt: [u8; 32] = rand_bytes();
@@ -276,7 +276,6 @@ impl Attacker {
             signature: Signature::from_bytes(&[0; 64]),
         };
         h.sign(&key.key);
-        let _ = shard;
         h.encode()
     }
 
@@ -298,7 +297,7 @@ impl Attacker {
                 // More streams per key than a root may hold: 160 per node in all.
                 for _ in 0..(160 / self.keys.len()).max(1) {
                     let (ch, tally, key, node) = (ch.clone(), tally.clone(), key.clone(), *node);
-                    let header = self.squat_header(&key, p, shard);
+                    let header = self.squat_header(&key, p);
                     tasks.push(tokio::spawn(async move {
                         while Instant::now() < until {
                             let r = trickle(ch.clone(), &key, node, &header, shard, until).await;
