@@ -46,7 +46,7 @@ trap 'rm -f "$OUT"' EXIT
 SHARDFARM_ATTACK_SECONDS="$SECS" SHARDFARM_ATTACK_BASELINE=1 \
   cargo nextest run --workspace --locked --test attacks --test-threads 1 --no-capture \
   --no-fail-fast ${FILTER:+-E "test(/$FILTER/)"} 2>&1 | tee "$OUT" |
-  grep -E '^(baseline|[A-Za-z]+ for|attacker|uploads refused|connections closed|tombstones refused|agent 2 rejoined|\s+(PASS|FAIL))' || true
+  grep -E '^(baseline|[A-Za-z]+ for|attacker|uploads refused|connections closed|requests paced|tombstones refused|agent 2 rejoined|\s+(PASS|FAIL))' || true
 
 python3 - "$OUT" "$SECS" <<'EOF'
 import re, sys

@@ -124,6 +124,14 @@ pub struct AgentArgs {
     #[arg(long, env = "SHARDFARM_MIN_UPLOAD_RATE")]
     pub min_upload_rate: Option<String>,
 
+    /// Requests a second one owner root (all its keys and connections) may send this node
+    /// per share of its proven work (2^(bits above the pool's minimum), at most 8), with a
+    /// burst of 2 s of it. Past it the root is not refused: its connections are not read
+    /// until it is back within the rate. Pool members are never paced. `0` turns pacing off.
+    /// [default: 200]
+    #[arg(long, env = "SHARDFARM_REQUESTS_PER_ROOT")]
+    pub requests_per_root: Option<u32>,
+
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "SHARDFARM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -226,6 +234,8 @@ pub struct Config {
     pub max_upload_bytes_per_identity: u64,
     /// Slowest upload, bytes/s over 10 s windows (0: unchecked).
     pub min_upload_rate: u64,
+    /// Requests a second per owner root per share (0: not paced).
+    pub requests_per_root: u32,
     /// JSON logs.
     pub json_logs: bool,
     /// Coordinator to join, and the id of the pool key it signs layouts with.
@@ -318,6 +328,7 @@ impl AgentArgs {
             max_uploads_per_identity,
             max_upload_bytes_per_identity,
             min_upload_rate,
+            requests_per_root,
             log_format,
             coordinator,
             pool_id,
@@ -392,6 +403,9 @@ impl AgentArgs {
             )?
             .max(RESERVE_STEP_FLOOR),
             min_upload_rate: parse_size(a.min_upload_rate.as_deref().unwrap_or("64KiB"))?,
+            requests_per_root: a
+                .requests_per_root
+                .unwrap_or(shardfarm_proto::conns::REQUESTS_PER_ROOT),
             json_logs,
             coordinator: match (a.coordinator, a.pool_id) {
                 (Some(c), Some(p)) => Some((

@@ -127,12 +127,18 @@ impl AgentService {
         peer: &PeerInfo,
         method: &str,
     ) -> Result<Caller, Status> {
+        // A connection that keeps sending what fails is not read for a while (proto::conns).
         let caller = verify_request(&self.verifier, md, first, peer, method).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+            peer.note_failure();
             auth_status(&e)
         })?;
         self.policy.check(&caller).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+            match e {
+                Error::ResourceExhausted(_) => peer.pause_root(),
+                _ => peer.note_failure(),
+            }
             to_status(&e)
         })?;
         // The connection now counts against the caller's owner root (pool members exempt).
@@ -142,8 +148,18 @@ impl AgentService {
         Ok(caller)
     }
 
-    /// Counts a refusal for a share or limit of `caller`'s (see `Metrics::refused`).
-    fn count_refusal<T>(&self, method: &str, caller: &Caller, r: &Result<T, Error>) {
+    /// Counts a refusal for a share or limit of `caller`'s (see `Metrics::refused`); a root
+    /// refused for one of its shares is not read for a while (`proto::conns`).
+    fn count_refusal<T>(
+        &self,
+        method: &str,
+        caller: &Caller,
+        peer: &PeerInfo,
+        r: &Result<T, Error>,
+    ) {
+        if let Err(Error::ResourceExhausted(_)) = r {
+            peer.pause_root();
+        }
         if let Err(Error::ResourceExhausted(_) | Error::Unavailable(_)) = r {
             let short = method.rsplit('/').next().unwrap_or(method);
             let who = if self.node.is_member(&caller.id) { "member" } else { "stranger" };
@@ -240,7 +256,7 @@ impl Agent for AgentService {
             upload.finish().await
         }
         .await;
-        self.count_refusal(methods::PUT, &caller, &r);
+        self.count_refusal(methods::PUT, &caller, &peer, &r);
         let out = self.observe(methods::PUT, start, r)?;
         Ok(Response::new(proto::PutShardResponse {
             merkle_root: Bytes::copy_from_slice(&out.root),
@@ -319,9 +335,10 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
         let start = Instant::now();
         let caller = self.authenticate(&request, methods::DELETE_OBJECT)?;
+        let peer = PeerInfo::of(&request);
         let tombstone = request.into_inner().tombstone.to_vec();
         let r = self.node.delete_object(tombstone, Some(&caller)).await;
-        self.count_refusal(methods::DELETE_OBJECT, &caller, &r);
+        self.count_refusal(methods::DELETE_OBJECT, &caller, &peer, &r);
         let deleted_shards = self.observe(methods::DELETE_OBJECT, start, r)?;
         Ok(Response::new(proto::DeleteObjectResponse { deleted_shards }))
     }

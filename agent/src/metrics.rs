@@ -99,10 +99,14 @@ pub struct Metrics {
     pub lost_segments: IntGauge,
     /// Tombstones refused: an owner root past its rate for objects this node holds nothing of.
     pub tombstones_refused: IntCounter,
-    /// Connections closed by admission, by reason (`when_full`, `per_root`, `no_request`).
+    /// Connections closed by admission, by reason (`when_full`, `per_root`, `no_request`,
+    /// `handshake_rate`).
     pub connections_closed: IntCounterVec,
     /// Connections open.
     pub connections: IntGauge,
+    /// Requests of strangers served beyond their owner root's rate (each left the root's
+    /// connections unread until it was back within it).
+    pub requests_paced: IntCounter,
     /// Requests refused for a share or limit (`resource_exhausted`, `unavailable`), by method
     /// and whether the caller holds a slot in the layout (`member`) or not (`stranger`).
     pub refused: IntCounterVec,
@@ -310,19 +314,24 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "shardfarm_agent_connections_closed_total",
-                "connections closed by admission: to admit a caller when full (when_full), an owner root's excess (per_root), no request in time (no_request)",
+                "connections closed by admission: to admit a caller when full (when_full), an owner root's excess (per_root), no request in time (no_request), before the handshake because their address was past its handshake rate under load (handshake_rate)",
             ),
             &["reason"],
         )
         .unwrap();
         let connections =
             IntGauge::new("shardfarm_agent_connections", "gRPC connections open").unwrap();
+        let requests_paced = IntCounter::new(
+            "shardfarm_agent_requests_paced_total",
+            "requests of strangers beyond their owner root's rate; each left the root's connections unread until it was back within it",
+        )
+        .unwrap();
         let tombstones_refused = IntCounter::new(
             "shardfarm_agent_tombstones_refused_total",
             "tombstones refused: an owner root past its rate for objects this node holds nothing of",
         )
         .unwrap();
-        for r in ["when_full", "per_root", "no_request"] {
+        for r in ["when_full", "per_root", "no_request", "handshake_rate"] {
             connections_closed.with_label_values(&[r]);
         }
         let refused = IntCounterVec::new(
@@ -365,6 +374,7 @@ impl Metrics {
             Box::new(top_root_upload_bytes.clone()),
             Box::new(connections_closed.clone()),
             Box::new(connections.clone()),
+            Box::new(requests_paced.clone()),
             Box::new(tombstones_refused.clone()),
             Box::new(read_errors.clone()),
             Box::new(tombstones.clone()),
@@ -442,6 +452,7 @@ impl Metrics {
             tombstones_refused,
             connections_closed,
             connections,
+            requests_paced,
             read_errors,
             tombstones,
             bad_sources,
@@ -541,6 +552,9 @@ pub async fn follow_connections(
         c.with_label_values(&["when_full"]).inc_by(now.when_full - seen.when_full);
         c.with_label_values(&["per_root"]).inc_by(now.per_root - seen.per_root);
         c.with_label_values(&["no_request"]).inc_by(now.no_request - seen.no_request);
+        c.with_label_values(&["handshake_rate"])
+            .inc_by(now.handshakes_refused - seen.handshakes_refused);
+        m.requests_paced.inc_by(now.paced - seen.paced);
         m.connections.set(conns.open_count() as i64);
         seen = now;
     }

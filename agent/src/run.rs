@@ -198,7 +198,8 @@ pub async fn serve(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     });
 
     // TLS proving this node's identity key, and learning each caller's (shardfarm_proto::tls).
-    let conns = shardfarm_proto::conns::Connections::enforcing();
+    let conns = shardfarm_proto::conns::Connections::enforcing()
+        .with_requests_per_root(cfg.requests_per_root);
     let incoming = shardfarm_proto::tls::incoming_tracked(
         grpc_listener,
         node.identity.signing_key(),

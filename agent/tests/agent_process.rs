@@ -592,6 +592,14 @@ async fn a_stalled_upload_cannot_hold_the_nodes_capacity() {
 
     // The stranger opens an upload of shard 0, sends the header, and then nothing.
     let (tx, stalled) = stalled_upload(&agent, &me, &seg, 0).await;
+    // On a loaded machine the stalled stream can take seconds to reach the node: wait until
+    // the node counts it, rather than racing it with a fixed number of attempts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&agent.metrics(), "shardfarm_agent_uploads_in_flight") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the stalled upload never reached the node");
+        assert!(!stalled.is_finished(), "the stalled upload ended: {:?}", stalled.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // While it holds its reservation, an honest upload of another 3 MiB does not fit…
     let mut c = agent.client(&signer).await;

@@ -263,6 +263,10 @@ fn replay_state_cannot_be_filled_by_one_root_with_many_keys() {
         assert_eq!(farm.agent_metric_sum(6, &series(reason)), 0.0, "{reason}");
     }
     assert!(farm.agent_metric_sum(6, &series("wrong_channel")) > 0.0);
+    // Past its rate the root was not refused but left unread until back within it.
+    let paced = farm.agent_metric_sum(6, "shardfarm_agent_requests_paced_total");
+    println!("requests paced: {paced}");
+    assert!(paced > 0.0, "{:?}", run.tally);
 }
 
 #[test]
@@ -298,10 +302,11 @@ fn idle_connections_of_one_root_keep_nobody_out() {
         )
     };
     println!(
-        "connections closed: per_root {}, when_full {}, no_request {}",
+        "connections closed: per_root {}, when_full {}, no_request {}, handshake_rate {}",
         closed("per_root"),
         closed("when_full"),
-        closed("no_request")
+        closed("no_request"),
+        closed("handshake_rate")
     );
     assert!(closed("per_root") > 0.0, "{:?}", run.tally);
 }

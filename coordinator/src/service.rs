@@ -79,6 +79,8 @@ impl CoordinatorService {
         let caller =
             verify_request(&self.c.verifier, r.metadata(), first, &peer, method).map_err(|e| {
                 self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
+                // A connection that keeps sending what fails is not read for a while.
+                peer.note_failure();
                 auth_status(&e)
             })?;
         let shares = caller.share_weight(self.c.verifier.min_difficulty());
@@ -86,8 +88,18 @@ impl CoordinatorService {
         Ok(caller)
     }
 
-    /// Counts a refusal for a share or limit (see `Metrics::refused`).
-    fn count_refusal(&self, method: &str, caller: &Caller, refusal: Option<&Refusal>) {
+    /// Counts a refusal for a share or limit (see `Metrics::refused`); a root refused for one
+    /// of its shares is not read for a while (`shardfarm_proto::conns`).
+    fn count_refusal(
+        &self,
+        method: &str,
+        caller: &Caller,
+        peer: &shardfarm_proto::PeerInfo,
+        refusal: Option<&Refusal>,
+    ) {
+        if let Some(Refusal::ResourceExhausted(_)) = refusal {
+            peer.pause_root();
+        }
         if let Some(Refusal::ResourceExhausted(_) | Refusal::Unavailable(_)) = refusal {
             let who = if self.c.is_member(&caller.id) { "member" } else { "stranger" };
             self.c.metrics.refused.with_label_values(&[method, who]).inc();
@@ -141,8 +153,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::ChallengeRequest>,
     ) -> Result<Response<proto::ChallengeResponse>, Status> {
         let caller = self.auth(&request, methods::CHALLENGE)?;
+        let peer = shardfarm_proto::PeerInfo::of(&request);
         let issued = self.c.challenge_for(&caller, now_ms());
-        self.count_refusal("Challenge", &caller, issued.as_ref().err());
+        self.count_refusal("Challenge", &caller, &peer, issued.as_ref().err());
         let (challenge, difficulty) = issued.map_err(to_status)?;
         Ok(Response::new(proto::ChallengeResponse {
             challenge: challenge.into(),
@@ -155,6 +168,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         request: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinResponse>, Status> {
         let caller = self.auth(&request, methods::JOIN)?;
+        let peer = shardfarm_proto::PeerInfo::of(&request);
         let r = request.into_inner();
         let input = JoinInput {
             grpc: r.grpc_address,
@@ -165,7 +179,7 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
             farm_grant: r.farm_grant.to_vec(),
         };
         let joined = self.c.join(&caller, input, now_ms());
-        self.count_refusal("Join", &caller, joined.as_ref().err());
+        self.count_refusal("Join", &caller, &peer, joined.as_ref().err());
         let result = if joined.is_ok() { "ok" } else { "refused" };
         self.c.metrics.joins.with_label_values(&[result]).inc();
         let m = joined.map_err(to_status)?;

@@ -19,11 +19,24 @@
 //!   identity. Members' connections are never closed this way.
 //!
 //! Closing is cooperative: the connection's next read fails, which ends its HTTP/2 session.
+//!
+//! Requests are paced the same way: an owner root may send a server
+//! [`REQUESTS_PER_ROOT`] requests a second per share (a burst of [`PACE_BURST`] of them),
+//! all its keys and connections together. A root past its rate is not refused (refusing
+//! costs the server a signature check per request, which is what a flood is after): the
+//! server stops reading its connections until the root is back within its rate, so what it
+//! sends waits in its own socket buffers and TCP flow control slows it down, at no cost to
+//! anyone else. Members of the pool are never paced. A root refused for a share (an
+//! upload or tombstone past its limit) is left unread for [`REFUSED_PAUSE`]
+//! ([`ConnState::pause_root`]), and a connection whose request failed authentication for
+//! [`FAILURE_PAUSE`], doubling with each failure in a row ([`ConnState::note_failure`]):
+//! what a server refuses cheaply is still not free, so a caller that keeps sending what is
+//! refused is not read at the rate it sends.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -37,8 +50,85 @@ pub const MAX_CONNECTIONS_PER_ROOT: usize = 256;
 /// is full.
 pub const EVICTABLE_AFTER: Duration = Duration::from_secs(2);
 
+/// Requests one owner root may send a server per second per share of its proven work, all
+/// its keys and connections together (a server may set its own,
+/// [`Connections::with_requests_per_root`]); past it, its connections are not read until it
+/// is back within the rate.
+pub const REQUESTS_PER_ROOT: u32 = 200;
+/// A root may send this many seconds' worth of its rate at once.
+pub const PACE_BURST: Duration = Duration::from_secs(2);
+/// A root refused for one of its shares is not read for this long.
+pub const REFUSED_PAUSE: Duration = Duration::from_secs(1);
+/// A connection whose request failed authentication is not read for this long, doubled
+/// with each failure in a row (up to [`MAX_PAUSE`]).
+pub const FAILURE_PAUSE: Duration = Duration::from_millis(50);
+/// The longest a root's connections are left unread at once (a root deep in debt is read
+/// again after this, and paused again at its next request).
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
 /// No request yet.
 const NEVER: u64 = u64::MAX;
+
+/// The instant pauses are counted from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// The request rate of one owner root on a server, shared by its connections.
+#[derive(Debug)]
+struct Pace {
+    /// Requests a second (the root's share).
+    rate: f64,
+    /// Tokens left (negative: requests served beyond the rate), and when they were counted.
+    bucket: Mutex<(f64, Instant)>,
+    /// Milliseconds after [`epoch`] until which the root's connections are not read.
+    until_ms: AtomicU64,
+    /// Requests of every root served beyond their rate (the server's count).
+    over: Arc<AtomicU64>,
+}
+
+impl Pace {
+    fn new(rate: f64, over: Arc<AtomicU64>) -> Self {
+        let burst = rate * PACE_BURST.as_secs_f64();
+        Pace {
+            rate,
+            bucket: Mutex::new((burst, Instant::now())),
+            until_ms: AtomicU64::new(0),
+            over,
+        }
+    }
+
+    /// Counts one request; past the rate, pauses the root's connections until it is back
+    /// within it.
+    fn spend(&self) {
+        let now = Instant::now();
+        let mut b = self.bucket.lock().unwrap();
+        let burst = self.rate * PACE_BURST.as_secs_f64();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(burst) - 1.0;
+        b.1 = now;
+        if b.0 < 0.0 {
+            extend(&self.until_ms, Duration::from_secs_f64(-b.0 / self.rate));
+            self.over.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn paused_until(&self) -> Option<Instant> {
+        unread_until(&self.until_ms)
+    }
+}
+
+/// The instant in `ms` (after [`epoch`]), if it is still to come.
+fn unread_until(ms: &AtomicU64) -> Option<Instant> {
+    let until = epoch() + Duration::from_millis(ms.load(Ordering::Relaxed));
+    (until > Instant::now()).then_some(until)
+}
+
+/// Moves the instant in `ms` to at least `d` from now.
+fn extend(ms: &AtomicU64, d: Duration) {
+    let until = (Instant::now() + d.min(MAX_PAUSE)).duration_since(epoch()).as_millis() as u64;
+    ms.fetch_max(until, Ordering::Relaxed);
+}
 
 /// One accepted connection, as its server's handlers and admission see it.
 #[derive(Debug)]
@@ -53,6 +143,12 @@ pub struct ConnState {
     last_io_ms: AtomicU64,
     /// The owner root of the first verified request.
     root: Mutex<Option<[u8; 32]>>,
+    /// Its root's request rate (set with the root, unless pacing is off).
+    pace: OnceLock<Arc<Pace>>,
+    /// Requests that failed authentication in a row, and until when (milliseconds after
+    /// [`epoch`]) the connection is not read for them.
+    failures: AtomicU64,
+    unread_until_ms: AtomicU64,
     member: AtomicBool,
     evicted: AtomicBool,
     /// Admitted beyond a limit (`Some(None)`: the total, `Some(Some(ip))`: its address's):
@@ -68,15 +164,57 @@ impl ConnState {
     /// the root's share weight. The first request of a connection counts it against its
     /// root's share, closing the root's least recently used connection if it holds more than
     /// [`MAX_CONNECTIONS_PER_ROOT`] × `shares`.
+    /// Every request of a stranger counts against its root's rate ([`REQUESTS_PER_ROOT`]).
     pub fn note_request(&self, root: &[u8; 32], member: bool, shares: u32) {
         let now = self.opened.elapsed().as_millis() as u64;
         self.last_request_ms.store(now, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
         if member {
             self.member.store(true, Ordering::Relaxed);
         }
-        if self.root.lock().unwrap().is_some() {
+        if self.root.lock().unwrap().is_none() {
+            self.first_request(root, shares);
+        }
+        if !self.member.load(Ordering::Relaxed)
+            && let Some(pace) = self.pace.get()
+        {
+            pace.spend();
+        }
+    }
+
+    /// Records a request on this connection that failed authentication: the connection is
+    /// not read for [`FAILURE_PAUSE`], doubled for each failure in a row.
+    pub fn note_failure(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16) as u32;
+        extend(&self.unread_until_ms, FAILURE_PAUSE.saturating_mul(1 << n));
+    }
+
+    /// Records that this connection's owner root was refused for one of its shares: its
+    /// connections (this one alone, before its first verified request) are not read for
+    /// [`REFUSED_PAUSE`]. Members are never paused this way.
+    pub fn pause_root(&self) {
+        if self.member.load(Ordering::Relaxed) {
             return;
         }
+        match self.pace.get() {
+            Some(pace) => extend(&pace.until_ms, REFUSED_PAUSE),
+            None => extend(&self.unread_until_ms, REFUSED_PAUSE),
+        }
+    }
+
+    /// Until when this connection is left unread: its root sent more than its rate or was
+    /// refused a share, or its own requests failed authentication.
+    pub(crate) fn paused_until(&self) -> Option<Instant> {
+        let own = unread_until(&self.unread_until_ms);
+        if self.member.load(Ordering::Relaxed) {
+            return own;
+        }
+        let root = self.pace.get().and_then(|p| p.paused_until());
+        own.max(root)
+    }
+
+    /// Counts this connection against `root`'s share (its first verified request).
+    fn first_request(&self, root: &[u8; 32], shares: u32) {
         // Counted under the registry's lock, and only while the connection is registered:
         // one closing at the same moment must not leave its root's count behind.
         let mut reg = self.registry.lock().unwrap();
@@ -87,8 +225,15 @@ impl ConnState {
         *mine = Some(*root);
         drop(mine);
         let shares = shares.max(1);
-        let held = reg.by_root.entry(*root).or_insert((0, shares));
+        let (per_share, over) = (reg.requests_per_root, reg.paced.clone());
+        let held = reg.by_root.entry(*root).or_insert_with(|| {
+            let rate = f64::from(per_share) * f64::from(shares);
+            (0, shares, (per_share > 0).then(|| Arc::new(Pace::new(rate, over))))
+        });
         held.0 += 1;
+        if let Some(pace) = &held.2 {
+            let _ = self.pace.set(pace.clone());
+        }
         let held = held.0;
         // Admitted beyond a limit: now that it proved an identity, room is made for it (if
         // no connection is idle now, `Connections::reap` brings the total back later).
@@ -158,6 +303,88 @@ impl ConnState {
     }
 }
 
+/// Handshakes a second a server runs from anyone before it counts as under load: past it,
+/// each peer address gets [`HANDSHAKES_PER_ADDRESS`] a second (WireGuard's rule: rate by
+/// source only under load). A TLS handshake costs the server about what it costs the caller
+/// (a key exchange, a signature and a check), so a caller that opens connections as fast as
+/// it can would otherwise make a node spend as much CPU as it spends itself.
+pub const HANDSHAKES_UNDER_LOAD: u32 = 64;
+/// Handshakes a second one peer address (an IPv6 /64) gets while the server is under load,
+/// with a burst of twice as many.
+pub const HANDSHAKES_PER_ADDRESS: u32 = 10;
+/// Longest a connection waits for its address's turn to handshake; past it, it is closed
+/// before any cryptography (the caller's dial deadline is longer than this and the
+/// handshake deadline together).
+pub const HANDSHAKE_TURN_WAIT: Duration = Duration::from_millis(1500);
+/// Addresses whose handshake rate is remembered; past it, those back at a full burst are
+/// forgotten.
+const MAX_PACED_ADDRESSES: usize = 16_384;
+
+/// When each new connection may handshake (one accept loop owns it).
+#[derive(Debug)]
+pub(crate) struct HandshakeTurns {
+    per_address: u32,
+    /// Handshakes free of any address's rate: tokens and when they were counted.
+    free: (f64, Instant),
+    by_address: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl HandshakeTurns {
+    pub(crate) fn new(per_address: u32) -> Self {
+        let free = (f64::from(HANDSHAKES_UNDER_LOAD), Instant::now());
+        HandshakeTurns { per_address, free, by_address: HashMap::new() }
+    }
+
+    /// How long a connection from `ip` accepted at `now` waits before its handshake, or
+    /// `None` if it would wait more than [`HANDSHAKE_TURN_WAIT`] (it is closed). Turns are
+    /// given in order: a waiting connection has its slot in time already.
+    pub(crate) fn turn(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let load = f64::from(HANDSHAKES_UNDER_LOAD);
+        let (tokens, last) = &mut self.free;
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * load).min(load);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Some(Duration::ZERO);
+        }
+        if self.per_address == 0 {
+            return Some(Duration::ZERO);
+        }
+        let rate = f64::from(self.per_address);
+        let burst = 2.0 * rate;
+        if self.by_address.len() >= MAX_PACED_ADDRESSES {
+            self.by_address.retain(|_, (t, l)| {
+                *t + now.saturating_duration_since(*l).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, last) = self.by_address.entry(address_key(ip)).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        let wait = Duration::from_secs_f64(((1.0 - *tokens) / rate).max(0.0));
+        if wait > HANDSHAKE_TURN_WAIT {
+            return None;
+        }
+        *tokens -= 1.0;
+        Some(wait)
+    }
+}
+
+/// What a peer address counts as for rates: an IPv4 address, or an IPv6 /64 (one host's
+/// usual allocation, so a host cannot take 2^64 shares).
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::from(o)
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Counts of what admission did, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Evictions {
@@ -167,13 +394,29 @@ pub struct Evictions {
     pub per_root: u64,
     /// Closed because they carried no request within [`FIRST_REQUEST_DEADLINE`].
     pub no_request: u64,
+    /// Requests served beyond their root's rate (each paused the root's connections).
+    pub paced: u64,
+    /// Connections closed before their handshake: their address was past its handshake
+    /// rate while the server was under load.
+    pub handshakes_refused: u64,
 }
+
+/// What one owner root holds on a server: connections, its share weight, its request rate.
+type RootHeld = (usize, u32, Option<Arc<Pace>>);
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     conns: HashMap<u64, Weak<ConnState>>,
-    /// Connections held per owner root, and the root's share weight.
-    by_root: HashMap<[u8; 32], (usize, u32)>,
+    /// Connections held per owner root, the root's share weight, and its request rate
+    /// (forgotten with its last connection).
+    by_root: HashMap<[u8; 32], RootHeld>,
+    /// Requests a root may send per second per share (0: not paced).
+    requests_per_root: u32,
+    /// Requests served beyond their root's rate.
+    paced: Arc<AtomicU64>,
+    /// Handshakes one address gets a second under load (0: not paced).
+    handshakes_per_address: u32,
+    handshakes_refused: u64,
     /// Connections the server admits (0: no limit known); beyond it, [`Connections::reap`]
     /// closes idle strangers' connections.
     limit: usize,
@@ -197,7 +440,7 @@ impl Registry {
         let load = |c: &ConnState| -> u64 {
             let root = *c.root.lock().unwrap();
             root.and_then(|r| self.by_root.get(&r))
-                .map_or(0, |&(held, shares)| held as u64 * 1000 / u64::from(shares.max(1)))
+                .map_or(0, |&(held, shares, _)| held as u64 * 1000 / u64::from(shares.max(1)))
         };
         self.conns
             .values()
@@ -223,8 +466,35 @@ impl Connections {
     /// Connections whose handlers report every verified request
     /// ([`ConnState::note_request`]): admission closes them as the module says.
     pub fn enforcing() -> Self {
-        let registry = Registry { limit: crate::tls::MAX_CONNECTIONS, ..Default::default() };
+        let registry = Registry {
+            limit: crate::tls::MAX_CONNECTIONS,
+            requests_per_root: REQUESTS_PER_ROOT,
+            handshakes_per_address: HANDSHAKES_PER_ADDRESS,
+            ..Default::default()
+        };
         Connections { inner: Arc::new(Mutex::new(registry)), enforcing: true }
+    }
+
+    /// Paces owner roots at `rate` requests a second per share instead of
+    /// [`REQUESTS_PER_ROOT`] (0: not paced); for roots that have no connection yet.
+    pub fn with_requests_per_root(self, rate: u32) -> Self {
+        self.inner.lock().unwrap().requests_per_root = rate;
+        self
+    }
+
+    /// Gives each peer address `rate` handshakes a second under load instead of
+    /// [`HANDSHAKES_PER_ADDRESS`] (0: not paced); for servers accepting after this.
+    pub fn with_handshakes_per_address(self, rate: u32) -> Self {
+        self.inner.lock().unwrap().handshakes_per_address = rate;
+        self
+    }
+
+    pub(crate) fn handshakes_per_address(&self) -> u32 {
+        self.inner.lock().unwrap().handshakes_per_address
+    }
+
+    pub(crate) fn note_handshake_refused(&self) {
+        self.inner.lock().unwrap().handshakes_refused += 1;
     }
 
     /// Registers a connection accepted from `ip`; it is forgotten when the returned
@@ -254,6 +524,9 @@ impl Connections {
             last_request_ms: AtomicU64::new(NEVER),
             last_io_ms: AtomicU64::new(0),
             root: Mutex::new(None),
+            pace: OnceLock::new(),
+            failures: AtomicU64::new(0),
+            unread_until_ms: AtomicU64::new(0),
             member: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             over: Mutex::new(None),
@@ -329,6 +602,8 @@ impl Connections {
             when_full: reg.evicted_when_full,
             per_root: reg.evicted_per_root,
             no_request: reg.evicted_no_request,
+            paced: reg.paced.load(Ordering::Relaxed),
+            handshakes_refused: reg.handshakes_refused,
         }
     }
 
@@ -349,7 +624,7 @@ impl Drop for Held {
         let mut reg = self.state.registry.lock().unwrap();
         reg.conns.remove(&self.state.serial);
         if let Some(root) = *self.state.root.lock().unwrap()
-            && let Some((n, _)) = reg.by_root.get_mut(&root)
+            && let Some((n, _, _)) = reg.by_root.get_mut(&root)
         {
             *n -= 1;
             if *n == 0 {
@@ -454,7 +729,10 @@ mod tests {
         // Four proven connections for a limit of three: one of the busiest root's goes.
         assert_eq!(root.iter().filter(|h| h.state.is_evicted()).count(), 1);
         assert!(!honest.state.is_evicted(), "one connection goes after a root's hundreds");
-        assert_eq!(conns.evictions(), Evictions { when_full: 1, per_root: 0, no_request: 1 });
+        assert_eq!(
+            conns.evictions(),
+            Evictions { when_full: 1, per_root: 0, no_request: 1, paced: 0, handshakes_refused: 0 }
+        );
     }
 
     #[test]
@@ -517,5 +795,124 @@ mod tests {
         assert_eq!(conns.evictions().no_request, 1);
         drop(silent);
         assert_eq!(conns.open_count(), 2);
+    }
+
+    #[test]
+    fn a_root_past_its_rate_is_left_unread_and_nobody_else_is() {
+        let conns = Connections::enforcing().with_requests_per_root(10);
+        let burst = (10.0 * PACE_BURST.as_secs_f64()) as usize;
+        // Two connections of one root from two keys, an honest root, a member.
+        let (a, b) = (conns.open(ip(1)), conns.open(ip(2)));
+        let honest = conns.open(ip(3));
+        let member = conns.open(ip(4));
+        for _ in 0..burst {
+            a.state.note_request(&[1; 32], false, 1);
+        }
+        assert!(a.state.paused_until().is_none(), "its burst is served without a pause");
+        b.state.note_request(&[1; 32], false, 1);
+        let until = a.state.paused_until().expect("past its rate, the root is paused");
+        assert_eq!(b.state.paused_until(), Some(until), "on all its connections");
+        // One request over at 10/s: back within the rate in about 0.1 s.
+        assert!(until <= Instant::now() + Duration::from_millis(150), "{until:?}");
+        honest.state.note_request(&[2; 32], false, 1);
+        assert!(honest.state.paused_until().is_none());
+        for _ in 0..10 * burst {
+            member.state.note_request(&[3; 32], true, 1);
+        }
+        assert!(member.state.paused_until().is_none(), "members are never paced");
+        assert_eq!(conns.evictions().paced, 1);
+        // Deep in debt, the pause is at most MAX_PAUSE at a time.
+        for _ in 0..1000 {
+            a.state.note_request(&[1; 32], false, 1);
+        }
+        let until = a.state.paused_until().unwrap();
+        assert!(until <= Instant::now() + MAX_PAUSE, "{until:?}");
+        // A root that proved more work has a share as many times larger.
+        let heavy = conns.open(ip(5));
+        for _ in 0..4 * burst {
+            heavy.state.note_request(&[4; 32], false, 4);
+        }
+        assert!(heavy.state.paused_until().is_none());
+        heavy.state.note_request(&[4; 32], false, 4);
+        assert!(heavy.state.paused_until().is_some());
+    }
+
+    #[test]
+    fn pacing_off_never_pauses() {
+        let conns = Connections::enforcing().with_requests_per_root(0);
+        let a = conns.open(ip(1));
+        for _ in 0..10_000 {
+            a.state.note_request(&[1; 32], false, 1);
+        }
+        assert!(a.state.paused_until().is_none());
+        assert_eq!(conns.evictions().paced, 0);
+    }
+
+    #[test]
+    fn failures_and_refusals_leave_a_connection_unread_for_a_while() {
+        let conns = Connections::enforcing();
+        let (a, b) = (conns.open(ip(1)), conns.open(ip(2)));
+        let stranger = conns.open(ip(3));
+        a.state.note_failure();
+        let first = a.state.paused_until().expect("a failed request pauses its connection");
+        assert!(first <= Instant::now() + FAILURE_PAUSE);
+        for _ in 0..3 {
+            a.state.note_failure();
+        }
+        let fourth = a.state.paused_until().unwrap();
+        assert!(fourth > Instant::now() + FAILURE_PAUSE * 4, "doubling: {fourth:?}");
+        for _ in 0..40 {
+            a.state.note_failure();
+        }
+        assert!(a.state.paused_until().unwrap() <= Instant::now() + MAX_PAUSE);
+        assert!(b.state.paused_until().is_none(), "another connection is read");
+        // Refused for a share: every connection of the root waits, nobody else's.
+        b.state.note_request(&[1; 32], false, 1);
+        let c = conns.open(ip(4));
+        c.state.note_request(&[1; 32], false, 1);
+        b.state.pause_root();
+        assert!(c.state.paused_until().is_some());
+        stranger.state.note_request(&[2; 32], false, 1);
+        assert!(stranger.state.paused_until().is_none());
+        let member = conns.open(ip(5));
+        member.state.note_request(&[3; 32], true, 1);
+        member.state.pause_root();
+        assert!(member.state.paused_until().is_none(), "members are never paused for a share");
+    }
+
+    #[test]
+    fn under_load_each_address_handshakes_at_its_rate_in_turn() {
+        let mut turns = HandshakeTurns::new(10);
+        let now = Instant::now();
+        // Not under load: every handshake at once, from one address too.
+        for _ in 0..HANDSHAKES_UNDER_LOAD {
+            assert_eq!(turns.turn(ip(1), now), Some(Duration::ZERO));
+        }
+        // Under load: a burst of 20 per address, then one every 100 ms, in turn...
+        for _ in 0..20 {
+            assert_eq!(turns.turn(ip(1), now), Some(Duration::ZERO));
+        }
+        assert_eq!(turns.turn(ip(1), now), Some(Duration::from_millis(100)));
+        let mut last = Duration::ZERO;
+        while let Some(wait) = turns.turn(ip(1), now) {
+            assert!(wait > last && wait <= HANDSHAKE_TURN_WAIT, "{wait:?}");
+            last = wait;
+        }
+        // ...and past the longest wait, closed; another address still gets its burst.
+        assert!(last > HANDSHAKE_TURN_WAIT - Duration::from_millis(100), "{last:?}");
+        assert_eq!(turns.turn(ip(2), now), Some(Duration::ZERO));
+        // Time gives turns back.
+        let later = now + Duration::from_secs(5);
+        assert_eq!(turns.turn(ip(1), later), Some(Duration::ZERO));
+        // One IPv6 host (a /64) is one address.
+        for _ in 1..HANDSHAKES_UNDER_LOAD {
+            turns.turn(ip(3), later);
+        }
+        let v6 = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        for i in 0..20 {
+            assert_eq!(turns.turn(v6(i), later), Some(Duration::ZERO));
+        }
+        assert!(turns.turn(v6(999), later).unwrap() > Duration::ZERO);
+        assert_eq!(address_key(IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1])), ip(1));
     }
 }

@@ -41,7 +41,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::conns::{ConnState, Connections, Held};
+use crate::conns::{ConnState, Connections, HandshakeTurns, Held};
 
 /// How long a caller may take to connect and finish the handshake before the dial fails.
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
@@ -114,6 +114,22 @@ impl PeerInfo {
     pub fn note_request(&self, root: &[u8; 32], member: bool, shares: u32) {
         if let Some(c) = &self.conn {
             c.note_request(root, member, shares);
+        }
+    }
+
+    /// Records a request on this connection that failed authentication (see
+    /// [`ConnState::note_failure`]).
+    pub fn note_failure(&self) {
+        if let Some(c) = &self.conn {
+            c.note_failure();
+        }
+    }
+
+    /// Records that the caller's owner root was refused for one of its shares (see
+    /// [`ConnState::pause_root`]).
+    pub fn pause_root(&self) {
+        if let Some(c) = &self.conn {
+            c.pause_root();
         }
     }
 
@@ -551,6 +567,7 @@ async fn accept_loop(
 ) {
     let handshakes = Quota::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDRESS);
     let connections = Quota::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS);
+    let mut turns = HandshakeTurns::new(conns.handshakes_per_address());
     loop {
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -586,7 +603,7 @@ async fn accept_loop(
         let Some(acceptor) = acceptor.clone() else {
             let held = conns.open_admitted(ip, over);
             let info = PeerInfo { addr: Some(addr), key: None, conn: Some(held.state.clone()) };
-            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot, held };
+            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot, held, pause: None };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
@@ -596,8 +613,17 @@ async fn accept_loop(
             tracing::debug!(peer = %addr, "connection refused: too many handshakes in progress");
             continue;
         };
+        // Under load, each address handshakes at its rate, in turn (crate::conns).
+        let Some(wait) = turns.turn(addr.ip(), std::time::Instant::now()) else {
+            tracing::debug!(peer = %addr, "connection refused: its address is past its handshake rate");
+            conns.note_handshake_refused();
+            continue;
+        };
         let (tx, conns) = (tx.clone(), conns.clone());
         tokio::spawn(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
             let tls = tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(tcp)).await;
             drop(handshake);
@@ -619,7 +645,8 @@ async fn accept_loop(
             let held = conns.open_admitted(addr.ip(), over);
             let info =
                 PeerInfo { addr: Some(addr), key: Some(key), conn: Some(held.state.clone()) };
-            let conn = Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot, held };
+            let conn =
+                Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot, held, pause: None };
             let _ = tx.send(Ok(conn)).await;
         });
     }
@@ -633,6 +660,8 @@ pub struct Conn {
     _slot: Slot,
     /// Who it is to admission; closed when admission evicts it.
     held: Held,
+    /// While its owner root is past its request rate, the timer its reads wait on.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -671,8 +700,20 @@ impl AsyncRead for Conn {
         if let Some(e) = self.check_evicted(cx) {
             return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
         let this = self.get_mut();
+        // Its owner root sent more than its rate: nothing more is read until it is back
+        // within it (what it sends waits in its socket; crate::conns).
+        if let Some(until) = this.held.state.paused_until() {
+            let until = tokio::time::Instant::from_std(until);
+            let sleep = this.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        let before = buf.filled().len();
         let r = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
