@@ -293,6 +293,7 @@ def pool_health():
             (f"sum by (method, caller) (rate(shardfarm_coordinator_refused_total{{{P}}}[$__rate_interval]))", "coordinator {{method}} {{caller}}"),
         ], "ops"),
         ("Connections closed by admission", [(f"sum by (reason) (rate(shardfarm_agent_connections_closed_total{{{P}}}[$__rate_interval]))", "{{reason}}")], "ops"),
+        ("Requests paced (a root past its rate, left unread)", [(f"sum(rate(shardfarm_agent_requests_paced_total{{{P}}}[$__rate_interval]))", "paced")], "ops"),
     ])
     return b
 

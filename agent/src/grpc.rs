@@ -35,7 +35,7 @@ pub fn to_status(e: &Error) -> Status {
         Error::InvalidArgument(m) => Status::invalid_argument(m),
         Error::PermissionDenied(m) => Status::permission_denied(m),
         Error::Unauthenticated(a) => auth_status(a),
-        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::ResourceExhausted(m) | Error::OverShare(m) => Status::resource_exhausted(m),
         Error::NotFound(m) => Status::not_found(m),
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::DataLoss(m) => Status::data_loss(m),
@@ -128,16 +128,22 @@ impl AgentService {
         method: &str,
     ) -> Result<Caller, Status> {
         // A connection that keeps sending what fails is not read for a while (proto::conns).
+        // (Not when the server is busy or the address throttled: that is not this caller's
+        // doing, and a neighbour at the same address could otherwise keep it paused.)
         let caller = verify_request(&self.verifier, md, first, peer, method).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
-            peer.note_failure();
+            if e.is_peer_fault() {
+                peer.note_failure();
+            }
             auth_status(&e)
         })?;
         self.policy.check(&caller).map_err(|e| {
             self.node.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
-            match e {
-                Error::ResourceExhausted(_) => peer.pause_root(),
-                _ => peer.note_failure(),
+            if !self.node.is_member(&caller.id) {
+                match e {
+                    Error::OverShare(_) => peer.pause_root(),
+                    _ => peer.note_failure(),
+                }
             }
             to_status(&e)
         })?;
@@ -157,10 +163,10 @@ impl AgentService {
         peer: &PeerInfo,
         r: &Result<T, Error>,
     ) {
-        if let Err(Error::ResourceExhausted(_)) = r {
+        if let Err(Error::OverShare(_)) = r {
             peer.pause_root();
         }
-        if let Err(Error::ResourceExhausted(_) | Error::Unavailable(_)) = r {
+        if let Err(Error::ResourceExhausted(_) | Error::OverShare(_) | Error::Unavailable(_)) = r {
             let short = method.rsplit('/').next().unwrap_or(method);
             let who = if self.node.is_member(&caller.id) { "member" } else { "stranger" };
             self.node.metrics.refused.with_label_values(&[short, who]).inc();

@@ -33,9 +33,14 @@ pub enum Error {
     /// The request could not be authenticated.
     #[error(transparent)]
     Unauthenticated(AuthError),
-    /// Capacity, quota or rate limit exhausted.
+    /// Capacity or a node-wide limit exhausted.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller's owner root is past one of its own shares (uploads or upload bytes in
+    /// flight, quota, tombstones, rate): `RESOURCE_EXHAUSTED` to the caller, and its
+    /// connections are not read for a while (`shardfarm_proto::conns`).
+    #[error("{0}")]
+    OverShare(String),
     /// No such shard here.
     #[error("{0}")]
     NotFound(String),
@@ -70,7 +75,7 @@ impl Error {
             Error::InvalidArgument(_) => "invalid_argument",
             Error::PermissionDenied(_) => "permission_denied",
             Error::Unauthenticated(_) => "unauthenticated",
-            Error::ResourceExhausted(_) => "resource_exhausted",
+            Error::ResourceExhausted(_) | Error::OverShare(_) => "resource_exhausted",
             Error::NotFound(_) => "not_found",
             Error::AlreadyExists(_) => "already_exists",
             Error::DataLoss(_) => "data_loss",
@@ -365,7 +370,7 @@ impl Node {
         let limit = self.settings.max_uploads_per_owner.saturating_mul(shares.max(1));
         if mine.uploads > limit {
             self.metrics.uploads_refused.with_label_values(&["per_identity"]).inc();
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::OverShare(format!(
                 "your owner root has {} uploads in flight on this node, its share ({shares} × \
                  {}): wait for some to finish",
                 mine.uploads - 1,
@@ -409,7 +414,7 @@ impl Node {
         if mine.bytes > limit {
             undo(r);
             self.metrics.uploads_refused.with_label_values(&["per_identity_bytes"]).inc();
-            return Err(Error::ResourceExhausted(format!(
+            return Err(Error::OverShare(format!(
                 "your owner root has {} bytes of uploads in flight on this node, its share is \
                  {limit} ({} × {}): wait for some to finish",
                 mine.bytes - bytes,
@@ -430,7 +435,7 @@ impl Node {
             let stored = self.store.quota_used(&owner)?;
             if stored.saturating_add(in_flight) > self.settings.quota {
                 undo(r);
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::OverShare(format!(
                     "quota exceeded: your owner root stores {stored} of {} bytes on this node",
                     self.settings.quota
                 )));
@@ -718,7 +723,7 @@ impl Node {
                 && !me.tombstone_budget.try_take_share(&root, std::time::Instant::now(), shares)
             {
                 me.metrics.tombstones_refused.inc();
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::OverShare(format!(
                     "your owner root stored more tombstones for objects this node holds nothing \
                      of than its share ({shares} × {FOREIGN_TOMBSTONES_PER_S} per second): retry \
                      later"
@@ -1027,7 +1032,7 @@ impl Policy {
             *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
             *last = now;
             if *tokens < 1.0 {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::OverShare(format!(
                     "rate limit of {} requests/s exceeded for identity {}: slow down and retry",
                     self.rate,
                     caller.id.short()

@@ -479,6 +479,33 @@ async fn rate_limit_is_per_identity() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_root_past_its_request_rate_is_slowed_not_refused() {
+    let dir = tmp();
+    let agent = AgentProc::start(&dir.path().join("a"), &["--requests-per-root", "50"]);
+    let (_, s) = signer();
+    let mut c = agent.client(&s).await;
+    // 50 a second with a burst of 100: 200 requests take at least 2 s, and all succeed.
+    let start = Instant::now();
+    for _ in 0..200 {
+        c.info().await.unwrap();
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(1900), "200 requests in {took:?}");
+    // Another root is not held back by the first one's debt: it is answered at once.
+    let (_, s2) = signer();
+    agent.client(&s2).await.info().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let paced = metric(&agent.metrics(), "shardfarm_agent_requests_paced_total");
+        if paced.is_some_and(|n| n > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no request was counted as paced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_cleanly_and_restart_keeps_identity_and_data() {
     let dir = tmp();
     let mut agent = AgentProc::start(&dir.path().join("a"), &[]);

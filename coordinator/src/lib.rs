@@ -573,8 +573,9 @@ impl Coordinator {
                     self.joins_by_root.wait(&caller.root, now).as_millis().max(1)
                 )));
             }
+            // The pool's budget, not the caller's share: busy, not this caller's doing.
             if !self.joins_pool.try_take(&(), now) {
-                return Err(Refusal::ResourceExhausted(format!(
+                return Err(Refusal::Unavailable(format!(
                     "the pool admits at most {JOIN_RATE_POOL} joins a second: retry in a second"
                 )));
             }

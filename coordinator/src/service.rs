@@ -79,8 +79,11 @@ impl CoordinatorService {
         let caller =
             verify_request(&self.c.verifier, r.metadata(), first, &peer, method).map_err(|e| {
                 self.c.metrics.auth_failures.with_label_values(&[e.metric_label()]).inc();
-                // A connection that keeps sending what fails is not read for a while.
-                peer.note_failure();
+                // A connection that keeps sending what fails is not read for a while (not
+                // when the server is busy or the address throttled: not this caller's doing).
+                if e.is_peer_fault() {
+                    peer.note_failure();
+                }
                 auth_status(&e)
             })?;
         let shares = caller.share_weight(self.c.verifier.min_difficulty());

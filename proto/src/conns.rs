@@ -29,7 +29,7 @@
 //! anyone else. Members of the pool are never paced. A root refused for a share (an
 //! upload or tombstone past its limit) is left unread for [`REFUSED_PAUSE`]
 //! ([`ConnState::pause_root`]), and a connection whose request failed authentication for
-//! [`FAILURE_PAUSE`], doubling with each failure in a row ([`ConnState::note_failure`]):
+//! [`FAILURE_PAUSE`], doubling with each failure within [`FAILURE_MEMORY`] of the last ([`ConnState::note_failure`]):
 //! what a server refuses cheaply is still not free, so a caller that keeps sending what is
 //! refused is not read at the rate it sends.
 
@@ -60,11 +60,14 @@ pub const PACE_BURST: Duration = Duration::from_secs(2);
 /// A root refused for one of its shares is not read for this long.
 pub const REFUSED_PAUSE: Duration = Duration::from_secs(1);
 /// A connection whose request failed authentication is not read for this long, doubled
-/// with each failure in a row (up to [`MAX_PAUSE`]).
+/// with each further failure within [`FAILURE_MEMORY`] (up to [`MAX_PAUSE`]).
 pub const FAILURE_PAUSE: Duration = Duration::from_millis(50);
+/// A connection's failures are forgotten once it has had none for this long (valid
+/// requests between them do not reset the count: a caller mixing them still doubles).
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 /// The longest a root's connections are left unread at once (a root deep in debt is read
 /// again after this, and paused again at its next request).
-const MAX_PAUSE: Duration = Duration::from_secs(5);
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// No request yet.
 const NEVER: u64 = u64::MAX;
@@ -105,7 +108,10 @@ impl Pace {
         let now = Instant::now();
         let mut b = self.bucket.lock().unwrap();
         let burst = self.rate * PACE_BURST.as_secs_f64();
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(burst) - 1.0;
+        // A root owes at most MAX_PAUSE of its rate: it is read again within that.
+        let floor = -self.rate * MAX_PAUSE.as_secs_f64();
+        b.0 =
+            ((b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(burst) - 1.0).max(floor);
         b.1 = now;
         if b.0 < 0.0 {
             extend(&self.until_ms, Duration::from_secs_f64(-b.0 / self.rate));
@@ -115,6 +121,13 @@ impl Pace {
 
     fn paused_until(&self) -> Option<Instant> {
         unread_until(&self.until_ms)
+    }
+
+    /// Whether the root is back at a full burst (nothing to remember about it).
+    fn rested(&self) -> bool {
+        let b = self.bucket.lock().unwrap();
+        let burst = self.rate * PACE_BURST.as_secs_f64();
+        b.0 + b.1.elapsed().as_secs_f64() * self.rate >= burst
     }
 }
 
@@ -145,9 +158,10 @@ pub struct ConnState {
     root: Mutex<Option<[u8; 32]>>,
     /// Its root's request rate (set with the root, unless pacing is off).
     pace: OnceLock<Arc<Pace>>,
-    /// Requests that failed authentication in a row, and until when (milliseconds after
-    /// [`epoch`]) the connection is not read for them.
+    /// Requests that failed authentication, the last of them (milliseconds after [`epoch`]),
+    /// and until when the connection is not read for them.
     failures: AtomicU64,
+    last_failure_ms: AtomicU64,
     unread_until_ms: AtomicU64,
     member: AtomicBool,
     evicted: AtomicBool,
@@ -168,7 +182,6 @@ impl ConnState {
     pub fn note_request(&self, root: &[u8; 32], member: bool, shares: u32) {
         let now = self.opened.elapsed().as_millis() as u64;
         self.last_request_ms.store(now, Ordering::Relaxed);
-        self.failures.store(0, Ordering::Relaxed);
         if member {
             self.member.store(true, Ordering::Relaxed);
         }
@@ -183,8 +196,14 @@ impl ConnState {
     }
 
     /// Records a request on this connection that failed authentication: the connection is
-    /// not read for [`FAILURE_PAUSE`], doubled for each failure in a row.
+    /// not read for [`FAILURE_PAUSE`], doubled for each failure within [`FAILURE_MEMORY`] of
+    /// the one before.
     pub fn note_failure(&self) {
+        let now = epoch().elapsed().as_millis() as u64;
+        let last = self.last_failure_ms.swap(now, Ordering::Relaxed);
+        if now.saturating_sub(last) >= FAILURE_MEMORY.as_millis() as u64 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(16) as u32;
         extend(&self.unread_until_ms, FAILURE_PAUSE.saturating_mul(1 << n));
     }
@@ -225,6 +244,12 @@ impl ConnState {
         *mine = Some(*root);
         drop(mine);
         let shares = shares.max(1);
+        // Roots without connections are remembered while they owe (closing every connection
+        // does not clear a debt); forgotten once rested, when there are many.
+        if reg.by_root.len() > 2 * reg.limit.max(crate::tls::MAX_CONNECTIONS) {
+            reg.by_root
+                .retain(|_, (n, _, pace)| *n > 0 || pace.as_ref().is_some_and(|p| !p.rested()));
+        }
         let (per_share, over) = (reg.requests_per_root, reg.paced.clone());
         let held = reg.by_root.entry(*root).or_insert_with(|| {
             let rate = f64::from(per_share) * f64::from(shares);
@@ -255,6 +280,12 @@ impl ConnState {
         if let Some(v) = victim {
             v.evict();
             reg.evicted_per_root += 1;
+            // The address this connection came from only replaced its root's connections
+            // with a handshake: it pays for that in handshake turns (HandshakeTurns::charge).
+            let from = address_key(self.ip);
+            if reg.churn.len() < MAX_PACED_ADDRESSES || reg.churn.contains_key(&from) {
+                *reg.churn.entry(from).or_default() += 1;
+            }
         }
     }
 
@@ -311,11 +342,15 @@ impl ConnState {
 pub const HANDSHAKES_UNDER_LOAD: u32 = 64;
 /// Handshakes a second one peer address (an IPv6 /64) gets while the server is under load,
 /// with a burst of twice as many.
-pub const HANDSHAKES_PER_ADDRESS: u32 = 10;
+pub const HANDSHAKES_PER_ADDRESS: u32 = 8;
 /// Longest a connection waits for its address's turn to handshake; past it, it is closed
 /// before any cryptography (the caller's dial deadline is longer than this and the
 /// handshake deadline together).
 pub const HANDSHAKE_TURN_WAIT: Duration = Duration::from_millis(1500);
+/// Handshake turns an address pays for each connection that only replaced its owner root's
+/// own (closed past the root's share): a caller that churns connections gains nothing by
+/// handshaking faster, and while it owes turns it gets none of the free ones either.
+pub const CHURN_COST: f64 = 4.0;
 /// Addresses whose handshake rate is remembered; past it, those back at a full burst are
 /// forgotten.
 const MAX_PACED_ADDRESSES: usize = 16_384;
@@ -326,7 +361,17 @@ pub(crate) struct HandshakeTurns {
     per_address: u32,
     /// Handshakes free of any address's rate: tokens and when they were counted.
     free: (f64, Instant),
-    by_address: HashMap<IpAddr, (f64, Instant)>,
+    by_address: HashMap<IpAddr, AddressTurns>,
+}
+
+/// One address's handshake turns.
+#[derive(Debug)]
+struct AddressTurns {
+    /// Turns left (negative: turns already given to connections waiting for them).
+    tokens: f64,
+    /// Of what it owes, turns charged for churn, repaid at its rate.
+    churn: f64,
+    last: Instant,
 }
 
 impl HandshakeTurns {
@@ -339,33 +384,60 @@ impl HandshakeTurns {
     /// `None` if it would wait more than [`HANDSHAKE_TURN_WAIT`] (it is closed). Turns are
     /// given in order: a waiting connection has its slot in time already.
     pub(crate) fn turn(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let load = f64::from(HANDSHAKES_UNDER_LOAD);
-        let (tokens, last) = &mut self.free;
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * load).min(load);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Some(Duration::ZERO);
-        }
         if self.per_address == 0 {
             return Some(Duration::ZERO);
         }
-        let rate = f64::from(self.per_address);
-        let burst = 2.0 * rate;
-        if self.by_address.len() >= MAX_PACED_ADDRESSES {
-            self.by_address.retain(|_, (t, l)| {
-                *t + now.saturating_duration_since(*l).as_secs_f64() * rate < burst
-            });
-        }
-        let (tokens, last) = self.by_address.entry(address_key(ip)).or_insert((burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+        // An address that owes turns for churn gets none of the free ones.
+        let owes = self.address(ip, now).churn > 0.0;
+        let load = f64::from(HANDSHAKES_UNDER_LOAD);
+        let (free, last) = &mut self.free;
+        *free = (*free + now.saturating_duration_since(*last).as_secs_f64() * load).min(load);
         *last = now;
+        if *free >= 1.0 && !owes {
+            *free -= 1.0;
+            return Some(Duration::ZERO);
+        }
+        let rate = f64::from(self.per_address);
+        let tokens = &mut self.address(ip, now).tokens;
         let wait = Duration::from_secs_f64(((1.0 - *tokens) / rate).max(0.0));
         if wait > HANDSHAKE_TURN_WAIT {
             return None;
         }
         *tokens -= 1.0;
         Some(wait)
+    }
+
+    /// Charges each address [`CHURN_COST`] turns per connection it opened that only
+    /// replaced its root's own ([`Connections::take_churn`]); a debt of at most 10 s of turns.
+    pub(crate) fn charge(&mut self, churn: HashMap<IpAddr, u32>, now: Instant) {
+        let floor = -10.0 * f64::from(self.per_address);
+        for (ip, n) in churn {
+            let a = self.address(ip, now);
+            let cost = CHURN_COST * f64::from(n);
+            a.tokens = (a.tokens - cost).max(floor);
+            a.churn = (a.churn + cost).min(-floor);
+        }
+    }
+
+    /// The turns of `ip`'s address, refilled to `now`.
+    fn address(&mut self, ip: IpAddr, now: Instant) -> &mut AddressTurns {
+        let rate = f64::from(self.per_address);
+        let burst = 2.0 * rate;
+        if self.by_address.len() >= MAX_PACED_ADDRESSES {
+            self.by_address.retain(|_, a| {
+                a.tokens + now.saturating_duration_since(a.last).as_secs_f64() * rate < burst
+            });
+        }
+        let a = self.by_address.entry(address_key(ip)).or_insert(AddressTurns {
+            tokens: burst,
+            churn: 0.0,
+            last: now,
+        });
+        let refill = now.saturating_duration_since(a.last).as_secs_f64() * rate;
+        a.tokens = (a.tokens + refill).min(burst);
+        a.churn = (a.churn - refill).max(0.0);
+        a.last = now;
+        a
     }
 }
 
@@ -416,6 +488,9 @@ pub(crate) struct Registry {
     paced: Arc<AtomicU64>,
     /// Handshakes one address gets a second under load (0: not paced).
     handshakes_per_address: u32,
+    /// Connections each address opened that only replaced its root's own (closed past the
+    /// root's share), not yet charged to its handshake turns.
+    churn: HashMap<IpAddr, u32>,
     handshakes_refused: u64,
     /// Connections the server admits (0: no limit known); beyond it, [`Connections::reap`]
     /// closes idle strangers' connections.
@@ -493,6 +568,12 @@ impl Connections {
         self.inner.lock().unwrap().handshakes_per_address
     }
 
+    /// The connections each address opened that only replaced its root's own since the
+    /// last call (see [`HandshakeTurns::charge`]).
+    pub(crate) fn take_churn(&self) -> HashMap<IpAddr, u32> {
+        std::mem::take(&mut self.inner.lock().unwrap().churn)
+    }
+
     pub(crate) fn note_handshake_refused(&self) {
         self.inner.lock().unwrap().handshakes_refused += 1;
     }
@@ -526,6 +607,7 @@ impl Connections {
             root: Mutex::new(None),
             pace: OnceLock::new(),
             failures: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
             unread_until_ms: AtomicU64::new(0),
             member: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
@@ -624,10 +706,11 @@ impl Drop for Held {
         let mut reg = self.state.registry.lock().unwrap();
         reg.conns.remove(&self.state.serial);
         if let Some(root) = *self.state.root.lock().unwrap()
-            && let Some((n, _, _)) = reg.by_root.get_mut(&root)
+            && let Some((n, _, pace)) = reg.by_root.get_mut(&root)
         {
             *n -= 1;
-            if *n == 0 {
+            // A root that still owes is remembered (see `first_request`).
+            if *n == 0 && pace.as_ref().is_none_or(|p| p.rested()) {
                 reg.by_root.remove(&root);
             }
         }
@@ -914,5 +997,58 @@ mod tests {
         }
         assert!(turns.turn(v6(999), later).unwrap() > Duration::ZERO);
         assert_eq!(address_key(IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1])), ip(1));
+    }
+
+    #[test]
+    fn an_address_that_churns_its_roots_connections_pays_in_handshake_turns() {
+        let conns = Connections::enforcing();
+        // One root at its share from address 1; a newcomer from address 2 replaces one.
+        let held: Vec<Held> = (0..MAX_CONNECTIONS_PER_ROOT).map(|_| conns.open(ip(1))).collect();
+        for h in &held {
+            h.state.note_request(&[7; 32], false, 1);
+        }
+        let newcomer = conns.open(ip(2));
+        newcomer.state.note_request(&[7; 32], false, 1);
+        let churn = conns.take_churn();
+        assert_eq!(churn, HashMap::from([(ip(2), 1)]));
+        assert!(conns.take_churn().is_empty(), "charged once");
+        // Charged: address 2 owes turns, gets no free one, and waits; address 3 does not.
+        let mut turns = HandshakeTurns::new(8);
+        let now = Instant::now();
+        turns.charge(HashMap::from([(ip(2), 10)]), now);
+        assert!(turns.turn(ip(2), now).is_none(), "10 s of turns owed: closed at once");
+        assert_eq!(turns.turn(ip(3), now), Some(Duration::ZERO));
+        turns.charge(HashMap::from([(ip(4), 5)]), now);
+        let wait = turns.turn(ip(4), now).unwrap();
+        assert!(wait > Duration::ZERO, "owing, it takes no free turn: {wait:?}");
+        // Turns only queued for (no churn) do not keep an address from the free ones later.
+        let mut turns = HandshakeTurns::new(8);
+        for _ in 0..HANDSHAKES_UNDER_LOAD + 20 {
+            turns.turn(ip(5), now);
+        }
+        let later = now + Duration::from_secs(1);
+        assert_eq!(turns.turn(ip(5), later), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn closing_every_connection_does_not_clear_a_roots_debt() {
+        let conns = Connections::enforcing().with_requests_per_root(10);
+        let a = conns.open(ip(1));
+        for _ in 0..100 {
+            a.state.note_request(&[1; 32], false, 1);
+        }
+        assert!(a.state.paused_until().is_some());
+        drop(a);
+        let b = conns.open(ip(1));
+        b.state.note_request(&[1; 32], false, 1);
+        let until = b.state.paused_until().expect("a new connection owes what the root owed");
+        // The debt is at most MAX_PAUSE of the rate, however much was sent.
+        assert!(until <= Instant::now() + MAX_PAUSE, "{until:?}");
+        // A root back at its full burst is forgotten with its last connection.
+        let c = conns.open(ip(2));
+        c.state.note_request(&[2; 32], false, 1);
+        std::thread::sleep(Duration::from_millis(200));
+        drop(c);
+        assert!(!conns.inner.lock().unwrap().by_root.contains_key(&[2; 32]));
     }
 }

@@ -603,7 +603,14 @@ async fn accept_loop(
         let Some(acceptor) = acceptor.clone() else {
             let held = conns.open_admitted(ip, over);
             let info = PeerInfo { addr: Some(addr), key: None, conn: Some(held.state.clone()) };
-            let conn = Conn { io: ConnIo::Plain(tcp), info, _slot: slot, held, pause: None };
+            let conn = Conn {
+                io: ConnIo::Plain(tcp),
+                info,
+                _slot: slot,
+                held,
+                pause: None,
+                unread_since: None,
+            };
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
@@ -614,7 +621,9 @@ async fn accept_loop(
             continue;
         };
         // Under load, each address handshakes at its rate, in turn (crate::conns).
-        let Some(wait) = turns.turn(addr.ip(), std::time::Instant::now()) else {
+        let now = std::time::Instant::now();
+        turns.charge(conns.take_churn(), now);
+        let Some(wait) = turns.turn(addr.ip(), now) else {
             tracing::debug!(peer = %addr, "connection refused: its address is past its handshake rate");
             conns.note_handshake_refused();
             continue;
@@ -645,8 +654,14 @@ async fn accept_loop(
             let held = conns.open_admitted(addr.ip(), over);
             let info =
                 PeerInfo { addr: Some(addr), key: Some(key), conn: Some(held.state.clone()) };
-            let conn =
-                Conn { io: ConnIo::Tls(Box::new(tls)), info, _slot: slot, held, pause: None };
+            let conn = Conn {
+                io: ConnIo::Tls(Box::new(tls)),
+                info,
+                _slot: slot,
+                held,
+                pause: None,
+                unread_since: None,
+            };
             let _ = tx.send(Ok(conn)).await;
         });
     }
@@ -660,8 +675,10 @@ pub struct Conn {
     _slot: Slot,
     /// Who it is to admission; closed when admission evicts it.
     held: Held,
-    /// While its owner root is past its request rate, the timer its reads wait on.
+    /// While its owner root is past its request rate, the timer its reads wait on, and since
+    /// when it has not been read.
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    unread_since: Option<std::time::Instant>,
 }
 
 impl Conn {
@@ -703,8 +720,15 @@ impl AsyncRead for Conn {
         let this = self.get_mut();
         // Its owner root sent more than its rate: nothing more is read until it is back
         // within it (what it sends waits in its socket; crate::conns).
-        if let Some(until) = this.held.state.paused_until() {
-            let until = tokio::time::Instant::from_std(until);
+        // Each connection is still read once per MAX_PAUSE, whatever its root's other
+        // connections spend: its keepalive answers and uploads go on (slowly).
+        let paused = this.held.state.paused_until();
+        let now = std::time::Instant::now();
+        let since = *this.unread_since.get_or_insert(now);
+        if paused.is_none() || now.duration_since(since) >= crate::conns::MAX_PAUSE {
+            this.unread_since = None;
+        } else if let Some(until) = paused {
+            let until = tokio::time::Instant::from_std(until.min(since + crate::conns::MAX_PAUSE));
             let sleep = this.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
             if sleep.deadline() != until {
                 sleep.as_mut().reset(until);
