@@ -362,6 +362,10 @@ pub(crate) struct HandshakeTurns {
     /// Handshakes free of any address's rate: tokens and when they were counted.
     free: (f64, Instant),
     by_address: HashMap<IpAddr, AddressTurns>,
+    /// When rested addresses were last forgotten (at most once a second, when full).
+    pruned: Instant,
+    /// The turns every address not remembered shares while [`MAX_PACED_ADDRESSES`] are.
+    overflow: AddressTurns,
 }
 
 /// One address's handshake turns.
@@ -377,7 +381,15 @@ struct AddressTurns {
 impl HandshakeTurns {
     pub(crate) fn new(per_address: u32) -> Self {
         let free = (f64::from(HANDSHAKES_UNDER_LOAD), Instant::now());
-        HandshakeTurns { per_address, free, by_address: HashMap::new() }
+        let overflow =
+            AddressTurns { tokens: 2.0 * f64::from(per_address), churn: 0.0, last: Instant::now() };
+        HandshakeTurns {
+            per_address,
+            free,
+            by_address: HashMap::new(),
+            pruned: Instant::now(),
+            overflow,
+        }
     }
 
     /// How long a connection from `ip` accepted at `now` waits before its handshake, or
@@ -387,8 +399,13 @@ impl HandshakeTurns {
         if self.per_address == 0 {
             return Some(Duration::ZERO);
         }
-        // An address that owes turns for churn gets none of the free ones.
-        let owes = self.address(ip, now).churn > 0.0;
+        // An address that owes turns for churn gets none of the free ones (looked up, not
+        // added: addresses are remembered only under load or when charged).
+        let rate = f64::from(self.per_address);
+        let owes = self
+            .by_address
+            .get(&address_key(ip))
+            .is_some_and(|a| a.churn > now.saturating_duration_since(a.last).as_secs_f64() * rate);
         let load = f64::from(HANDSHAKES_UNDER_LOAD);
         let (free, last) = &mut self.free;
         *free = (*free + now.saturating_duration_since(*last).as_secs_f64() * load).min(load);
@@ -397,7 +414,6 @@ impl HandshakeTurns {
             *free -= 1.0;
             return Some(Duration::ZERO);
         }
-        let rate = f64::from(self.per_address);
         let tokens = &mut self.address(ip, now).tokens;
         let wait = Duration::from_secs_f64(((1.0 - *tokens) / rate).max(0.0));
         if wait > HANDSHAKE_TURN_WAIT {
@@ -419,20 +435,31 @@ impl HandshakeTurns {
         }
     }
 
-    /// The turns of `ip`'s address, refilled to `now`.
+    /// The turns of `ip`'s address, refilled to `now`: shared by every address not yet
+    /// remembered while [`MAX_PACED_ADDRESSES`] are and none of them is back at a full burst.
     fn address(&mut self, ip: IpAddr, now: Instant) -> &mut AddressTurns {
         let rate = f64::from(self.per_address);
         let burst = 2.0 * rate;
-        if self.by_address.len() >= MAX_PACED_ADDRESSES {
+        if self.by_address.len() >= MAX_PACED_ADDRESSES
+            && now.saturating_duration_since(self.pruned) >= Duration::from_secs(1)
+        {
+            self.pruned = now;
             self.by_address.retain(|_, a| {
                 a.tokens + now.saturating_duration_since(a.last).as_secs_f64() * rate < burst
             });
         }
-        let a = self.by_address.entry(address_key(ip)).or_insert(AddressTurns {
-            tokens: burst,
-            churn: 0.0,
-            last: now,
-        });
+        let key = address_key(ip);
+        let a = if self.by_address.len() >= MAX_PACED_ADDRESSES
+            && !self.by_address.contains_key(&key)
+        {
+            &mut self.overflow
+        } else {
+            self.by_address.entry(key).or_insert(AddressTurns {
+                tokens: burst,
+                churn: 0.0,
+                last: now,
+            })
+        };
         let refill = now.saturating_duration_since(a.last).as_secs_f64() * rate;
         a.tokens = (a.tokens + refill).min(burst);
         a.churn = (a.churn - refill).max(0.0);
@@ -1050,5 +1077,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         drop(c);
         assert!(!conns.inner.lock().unwrap().by_root.contains_key(&[2; 32]));
+    }
+
+    #[test]
+    fn handshake_turns_remember_a_bounded_number_of_addresses() {
+        let mut turns = HandshakeTurns::new(8);
+        let now = Instant::now();
+        // Not under load: nobody is remembered.
+        for i in 0..HANDSHAKES_UNDER_LOAD {
+            assert_eq!(turns.turn(ip(i as u8), now), Some(Duration::ZERO));
+        }
+        assert!(turns.by_address.is_empty());
+        // Under load, every new address is remembered up to the bound; past it, those not
+        // remembered share one address's turns until some are back at a full burst.
+        for i in 0..MAX_PACED_ADDRESSES as u32 {
+            let v4 = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            assert_eq!(turns.turn(v4, now), Some(Duration::ZERO));
+        }
+        assert_eq!(turns.by_address.len(), MAX_PACED_ADDRESSES);
+        for i in 0..16 {
+            assert_eq!(turns.turn(ip(100 + i), now), Some(Duration::ZERO));
+        }
+        assert_eq!(turns.turn(ip(200), now), Some(Duration::from_millis(125)), "one burst");
+        assert_eq!(turns.by_address.len(), MAX_PACED_ADDRESSES);
+        let later = now + Duration::from_secs(2);
+        for _ in 0..HANDSHAKES_UNDER_LOAD {
+            assert_eq!(turns.turn(ip(201), later), Some(Duration::ZERO));
+        }
+        assert!(turns.turn(ip(200), later).is_some(), "rested addresses are forgotten");
+        assert!(turns.by_address.len() < MAX_PACED_ADDRESSES);
     }
 }
